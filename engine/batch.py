@@ -1,0 +1,73 @@
+"""The flat batch one forward pass runs over, built by the schedulers, read by the model.
+
+Tokens of several sequences are concatenated into one flat batch of ``T`` tokens (as in
+vLLM / nano-vllm). A batch is either all-prefill (each sequence contributes its whole
+prompt, attention is causal within each sequence) or all-decode (each sequence contributes
+one token that attends to its whole paged context).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor          # [T] int64
+    positions: torch.Tensor          # [T] int64, position of each token in its sequence
+    slot_mapping: torch.Tensor       # [T] int64, flat cache slot each token's K/V is written to
+    logits_indices: torch.Tensor     # [B] int64, rows of the flat batch whose logits are wanted
+    is_prefill: bool
+    # prefill only: sequence boundaries, sequence i is tokens cu_seqlens[i]:cu_seqlens[i+1]
+    cu_seqlens: torch.Tensor | None = None   # [B+1] int32
+    # decode only: the paged context of each sequence (the current token included)
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, padded with 0
+    context_lens: torch.Tensor | None = None  # [B] int32
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.logits_indices.numel())
+
+    @staticmethod
+    def prefill(prompts: list[list[int]], block_tables: list[list[int]], block_size: int) -> "ForwardBatch":
+        """Batch of whole prompts; ``block_tables[i]`` must cover ``len(prompts[i])`` tokens."""
+        ids, pos, slots, cu, last = [], [], [], [0], []
+        for toks, table in zip(prompts, block_tables):
+            n = len(toks)
+            if len(table) * block_size < n:
+                raise ValueError(f"block table of {len(table)} blocks cannot hold {n} tokens")
+            ids.extend(toks)
+            pos.extend(range(n))
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(n))
+            cu.append(cu[-1] + n)
+            last.append(cu[-1] - 1)
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.tensor(pos, dtype=torch.long),
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            logits_indices=torch.tensor(last, dtype=torch.long),
+            is_prefill=True,
+            cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+        )
+
+    @staticmethod
+    def decode(tokens: list[int], positions: list[int], block_tables: list[list[int]],
+               block_size: int) -> "ForwardBatch":
+        """One new token per sequence at ``positions[i]`` (its KV is written there)."""
+        b = len(tokens)
+        width = max(len(t) for t in block_tables)
+        table = torch.zeros((b, width), dtype=torch.int32)
+        for i, t in enumerate(block_tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        slots = [block_tables[i][p // block_size] * block_size + p % block_size
+                 for i, p in enumerate(positions)]
+        return ForwardBatch(
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            logits_indices=torch.arange(b, dtype=torch.long),
+            is_prefill=False,
+            block_tables=table,
+            context_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32),
+        )

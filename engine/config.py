@@ -1,0 +1,113 @@
+"""Configuration dataclasses for the engine: the model's shape and the KV cache.
+
+Each dataclass validates itself on construction and raises ``ValueError`` quoting the
+offending values. Loaders (``engine.loader``) build :class:`ModelConfig` from a GGUF file or
+a Hugging Face directory; services build :class:`CacheConfig` from their flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2; Mixtral later)."""
+
+    architecture: str            # "llama"
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int               # query heads
+    num_kv_heads: int            # key/value heads (GQA when < num_heads)
+    head_dim: int
+    intermediate_size: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position: int            # context length: prompt + new tokens must fit
+    tie_word_embeddings: bool
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    attention_bias: bool = False  # Qwen2 has q/k/v biases
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "intermediate_size", "max_position"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V for one token across all layers."""
+        elem = torch.tensor([], dtype=self.torch_dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: ``num_blocks`` blocks of ``block_size`` token slots.
+
+    Layout (one tensor per instance rank, see ``engine.kv_cache``)::
+
+        kv[layer, 0 (K) | 1 (V), block, slot_in_block, kv_head, head_dim]
+
+    A token at position ``p`` of a sequence with block table ``bt`` lives at
+    ``block = bt[p // block_size]``, ``slot_in_block = p % block_size``; the flat
+    slot index used by ``slot_mapping`` is ``block * block_size + slot_in_block``.
+    """
+
+    block_size: int = 16
+    num_blocks: int = 0          # 0: derive from memory_bytes
+    memory_bytes: int = 1 << 30  # used when num_blocks == 0
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {self.num_blocks}")
+        if self.num_blocks == 0 and self.memory_bytes <= 0:
+            raise ValueError(f"memory_bytes must be positive when num_blocks is 0, got {self.memory_bytes}")
+
+    def blocks_for(self, model: ModelConfig) -> int:
+        """Number of blocks this config gives for ``model`` (at least 1)."""
+        if self.num_blocks:
+            return self.num_blocks
+        per_block = model.kv_bytes_per_token() * self.block_size
+        return max(1, self.memory_bytes // per_block)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Layout of one instance: tp * pp * cp * ep ranks. Issue 2 serves tp=pp=cp=ep=1."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "cp", "ep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.cp * self.ep
