@@ -1,0 +1,71 @@
+"""The one dispatch point for compute kernels: the engine imports only from here.
+
+``from kernels import rms_norm, rotary_embedding, ...`` gives functions that pick an
+implementation per call from the tensor they are given: a Triton kernel registered for CUDA
+tensors (none yet; a later issue adds ``kernels/triton_*.py`` and registers them in
+``_TRITON``), else the plain-PyTorch reference (``kernels.ops``, ``kernels.attention``), which
+is also the correctness oracle the Triton kernels are tested against.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from kernels import attention as _attn
+from kernels import ops as _ops
+
+_REFERENCE: dict[str, Callable] = {
+    "rms_norm": _ops.rms_norm,
+    "rotary_embedding": _ops.rotary_embedding,
+    "silu_and_mul": _ops.silu_and_mul,
+    "store_kv": _attn.store_kv,
+    "prefill_attention": _attn.prefill_attention,
+    "prefill_attention_lse": _attn.prefill_attention_lse,
+    "paged_decode_attention": _attn.paged_decode_attention,
+}
+# name -> Triton implementation with the reference's signature; filled in by a later issue.
+# Read-only at run time (populated at import), so it is not mutable global state.
+_TRITON: dict[str, Callable] = {}
+
+
+def _pick(name: str, tensor: torch.Tensor) -> Callable:
+    """Triton version of ``name`` for CUDA tensors when one is registered, else the reference."""
+    if tensor.is_cuda and name in _TRITON:
+        return _TRITON[name]
+    return _REFERENCE[name]
+
+
+def rms_norm(x, weight, eps, residual=None):
+    return _pick("rms_norm", x)(x, weight, eps, residual)
+
+
+def rotary_embedding(q, k, positions, cos_sin_cache):
+    return _pick("rotary_embedding", q)(q, k, positions, cos_sin_cache)
+
+
+def silu_and_mul(x):
+    return _pick("silu_and_mul", x)(x)
+
+
+def store_kv(k, v, kv_layer, slot_mapping):
+    return _pick("store_kv", kv_layer)(k, v, kv_layer, slot_mapping)
+
+
+def prefill_attention(q, k, v, cu_seqlens, scale):
+    return _pick("prefill_attention", q)(q, k, v, cu_seqlens, scale)
+
+
+def prefill_attention_lse(q, k, v, cu_seqlens, scale, causal=True, cu_seqlens_k=None):
+    return _pick("prefill_attention_lse", q)(q, k, v, cu_seqlens, scale, causal, cu_seqlens_k)
+
+
+def paged_decode_attention(q, kv_layer, block_tables, context_lens, scale):
+    return _pick("paged_decode_attention", q)(q, kv_layer, block_tables, context_lens, scale)
+
+
+build_rope_cache = _ops.build_rope_cache    # setup helper, not a hot-path kernel
+merge_attention = _attn.merge_attention
+
+__all__ = ["rms_norm", "rotary_embedding", "silu_and_mul", "store_kv", "prefill_attention",
+           "prefill_attention_lse", "paged_decode_attention", "build_rope_cache", "merge_attention"]

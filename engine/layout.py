@@ -1,0 +1,59 @@
+"""How a parallel layout splits a model: KV heads per TP rank, layers per PP stage, tokens per CP rank.
+
+Pure functions shared by the engine (which shard a rank loads and computes) and the KV
+handoff (which shard a rank sends or receives), so both always agree.
+
+Rank numbering inside an instance: prefill ``rank = cp_rank * tp + tp_rank``; decode
+``rank = pp_rank * tp + tp_rank`` (tensor-parallel ranks of one stage are adjacent).
+"""
+from __future__ import annotations
+
+Range = tuple[int, int]
+
+
+def kv_head_range(tp_rank: int, tp: int, num_kv_heads: int) -> Range:
+    """KV heads held by ``tp_rank``: a contiguous split when tp <= heads, else one replicated head.
+
+    With ``tp > num_kv_heads`` (tp a multiple of the head count) rank ``i`` holds head
+    ``i * num_kv_heads // tp``, so each head is replicated on ``tp / num_kv_heads`` ranks.
+    """
+    if not 0 <= tp_rank < tp:
+        raise ValueError(f"tp_rank={tp_rank} out of range for tp={tp}")
+    if tp <= num_kv_heads:
+        if num_kv_heads % tp:
+            raise ValueError(f"tp={tp} does not divide num_kv_heads={num_kv_heads}")
+        per = num_kv_heads // tp
+        return (tp_rank * per, (tp_rank + 1) * per)
+    if tp % num_kv_heads:
+        raise ValueError(f"tp={tp} is larger than num_kv_heads={num_kv_heads} but not a multiple of it")
+    head = tp_rank * num_kv_heads // tp
+    return (head, head + 1)
+
+
+def layer_range(pp_rank: int, pp: int, num_layers: int) -> Range:
+    """Contiguous layers of stage ``pp_rank``; the first ``num_layers % pp`` stages get one extra."""
+    if pp > num_layers:
+        raise ValueError(f"pp={pp} stages is more than num_layers={num_layers}")
+    if not 0 <= pp_rank < pp:
+        raise ValueError(f"pp_rank={pp_rank} out of range for pp={pp}")
+    base, extra = divmod(num_layers, pp)
+    start = pp_rank * base + min(pp_rank, extra)
+    return (start, start + base + (1 if pp_rank < extra else 0))
+
+
+def cp_token_ranges(cp_rank: int, cp: int, num_tokens: int) -> tuple[Range, ...]:
+    """Token ranges of CP rank ``cp_rank``, balanced for causal attention.
+
+    The prompt is cut into ``2 * cp`` near-equal chunks and rank ``j`` takes chunks ``j`` and
+    ``2 * cp - 1 - j`` (one early, one late), so every rank does about the same attention work.
+    With ``cp == 1`` this is the whole prompt.
+    """
+    if not 0 <= cp_rank < cp:
+        raise ValueError(f"cp_rank={cp_rank} out of range for cp={cp}")
+    if cp == 1:
+        return ((0, num_tokens),)
+    n = 2 * cp
+    bounds = [num_tokens * i // n for i in range(n + 1)]
+    first = (bounds[cp_rank], bounds[cp_rank + 1])
+    second = (bounds[n - 1 - cp_rank], bounds[n - cp_rank])
+    return tuple(r for r in (first, second) if r[0] < r[1])

@@ -1,0 +1,244 @@
+"""The KV handoff protocol between a prefill instance and a decode instance (DESIGN §4, §5).
+
+Call order:
+
+1. Decode rank 0 receives ``Reserve``: the decode service allocates blocks and every decode
+   rank's :meth:`KVReceiver.expect` posts one receive per piece of the plan it will get; rank
+   0 returns the :class:`LandingDescriptor` (addresses, block ids, compat hash, deadline).
+2. Each prefill rank, after running the prompt, calls :meth:`KVSender.push` with the landing
+   descriptor: it checks the compatibility hash and the deadline *before any byte moves*,
+   packs each of its pieces contiguous and sends it straight to the decode rank that needs it.
+3. Decode waits with :meth:`KVReceiver.wait`, which verifies and scatters every piece into
+   the reserved blocks; only then is the sequence admitted to the running batch.
+4. :meth:`KVReceiver.cancel` (abort, deadline, failure) fails outstanding receives; the
+   decode service frees the blocks.
+
+Each message is the packed piece followed by a 16-byte trailer: magic, protocol version and
+an optional CRC32 of the payload.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+from cleave.v1 import inference_pb2, worker_pb2
+from engine.config import ModelConfig
+from engine.layout import cp_token_ranges, kv_head_range, layer_range
+from kernels.kv_copy import kv_pack, kv_unpack
+from kvtransfer.plan import DestRank, Piece, SourceRank, plan_pieces
+from kvtransfer.transport import KVTransport, TransferState
+
+PROTOCOL_VERSION = 1
+_MAGIC = 0x564B4C43  # "CLKV"
+_TRAILER = struct.Struct("<IIII")  # magic, version, crc32, has_crc
+
+
+class HandoffError(RuntimeError):
+    """A transfer failed: deadline, peer unreachable, corruption or cancellation."""
+
+
+class IncompatiblePeer(HandoffError):
+    """The landing descriptor's compatibility hash differs from ours: nothing was sent."""
+
+
+def compat_hash(model_id: str, model: ModelConfig, block_size: int) -> str:
+    """Hash of everything both sides must agree on for KV bytes to mean the same thing."""
+    doc = {"model": model_id, "arch": model.architecture, "layers": model.num_layers,
+           "kv_heads": model.num_kv_heads, "head_dim": model.head_dim, "dtype": model.dtype,
+           "block_size": block_size, "protocol": PROTOCOL_VERSION}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def piece_tag(transfer_id: str, index: int) -> int:
+    """64-bit message tag of piece ``index`` of a transfer."""
+    digest = hashlib.blake2b(f"{transfer_id}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def transfer_plan(source: inference_pb2.Layout, dest: inference_pb2.Layout, model: ModelConfig,
+                  num_tokens: int) -> list[Piece]:
+    """The plan between a prefill layout (tp x cp) and a decode layout (tp x pp)."""
+    src_tp, cp = max(source.tp, 1), max(source.cp, 1)
+    dst_tp, pp = max(dest.tp, 1), max(dest.pp, 1)
+    sources = [SourceRank(c * src_tp + t, kv_head_range(t, src_tp, model.num_kv_heads),
+                          cp_token_ranges(c, cp, num_tokens))
+               for c in range(cp) for t in range(src_tp)]
+    dests = [DestRank(p * dst_tp + t, layer_range(p, pp, model.num_layers),
+                      kv_head_range(t, dst_tp, model.num_kv_heads))
+             for p in range(pp) for t in range(dst_tp)]
+    return plan_pieces(sources, dests)
+
+
+def _piece_elems(piece: Piece, head_dim: int) -> int:
+    return ((piece.layers[1] - piece.layers[0]) * 2 * (piece.tokens[1] - piece.tokens[0])
+            * (piece.heads[1] - piece.heads[0]) * head_dim)
+
+
+def _trailer(payload: torch.Tensor, checksum: bool) -> torch.Tensor:
+    crc = zlib.crc32(payload.view(torch.uint8).numpy()) if checksum else 0
+    return torch.frombuffer(bytearray(_TRAILER.pack(_MAGIC, PROTOCOL_VERSION, crc, int(checksum))),
+                            dtype=torch.uint8)
+
+
+@dataclass
+class _Expected:
+    pieces: list[tuple[Piece, object, torch.Tensor]]  # (piece, Transfer, message buffer)
+    blocks: list[int]
+    deadline: float
+    landed: bool = False
+    cancelled: bool = False
+    # held while scattering into the blocks; cancel() takes it, so once cancel returns no
+    # write into the (about to be freed) blocks is in progress or can start
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class KVReceiver:
+    """Decode-rank side. The decode service calls expect() at Reserve, wait() before admitting
+    the sequence, and cancel() on abort. ``rank`` and ``layout`` place this rank in its instance."""
+
+    def __init__(self, transport: KVTransport, kv_cache: torch.Tensor, model: ModelConfig,
+                 layout: inference_pb2.Layout, rank: int = 0, layer_offset: int = 0,
+                 head_offset: int = 0) -> None:
+        self.transport = transport
+        self.kv_cache = kv_cache
+        self.model = model
+        self.layout = layout
+        self.rank = rank
+        self.layer_offset = layer_offset  # first global layer stored in kv_cache[0]
+        self.head_offset = head_offset    # first global KV head stored in kv_cache[..., 0, :]
+        self._expected: dict[str, _Expected] = {}
+        self._lock = threading.Lock()
+
+    def expect(self, transfer_id: str, source: inference_pb2.Layout, blocks: list[int],
+               num_tokens: int, deadline: float) -> int:
+        """Post the receives for every piece this rank gets; returns how many."""
+        plan = transfer_plan(source, self.layout, self.model, num_tokens)
+        posted = []
+        for index, piece in enumerate(plan):
+            if piece.dst != self.rank:
+                continue
+            buf = torch.empty(_piece_elems(piece, self.model.head_dim) * self.kv_cache.element_size()
+                              + _TRAILER.size, dtype=torch.uint8)
+            handle = self.transport.post_recv(piece_tag(transfer_id, index), buf, deadline)
+            posted.append((piece, handle, buf))
+        with self._lock:
+            self._expected[transfer_id] = _Expected(posted, list(blocks), deadline)
+        return len(posted)
+
+    def wait(self, transfer_id: str, timeout: float | None = None) -> None:
+        """Block until every piece landed, then verify and scatter into the blocks.
+
+        Raises HandoffError when a piece failed, is corrupt, or the deadline passed."""
+        with self._lock:
+            exp = self._expected.get(transfer_id)
+        if exp is None:
+            raise HandoffError(f"no transfer {transfer_id!r} expected on decode rank {self.rank}")
+        if exp.landed:
+            return
+        stop = exp.deadline if timeout is None else min(exp.deadline, time.time() + timeout)
+        for piece, handle, buf in exp.pieces:
+            state = handle.wait(max(0.0, stop - time.time()))
+            if state is not TransferState.DONE:
+                handle.abort()
+                reason = handle.error or f"not landed within its deadline (state {state.value})"
+                raise HandoffError(f"KV piece {piece} of transfer {transfer_id}: {reason}")
+            with exp.lock:
+                if exp.cancelled:
+                    raise HandoffError(f"transfer {transfer_id} was cancelled")
+                self._scatter(transfer_id, piece, buf, exp.blocks)
+        exp.landed = True
+
+    def _scatter(self, transfer_id: str, piece: Piece, buf: torch.Tensor, blocks: list[int]) -> None:
+        payload, trailer = buf[:-_TRAILER.size], buf[-_TRAILER.size:]
+        magic, version, crc, has_crc = _TRAILER.unpack(trailer.numpy().tobytes())
+        if magic != _MAGIC or version != PROTOCOL_VERSION:
+            raise HandoffError(f"transfer {transfer_id}: bad message trailer (magic {magic:#x}, "
+                               f"protocol {version}, expected {PROTOCOL_VERSION})")
+        if has_crc and zlib.crc32(payload.numpy()) != crc:
+            raise HandoffError(f"transfer {transfer_id}: checksum mismatch on piece {piece}")
+        shape = (piece.layers[1] - piece.layers[0], 2, piece.tokens[1] - piece.tokens[0],
+                 piece.heads[1] - piece.heads[0], self.model.head_dim)
+        data = payload.view(self.kv_cache.dtype).view(shape)
+        kv_unpack(data, self.kv_cache, blocks, piece.tokens[0],
+                  piece.layers[0] - self.layer_offset, piece.heads[0] - self.head_offset)
+
+    def cancel(self, transfer_id: str) -> bool:
+        """Fail outstanding receives of a transfer and forget it (idempotent)."""
+        with self._lock:
+            exp = self._expected.pop(transfer_id, None)
+        if exp is None:
+            return False
+        with exp.lock:
+            exp.cancelled = True
+        for _, handle, _ in exp.pieces:
+            handle.abort()
+        return True
+
+    def pending(self) -> list[str]:
+        with self._lock:
+            return list(self._expected)
+
+
+class KVSender:
+    """Prefill-rank side: the prefill service calls push() once the prompt's KV is in its cache."""
+
+    def __init__(self, transport: KVTransport, model: ModelConfig, compat: str,
+                 layout: inference_pb2.Layout, rank: int = 0, head_offset: int = 0,
+                 checksum: bool = True) -> None:
+        self.transport = transport
+        self.model = model
+        self.compat = compat
+        self.layout = layout
+        self.rank = rank
+        self.head_offset = head_offset
+        self.checksum = checksum
+
+    def push(self, landing: worker_pb2.LandingDescriptor, kv_cache: torch.Tensor,
+             blocks: list[int], cancelled: threading.Event | None = None) -> int:
+        """Send this rank's pieces; returns bytes sent. Raises HandoffError / IncompatiblePeer."""
+        if landing.compat_hash != self.compat:
+            raise IncompatiblePeer(f"decode instance expects compat hash {landing.compat_hash}, this "
+                                   f"prefill instance has {self.compat} (different model, dtype, "
+                                   f"block size or protocol version)")
+        if (landing.source_layout.tp, landing.source_layout.cp) != (self.layout.tp, self.layout.cp):
+            raise HandoffError(f"landing was posted for prefill layout tp={landing.source_layout.tp} "
+                               f"cp={landing.source_layout.cp}, this instance is tp={self.layout.tp} "
+                               f"cp={self.layout.cp}")
+        if time.time() >= landing.deadline_unix:
+            raise HandoffError(f"transfer {landing.transfer_id}: deadline passed before sending")
+        addresses = {r.rank: r.transport_address for r in landing.ranks}
+        plan = transfer_plan(self.layout, landing.layout, self.model, landing.num_prompt_tokens)
+        handles, sent = [], 0
+        for index, piece in enumerate(plan):
+            if piece.src != self.rank:
+                continue
+            packed = kv_pack(kv_cache, blocks, piece.tokens[0], piece.tokens[1], piece.layers[0],
+                             piece.layers[1], piece.heads[0] - self.head_offset,
+                             piece.heads[1] - self.head_offset)
+            payload = packed.contiguous().view(-1).view(torch.uint8)
+            message = torch.cat([payload, _trailer(payload, landing.checksum and self.checksum)])
+            if piece.dst not in addresses:
+                raise HandoffError(f"landing descriptor has no address for decode rank {piece.dst}")
+            handles.append((piece, self.transport.send(addresses[piece.dst], piece_tag(landing.transfer_id, index),
+                                                       message, landing.deadline_unix), message))
+            sent += message.numel()
+        for piece, handle, _ in handles:
+            while handle.poll() is TransferState.PENDING:
+                if cancelled is not None and cancelled.is_set():
+                    for _, h, _ in handles:
+                        h.abort()
+                    raise HandoffError(f"transfer {landing.transfer_id} cancelled")
+                handle.wait(0.05)
+            if handle.poll() is not TransferState.DONE:
+                for _, h, _ in handles:
+                    h.abort()
+                raise HandoffError(f"sending KV piece {piece} of transfer {landing.transfer_id} "
+                                   f"failed: {handle.error}")
+        return sent

@@ -1,0 +1,223 @@
+"""One request's life in the router (DESIGN §4): reserve, prefill, transfer, decode, stream.
+
+:class:`RequestRun` is created per ``Generate`` call by ``router.server``, and yields
+``(new_token_ids, finish_reason | None)`` pairs. An *attempt* is one pass through
+reserve → prefill → decode. A worker failure (``UNAVAILABLE`` and friends) starts a new
+attempt on other workers that continues from the tokens already streamed: the prompt plus
+those tokens are prefilled again and sampling resumes at the same output index, so greedy
+and seeded output is unchanged and nothing the client received is repeated.
+
+Whatever ends an attempt, its ``finally`` cancels the worker calls still open and aborts the
+decode reservation, so both sides free their blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from cleave.v1 import inference_pb2, worker_pb2
+from router.workers import WorkerHandle
+from services.errors import Exhausted, InvalidRequest, Unavailable
+
+log = logging.getLogger(__name__)
+
+LENGTH = inference_pb2.FINISH_REASON_LENGTH
+STOP = inference_pb2.FINISH_REASON_STOP
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
+              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED,
+              grpc.StatusCode.CANCELLED}
+
+
+class RetryableFailure(Exception):
+    """A worker failed this attempt; another attempt on other workers may succeed."""
+
+
+@dataclass
+class ValidRequest:
+    """A request the router has validated and tokenized."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: inference_pb2.SamplingParams
+    seed: int
+    deadline: float                   # unix seconds
+    eos_token_ids: list[int] = field(default_factory=list)
+
+
+class RequestRun:
+    def __init__(self, core, req: ValidRequest) -> None:
+        self.core = core                  # router.server.RouterCore
+        self.req = req
+        self.generated: list[int] = []    # tokens already handed to the client
+        self.attempts = 0
+        self._excluded: set[str] = set()  # workers that failed this request
+        self._cleanup: set[asyncio.Task] = set()
+
+    async def tokens(self):
+        """Yields (token ids, finish reason or None) until the request finishes."""
+        last_error: Exception | None = None
+        while True:
+            self.attempts += 1
+            if self.attempts > self.core.cfg.max_attempts:
+                raise Unavailable(f"request {self.req.request_id} failed after {self.attempts - 1} "
+                                  f"attempts; last error: {last_error}")
+            try:
+                async with contextlib.aclosing(self._attempt()) as stream:
+                    async for ids, reason in stream:
+                        self.generated.extend(ids)
+                        yield ids, reason
+                        if reason is not None:
+                            return
+                raise RetryableFailure("decode stream ended before the request finished")
+            except RetryableFailure as exc:
+                last_error = exc
+                log.warning("request %s attempt %d failed: %s", self.req.request_id, self.attempts, exc)
+
+    async def _attempt(self):
+        req, core = self.req, self.core
+        prompt = req.prompt_ids + self.generated
+        remaining = req.sampling.max_tokens - len(self.generated)
+        prefill = self._pick_prefill(len(prompt))
+        decode, landing = await self._reserve(len(prompt), remaining, prefill)
+        prefill_call = decode_call = first = None
+        prefill.inflight += 1
+        prefill.inflight_tokens += len(prompt)
+        try:
+            await core.store.update(req.request_id, state="prefilling", attempts=self.attempts,
+                                    prefill_worker=prefill.record.worker_id,
+                                    decode_worker=decode.record.worker_id)
+            prefill_call = prefill.stub.Prefill(worker_pb2.PrefillRequest(
+                request_id=req.request_id, token_ids=prompt, sampling=req.sampling, seed=req.seed,
+                landing=landing, output_index=len(self.generated)), timeout=self._time_left())
+            async for event in self._rpc(prefill, prefill_call):
+                if event.WhichOneof("event") == "token_id":
+                    first = event.token_id
+                    prefill.inflight -= 1
+                    prefill.inflight_tokens -= len(prompt)
+                    done = self._finish_reason(first, remaining)
+                    yield [first], done
+                    if done is not None:
+                        return
+                    await core.store.update(req.request_id, state="transferring")
+                elif event.WhichOneof("event") == "transferred":
+                    break
+            if first is None:
+                raise RetryableFailure(f"prefill worker {prefill.record.worker_id} ended without a token")
+            await core.store.update(req.request_id, state="decoding")
+            decode_call = decode.stub.Decode(worker_pb2.DecodeRequest(
+                transfer_id=landing.transfer_id, prompt_token_ids=prompt, first_token_id=first,
+                first_token_index=len(self.generated), sampling=req.sampling, seed=req.seed,
+                eos_token_ids=req.eos_token_ids), timeout=self._time_left())
+            async for chunk in self._rpc(decode, decode_call):
+                yield list(chunk.token_ids), (chunk.finish_reason or STOP) if chunk.finished else None
+                if chunk.finished:
+                    return
+        finally:
+            if first is None:  # the prompt's prefill load was not released by its token
+                prefill.inflight -= 1
+                prefill.inflight_tokens -= len(prompt)
+            decode.inflight -= 1
+            decode.inflight_tokens -= len(prompt) + remaining
+            for call in (prefill_call, decode_call):
+                if call is not None:
+                    call.cancel()
+            self._abort_later(decode, landing.transfer_id)
+
+    def _finish_reason(self, token: int, remaining: int):
+        if token in self.req.eos_token_ids and not self.req.sampling.ignore_eos:
+            return STOP
+        return LENGTH if remaining <= 1 else None
+
+    async def _rpc(self, worker: WorkerHandle, call):
+        """Iterate a worker stream, turning worker failures into RetryableFailure."""
+        try:
+            async for msg in call:
+                yield msg
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _RETRYABLE and time.time() < self.req.deadline:
+                self._excluded.add(worker.key)
+                raise RetryableFailure(f"{worker.key}: {exc.code().name}: {exc.details()}") from None
+            raise
+
+    def _time_left(self) -> float:
+        return max(0.001, self.req.deadline - time.time())
+
+    def _pick_prefill(self, num_tokens: int) -> WorkerHandle:
+        workers = self.core.directory.pool("prefill")
+        if not workers:
+            raise Unavailable("no prefill worker is registered; start one (e.g. `make run`) and retry")
+        ranked = self.core.policy.rank_prefill(workers, num_tokens)
+        fresh = [w for w in ranked if w.key not in self._excluded]
+        return (fresh or ranked)[0]
+
+    async def _reserve(self, num_tokens: int, max_tokens: int, prefill: WorkerHandle):
+        """A decode reservation for prompt + max_tokens, waiting (bounded) for room."""
+        core, total = self.core, num_tokens + max_tokens
+        give_up = time.time() + core.cfg.admission_wait_s
+        layout = inference_pb2.Layout(**{k: int(v) for k, v in prefill.record.layout.items()})
+        queued = False
+        try:
+            while True:
+                workers = core.directory.pool("decode")
+                if not workers:
+                    raise Unavailable("no decode worker is registered; start one (e.g. `make run`) and retry")
+                fits = [w for w in workers if w.record.capacity.get("total_blocks", 0)
+                        * w.record.capacity.get("block_size", 16) >= total]
+                if not fits:
+                    raise Exhausted(f"prompt + max_tokens = {total} tokens is more KV than any decode "
+                                    f"instance holds; lower max_tokens or add larger decode instances")
+                ranked = core.policy.rank_decode(fits, total) or sorted(
+                    fits, key=lambda w: -w.record.load.get("free_blocks", 0))
+                ranked = [w for w in ranked if w.key not in self._excluded] or ranked
+                for worker in ranked:
+                    landing = await self._try_reserve(worker, num_tokens, max_tokens, layout)
+                    if landing is not None:
+                        worker.inflight += 1
+                        worker.inflight_tokens += total
+                        return worker, landing
+                if not queued:
+                    if core.queued >= core.cfg.max_queued:
+                        raise Exhausted(f"all decode instances are full and {core.queued} requests "
+                                        f"are already waiting; retry later")
+                    core.queued += 1
+                    queued = True
+                if time.time() >= give_up or time.time() >= self.req.deadline:
+                    raise Exhausted(f"no decode instance had KV room for {total} tokens within "
+                                    f"{core.cfg.admission_wait_s:.0f} s; retry later")
+                await asyncio.sleep(0.05)
+                with contextlib.suppress(Exception):
+                    await core.directory.refresh()
+        finally:
+            if queued:
+                core.queued -= 1
+
+    async def _try_reserve(self, worker: WorkerHandle, num_tokens: int, max_tokens: int, layout):
+        try:
+            return await worker.stub.Reserve(worker_pb2.ReserveRequest(
+                request_id=self.req.request_id, num_prompt_tokens=num_tokens, max_tokens=max_tokens,
+                deadline_unix=time.time() + self.core.cfg.transfer_timeout_s, source_layout=layout),
+                timeout=min(10.0, self._time_left()))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                return None
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidRequest(exc.details()) from None
+            log.warning("reserve on %s failed: %s %s", worker.key, exc.code().name, exc.details())
+            self._excluded.add(worker.key)
+            return None
+
+    def _abort_later(self, decode: WorkerHandle, transfer_id: str) -> None:
+        """Abort the reservation in the background (idempotent on the worker)."""
+        async def abort() -> None:
+            with contextlib.suppress(Exception):
+                await decode.stub.Abort(worker_pb2.AbortRequest(transfer_id=transfer_id), timeout=5)
+        task = asyncio.get_running_loop().create_task(abort())
+        self._cleanup.add(task)
+        task.add_done_callback(self._cleanup.discard)
+        self.core.background(task)
+

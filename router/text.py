@@ -1,0 +1,74 @@
+"""Tokenization, chat rendering and incremental detokenization, for the router.
+
+The router is the only service that sees text: workers get token ids. :class:`TextCodec`
+wraps the model's Hugging Face tokenizer; :class:`IncrementalText` turns a growing list of
+output token ids into text deltas whose concatenation is exactly the decoded full output
+(a delta is held back while it ends in an incomplete UTF-8 sequence), and applies stop
+strings (the stop string itself is not emitted).
+"""
+from __future__ import annotations
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+class TextCodec:
+    """Owns the tokenizer. Built once per router process from the model source."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def render_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+        """Token ids of the chat rendered with the model's template, ready for the assistant."""
+        if not self.has_chat_template:
+            raise ValueError("this model has no chat template; send a prompt or token ids instead")
+        convo = [{"role": role, "content": content} for role, content in messages]
+        text = self.tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+class IncrementalText:
+    """Text deltas for one request's output stream. Not thread-safe (one per request)."""
+
+    def __init__(self, codec: TextCodec, stop: list[str] | tuple[str, ...] = ()) -> None:
+        self._codec = codec
+        self._stop = tuple(stop)
+        self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self.ids: list[int] = []
+        self.emitted = ""        # text already sent to the client
+        self.stopped = False     # a stop string was found; no more text
+
+    def add(self, new_ids: list[int], final: bool = False) -> str:
+        """Append tokens; return the text to send now ("" when held back or after a stop)."""
+        if self.stopped:
+            return ""
+        self.ids.extend(new_ids)
+        full = self._codec.decode(self.ids)
+        if self._stop:
+            cut = min((i for i in (full.find(s, max(0, len(self.emitted) - len(s) + 1))
+                                   for s in self._stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.stopped = True
+                return self._delta(full[:cut])
+        if not final:
+            if full.endswith("\ufffd"):
+                return ""  # an incomplete multi-byte character: wait for its remaining bytes
+            if self._hold:
+                full = full[: max(len(self.emitted), len(full) - self._hold)]
+        return self._delta(full)
+
+    def _delta(self, text: str) -> str:
+        if not text.startswith(self.emitted):
+            return ""  # decoding not prefix-stable at this point: never resend or retract text
+        delta = text[len(self.emitted):]
+        self.emitted = text
+        return delta

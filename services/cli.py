@@ -1,0 +1,159 @@
+"""The ``cleave`` command: serve the local stack, run one service, or talk to a router.
+
+    cleave serve [--port 50051] [--model M] [--redis-url URL]      # the local stack (make run)
+    cleave worker prefill|decode --redis-url URL [--model M]        # one instance
+    cleave router --redis-url URL [--port 50051] [--model M]        # the front door
+    cleave generate "prompt" [--chat] [--max-tokens 64] ...         # stream a completion
+    cleave info                                                     # model and pools
+
+Flags become config dataclasses here (and only here); their validation errors are printed
+as one line with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="", help="model: empty for the embedded SmolLM2-135M-Instruct, "
+                   "a .gguf file or a Hugging Face directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind and advertise")
+
+
+def _add_worker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=int, default=0, help="gRPC port (0 = a free port)")
+    p.add_argument("--redis-url", default="", help="Redis to register in")
+    p.add_argument("--key-prefix", default="cleave:")
+    p.add_argument("--worker-id", default="")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache size of the instance")
+    p.add_argument("--num-blocks", type=int, default=0, help="KV blocks (overrides --kv-cache-mb)")
+    p.add_argument("--transport", default="ucx", choices=["ucx", "tcp", "fake"], help="KV transport")
+    p.add_argument("--no-checksum", action="store_true", help="skip the CRC32 of KV messages")
+    p.add_argument("--max-batch", type=int, default=64, help="decode: running sequences per step")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    for axis in ("tp", "pp", "cp", "ep"):
+        p.add_argument(f"--{axis}", type=int, default=1, help=f"{axis.upper()} degree of the instance")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cleave", description="Disaggregated prefill/decode LLM serving")
+    parser.add_argument("--log-level", default=os.environ.get("CLEAVE_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the local stack (Redis, router, prefill, decode)")
+    _add_model(serve)
+    serve.add_argument("--port", type=int, default=50051, help="router port")
+    serve.add_argument("--redis-url", default="", help="use this Redis instead of a private one")
+    serve.add_argument("--prefill-instances", type=int, default=1)
+    serve.add_argument("--decode-instances", type=int, default=1)
+    serve.add_argument("--transport", default="ucx", choices=["ucx", "tcp", "fake"])
+    serve.add_argument("--kv-cache-mb", type=int, default=1024)
+    serve.add_argument("--threads", type=int, default=0)
+    serve.add_argument("--ready-timeout", type=float, default=300.0)
+
+    worker = sub.add_parser("worker", help="run one prefill or decode instance")
+    worker.add_argument("pool", choices=["prefill", "decode"])
+    _add_model(worker)
+    _add_worker_flags(worker)
+
+    router = sub.add_parser("router", help="run the public router")
+    _add_model(router)
+    router.add_argument("--port", type=int, default=50051)
+    router.add_argument("--redis-url", required=True)
+    router.add_argument("--key-prefix", default="cleave:")
+    router.add_argument("--transfer-timeout", type=float, default=30.0)
+    router.add_argument("--request-timeout", type=float, default=600.0)
+    router.add_argument("--admission-wait", type=float, default=10.0)
+    router.add_argument("--max-queued", type=int, default=256)
+
+    gen = sub.add_parser("generate", help="stream a completion from a router")
+    gen.add_argument("prompt", help="the prompt (with --chat: the user message)")
+    gen.add_argument("--address", default=os.environ.get("CLEAVE_ADDRESS", DEFAULT_ADDRESS))
+    gen.add_argument("--chat", action="store_true", help="send as a chat message (chat template)")
+    gen.add_argument("--system", default="", help="system message (implies --chat)")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--show-usage", action="store_true", help="print token counts and finish reason")
+
+    info = sub.add_parser("info", help="show the served model and pools")
+    info.add_argument("--address", default=os.environ.get("CLEAVE_ADDRESS", DEFAULT_ADDRESS))
+    return parser
+
+
+def _worker_config(args):
+    from engine.config import ParallelConfig
+    from services.config import WorkerConfig
+    return WorkerConfig(pool=args.pool, model=args.model, host=args.host, port=args.port,
+                        redis_url=args.redis_url, key_prefix=args.key_prefix, worker_id=args.worker_id,
+                        dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks,
+                        kv_cache_bytes=args.kv_cache_mb << 20, transport=args.transport,
+                        checksum=not args.no_checksum, max_batch=args.max_batch, threads=args.threads,
+                        parallel=ParallelConfig(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep))
+
+
+def _run_worker(args) -> int:
+    cfg = _worker_config(args)
+    if cfg.pool == "decode":
+        from services.decode import DecodeService as service, add_to_server
+    else:
+        from services.prefill import PrefillService as service, add_to_server
+    from services.worker import serve_worker
+    asyncio.run(serve_worker(cfg, service, add_to_server))
+    return 0
+
+
+def _run_router(args) -> int:
+    from router.server import serve_router
+    from services.config import RouterConfig
+    cfg = RouterConfig(model=args.model, host=args.host, port=args.port, redis_url=args.redis_url,
+                       key_prefix=args.key_prefix, transfer_timeout_s=args.transfer_timeout,
+                       request_timeout_s=args.request_timeout, admission_wait_s=args.admission_wait,
+                       max_queued=args.max_queued)
+    asyncio.run(serve_router(cfg))
+    return 0
+
+
+def _run_serve(args) -> int:
+    from services.launcher import StackConfig, run_stack
+    worker = ["--transport", args.transport, "--kv-cache-mb", str(args.kv_cache_mb), "--threads", str(args.threads)]
+    cfg = StackConfig(port=args.port, host=args.host, redis_url=args.redis_url, model=args.model,
+                      prefill_instances=args.prefill_instances, decode_instances=args.decode_instances,
+                      worker_args=tuple(worker), ready_timeout_s=args.ready_timeout, log_level=args.log_level)
+    return run_stack(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    try:
+        if args.command == "generate":
+            from services.client import generate_cli
+            return generate_cli(args)
+        if args.command == "info":
+            from services.client import info_cli
+            return info_cli(args)
+        return {"serve": _run_serve, "worker": _run_worker, "router": _run_router}[args.command](args)
+    except ValueError as exc:
+        print(f"cleave {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Config dataclasses of the deployable processes, validated on construction.
+
+``WorkerConfig`` is read by the prefill and decode services, ``RouterConfig`` by the router,
+``StackConfig`` by the local launcher (``cleave serve`` / ``make run``). The CLI
+(``services.cli``) is the only place that builds them from flags.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.config import ParallelConfig
+
+POOLS = ("prefill", "decode")
+TRANSPORTS = ("ucx", "tcp", "fake")
+
+
+def _check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be in 0..65535 (0 = pick a free one), got {port}")
+
+
+def _check_prefix(prefix: str) -> None:
+    if not prefix or not prefix.endswith(":"):
+        raise ValueError(f"Redis key prefix must be non-empty and end with ':', got {prefix!r}")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One prefill or decode instance."""
+
+    pool: str                          # "prefill" or "decode"
+    model: str = ""                    # model spec: "" (default SmolLM2), a .gguf file or an HF directory
+    host: str = "127.0.0.1"            # address the gRPC server binds and advertises
+    port: int = 0                      # 0 = a free port
+    redis_url: str = ""                # where to register; "" = do not register (tests)
+    key_prefix: str = "cleave:"
+    worker_id: str = ""                # "" = "<pool>-<host>-<port>"
+    dtype: str = "float32"
+    block_size: int = 16
+    num_blocks: int = 0                # 0 = derive from kv_cache_bytes
+    kv_cache_bytes: int = 1 << 30
+    transport: str = "ucx"             # KV transport: ucx, tcp or fake
+    checksum: bool = True              # CRC32 on every KV message
+    max_batch: int = 64                # decode: running sequences per step
+    threads: int = 0                   # torch intra-op threads; 0 = torch's default
+    heartbeat_s: float = 1.0
+    ttl_s: float = 5.0                 # registry record expires this long after the last beat
+    reservation_grace_s: float = 10.0  # decode: unused reservations freed this long past their deadline
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        _check_port(self.port)
+        _check_prefix(self.key_prefix)
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if not 0 < self.heartbeat_s < self.ttl_s:
+            raise ValueError(f"need 0 < heartbeat_s < ttl_s, got heartbeat_s={self.heartbeat_s} "
+                             f"ttl_s={self.ttl_s}")
+        if self.parallel.world_size != 1:
+            raise ValueError(f"this build serves one rank per instance; got layout {self.parallel}")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The public front door."""
+
+    model: str = ""
+    host: str = "127.0.0.1"
+    port: int = 50051
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "cleave:"
+    request_ttl_s: int = 3600          # request hashes expire this long after a terminal state
+    request_timeout_s: float = 600.0   # default deadline when the client sets none
+    transfer_timeout_s: float = 30.0   # KV must land within this after reserve
+    admission_wait_s: float = 10.0     # wait this long for KV room before RESOURCE_EXHAUSTED
+    max_queued: int = 256              # requests waiting for KV room before RESOURCE_EXHAUSTED
+    discovery_s: float = 0.5           # how often the worker registry is re-read
+    max_attempts: int = 3              # prefill / decode attempts per request
+
+    def __post_init__(self) -> None:
+        _check_port(self.port)
+        _check_prefix(self.key_prefix)
+        if not self.redis_url:
+            raise ValueError("the router needs a Redis URL (e.g. redis://127.0.0.1:6379/0)")
+        for name in ("request_timeout_s", "transfer_timeout_s", "discovery_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.admission_wait_s < 0 or self.max_queued < 0:
+            raise ValueError(f"admission_wait_s and max_queued must be >= 0, got "
+                             f"{self.admission_wait_s} and {self.max_queued}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")

@@ -1,0 +1,214 @@
+"""The decode service: reserves KV room, receives the prompt's KV, streams tokens.
+
+Lifecycle of one request on a decode instance (called by the router):
+
+1. ``Reserve``: allocate blocks for prompt + max_tokens (``RESOURCE_EXHAUSTED`` when there
+   is no room), post the KV receives, return the landing descriptor.
+2. ``Decode``: wait until every KV piece landed (``UNAVAILABLE`` when the transfer failed or
+   its deadline passed), admit the sequence into the running batch, stream its tokens.
+   Cancelling the call (client gone, stop string hit) aborts the sequence.
+3. ``Abort`` (or the reaper, for reservations never started): cancel the receives, free.
+
+Blocks of a reservation are freed exactly once, by :meth:`DecodeService._release`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from cleave.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
+from engine.kv_cache import OutOfBlocks
+from engine.sampler import SamplingConfig
+from engine.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, DecodeScheduler, Sequence
+from kvtransfer.handoff import HandoffError, KVReceiver
+from services.errors import Exhausted, InvalidRequest, NotFound, Unavailable, abort_with
+from services.worker import WorkerHost
+
+log = logging.getLogger(__name__)
+
+_FINISH = {FINISH_LENGTH: inference_pb2.FINISH_REASON_LENGTH}
+
+
+@dataclass
+class Reservation:
+    request_id: str
+    blocks: list[int]
+    num_prompt_tokens: int
+    max_tokens: int
+    deadline: float
+    started: bool = False
+
+
+class DecodeService(worker_pb2_grpc.DecodeServicer):
+    def __init__(self, host: WorkerHost) -> None:
+        self.host = host
+        cfg = host.cfg
+        self.receiver = KVReceiver(host.transport, host.kv_cache, host.model_config, host.layout)
+        self.scheduler = DecodeScheduler(host.forward, cfg.block_size, cfg.max_batch)
+        self._reservations: dict[str, Reservation] = {}
+        self._lock = threading.Lock()
+        self._reaper: asyncio.Task | None = None
+        host.load_fn = lambda: self._info()
+
+    async def start(self) -> None:
+        self.scheduler.start()
+        self._reaper = asyncio.create_task(self._reap())
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await asyncio.to_thread(self.scheduler.stop)
+        for transfer_id in list(self._reservations):
+            self._release(transfer_id)
+
+    # ---- RPCs --------------------------------------------------------------------------
+    async def Reserve(self, request: worker_pb2.ReserveRequest, context) -> worker_pb2.LandingDescriptor:
+        try:
+            return self._reserve(request)
+        except Exception as exc:
+            await abort_with(context, exc)
+
+    def _reserve(self, request: worker_pb2.ReserveRequest) -> worker_pb2.LandingDescriptor:
+        model = self.host.model_config
+        total = request.num_prompt_tokens + request.max_tokens
+        if request.num_prompt_tokens < 1 or request.max_tokens < 1:
+            raise InvalidRequest(f"reserve needs num_prompt_tokens >= 1 and max_tokens >= 1, got "
+                                 f"{request.num_prompt_tokens} and {request.max_tokens}")
+        if total > model.max_position:
+            raise InvalidRequest(f"prompt ({request.num_prompt_tokens}) + max_tokens ({request.max_tokens}) "
+                                 f"exceeds the context length {model.max_position}")
+        transfer_id = f"{request.request_id}:{uuid.uuid4().hex[:12]}"
+        try:
+            blocks = self.host.allocator.allocate(transfer_id, total)
+        except OutOfBlocks as exc:
+            raise Exhausted(f"decode worker {self.host.worker_id}: {exc}") from None
+        deadline = request.deadline_unix or time.time() + 30.0
+        source = request.source_layout if request.HasField("source_layout") else inference_pb2.Layout(tp=1, pp=1, cp=1, ep=1)
+        with self._lock:
+            self._reservations[transfer_id] = Reservation(request.request_id, blocks,
+                                                          request.num_prompt_tokens,
+                                                          request.max_tokens, deadline)
+        try:
+            self.receiver.expect(transfer_id, source, blocks, request.num_prompt_tokens, deadline)
+        except Exception:
+            self._release(transfer_id)
+            raise
+        return worker_pb2.LandingDescriptor(
+            transfer_id=transfer_id, request_id=request.request_id, layout=self.host.layout,
+            num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
+            block_size=self.host.cfg.block_size, dtype=model.dtype, block_ids=blocks,
+            num_prompt_tokens=request.num_prompt_tokens, deadline_unix=deadline,
+            compat_hash=self.host.compat, transport=self.host.cfg.transport,
+            incarnation=self.host.incarnation, source_layout=source, checksum=self.host.cfg.checksum,
+            ranks=[worker_pb2.LandingRank(rank=0, tp_rank=0, pp_rank=0,
+                                          transport_address=self.host.transport.address(),
+                                          layers=[0, model.num_layers], kv_heads=[0, model.num_kv_heads])])
+
+    async def Decode(self, request: worker_pb2.DecodeRequest, context):
+        transfer_id = request.transfer_id
+        with self._lock:
+            res = self._reservations.get(transfer_id)
+            if res is not None and not res.started:
+                res.started = True
+            elif res is not None:
+                res = None
+                dup = True
+            else:
+                dup = False
+        if res is None:
+            what = "is already decoding" if dup else "is unknown (expired or aborted)"
+            await abort_with(context, NotFound(f"reservation {transfer_id} {what}"))
+            return
+        try:
+            await asyncio.to_thread(self.receiver.wait, transfer_id)
+        except HandoffError as exc:
+            self._release(transfer_id)
+            await abort_with(context, Unavailable(f"KV transfer failed: {exc}"))
+            return
+        except asyncio.CancelledError:
+            self._release(transfer_id)
+            raise
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        seq = Sequence(
+            seq_id=transfer_id, blocks=res.blocks, num_cached=res.num_prompt_tokens,
+            last_token=request.first_token_id, generated=request.first_token_index + 1,
+            max_tokens=request.first_token_index + res.max_tokens,
+            sampling=SamplingConfig.from_proto(request.sampling, request.seed),
+            eos_token_ids=frozenset(request.eos_token_ids), ignore_eos=request.sampling.ignore_eos,
+            emit=lambda tok, reason: loop.call_soon_threadsafe(queue.put_nowait, (tok, reason)),
+            release=lambda: self._release(transfer_id))
+        self.scheduler.add(seq)
+        try:
+            while True:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                tokens = [t for t, _ in items if t is not None]
+                reason = next((r for _, r in items if r is not None), None)
+                if reason in (FINISH_ABORT, FINISH_ERROR):
+                    await abort_with(context, Unavailable(f"decode of {transfer_id} ended: "
+                                                          f"{seq.error or 'aborted'}"))
+                    return
+                yield worker_pb2.DecodeChunk(
+                    token_ids=tokens, finished=reason is not None,
+                    finish_reason=_FINISH.get(reason, inference_pb2.FINISH_REASON_STOP) if reason else 0)
+                if reason is not None:
+                    return
+        finally:
+            if seq.finished is None:
+                self.scheduler.abort(transfer_id)
+
+    async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortResponse:
+        ids = [request.transfer_id] if request.transfer_id else [
+            t for t, r in list(self._reservations.items()) if r.request_id == request.request_id]
+        found = False
+        for transfer_id in ids:
+            with self._lock:
+                res = self._reservations.get(transfer_id)
+            if res is None:
+                continue
+            found = True
+            if res.started:
+                self.scheduler.abort(transfer_id)
+            else:
+                self._release(transfer_id)
+        return worker_pb2.AbortResponse(found=found)
+
+    async def Info(self, request, context) -> worker_pb2.WorkerInfo:
+        return self._info()
+
+    # ---- internals -------------------------------------------------------------------------
+    def _info(self) -> worker_pb2.WorkerInfo:
+        with self._lock:
+            waiting = sum(1 for r in self._reservations.values() if not r.started)
+        return self.host.info(running=self.scheduler.num_running, waiting=waiting)
+
+    def _release(self, transfer_id: str) -> None:
+        """Cancel the receives and free the blocks of a reservation; safe to call twice."""
+        with self._lock:
+            self._reservations.pop(transfer_id, None)
+        self.receiver.cancel(transfer_id)
+        self.host.allocator.free(transfer_id)
+
+    async def _reap(self) -> None:
+        """Free reservations whose Decode never came (router gone) well past their deadline."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.time()
+            with self._lock:
+                stale = [t for t, r in self._reservations.items()
+                         if not r.started and now > r.deadline + self.host.cfg.reservation_grace_s]
+            for transfer_id in stale:
+                log.warning("freeing reservation %s: never decoded", transfer_id)
+                self._release(transfer_id)
+
+
+def add_to_server(servicer: DecodeService, server: grpc.aio.Server) -> None:
+    worker_pb2_grpc.add_DecodeServicer_to_server(servicer, server)

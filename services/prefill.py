@@ -1,0 +1,151 @@
+"""The prefill service: runs a prompt, samples token 1, pushes the prompt's KV to decode.
+
+Lifecycle of one ``Prefill`` call (from the router):
+
+1. Queue for the model (one prompt runs at a time: prefill is compute-bound and the
+   instance's cores are shared); ``queued_tokens`` is the load the router routes on.
+2. Allocate blocks for the prompt in this instance's cache, run the forward pass, sample
+   token 1 with the request's seed (output index 0).
+3. When a landing descriptor is given, push the KV (``kvtransfer.handoff.KVSender``): the
+   compatibility hash and deadline are checked before any byte moves.
+4. Free the prompt's blocks, always. ``Abort`` or a cancelled call stops a queued prompt
+   and fails an in-flight transfer.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from cleave.v1 import worker_pb2, worker_pb2_grpc
+from engine.batch import ForwardBatch
+from engine.kv_cache import OutOfBlocks
+from engine.sampler import SamplingConfig, sample_one
+from kvtransfer.handoff import HandoffError, IncompatiblePeer, KVSender
+from services.errors import Cancelled, Exhausted, InvalidRequest, Unavailable, abort_with
+from services.worker import WorkerHost
+
+
+class IncompatibleLanding(InvalidRequest):
+    """The landing descriptor does not match this instance (FAILED_PRECONDITION)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class PrefillService(worker_pb2_grpc.PrefillServicer):
+    def __init__(self, host: WorkerHost) -> None:
+        self.host = host
+        self.sender = KVSender(host.transport, host.model_config, host.compat, host.layout,
+                               checksum=host.cfg.checksum)
+        # one prompt at a time on the model; transfers overlap with the next prompt
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill")
+        self._transfers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-push")
+        self._active: dict[str, threading.Event] = {}
+        self._queued_tokens = 0
+        self._running = 0
+        self._lock = threading.Lock()
+        host.load_fn = lambda: self._info()
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        for event in list(self._active.values()):
+            event.set()
+        self._compute.shutdown(wait=True, cancel_futures=True)
+        self._transfers.shutdown(wait=True, cancel_futures=True)
+
+    async def Prefill(self, request: worker_pb2.PrefillRequest, context):
+        try:
+            self._validate(request)
+        except Exception as exc:
+            await abort_with(context, exc)
+            return
+        cancelled = threading.Event()
+        n = len(request.token_ids)
+        owner = f"{request.request_id}:{id(cancelled)}"
+        with self._lock:
+            self._active[request.request_id] = cancelled
+            self._queued_tokens += n
+        loop = asyncio.get_running_loop()
+        try:
+            token, seconds = await loop.run_in_executor(self._compute, self._run, request, owner, cancelled)
+            with self._lock:
+                self._queued_tokens -= n
+                n = 0
+            yield worker_pb2.PrefillEvent(token_id=token, prefill_seconds=seconds)
+            if request.HasField("landing"):
+                t0 = time.perf_counter()
+                sent = await loop.run_in_executor(
+                    self._transfers, self.sender.push, request.landing, self.host.kv_cache,
+                    self.host.allocator.blocks_of(owner), cancelled)
+                yield worker_pb2.PrefillEvent(transferred=worker_pb2.TransferDone(
+                    transfer_seconds=time.perf_counter() - t0, transfer_bytes=sent))
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        except IncompatiblePeer as exc:
+            await abort_with(context, IncompatibleLanding(str(exc)))
+        except HandoffError as exc:
+            await abort_with(context, Unavailable(f"KV push failed: {exc}"))
+        except Exception as exc:
+            await abort_with(context, exc)
+        finally:
+            cancelled.set()  # a transfer still running in its thread stops at its next poll
+            self.host.allocator.free(owner)
+            with self._lock:
+                self._active.pop(request.request_id, None)
+                self._queued_tokens -= n
+
+    def _validate(self, request: worker_pb2.PrefillRequest) -> None:
+        model = self.host.model_config
+        n = len(request.token_ids)
+        if n == 0:
+            raise InvalidRequest("prefill needs at least one prompt token")
+        if n > model.max_position:
+            raise InvalidRequest(f"prompt of {n} tokens exceeds the context length {model.max_position}")
+        bad = [t for t in request.token_ids if t >= model.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token ids {bad[:5]} are outside the vocabulary (size {model.vocab_size})")
+
+    def _run(self, request: worker_pb2.PrefillRequest, owner: str, cancelled: threading.Event) -> tuple[int, float]:
+        """Model thread: allocate the prompt's blocks (kept until the transfer is done), run, sample."""
+        if cancelled.is_set():
+            raise Cancelled(f"request {request.request_id} was aborted before its prefill started")
+        tokens = list(request.token_ids)
+        try:
+            blocks = self.host.allocator.allocate(owner, len(tokens))
+        except OutOfBlocks as exc:
+            raise Exhausted(f"prefill worker {self.host.worker_id}: {exc}") from None
+        with self._lock:
+            self._running += 1
+        try:
+            t0 = time.perf_counter()
+            logits = self.host.forward(ForwardBatch.prefill([tokens], [blocks], self.host.cfg.block_size))
+            cfg = SamplingConfig.from_proto(request.sampling, request.seed)
+            return sample_one(logits[0], cfg, request.output_index), time.perf_counter() - t0
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortResponse:
+        with self._lock:
+            event = self._active.get(request.request_id)
+        if event is not None:
+            event.set()
+        return worker_pb2.AbortResponse(found=event is not None)
+
+    async def Info(self, request, context) -> worker_pb2.WorkerInfo:
+        return self._info()
+
+    def _info(self) -> worker_pb2.WorkerInfo:
+        with self._lock:
+            running, queued, active = self._running, self._queued_tokens, len(self._active)
+        return self.host.info(running=running, waiting=max(0, active - running), queued_tokens=queued)
+
+
+def add_to_server(servicer: PrefillService, server: grpc.aio.Server) -> None:
+    worker_pb2_grpc.add_PrefillServicer_to_server(servicer, server)

@@ -1,0 +1,102 @@
+"""Worker registry in Redis: ``<prefix>worker:<pool>:<worker_id>`` hashes with a TTL (DESIGN §7).
+
+Workers run :class:`Heartbeat` (write their record every ``interval`` seconds, expiring after
+``ttl``); the router reads every record with :func:`read_workers`. A worker that misses its
+heartbeats disappears from routing when its record expires; one that stops cleanly deletes it.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import redis.asyncio as aioredis
+
+log = logging.getLogger(__name__)
+
+
+def worker_key(prefix: str, pool: str, worker_id: str) -> str:
+    return f"{prefix}worker:{pool}:{worker_id}"
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A worker as the router sees it."""
+
+    pool: str
+    worker_id: str
+    address: str                 # host:port of its gRPC server
+    incarnation: str
+    layout: dict                 # {"tp":..,"pp":..,"cp":..,"ep":..}
+    capacity: dict               # {"total_blocks":.., "block_size":..}
+    load: dict                   # {"free_blocks":.., "running":.., "waiting":.., "queued_tokens":..}
+    model_id: str = ""
+    compat_hash: str = ""
+
+    def to_hash(self) -> dict[str, str]:
+        return {"address": self.address, "incarnation": self.incarnation, "pool": self.pool,
+                "worker_id": self.worker_id, "layout": json.dumps(self.layout),
+                "capacity": json.dumps(self.capacity), "load": json.dumps(self.load),
+                "model_id": self.model_id, "compat_hash": self.compat_hash}
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> "WorkerRecord":
+        return cls(pool=h["pool"], worker_id=h["worker_id"], address=h["address"],
+                   incarnation=h["incarnation"], layout=json.loads(h.get("layout", "{}")),
+                   capacity=json.loads(h.get("capacity", "{}")), load=json.loads(h.get("load", "{}")),
+                   model_id=h.get("model_id", ""), compat_hash=h.get("compat_hash", ""))
+
+
+class Heartbeat:
+    """Keeps one worker's record alive in Redis. Owned by the worker's service process."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str, record_fn: Callable[[], WorkerRecord],
+                 interval: float, ttl: float) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._record_fn = record_fn
+        self._interval = interval
+        self._ttl_ms = int(ttl * 1000)
+        self._key: str | None = None
+
+    async def beat(self) -> None:
+        rec = self._record_fn()
+        self._key = worker_key(self._prefix, rec.pool, rec.worker_id)
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key, mapping=rec.to_hash())
+            pipe.pexpire(self._key, self._ttl_ms)
+            await pipe.execute()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.beat()
+            except Exception as exc:  # Redis down: keep serving, retry next beat
+                log.warning("heartbeat to Redis failed: %s", exc)
+            await asyncio.sleep(self._interval)
+
+    async def deregister(self) -> None:
+        if self._key is not None:
+            await self._client.delete(self._key)
+
+
+async def read_workers(client: aioredis.Redis, prefix: str, pool: str | None = None) -> list[WorkerRecord]:
+    """Every live worker record (of ``pool`` when given)."""
+    pattern = worker_key(prefix, pool or "*", "*")
+    keys = [k async for k in client.scan_iter(match=pattern, count=500)]
+    if not keys:
+        return []
+    async with client.pipeline(transaction=False) as pipe:
+        for k in keys:
+            pipe.hgetall(k)
+        hashes = await pipe.execute()
+    records = []
+    for h in hashes:
+        if h and "address" in h:
+            try:
+                records.append(WorkerRecord.from_hash(h))
+            except (KeyError, ValueError) as exc:
+                log.warning("ignoring malformed worker record %s: %s", h, exc)
+    return sorted(records, key=lambda r: (r.pool, r.worker_id))

@@ -1,0 +1,131 @@
+"""What prefill and decode instances share: model, KV cache, allocator, transport, gRPC server, heartbeat.
+
+Lifecycle of a worker process (``cleave worker prefill|decode``):
+
+1. :class:`WorkerHost` loads the model and allocates the KV cache and the transport.
+2. :func:`serve_worker` builds the pool's servicer on the host, binds the gRPC server
+   (port 0 = a free port), starts the Redis heartbeat so routers find it, and waits.
+3. SIGTERM/SIGINT: the record is deleted (no new work is routed here), the server stops
+   with a grace period, the transport closes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import uuid
+from typing import Callable
+
+import grpc
+import redis.asyncio as aioredis
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from cleave.v1 import inference_pb2, worker_pb2
+from engine.kv_cache import BlockAllocator, allocate_kv_cache
+from engine.loader import load_model, resolve_model
+from kvtransfer.handoff import compat_hash
+from kvtransfer.transport import make_transport
+from services.config import WorkerConfig
+from services.registry import Heartbeat, WorkerRecord
+
+log = logging.getLogger(__name__)
+
+
+class WorkerHost:
+    """The engine state of one single-rank instance, shared by its servicer and its heartbeat."""
+
+    def __init__(self, cfg: WorkerConfig, transport_options: dict | None = None) -> None:
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.source = resolve_model(cfg.model)
+        self.model_config, self.model = load_model(self.source, dtype=cfg.dtype)
+        self.model_id = self.source.model_id
+        self.kv_cache = allocate_kv_cache(self.model_config, self._cache_config())
+        self.allocator = BlockAllocator(self.kv_cache.shape[2], cfg.block_size)
+        self.transport = make_transport(cfg.transport, **(transport_options or {}))
+        self.compat = compat_hash(self.model_id, self.model_config, cfg.block_size)
+        self.incarnation = uuid.uuid4().hex
+        self.layout = inference_pb2.Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp,
+                                           cp=cfg.parallel.cp, ep=cfg.parallel.ep)
+        self.address = ""  # host:port, set once the server is bound
+        self.load_fn: Callable[[], dict] = lambda: {}
+
+    def _cache_config(self):
+        from engine.config import CacheConfig
+        return CacheConfig(block_size=self.cfg.block_size, num_blocks=self.cfg.num_blocks,
+                           memory_bytes=self.cfg.kv_cache_bytes)
+
+    @property
+    def worker_id(self) -> str:
+        return self.cfg.worker_id or f"{self.cfg.pool}-{self.address.replace(':', '-')}"
+
+    def forward(self, batch) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(batch, self.kv_cache)
+
+    def info(self, running: int, waiting: int, queued_tokens: int = 0) -> worker_pb2.WorkerInfo:
+        return worker_pb2.WorkerInfo(
+            worker_id=self.worker_id, pool=self.cfg.pool, incarnation=self.incarnation,
+            model_id=self.model_id, layout=self.layout, total_blocks=self.allocator.total,
+            free_blocks=self.allocator.free_blocks, block_size=self.cfg.block_size,
+            running=running, waiting=waiting, queued_tokens=queued_tokens, compat_hash=self.compat)
+
+    def record(self) -> WorkerRecord:
+        info = self.load_fn()
+        return WorkerRecord(
+            pool=self.cfg.pool, worker_id=self.worker_id, address=self.address,
+            incarnation=self.incarnation, model_id=self.model_id, compat_hash=self.compat,
+            layout={"tp": self.layout.tp, "pp": self.layout.pp, "cp": self.layout.cp, "ep": self.layout.ep},
+            capacity={"total_blocks": self.allocator.total, "block_size": self.cfg.block_size},
+            load={"free_blocks": info.free_blocks, "running": info.running, "waiting": info.waiting,
+                  "queued_tokens": info.queued_tokens})
+
+
+async def start_worker_server(host: WorkerHost, add_servicer: Callable[[grpc.aio.Server], None],
+                              ) -> tuple[grpc.aio.Server, int]:
+    """Bind and start the gRPC server of a worker; returns (server, bound port)."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
+                                      ("grpc.max_send_message_length", 64 << 20)])
+    add_servicer(server)
+    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{host.cfg.host}:{host.cfg.port}")
+    if port == 0:
+        raise RuntimeError(f"could not bind {host.cfg.host}:{host.cfg.port}")
+    host.address = f"{host.cfg.host}:{port}"
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, port
+
+
+async def serve_worker(cfg: WorkerConfig, make_servicer: Callable[[WorkerHost], object],
+                       add_fn: Callable, ready: Callable[[str], None] | None = None) -> None:
+    """Run one worker process until SIGTERM/SIGINT (see the module docstring)."""
+    host = await asyncio.to_thread(WorkerHost, cfg)
+    servicer = make_servicer(host)
+    server, _ = await start_worker_server(host, lambda s: add_fn(servicer, s))
+    await servicer.start()
+    client = aioredis.from_url(cfg.redis_url, decode_responses=True) if cfg.redis_url else None
+    beat_task = None
+    if client is not None:
+        heartbeat = Heartbeat(client, cfg.key_prefix, host.record, cfg.heartbeat_s, cfg.ttl_s)
+        await heartbeat.beat()
+        beat_task = asyncio.create_task(heartbeat.run())
+    log.info("%s worker %s serving %s on %s", cfg.pool, host.worker_id, host.model_id, host.address)
+    if ready is not None:
+        ready(host.address)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("%s worker %s stopping", cfg.pool, host.worker_id)
+    if beat_task is not None:
+        beat_task.cancel()
+        await heartbeat.deregister()
+        await client.aclose()
+    await server.stop(grace=5)
+    await servicer.stop()
+    host.transport.close()

@@ -1,0 +1,159 @@
+"""Engine model vs Hugging Face ``transformers`` on the same weights (fp32, CPU).
+
+Tiny seeded Llama directories (safetensors; ``unit``) and the embedded SmolLM2 GGUF
+(``integration``): last-position logits within a tight tolerance, greedy tokens equal to
+``generate(do_sample=False)`` token for token, and a batch of prompts of different lengths
+equal to each prompt run alone. Also the loader's error paths.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.batch import ForwardBatch
+from engine.loader import (ModelSource, load_model, load_reference_model, load_tokenizer,
+                           resolve_model)
+from engine.model import LlamaForCausalLM
+from engine.offline import greedy_generate
+from tests.models import make_tiny_llama
+
+NEW_TOKENS = 32
+
+
+def prefill_last_logits(model, config, prompts, block_size=16):
+    """Our last-position logits for a batch of prompts (one prefill step)."""
+    per = [-(-len(p) // block_size) for p in prompts]
+    starts = [sum(per[:i]) for i in range(len(per))]
+    tables = [list(range(s, s + n)) for s, n in zip(starts, per)]
+    kv = torch.zeros(config.num_layers, 2, sum(per), block_size, config.num_kv_heads, config.head_dim)
+    with torch.inference_mode():
+        return model(ForwardBatch.prefill(prompts, tables, block_size), kv)
+
+
+def reference_last_logits(ref, prompt):
+    with torch.inference_mode():
+        return ref(torch.tensor([prompt])).logits[0, -1].float()
+
+
+def reference_greedy(ref, prompt, n):
+    with torch.inference_mode():
+        ids = torch.tensor([prompt])
+        out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                           do_sample=False, pad_token_id=ref.generation_config.eos_token_id)
+    return out[0, len(prompt):].tolist()
+
+
+def assert_logits_close(ours, want):
+    scale = max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(ours, want, atol=1e-4 * scale, rtol=0)
+    assert int(ours.argmax()) == int(want.argmax())
+
+
+def check_parity(model, config, ref, prompts):
+    batched = prefill_last_logits(model, config, prompts)
+    for i, p in enumerate(prompts):
+        want = reference_last_logits(ref, p)
+        assert_logits_close(prefill_last_logits(model, config, [p])[0], want)
+        assert_logits_close(batched[i], want)
+    alone = [greedy_generate(model, config, [p], NEW_TOKENS)[0] for p in prompts]
+    for p, got in zip(prompts, alone):
+        assert got == reference_greedy(ref, p, NEW_TOKENS)
+    assert greedy_generate(model, config, prompts, NEW_TOKENS, block_size=8) == alone
+
+
+# --- tiny random Llama (safetensors) -------------------------------------------------------
+
+TINY_VARIANTS = {
+    "gqa2-untied": {},
+    "qwen2-gqa4-tied-theta": dict(family="qwen2", num_key_value_heads=2, tie_word_embeddings=True,
+                                  rope_theta=500000.0),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_VARIANTS))
+def tiny(request, tmp_path_factory):
+    path = make_tiny_llama(tmp_path_factory.mktemp(request.param), seed=1,
+                           **TINY_VARIANTS[request.param])
+    config, model = load_model(path)
+    return config, model, load_reference_model(path), load_tokenizer(path)
+
+
+@pytest.mark.unit
+def test_tiny_llama_parity(tiny):
+    config, model, ref, tok = tiny
+    chat = tok.apply_chat_template([{"role": "user", "content": "Name a colour."}],
+                                   add_generation_prompt=True, tokenize=False)
+    prompts = [tok.encode(chat), tok.encode("The quick brown fox jumps over the lazy dog"),
+               [5], list(range(40, 57))]           # 1 token, exactly 17 = 16 + 1
+    check_parity(model, config, ref, prompts)
+
+
+@pytest.mark.unit
+def test_tiny_config_matches_hf(tiny):
+    config, _, ref, _ = tiny
+    hf = ref.config
+    assert (config.num_layers, config.num_heads, config.num_kv_heads, config.hidden_size) == \
+        (hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads, hf.hidden_size)
+    assert config.rope_theta == hf.rope_parameters["rope_theta"]
+    assert config.tie_word_embeddings == hf.tie_word_embeddings
+    assert config.eos_token_ids == (hf.eos_token_id,)
+
+
+@pytest.mark.unit
+def test_load_weights_reports_missing_and_unexpected(tiny):
+    config = tiny[0]
+    fresh = LlamaForCausalLM(config)
+    weights = dict(tiny[1].state_dict())
+    with pytest.raises(ValueError, match="unexpected checkpoint weight 'model.foo.weight'"):
+        fresh.load_weights([("model.foo.weight", torch.zeros(1))])
+    hf_names = [(n, t) for n, t in load_reference_model_weights(tiny[2])
+                if n != "model.layers.0.self_attn.k_proj.weight"]
+    with pytest.raises(ValueError, match="missing 1 weights.*qkv_proj"):
+        fresh.load_weights(hf_names)
+    assert weights                                  # the loaded model itself had everything
+
+
+def load_reference_model_weights(ref):
+    return list(ref.state_dict().items())
+
+
+@pytest.mark.unit
+def test_resolve_model_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model(str(tmp_path / "nope.gguf"))
+    with pytest.raises(ValueError, match="is not 'smollm2'"):
+        resolve_model(str(tmp_path / "missing-dir"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="lacks"):
+        resolve_model(str(tmp_path / "empty"))
+    src = resolve_model("smollm2")
+    assert src == resolve_model("") == resolve_model("SmolLM2-135M-Instruct")
+    assert isinstance(src, ModelSource) and src.kind == "gguf" and src.path.endswith(".gguf")
+
+
+# --- SmolLM2-135M-Instruct (GGUF) ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2():
+    source = resolve_model("smollm2")
+    config, model = load_model(source)
+    return config, model, load_reference_model(source), load_tokenizer(source)
+
+
+@pytest.mark.integration
+def test_smollm2_config(smollm2):
+    config = smollm2[0]
+    assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads) == (30, 576, 9, 3)
+    assert config.tie_word_embeddings and config.rope_theta == 100000.0
+    assert config.eos_token_ids == (2,)             # <|im_end|>
+
+
+@pytest.mark.integration
+def test_smollm2_parity(smollm2):
+    config, model, ref, tok = smollm2
+    questions = ["What is the capital of France?", "Write a haiku about the sea.",
+                 "List three prime numbers."]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                       tokenize=False) for q in questions]
+    prompts = [tok.encode(p) for p in prompts] + [tok.encode("Once upon a time")]
+    check_parity(model, config, ref, prompts)
