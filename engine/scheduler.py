@@ -80,8 +80,11 @@ class DecodeScheduler:
             self._thread.join(timeout=30)
 
     def add(self, seq: Sequence) -> None:
+        """Hand over a sequence whose KV has landed; aborted at once if the scheduler stopped."""
         self._incoming.put(seq)
         self._wake.set()
+        if self._stop.is_set() and (self._thread is None or not self._thread.is_alive()):
+            self._drain_on_stop()
 
     def abort(self, seq_id: str) -> None:
         self._aborts.put(seq_id)
@@ -109,8 +112,18 @@ class DecodeScheduler:
                 log.exception("decode step failed")
                 for seq in list(self._running.values()):
                     self._finish(seq, FINISH_ERROR, error=f"decode step failed: {exc}")
+        self._drain_on_stop()
+
+    def _drain_on_stop(self) -> None:
+        """Abort every sequence the scheduler holds or was handed, so all blocks are released."""
+        while True:
+            try:
+                self._waiting.append(self._incoming.get_nowait())
+            except queue.Empty:
+                break
         for seq in list(self._running.values()) + self._waiting:
             self._finish(seq, FINISH_ABORT)
+        self._waiting = []
 
     def _admit(self) -> None:
         while True:

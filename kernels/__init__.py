@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from kernels import attention as _attn
+from kernels import kv_copy as _kv
 from kernels import ops as _ops
 
 _REFERENCE: dict[str, Callable] = {
@@ -23,6 +24,8 @@ _REFERENCE: dict[str, Callable] = {
     "prefill_attention": _attn.prefill_attention,
     "prefill_attention_lse": _attn.prefill_attention_lse,
     "paged_decode_attention": _attn.paged_decode_attention,
+    "kv_pack": _kv.kv_pack,
+    "kv_unpack": _kv.kv_unpack,
 }
 # name -> Triton implementation with the reference's signature; filled in by a later issue.
 # Read-only at run time (populated at import), so it is not mutable global state.
@@ -64,8 +67,19 @@ def paged_decode_attention(q, kv_layer, block_tables, context_lens, scale):
     return _pick("paged_decode_attention", q)(q, kv_layer, block_tables, context_lens, scale)
 
 
+def kv_pack(kv_cache, block_table, token_start, token_end, layer_start, layer_end, head_start,
+            head_end, out=None):
+    return _pick("kv_pack", kv_cache)(kv_cache, block_table, token_start, token_end, layer_start,
+                                      layer_end, head_start, head_end, out=out)
+
+
+def kv_unpack(buf, kv_cache, block_table, token_start, layer_start, head_start):
+    return _pick("kv_unpack", kv_cache)(buf, kv_cache, block_table, token_start, layer_start, head_start)
+
+
 build_rope_cache = _ops.build_rope_cache    # setup helper, not a hot-path kernel
 merge_attention = _attn.merge_attention
 
 __all__ = ["rms_norm", "rotary_embedding", "silu_and_mul", "store_kv", "prefill_attention",
-           "prefill_attention_lse", "paged_decode_attention", "build_rope_cache", "merge_attention"]
+           "prefill_attention_lse", "paged_decode_attention", "kv_pack", "kv_unpack", "build_rope_cache",
+           "merge_attention"]

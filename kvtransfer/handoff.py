@@ -31,7 +31,7 @@ import torch
 from cleave.v1 import inference_pb2, worker_pb2
 from engine.config import ModelConfig
 from engine.layout import cp_token_ranges, kv_head_range, layer_range
-from kernels.kv_copy import kv_pack, kv_unpack
+from kernels import kv_pack, kv_unpack
 from kvtransfer.plan import DestRank, Piece, SourceRank, plan_pieces
 from kvtransfer.transport import KVTransport, TransferState
 
@@ -145,6 +145,9 @@ class KVReceiver:
         stop = exp.deadline if timeout is None else min(exp.deadline, time.time() + timeout)
         for piece, handle, buf in exp.pieces:
             state = handle.wait(max(0.0, stop - time.time()))
+            if state is TransferState.PENDING and time.time() < exp.deadline:
+                raise HandoffError(f"transfer {transfer_id} has not landed yet (wait timed out; "
+                                   f"the transfer stays posted until its deadline)")
             if state is not TransferState.DONE:
                 handle.abort()
                 reason = handle.error or f"not landed within its deadline (state {state.value})"

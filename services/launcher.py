@@ -77,9 +77,10 @@ class LocalStack:
         self.redis_url = cfg.redis_url
         self.router_port = cfg.port
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], quiet: bool = False) -> subprocess.Popen:
         env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n", PYTHONUNBUFFERED="1", **self.cfg.extra_env)
-        proc = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL if quiet else None)
         self.procs.append((name, proc))
         return proc
 
@@ -96,7 +97,7 @@ class LocalStack:
                                    "`apt-get install -y redis-server`, or pass REDIS_URL=redis://host:port")
             rport = free_port(cfg.host)
             self._spawn("redis", [server, "--port", str(rport), "--bind", cfg.host, "--save", "",
-                                  "--appendonly", "no", "--loglevel", "warning"])
+                                  "--appendonly", "no", "--loglevel", "warning"], quiet=True)
             self.redis_url = f"redis://{cfg.host}:{rport}/0"
             self._wait_redis(rport)
         if self.router_port == 0:

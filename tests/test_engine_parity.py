@@ -50,11 +50,10 @@ def assert_logits_close(ours, want):
 
 
 def check_parity(model, config, ref, prompts):
+    """Batched prefill logits vs the reference; greedy alone vs ``generate``; batched vs alone."""
     batched = prefill_last_logits(model, config, prompts)
     for i, p in enumerate(prompts):
-        want = reference_last_logits(ref, p)
-        assert_logits_close(prefill_last_logits(model, config, [p])[0], want)
-        assert_logits_close(batched[i], want)
+        assert_logits_close(batched[i], reference_last_logits(ref, p))
     alone = [greedy_generate(model, config, [p], NEW_TOKENS)[0] for p in prompts]
     for p, got in zip(prompts, alone):
         assert got == reference_greedy(ref, p, NEW_TOKENS)
@@ -151,9 +150,19 @@ def test_smollm2_config(smollm2):
 @pytest.mark.integration
 def test_smollm2_parity(smollm2):
     config, model, ref, tok = smollm2
-    questions = ["What is the capital of France?", "Write a haiku about the sea.",
-                 "List three prime numbers."]
+    questions = ["What is the capital of France?", "Write a haiku about the sea."]
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                        tokenize=False) for q in questions]
+    # the first stops at <|im_end|> after 8 tokens; the others run the full 32
     prompts = [tok.encode(p) for p in prompts] + [tok.encode("Once upon a time")]
     check_parity(model, config, ref, prompts)
+
+
+@pytest.mark.unit
+def test_iter_weights_reads_only_wanted_names(tmp_path):
+    from engine.loader import iter_weights, load_model_config
+    source = resolve_model(make_tiny_llama(tmp_path / "m", num_hidden_layers=2))
+    config = load_model_config(source).replace(dtype="bfloat16")
+    got = dict(iter_weights(source, config, want=lambda n: ".layers.1." in n))
+    assert got and all(".layers.1." in n for n in got)
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}

@@ -1,0 +1,91 @@
+"""Helpers for tests that run the real stack as processes (``services.launcher.LocalStack``)."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import grpc
+import redis
+
+from cleave.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.launcher import LocalStack, StackConfig
+from services.registry import read_workers
+
+
+@dataclasses.dataclass
+class Result:
+    token_ids: list[int]
+    text: str
+    chunks: list[str]
+    finish_reason: int
+    usage: inference_pb2.Usage
+    request_id: str
+
+
+class RunningStack:
+    """A started LocalStack plus the clients tests need."""
+
+    def __init__(self, cfg: StackConfig) -> None:
+        self.stack = LocalStack(cfg)
+        self.address = self.stack.start()
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = inference_pb2_grpc.InferenceStub(self.channel)
+        self.redis = redis.Redis.from_url(self.stack.redis_url, decode_responses=True)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.redis.close()
+        self.stack.stop()
+
+    def generate(self, prompt=None, token_ids=None, chat=None, request_id="", timeout=120, **sampling) -> Result:
+        req = request(prompt=prompt, token_ids=token_ids, chat=chat, request_id=request_id, **sampling)
+        ids, chunks, last = [], [], None
+        for msg in self.stub.Generate(req, timeout=timeout):
+            ids.extend(msg.token_ids)
+            chunks.append(msg.text)
+            last = msg
+        return Result(ids, "".join(chunks), chunks, last.finish_reason, last.usage, last.request_id)
+
+    def workers(self):
+        import redis.asyncio as aioredis
+
+        async def read():
+            client = aioredis.from_url(self.stack.redis_url, decode_responses=True)
+            try:
+                return await read_workers(client, "cleave:")
+            finally:
+                await client.aclose()
+        return asyncio.run(read())
+
+    def worker_infos(self) -> dict[str, worker_pb2.WorkerInfo]:
+        infos = {}
+        for rec in self.workers():
+            with grpc.insecure_channel(rec.address) as ch:
+                stub = (worker_pb2_grpc.PrefillStub if rec.pool == "prefill" else worker_pb2_grpc.DecodeStub)(ch)
+                infos[rec.worker_id] = stub.Info(worker_pb2.InfoRequest(), timeout=10)
+        return infos
+
+    def free_blocks(self) -> dict[str, int]:
+        return {wid: info.free_blocks for wid, info in self.worker_infos().items()}
+
+    def wait_free_blocks(self, expected: dict[str, int], timeout: float = 15.0) -> dict[str, int]:
+        """Poll until every worker's free-block count equals ``expected``; returns the last seen."""
+        deadline = time.time() + timeout
+        while True:
+            seen = self.free_blocks()
+            if seen == expected or time.time() > deadline:
+                return seen
+            time.sleep(0.1)
+
+
+def request(prompt=None, token_ids=None, chat=None, request_id="", **sampling) -> inference_pb2.GenerateRequest:
+    params = inference_pb2.SamplingParams(**sampling)
+    req = inference_pb2.GenerateRequest(request_id=request_id, sampling=params)
+    if prompt is not None:
+        req.prompt = prompt
+    elif token_ids is not None:
+        req.token_ids.ids.extend(token_ids)
+    elif chat is not None:
+        req.chat.messages.extend(inference_pb2.ChatMessage(role=r, content=c) for r, c in chat)
+    return req

@@ -1,0 +1,142 @@
+"""Sampling rules and per-request reproducibility (engine/sampler.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cleave.v1.inference_pb2 import SamplingParams
+from engine.sampler import SamplingConfig, sample_batch, sample_one, step_seed
+
+pytestmark = pytest.mark.unit
+
+VOCAB = 32
+
+
+def _logits(seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
+    return torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * 2.0
+
+
+def test_greedy_is_argmax():
+    for s in range(10):
+        logits = _logits(s)
+        assert sample_one(logits, SamplingConfig(), index=s) == int(torch.argmax(logits))
+
+
+def test_top_k_one_is_greedy_even_when_hot():
+    for s in range(10):
+        logits = _logits(s)
+        cfg = SamplingConfig(temperature=5.0, top_k=1, seed=s)
+        assert cfg.greedy
+        assert sample_one(logits, cfg, index=3) == int(torch.argmax(logits))
+
+
+def test_same_seed_and_index_gives_same_token():
+    logits = torch.zeros(VOCAB)  # uniform: the draw alone decides
+    cfg = SamplingConfig(temperature=1.0, seed=1234)
+    for index in range(5):
+        first = sample_one(logits, cfg, index)
+        assert all(sample_one(logits, cfg, index) == first for _ in range(3))
+        assert sample_one(logits.clone(), SamplingConfig(temperature=1.0, seed=1234), index) == first
+
+
+def test_different_indices_and_seeds_draw_independently():
+    logits = torch.zeros(VOCAB)
+    cfg = SamplingConfig(temperature=1.0, seed=7)
+    by_index = [sample_one(logits, cfg, i) for i in range(64)]
+    # a uniform draw over 32 tokens repeated for 64 indices would hit one value each time if
+    # the index were ignored
+    assert len(set(by_index)) > 10
+    by_seed = [sample_one(logits, SamplingConfig(temperature=1.0, seed=s), 0) for s in range(64)]
+    assert len(set(by_seed)) > 10
+    assert len({step_seed(7, i) for i in range(1000)}) == 1000
+    assert all(0 <= step_seed(s, i) < 2 ** 63 for s in (0, 1, 2 ** 64 - 1) for i in (0, 5, 10 ** 9))
+
+
+def test_top_k_never_samples_outside_top_k():
+    logits = _logits(3)
+    k = 5
+    allowed = set(torch.topk(logits, k).indices.tolist())
+    seen = set()
+    for s in range(300):
+        tok = sample_one(logits, SamplingConfig(temperature=3.0, top_k=k, seed=s), index=s % 7)
+        assert tok in allowed
+        seen.add(tok)
+    assert len(seen) >= 3  # high temperature spreads draws over the allowed set
+
+
+def test_top_p_never_samples_outside_nucleus():
+    # probabilities 0.5, 0.25, 0.125, ... : the nucleus for top_p=0.7 is the first two tokens
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625])
+    logits = probs.log()[torch.tensor([3, 0, 4, 1, 2])]  # shuffle the order of the vocabulary
+    # token ids of prob 0.5 and 0.25 after the shuffle: positions 1 and 3
+    seen = set()
+    for s in range(300):
+        tok = sample_one(logits, SamplingConfig(temperature=1.0, top_p=0.7, seed=s), index=0)
+        assert tok in {1, 3}
+        seen.add(tok)
+    assert seen == {1, 3}
+    # a tiny top_p still keeps the single most likely token
+    for s in range(50):
+        assert sample_one(logits, SamplingConfig(temperature=1.0, top_p=0.01, seed=s), 0) == 1
+
+
+def test_top_p_on_random_logits_stays_in_nucleus():
+    for case in range(5):
+        logits = _logits(100 + case)
+        top_p = 0.6
+        probs = torch.softmax(logits, -1)
+        order = torch.argsort(probs, descending=True)
+        before = torch.cumsum(probs[order], 0) - probs[order]
+        nucleus = set(order[before < top_p].tolist())
+        for s in range(100):
+            assert sample_one(logits, SamplingConfig(temperature=1.0, top_p=top_p, seed=s), s) in nucleus
+
+
+def test_top_k_and_top_p_combined():
+    logits = _logits(9)
+    allowed = set(torch.topk(logits, 3).indices.tolist())
+    for s in range(100):
+        assert sample_one(logits, SamplingConfig(temperature=2.0, top_k=3, top_p=0.95, seed=s), 0) in allowed
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-0.1), "temperature must be >= 0, got -0.1"),
+    (dict(temperature=float("nan")), "temperature must be >= 0, got nan"),
+    (dict(top_p=1.5), r"top_p must be in \[0, 1\], got 1.5"),
+    (dict(top_p=-0.5), r"top_p must be in \[0, 1\], got -0.5"),
+    (dict(top_k=-1), "top_k must be >= 0, got -1"),
+])
+def test_validation_errors_quote_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("top_p,expected", [(0.0, 1.0), (1.0, 1.0), (0.5, 0.5)])
+def test_from_proto_maps_top_p_off(top_p, expected):
+    cfg = SamplingConfig.from_proto(SamplingParams(temperature=0.5, top_p=top_p, top_k=4), seed=99)
+    assert cfg.top_p == pytest.approx(expected)
+    assert cfg.temperature == pytest.approx(0.5)
+    assert cfg.top_k == 4
+    assert cfg.seed == 99
+    assert not cfg.greedy
+
+
+def test_from_proto_default_is_greedy():
+    assert SamplingConfig.from_proto(SamplingParams(), seed=0).greedy
+
+
+def test_sample_batch_rows_independent_of_batch_composition():
+    rows = torch.stack([_logits(s) for s in range(6)])
+    cfgs = [SamplingConfig(), SamplingConfig(temperature=1.0, seed=11), SamplingConfig(temperature=0.7, top_k=4, seed=5),
+            SamplingConfig(temperature=1.3, top_p=0.8, seed=2), SamplingConfig(), SamplingConfig(temperature=2.0, seed=11)]
+    indices = [0, 3, 1, 7, 2, 3]
+    batched = sample_batch(rows, cfgs, indices)
+    alone = [sample_batch(rows[i:i + 1], [cfgs[i]], [indices[i]])[0] for i in range(6)]
+    assert batched == alone
+    assert batched == [sample_one(rows[i], cfgs[i], indices[i]) for i in range(6)]
+    # reordering the batch permutes the output and nothing else
+    perm = [5, 2, 0, 4, 1, 3]
+    shuffled = sample_batch(rows[perm], [cfgs[i] for i in perm], [indices[i] for i in perm])
+    assert shuffled == [batched[i] for i in perm]
+    assert batched[0] == int(torch.argmax(rows[0])) and batched[4] == int(torch.argmax(rows[4]))
+    assert all(isinstance(t, int) for t in batched)

@@ -1,0 +1,301 @@
+"""Continuous batching in DecodeScheduler with a fake step function (engine/scheduler.py).
+
+The fake model makes the next token ``(input_id + 1) % VOCAB`` (greedy), so every sequence's
+expected stream is known in advance whatever else shares its batch.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+import torch
+
+from engine.batch import ForwardBatch
+from engine.sampler import SamplingConfig
+from engine.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, DecodeScheduler, Sequence
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
+
+VOCAB = 50
+BLOCK = 4
+WAIT = 10.0  # seconds any single wait may take before the test fails
+
+
+def next_token_logits(batch: ForwardBatch) -> torch.Tensor:
+    logits = torch.full((batch.num_seqs, VOCAB), -10.0)
+    logits[torch.arange(batch.num_seqs), (batch.input_ids + 1) % VOCAB] = 10.0
+    return logits
+
+
+class Recorder:
+    """emit/release callbacks of one sequence, observable from the test thread."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.finish: str | None = None
+        self.emits_after_finish = 0
+        self.releases = 0
+        self.done = threading.Event()
+
+    def emit(self, token, reason) -> None:
+        if self.finish is not None:
+            self.emits_after_finish += 1
+        if token is not None:
+            self.tokens.append(token)
+        if reason is not None:
+            self.finish = reason
+        self._maybe_done()
+
+    def release(self) -> None:
+        self.releases += 1
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        # the scheduler emits the last token before releasing, but releases before emitting
+        # (None, reason): the sequence is done once both happened
+        if self.finish is not None and self.releases:
+            self.done.set()
+
+    def wait(self) -> None:
+        assert self.done.wait(WAIT), "sequence never finished"
+
+
+def make_seq(seq_id: str, first_token: int, prompt_len: int = 5, max_tokens: int = 4,
+             eos=(), ignore_eos: bool = False, blocks=None) -> tuple[Sequence, Recorder]:
+    rec = Recorder()
+    if blocks is None:
+        blocks = list(range(1, (prompt_len + max_tokens) // BLOCK + 2))
+    seq = Sequence(seq_id=seq_id, blocks=blocks, num_cached=prompt_len, last_token=first_token,
+                   generated=1, max_tokens=max_tokens, sampling=SamplingConfig(),
+                   eos_token_ids=frozenset(eos), ignore_eos=ignore_eos, emit=rec.emit,
+                   release=rec.release)
+    return seq, rec
+
+
+def expected_stream(first_token: int, n: int) -> list[int]:
+    return [(first_token + i) % VOCAB for i in range(1, n + 1)]
+
+
+@pytest.fixture
+def make_scheduler():
+    made = []
+
+    def build(step_fn=next_token_logits, max_batch: int = 64) -> DecodeScheduler:
+        sched = DecodeScheduler(step_fn, block_size=BLOCK, max_batch=max_batch)
+        sched.start()
+        made.append(sched)
+        return sched
+
+    yield build
+    for sched in made:
+        sched.stop()
+
+
+class GatedStep:
+    """A step function that runs one step per ``release()`` so tests control interleaving."""
+
+    def __init__(self, inner=next_token_logits) -> None:
+        self.inner = inner
+        self.batches: list[ForwardBatch] = []
+        self.entered = queue.Queue()
+        self._go = threading.Semaphore(0)
+
+    def __call__(self, batch: ForwardBatch) -> torch.Tensor:
+        self.entered.put(batch.num_seqs)
+        assert self._go.acquire(timeout=WAIT), "test never released the step"
+        self.batches.append(batch)
+        return self.inner(batch)
+
+    def step(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.entered.get(timeout=WAIT)
+            self._go.release()
+
+
+def test_sequences_joining_at_different_times_get_their_own_streams(make_scheduler):
+    gate = GatedStep()
+    sched = make_scheduler(gate)
+    a, ra = make_seq("a", first_token=3, max_tokens=6)
+    sched.add(a)
+    gate.step(1)                               # step 1: a alone
+    assert gate.entered.get(timeout=WAIT) == 1  # step 2 in progress: b arrives now
+    b, rb = make_seq("b", first_token=40, max_tokens=5, prompt_len=2)
+    sched.add(b)
+    gate._go.release()
+    assert gate.entered.get(timeout=WAIT) == 2  # step 3: a and b; c arrives now
+    c, rc = make_seq("c", first_token=48, max_tokens=3, prompt_len=9)
+    sched.add(c)
+    gate._go.release()
+    # a needs steps 1-5, b steps 3-6, c steps 4-5
+    sizes = []
+    for _ in range(3):
+        sizes.append(gate.entered.get(timeout=WAIT))
+        gate._go.release()
+    assert sizes == [3, 3, 1]
+    for rec, first, n in ((ra, 3, 5), (rb, 40, 4), (rc, 48, 2)):
+        rec.wait()
+        assert rec.tokens == expected_stream(first, n)   # token 1 came from prefill
+        assert rec.finish == FINISH_LENGTH
+        assert rec.releases == 1
+        assert rec.emits_after_finish == 0
+    assert len(gate.batches) == 6
+
+
+def test_max_tokens_one_more_token_then_length(make_scheduler):
+    sched = make_scheduler()
+    seq, rec = make_seq("s", first_token=0, max_tokens=2)
+    sched.add(seq)
+    rec.wait()
+    assert rec.tokens == [1]
+    assert rec.finish == FINISH_LENGTH and seq.finished == FINISH_LENGTH
+    assert rec.releases == 1
+
+
+def test_eos_stops_unless_ignored(make_scheduler):
+    sched = make_scheduler()
+    stop, rstop = make_seq("stop", first_token=10, max_tokens=20, eos={13})
+    keep, rkeep = make_seq("keep", first_token=10, max_tokens=6, eos={13}, ignore_eos=True)
+    sched.add(stop)
+    sched.add(keep)
+    rstop.wait()
+    rkeep.wait()
+    assert rstop.tokens == [11, 12, 13]   # the EOS token itself is emitted, with the finish
+    assert rstop.finish == FINISH_STOP
+    assert rkeep.tokens == [11, 12, 13, 14, 15]
+    assert rkeep.finish == FINISH_LENGTH
+    assert rstop.releases == rkeep.releases == 1
+
+
+def test_abort_running_sequence(make_scheduler):
+    gate = GatedStep()
+    sched = make_scheduler(gate)
+    seq, rec = make_seq("r", first_token=1, max_tokens=100)
+    sched.add(seq)
+    gate.step(2)
+    gate.entered.get(timeout=WAIT)  # the third step is in progress
+    sched.abort("r")
+    gate._go.release()
+    rec.wait()
+    assert rec.finish == FINISH_ABORT
+    assert rec.tokens == [2, 3, 4]   # tokens of finished steps only, then (None, "abort")
+    assert rec.releases == 1
+    sched.abort("r")                 # aborting again is harmless
+    sched.abort("unknown")
+    other, rother = make_seq("o", first_token=1, max_tokens=2)
+    sched.add(other)
+    gate.step(1)
+    rother.wait()
+    assert rec.releases == 1 and rec.emits_after_finish == 0
+    assert rother.finish == FINISH_LENGTH
+
+
+def test_abort_waiting_sequence(make_scheduler):
+    gate = GatedStep()
+    sched = make_scheduler(gate, max_batch=1)
+    first, rfirst = make_seq("first", first_token=0, max_tokens=3)
+    sched.add(first)
+    gate.entered.get(timeout=WAIT)   # step 1 of "first" running; "waiting" cannot join (max_batch=1)
+    waiting, rwait = make_seq("waiting", first_token=0, max_tokens=3)
+    sched.add(waiting)
+    sched.abort("waiting")
+    gate._go.release()
+    gate.step(1)
+    rfirst.wait()
+    rwait.wait()
+    assert rwait.finish == FINISH_ABORT and rwait.tokens == []
+    assert rwait.releases == 1
+    assert rfirst.tokens == [1, 2] and rfirst.finish == FINISH_LENGTH
+    assert all(b.num_seqs == 1 for b in gate.batches)
+    assert len(gate.batches) == 2    # the aborted sequence never ran a step
+
+
+def test_max_batch_respected(make_scheduler):
+    sizes = []
+    lock = threading.Lock()
+
+    def step(batch):
+        with lock:
+            sizes.append(batch.num_seqs)
+        return next_token_logits(batch)
+
+    sched = make_scheduler(step, max_batch=3)
+    recs = []
+    for i in range(8):
+        seq, rec = make_seq(f"s{i}", first_token=i, max_tokens=4)
+        sched.add(seq)
+        recs.append((i, rec))
+    for i, rec in recs:
+        rec.wait()
+        assert rec.tokens == expected_stream(i, 3)
+        assert rec.finish == FINISH_LENGTH and rec.releases == 1
+    assert max(sizes) <= 3
+    assert sum(sizes) == 8 * 3       # every sequence ran exactly its 3 steps
+
+
+def test_failing_step_fails_running_sequences_and_scheduler_keeps_serving(make_scheduler):
+    calls = {"n": 0}
+
+    def step(batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("device fell over")
+        return next_token_logits(batch)
+
+    sched = make_scheduler(step)
+    doomed, rdoomed = make_seq("doomed", first_token=5, max_tokens=10)
+    sched.add(doomed)
+    rdoomed.wait()
+    assert rdoomed.finish == FINISH_ERROR
+    assert rdoomed.tokens == [6]
+    assert doomed.finished == FINISH_ERROR and "device fell over" in doomed.error
+    assert rdoomed.releases == 1
+    later, rlater = make_seq("later", first_token=20, max_tokens=4)
+    sched.add(later)
+    rlater.wait()
+    assert rlater.tokens == [21, 22, 23] and rlater.finish == FINISH_LENGTH
+    assert rlater.releases == 1
+
+
+def test_positions_and_slots_advance_one_per_step(make_scheduler):
+    gate = GatedStep()
+    sched = make_scheduler(gate)
+    blocks = [7, 3, 9]               # 12 slots; prompt 5 + 5 new tokens fit
+    seq, rec = make_seq("p", first_token=30, prompt_len=5, max_tokens=6, blocks=blocks)
+    sched.add(seq)
+    gate.step(5)
+    rec.wait()
+    assert len(gate.batches) == 5
+    for step, batch in enumerate(gate.batches):
+        pos = 5 + step               # token 1 sits at the prompt length, then +1 per step
+        assert not batch.is_prefill
+        assert batch.input_ids.tolist() == [30 + step]
+        assert batch.positions.tolist() == [pos]
+        assert batch.slot_mapping.tolist() == [blocks[pos // BLOCK] * BLOCK + pos % BLOCK]
+        assert batch.context_lens.tolist() == [pos + 1]
+        assert batch.block_tables.tolist() == [blocks]
+    assert rec.tokens == expected_stream(30, 5)
+
+
+def test_stop_aborts_running_and_waiting():
+    gate = GatedStep()
+    sched = DecodeScheduler(gate, block_size=BLOCK, max_batch=1)
+    sched.start()
+    running, rrun = make_seq("run", first_token=0, max_tokens=50)
+    waiting, rwait = make_seq("wait", first_token=0, max_tokens=50)
+    sched.add(running)
+    sched.add(waiting)
+    gate.entered.get(timeout=WAIT)
+    stopper = threading.Thread(target=sched.stop)
+    stopper.start()
+    gate._go.release()
+    stopper.join(WAIT)
+    assert not stopper.is_alive()
+    for rec in (rrun, rwait):
+        rec.wait()
+        assert rec.finish == FINISH_ABORT and rec.releases == 1
+
+
+def test_bad_max_batch():
+    with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
+        DecodeScheduler(next_token_logits, block_size=BLOCK, max_batch=0)
