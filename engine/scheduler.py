@@ -116,21 +116,20 @@ class DecodeScheduler:
 
     def _drain_on_stop(self) -> None:
         """Abort every sequence the scheduler holds or was handed, so all blocks are released."""
-        while True:
-            try:
-                self._waiting.append(self._incoming.get_nowait())
-            except queue.Empty:
-                break
+        self._take_incoming()
         for seq in list(self._running.values()) + self._waiting:
             self._finish(seq, FINISH_ABORT)
         self._waiting = []
 
-    def _admit(self) -> None:
+    def _take_incoming(self) -> None:
         while True:
             try:
                 self._waiting.append(self._incoming.get_nowait())
             except queue.Empty:
-                break
+                return
+
+    def _admit(self) -> None:
+        self._take_incoming()
         aborted = set()
         while True:
             try:

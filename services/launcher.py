@@ -9,11 +9,10 @@ Lifecycle:
    registered), then print one line saying where it listens.
 4. On SIGINT/SIGTERM, or when any child dies, stop every child (SIGTERM, then SIGKILL after
    a grace period) and the private Redis. Children also get SIGTERM if this process dies
-   (``PR_SET_PDEATHSIG``), so nothing is left behind.
+   (``PR_SET_PDEATHSIG``, set by ``services.parent_guard``), so nothing is left behind.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shutil
@@ -60,14 +59,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when the launcher dies, however it dies."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 class LocalStack:
     """Starts and stops the processes of one local deployment. Used by the CLI and by tests."""
 
@@ -79,7 +70,8 @@ class LocalStack:
 
     def _spawn(self, name: str, argv: list[str], quiet: bool = False) -> subprocess.Popen:
         env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n", PYTHONUNBUFFERED="1", **self.cfg.extra_env)
-        proc = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL,
+        guarded = [sys.executable, "-m", "services.parent_guard", str(os.getpid()), *argv]
+        proc = subprocess.Popen(guarded, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL if quiet else None)
         self.procs.append((name, proc))
         return proc
