@@ -34,19 +34,23 @@ class WorkerRecord:
     load: dict                   # {"free_blocks":.., "running":.., "waiting":.., "queued_tokens":..}
     model_id: str = ""
     compat_hash: str = ""
+    host: str = ""               # machine name and process id, for operators
+    pid: int = 0
 
     def to_hash(self) -> dict[str, str]:
         return {"address": self.address, "incarnation": self.incarnation, "pool": self.pool,
                 "worker_id": self.worker_id, "layout": json.dumps(self.layout),
                 "capacity": json.dumps(self.capacity), "load": json.dumps(self.load),
-                "model_id": self.model_id, "compat_hash": self.compat_hash}
+                "model_id": self.model_id, "compat_hash": self.compat_hash, "host": self.host,
+                "pid": str(self.pid)}
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> "WorkerRecord":
         return cls(pool=h["pool"], worker_id=h["worker_id"], address=h["address"],
                    incarnation=h["incarnation"], layout=json.loads(h.get("layout", "{}")),
                    capacity=json.loads(h.get("capacity", "{}")), load=json.loads(h.get("load", "{}")),
-                   model_id=h.get("model_id", ""), compat_hash=h.get("compat_hash", ""))
+                   model_id=h.get("model_id", ""), compat_hash=h.get("compat_hash", ""),
+                   host=h.get("host", ""), pid=int(h.get("pid", 0) or 0))
 
 
 class Heartbeat:

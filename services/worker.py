@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 import uuid
 from typing import Callable
 
@@ -77,6 +79,7 @@ class WorkerHost:
         return WorkerRecord(
             pool=self.cfg.pool, worker_id=self.worker_id, address=self.address,
             incarnation=self.incarnation, model_id=self.model_id, compat_hash=self.compat,
+            host=socket.gethostname(), pid=os.getpid(),
             layout={"tp": self.layout.tp, "pp": self.layout.pp, "cp": self.layout.cp, "ep": self.layout.ep},
             capacity={"total_blocks": self.allocator.total, "block_size": self.cfg.block_size},
             load={"free_blocks": info.free_blocks, "running": info.running, "waiting": info.waiting,
