@@ -34,6 +34,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     attention_bias: bool = False  # Qwen2 has q/k/v biases
     dtype: str = "float32"
+    num_experts: int = 0          # Mixtral-style MoE: experts per layer (0 = dense MLP)
+    num_experts_per_tok: int = 0  # top-k experts each token is routed to
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -47,6 +49,9 @@ class ModelConfig:
             raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                             f"1..num_experts={self.num_experts}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -96,7 +101,14 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Layout of one instance: tp * pp * cp * ep ranks. Issue 2 serves tp=pp=cp=ep=1."""
+    """Layout of one instance (see ``engine.parallel`` for the rank numbering).
+
+    A pipeline stage has ``max(tp, ep)`` ranks: attention is tensor-parallel over groups of
+    ``tp`` of them (replicated when ep > tp) and the MoE experts are split over groups of ``ep``
+    (replicated when tp > ep), so EP adds no ranks of its own. Prefill instances use ``tp`` and
+    ``cp`` (each CP rank a full TP group), decode instances ``tp``, ``pp`` and ``ep``.
+    World size: ``pp * cp * max(tp, ep)``.
+    """
 
     tp: int = 1
     pp: int = 1
@@ -107,7 +119,32 @@ class ParallelConfig:
         for name in ("tp", "pp", "cp", "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        lo, hi = sorted((self.tp, self.ep))
+        if hi % lo:
+            raise ValueError(f"tp={self.tp} and ep={self.ep}: the smaller must divide the larger "
+                             f"(they share the ranks of a pipeline stage)")
+
+    @property
+    def stage_size(self) -> int:
+        """Ranks per pipeline stage (and per CP rank)."""
+        return max(self.tp, self.ep)
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.cp * self.ep
+        return self.pp * self.cp * self.stage_size
+
+    def validate_for(self, model: "ModelConfig", num_experts: int = 0) -> None:
+        """Raise ValueError (quoting the values) when this layout cannot split ``model``."""
+        if model.num_heads % self.tp:
+            raise ValueError(f"tp={self.tp} does not divide the {model.num_heads} attention heads")
+        if self.tp > model.num_kv_heads and self.tp % model.num_kv_heads:
+            raise ValueError(f"tp={self.tp} exceeds num_kv_heads={model.num_kv_heads} but is not a "
+                             f"multiple of it (KV heads are replicated in whole groups)")
+        if self.tp <= model.num_kv_heads and model.num_kv_heads % self.tp:
+            raise ValueError(f"tp={self.tp} does not divide num_kv_heads={model.num_kv_heads}")
+        if self.pp > model.num_layers:
+            raise ValueError(f"pp={self.pp} stages is more than the model's {model.num_layers} layers")
+        if self.ep > 1 and not num_experts:
+            raise ValueError(f"ep={self.ep} needs a mixture-of-experts model; this one is dense")
+        if num_experts and num_experts % self.ep:
+            raise ValueError(f"ep={self.ep} does not divide the {num_experts} experts")

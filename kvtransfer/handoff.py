@@ -64,15 +64,21 @@ def piece_tag(transfer_id: str, index: int) -> int:
 
 def transfer_plan(source: inference_pb2.Layout, dest: inference_pb2.Layout, model: ModelConfig,
                   num_tokens: int) -> list[Piece]:
-    """The plan between a prefill layout (tp x cp) and a decode layout (tp x pp)."""
+    """The plan between a prefill layout (tp x cp) and a decode layout (tp x pp x ep).
+
+    Rank numbering follows ``engine.parallel``: a stage has ``max(tp, ep)`` ranks and rank
+    ``s`` of a stage holds the KV heads of ``tp_rank = s % tp`` (attention replicas all get KV).
+    """
     src_tp, cp = max(source.tp, 1), max(source.cp, 1)
+    src_s = max(src_tp, source.ep or 1)
     dst_tp, pp = max(dest.tp, 1), max(dest.pp, 1)
-    sources = [SourceRank(c * src_tp + t, kv_head_range(t, src_tp, model.num_kv_heads),
+    dst_s = max(dst_tp, dest.ep or 1)
+    sources = [SourceRank(c * src_s + s, kv_head_range(s % src_tp, src_tp, model.num_kv_heads),
                           cp_token_ranges(c, cp, num_tokens))
-               for c in range(cp) for t in range(src_tp)]
-    dests = [DestRank(p * dst_tp + t, layer_range(p, pp, model.num_layers),
-                      kv_head_range(t, dst_tp, model.num_kv_heads))
-             for p in range(pp) for t in range(dst_tp)]
+               for c in range(cp) for s in range(src_s)]
+    dests = [DestRank(p * dst_s + s, layer_range(p, pp, model.num_layers),
+                      kv_head_range(s % dst_tp, dst_tp, model.num_kv_heads))
+             for p in range(pp) for s in range(dst_s)]
     return plan_pieces(sources, dests)
 
 
