@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-mb", type=int, default=1024)
     serve.add_argument("--threads", type=int, default=0)
     serve.add_argument("--ready-timeout", type=float, default=300.0)
+    for pool, axes in (("prefill", ("tp", "cp")), ("decode", ("tp", "pp", "ep"))):
+        for axis in axes:
+            serve.add_argument(f"--{pool}-{axis}", type=int, default=1,
+                               help=f"{axis.upper()} degree of each {pool} instance")
 
     worker = sub.add_parser("worker", help="run one prefill or decode instance")
     worker.add_argument("pool", choices=["prefill", "decode"])
@@ -106,6 +110,7 @@ def _worker_config(args):
 
 def _run_worker(args) -> int:
     cfg = _worker_config(args)
+    check_layouts(cfg.model, [(cfg.pool, cfg.parallel)])
     if cfg.pool == "decode":
         from services.decode import DecodeService as service, add_to_server
     else:
@@ -126,12 +131,39 @@ def _run_router(args) -> int:
     return 0
 
 
+def pool_layouts(args):
+    """The prefill and decode ParallelConfigs of ``cleave serve``'s flags (validated)."""
+    from engine.config import ParallelConfig
+    prefill = ParallelConfig(tp=args.prefill_tp, cp=args.prefill_cp)
+    decode = ParallelConfig(tp=args.decode_tp, pp=args.decode_pp, ep=args.decode_ep)
+    return prefill, decode
+
+
+def check_layouts(model_spec: str, layouts) -> None:
+    """Raise ValueError quoting the values when a layout cannot split the model."""
+    from engine.loader import load_model_config, resolve_model
+    model = load_model_config(resolve_model(model_spec))
+    for name, layout in layouts:
+        try:
+            layout.validate_for(model, model.num_experts)
+        except ValueError as exc:
+            raise ValueError(f"{name} layout: {exc}") from None
+
+
+def _layout_flags(layout) -> list[str]:
+    return [f"--{a}={getattr(layout, a)}" for a in ("tp", "pp", "cp", "ep") if getattr(layout, a) != 1]
+
+
 def _run_serve(args) -> int:
     from services.launcher import StackConfig, run_stack
+    prefill, decode = pool_layouts(args)
+    check_layouts(args.model, [("prefill", prefill), ("decode", decode)])
     worker = ["--transport", args.transport, "--kv-cache-mb", str(args.kv_cache_mb), "--threads", str(args.threads)]
     cfg = StackConfig(port=args.port, host=args.host, redis_url=args.redis_url, model=args.model,
                       prefill_instances=args.prefill_instances, decode_instances=args.decode_instances,
-                      worker_args=tuple(worker), ready_timeout_s=args.ready_timeout, log_level=args.log_level)
+                      worker_args=tuple(worker), prefill_args=tuple(_layout_flags(prefill)),
+                      decode_args=tuple(_layout_flags(decode)), ready_timeout_s=args.ready_timeout,
+                      log_level=args.log_level)
     return run_stack(cfg)
 
 

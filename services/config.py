@@ -63,7 +63,9 @@ class WorkerConfig:
             raise ValueError(f"need 0 < heartbeat_s < ttl_s, got heartbeat_s={self.heartbeat_s} "
                              f"ttl_s={self.ttl_s}")
         if self.parallel.world_size != 1:
-            raise ValueError(f"this build serves one rank per instance; got layout {self.parallel}")
+            raise ValueError(f"layout {self.parallel} has {self.parallel.world_size} ranks per instance; "
+                             f"the services serve one-rank instances so far (multi-rank layouts run "
+                             f"through the engine: engine.offline / engine.parallel.spawn_ranks)")
 
 
 @dataclass(frozen=True)

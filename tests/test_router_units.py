@@ -287,3 +287,23 @@ def test_worker_record_hash_round_trip():
     assert (old.layout, old.capacity, old.load, old.model_id, old.compat_hash) == ({}, {}, {}, "", "")
     with pytest.raises(KeyError):
         WorkerRecord.from_hash({"pool": "decode"})
+
+
+def test_serve_layout_flags_are_validated_against_the_model(tmp_path):
+    from services.cli import _parser, check_layouts, pool_layouts
+    from tests.models import make_tiny_llama
+
+    make_tiny_llama(str(tmp_path), seed=0)  # 8 heads, 4 KV heads, 4 layers
+    args = _parser().parse_args(["serve", "--prefill-tp", "3"])
+    with pytest.raises(ValueError, match=r"prefill layout: tp=3 does not divide the 8 attention heads"):
+        check_layouts(str(tmp_path), [("prefill", pool_layouts(args)[0])])
+    args = _parser().parse_args(["serve", "--decode-pp", "5"])
+    with pytest.raises(ValueError, match=r"decode layout: pp=5 stages is more than the model's 4 layers"):
+        check_layouts(str(tmp_path), [("decode", pool_layouts(args)[1])])
+    args = _parser().parse_args(["serve", "--decode-ep", "2"])
+    with pytest.raises(ValueError, match=r"ep=2 needs a mixture-of-experts model"):
+        check_layouts(str(tmp_path), [("decode", pool_layouts(args)[1])])
+    args = _parser().parse_args(["serve", "--prefill-tp", "2", "--prefill-cp", "2", "--decode-tp", "4"])
+    prefill, decode = pool_layouts(args)
+    check_layouts(str(tmp_path), [("prefill", prefill), ("decode", decode)])  # valid: no error
+    assert (prefill.world_size, decode.world_size) == (4, 4)
