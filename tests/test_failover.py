@@ -19,7 +19,7 @@ def two_decode_stack(request_fixture_dir):
     from tests.stack import RunningStack
 
     running = RunningStack(StackConfig(
-        port=0, log_level="WARNING", model=request_fixture_dir, decode_instances=2,
+        port=0, log_level="WARNING", model=request_fixture_dir, prefill_instances=2, decode_instances=2,
         worker_args=("--transport", "tcp", "--num-blocks", "400", "--block-size", "8", "--threads", "1")))
     yield running
     running.close()
@@ -58,3 +58,20 @@ def test_decode_death_mid_stream_continues_the_same_stream(two_decode_stack):
     h = stack.redis.hgetall("cleave:req:failover-1")
     assert h["state"] == "finished" and int(h["attempts"]) == 2
     assert h["decode_worker"] != victim
+
+
+def test_dead_prefill_instance_is_retried_on_another(two_decode_stack):
+    stack = two_decode_stack
+    prompt = [21, 22, 23]
+    expected = stack.generate(token_ids=prompt, max_tokens=12)
+    prefills = sorted((r for r in stack.workers() if r.pool == "prefill"), key=lambda r: r.worker_id)
+    victim = prefills[0]                     # least-load ties go to the lowest worker id
+    os.kill(victim.pid, signal.SIGKILL)      # its registry record lives on until its TTL
+    got = stack.generate(token_ids=prompt, max_tokens=12, request_id="prefill-retry-1")
+    assert got.token_ids == expected.token_ids
+    deadline = time.time() + 5
+    while stack.redis.hget("cleave:req:prefill-retry-1", "state") != "finished" and time.time() < deadline:
+        time.sleep(0.05)
+    h = stack.redis.hgetall("cleave:req:prefill-retry-1")
+    assert h["prefill_worker"] == prefills[1].worker_id
+    assert int(h["attempts"]) == 2
