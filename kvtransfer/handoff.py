@@ -44,6 +44,10 @@ class HandoffError(RuntimeError):
     """A transfer failed: deadline, peer unreachable, corruption or cancellation."""
 
 
+class NotLandedYet(HandoffError):
+    """``wait`` timed out before the deadline: the transfer is still posted and may land."""
+
+
 class IncompatiblePeer(HandoffError):
     """The landing descriptor's compatibility hash differs from ours: nothing was sent."""
 
@@ -100,6 +104,7 @@ class _Expected:
     deadline: float
     landed: bool = False
     cancelled: bool = False
+    scattered: set = field(default_factory=set)   # indices of pieces already in the blocks
     # held while scattering into the blocks; cancel() takes it, so once cancel returns no
     # write into the (about to be freed) blocks is in progress or can start
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -149,10 +154,12 @@ class KVReceiver:
         if exp.landed:
             return
         stop = exp.deadline if timeout is None else min(exp.deadline, time.time() + timeout)
-        for piece, handle, buf in exp.pieces:
+        for index, (piece, handle, buf) in enumerate(exp.pieces):
+            if index in exp.scattered:
+                continue
             state = handle.wait(max(0.0, stop - time.time()))
             if state is TransferState.PENDING and time.time() < exp.deadline:
-                raise HandoffError(f"transfer {transfer_id} has not landed yet (wait timed out; "
+                raise NotLandedYet(f"transfer {transfer_id} has not landed yet (wait timed out; "
                                    f"the transfer stays posted until its deadline)")
             if state is not TransferState.DONE:
                 handle.abort()
@@ -162,7 +169,16 @@ class KVReceiver:
                 if exp.cancelled:
                     raise HandoffError(f"transfer {transfer_id} was cancelled")
                 self._scatter(transfer_id, piece, buf, exp.blocks)
+                exp.scattered.add(index)
         exp.landed = True
+
+    def try_land(self, transfer_id: str) -> bool:
+        """Non-blocking :meth:`wait`: True once landed, False while pending; raises on failure."""
+        try:
+            self.wait(transfer_id, timeout=0)
+            return True
+        except NotLandedYet:
+            return False
 
     def _scatter(self, transfer_id: str, piece: Piece, buf: torch.Tensor, blocks: list[int]) -> None:
         payload, trailer = buf[:-_TRAILER.size], buf[-_TRAILER.size:]

@@ -62,10 +62,11 @@ class WorkerConfig:
         if not 0 < self.heartbeat_s < self.ttl_s:
             raise ValueError(f"need 0 < heartbeat_s < ttl_s, got heartbeat_s={self.heartbeat_s} "
                              f"ttl_s={self.ttl_s}")
-        if self.parallel.world_size != 1:
-            raise ValueError(f"layout {self.parallel} has {self.parallel.world_size} ranks per instance; "
-                             f"the services serve one-rank instances so far (multi-rank layouts run "
-                             f"through the engine: engine.offline / engine.parallel.spawn_ranks)")
+        if self.pool == "prefill" and (self.parallel.pp > 1 or self.parallel.ep > 1):
+            raise ValueError(f"a prefill instance is laid out tp x cp; got pp={self.parallel.pp} "
+                             f"ep={self.parallel.ep}")
+        if self.pool == "decode" and self.parallel.cp > 1:
+            raise ValueError(f"a decode instance is laid out tp x pp x ep; got cp={self.parallel.cp}")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from cleave.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 from engine.kv_cache import OutOfBlocks
 from engine.sampler import SamplingConfig
 from engine.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, DecodeScheduler, Sequence
-from kvtransfer.handoff import HandoffError, KVReceiver
+from kvtransfer.handoff import HandoffError
+from services.instance import InstanceError
 from services.errors import Exhausted, InvalidRequest, NotFound, Unavailable, abort_with
 from services.worker import WorkerHost
 
@@ -49,7 +50,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
     def __init__(self, host: WorkerHost) -> None:
         self.host = host
         cfg = host.cfg
-        self.receiver = KVReceiver(host.transport, host.kv_cache, host.model_config, host.layout)
+        self.instance = host.instance
         self.scheduler = DecodeScheduler(host.forward, cfg.block_size, cfg.max_batch)
         self._reservations: dict[str, Reservation] = {}
         self._lock = threading.Lock()
@@ -95,7 +96,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
                                                           request.num_prompt_tokens,
                                                           request.max_tokens, deadline)
         try:
-            self.receiver.expect(transfer_id, source, blocks, request.num_prompt_tokens, deadline)
+            self.instance.expect(transfer_id, source, blocks, request.num_prompt_tokens, deadline)
         except Exception:
             self._release(transfer_id)
             raise
@@ -106,9 +107,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             num_prompt_tokens=request.num_prompt_tokens, deadline_unix=deadline,
             compat_hash=self.host.compat, transport=self.host.cfg.transport,
             incarnation=self.host.incarnation, source_layout=source, checksum=self.host.cfg.checksum,
-            ranks=[worker_pb2.LandingRank(rank=0, tp_rank=0, pp_rank=0,
-                                          transport_address=self.host.transport.address(),
-                                          layers=[0, model.num_layers], kv_heads=[0, model.num_kv_heads])])
+            ranks=self.instance.landing_ranks())
 
     async def Decode(self, request: worker_pb2.DecodeRequest, context):
         transfer_id = request.transfer_id
@@ -126,8 +125,8 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             await abort_with(context, NotFound(f"reservation {transfer_id} {what}"))
             return
         try:
-            await asyncio.to_thread(self.receiver.wait, transfer_id)
-        except HandoffError as exc:
+            await self._landed(transfer_id, res.deadline)
+        except (HandoffError, InstanceError) as exc:
             self._release(transfer_id)
             await abort_with(context, Unavailable(f"KV transfer failed: {exc}"))
             return
@@ -190,11 +189,23 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             waiting = sum(1 for r in self._reservations.values() if not r.started)
         return self.host.info(running=self.scheduler.num_running, waiting=waiting)
 
+    async def _landed(self, transfer_id: str, deadline: float) -> None:
+        """Poll every rank until the KV landed (never blocking the command channel)."""
+        delay = 0.002
+        while not await asyncio.to_thread(self.instance.try_land, transfer_id):
+            if time.time() > deadline + 1.0:
+                raise HandoffError(f"transfer {transfer_id} did not land by its deadline")
+            await asyncio.sleep(delay)
+            delay = min(0.02, delay * 2)
+
     def _release(self, transfer_id: str) -> None:
         """Cancel the receives and free the blocks of a reservation; safe to call twice."""
         with self._lock:
             self._reservations.pop(transfer_id, None)
-        self.receiver.cancel(transfer_id)
+        try:
+            self.instance.cancel(transfer_id)
+        except InstanceError as exc:
+            log.warning("cancelling %s: %s", transfer_id, exc)
         self.host.allocator.free(transfer_id)
 
     async def _reap(self) -> None:

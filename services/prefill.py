@@ -24,7 +24,8 @@ from cleave.v1 import worker_pb2, worker_pb2_grpc
 from engine.batch import ForwardBatch
 from engine.kv_cache import OutOfBlocks
 from engine.sampler import SamplingConfig, sample_one
-from kvtransfer.handoff import HandoffError, IncompatiblePeer, KVSender
+from kvtransfer.handoff import HandoffError, IncompatiblePeer
+from services.instance import InstanceError
 from services.errors import Cancelled, Exhausted, InvalidRequest, Unavailable, abort_with
 from services.worker import WorkerHost
 
@@ -38,8 +39,6 @@ class IncompatibleLanding(InvalidRequest):
 class PrefillService(worker_pb2_grpc.PrefillServicer):
     def __init__(self, host: WorkerHost) -> None:
         self.host = host
-        self.sender = KVSender(host.transport, host.model_config, host.compat, host.layout,
-                               checksum=host.cfg.checksum)
         # one prompt at a time on the model; transfers overlap with the next prompt
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill")
         self._transfers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-push")
@@ -80,7 +79,7 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
             if request.HasField("landing"):
                 t0 = time.perf_counter()
                 sent = await loop.run_in_executor(
-                    self._transfers, self.sender.push, request.landing, self.host.kv_cache,
+                    self._transfers, self.host.instance.push, request.landing,
                     self.host.allocator.blocks_of(owner), cancelled)
                 yield worker_pb2.PrefillEvent(transferred=worker_pb2.TransferDone(
                     transfer_seconds=time.perf_counter() - t0, transfer_bytes=sent))
@@ -89,6 +88,9 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
             raise
         except IncompatiblePeer as exc:
             await abort_with(context, IncompatibleLanding(str(exc)))
+        except InstanceError as exc:  # a multi-rank push: the ranks' errors, as text
+            kind = IncompatibleLanding if "IncompatiblePeer" in str(exc) else Unavailable
+            await abort_with(context, kind(f"KV push failed: {exc}"))
         except HandoffError as exc:
             await abort_with(context, Unavailable(f"KV push failed: {exc}"))
         except Exception as exc:

@@ -23,49 +23,44 @@ import redis.asyncio as aioredis
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cleave.v1 import inference_pb2, worker_pb2
-from engine.kv_cache import BlockAllocator, allocate_kv_cache
-from engine.loader import load_model, resolve_model
-from kvtransfer.handoff import compat_hash
-from kvtransfer.transport import make_transport
+from cleave.v1 import worker_pb2
+from engine.kv_cache import BlockAllocator
 from services.config import WorkerConfig
+from services.instance import Instance
 from services.registry import Heartbeat, WorkerRecord
 
 log = logging.getLogger(__name__)
 
 
 class WorkerHost:
-    """The engine state of one single-rank instance, shared by its servicer and its heartbeat."""
+    """The engine state of one instance (see ``services.instance``), shared by its servicer and heartbeat."""
 
-    def __init__(self, cfg: WorkerConfig, transport_options: dict | None = None) -> None:
+    def __init__(self, cfg: WorkerConfig) -> None:
         self.cfg = cfg
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        self.source = resolve_model(cfg.model)
-        self.model_config, self.model = load_model(self.source, dtype=cfg.dtype)
+        self.failed: str | None = None            # set when a rank died: the service stops
+        self.on_failure: Callable[[str], None] = lambda msg: None
+        self.instance = Instance(cfg, on_failure=self._rank_failed)
+        self.source = self.instance.engine.source
         self.model_id = self.source.model_id
-        self.kv_cache = allocate_kv_cache(self.model_config, self._cache_config())
-        self.allocator = BlockAllocator(self.kv_cache.shape[2], cfg.block_size)
-        self.transport = make_transport(cfg.transport, **(transport_options or {}))
-        self.compat = compat_hash(self.model_id, self.model_config, cfg.block_size)
+        self.model_config = self.instance.model_config
+        self.allocator = BlockAllocator(self.instance.num_blocks, cfg.block_size)
+        self.compat = self.instance.engine.compat
         self.incarnation = uuid.uuid4().hex
-        self.layout = inference_pb2.Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp,
-                                           cp=cfg.parallel.cp, ep=cfg.parallel.ep)
+        self.layout = self.instance.engine.layout
         self.address = ""  # host:port, set once the server is bound
+        self.health = None  # the gRPC health servicer, set once the server is bound
         self.load_fn: Callable[[], dict] = lambda: {}
 
-    def _cache_config(self):
-        from engine.config import CacheConfig
-        return CacheConfig(block_size=self.cfg.block_size, num_blocks=self.cfg.num_blocks,
-                           memory_bytes=self.cfg.kv_cache_bytes)
+    def _rank_failed(self, message: str) -> None:
+        self.failed = message
+        self.on_failure(message)
 
     @property
     def worker_id(self) -> str:
         return self.cfg.worker_id or f"{self.cfg.pool}-{self.address.replace(':', '-')}"
 
     def forward(self, batch) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.model(batch, self.kv_cache)
+        return self.instance.forward(batch)
 
     def info(self, running: int, waiting: int, queued_tokens: int = 0) -> worker_pb2.WorkerInfo:
         return worker_pb2.WorkerInfo(
@@ -100,12 +95,13 @@ async def start_worker_server(host: WorkerHost, add_servicer: Callable[[grpc.aio
     host.address = f"{host.cfg.host}:{port}"
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    host.health = health_servicer
     return server, port
 
 
 async def serve_worker(cfg: WorkerConfig, make_servicer: Callable[[WorkerHost], object],
                        add_fn: Callable, ready: Callable[[str], None] | None = None) -> None:
-    """Run one worker process until SIGTERM/SIGINT (see the module docstring)."""
+    """Run one worker process until SIGTERM/SIGINT or a rank dies (see the module docstring)."""
     host = await asyncio.to_thread(WorkerHost, cfg)
     servicer = make_servicer(host)
     server, _ = await start_worker_server(host, lambda s: add_fn(servicer, s))
@@ -123,12 +119,18 @@ async def serve_worker(cfg: WorkerConfig, make_servicer: Callable[[WorkerHost], 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    host.on_failure = lambda msg: loop.call_soon_threadsafe(stop.set)
     await stop.wait()
+    if host.failed:
+        log.error("%s worker %s is going down: %s", cfg.pool, host.worker_id, host.failed)
+        await host.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     log.info("%s worker %s stopping", cfg.pool, host.worker_id)
     if beat_task is not None:
         beat_task.cancel()
-        await heartbeat.deregister()
+        await heartbeat.deregister()  # leave the routing set first
         await client.aclose()
     await server.stop(grace=5)
     await servicer.stop()
-    host.transport.close()
+    host.instance.close()
+    if host.failed:
+        raise SystemExit(1)

@@ -237,7 +237,8 @@ def test_rank_prefill_least_queued_tokens():
     (dict(threads=-2), "threads must be >= 0, got -2"),
     (dict(heartbeat_s=5.0, ttl_s=5.0), "need 0 < heartbeat_s < ttl_s, got heartbeat_s=5.0 ttl_s=5.0"),
     (dict(heartbeat_s=0.0), "heartbeat_s=0.0"),
-    (dict(parallel=ParallelConfig(tp=2)), "one rank per instance.*tp=2"),
+    (dict(parallel=ParallelConfig(cp=2)), "decode instance is laid out tp x pp x ep; got cp=2"),
+    (dict(pool="prefill", parallel=ParallelConfig(pp=2)), "prefill instance is laid out tp x cp; got pp=2"),
 ])
 def test_worker_config_rejects(kwargs, match):
     kwargs = {"pool": "decode", **kwargs}

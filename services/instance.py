@@ -1,0 +1,256 @@
+"""One instance = a group of ranks; the service process is rank 0 and drives the others.
+
+Who calls what:
+
+* The prefill/decode services call :class:`Instance` only: ``forward(batch)`` (logits for the
+  batch, on rank 0), ``expect / try_land / cancel`` (decode: KV receives on every rank),
+  ``push`` (prefill: every rank sends its own KV shard), ``addresses()`` (every rank's
+  transport address, for landing descriptors).
+* With one rank, :class:`Instance` runs everything in-process. With more, rank 0 spawns ranks
+  1..N-1 (:func:`_rank_main`), all join ``torch.distributed`` (gloo; rendezvous on a free
+  port) and each command is broadcast by rank 0, executed by every rank's :class:`RankEngine`
+  and the results gathered back. Commands are serialised by one lock, so every rank sees
+  them in the same order. Nothing long blocks the channel: landing is polled
+  (``try_land``), never waited on.
+* A watchdog on rank 0 notices a rank that died and calls ``on_failure``; the service then
+  reports NOT_SERVING, deregisters and exits, and the remaining ranks die with it
+  (``PR_SET_PDEATHSIG`` in each rank, terminate on shutdown).
+
+Every rank holds the same number of KV blocks (block ids are chosen on rank 0 and valid on
+all ranks); a rank's cache holds only its KV heads and its pipeline stage's layers.
+"""
+from __future__ import annotations
+
+import ctypes
+import datetime
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cleave.v1 import inference_pb2, worker_pb2
+from engine.config import CacheConfig, ModelConfig
+from engine.kv_cache import allocate_kv_cache
+from engine.layout import kv_head_range, layer_range
+from engine.loader import ModelSource, iter_weights, load_model_config, resolve_model
+from engine.parallel import ParallelGroups, free_port
+from kvtransfer.handoff import KVReceiver, KVSender, compat_hash
+from kvtransfer.transport import make_transport
+from services.config import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_rank_model(source: ModelSource, dtype: str, groups: ParallelGroups):
+    """(ModelConfig, model shard of this rank) with only this rank's weights read."""
+    from engine.model import LlamaForCausalLM
+    config = load_model_config(source).replace(dtype=dtype)
+    config_groups = None if groups.layout.world_size == 1 else groups
+    factory = None
+    if config.num_experts:
+        from engine.moe import moe_mlp_factory as factory  # Mixtral-style layers
+    model = LlamaForCausalLM(config, groups=config_groups, mlp_factory=factory) if (
+        config_groups is not None or factory is not None) else LlamaForCausalLM(config)
+    want = getattr(model, "wants_weight", None)
+    model.load_weights(iter_weights(source, config, want=want))
+    return config, model.eval()
+
+
+class RankEngine:
+    """Model shard, KV cache, transport and handoff endpoints of one rank."""
+
+    def __init__(self, cfg: WorkerConfig, groups: ParallelGroups) -> None:
+        self.cfg, self.groups = cfg, groups
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.source = resolve_model(cfg.model)
+        self.model_config, self.model = build_rank_model(self.source, cfg.dtype, groups)
+        m, p = self.model_config, cfg.parallel
+        self.heads = kv_head_range(groups.tp_rank, p.tp, m.num_kv_heads)
+        self.layers = layer_range(groups.pp_rank, p.pp, m.num_layers)
+        cache = CacheConfig(block_size=cfg.block_size, num_blocks=cfg.num_blocks,
+                            memory_bytes=cfg.kv_cache_bytes)
+        self.num_blocks = cache.blocks_for(m)  # from the whole model: identical on every rank
+        self.kv_cache = allocate_kv_cache(m, CacheConfig(block_size=cfg.block_size, num_blocks=self.num_blocks),
+                                          num_kv_heads=self.heads[1] - self.heads[0],
+                                          num_layers=self.layers[1] - self.layers[0])
+        self.transport = make_transport(cfg.transport)
+        self.compat = compat_hash(self.source.model_id, m, cfg.block_size)
+        self.layout = inference_pb2.Layout(tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep)
+        self.receiver = KVReceiver(self.transport, self.kv_cache, m, self.layout, rank=groups.rank,
+                                   layer_offset=self.layers[0], head_offset=self.heads[0])
+        self.sender = KVSender(self.transport, m, self.compat, self.layout, rank=groups.rank,
+                               head_offset=self.heads[0], checksum=cfg.checksum)
+
+    def execute(self, name: str, args: tuple) -> Any:
+        """Run one command on this rank (every rank runs the same commands in the same order)."""
+        if name == "forward":
+            with torch.inference_mode():
+                logits = self.model(args[0], self.kv_cache)
+            return logits if self.groups.is_last_stage and self.groups.tp_rank == 0 else None
+        if name == "expect":
+            return self.receiver.expect(*args)
+        if name == "try_land":
+            return self.receiver.try_land(*args)
+        if name == "cancel":
+            return self.receiver.cancel(*args)
+        if name == "push":
+            landing = worker_pb2.LandingDescriptor.FromString(args[0])
+            return self.sender.push(landing, self.kv_cache, args[1])
+        if name == "address":
+            return self.transport.address()
+        raise ValueError(f"unknown instance command {name!r}")
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def _init_dist(rank: int, world: int, port: int) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=600))
+
+
+def _rank_main(rank: int, cfg: WorkerConfig, port: int) -> None:
+    """Ranks 1..N-1: build the engine, then execute rank 0's commands until told to stop."""
+    _die_with_parent()
+    _init_dist(rank, cfg.parallel.world_size, port)
+    groups = ParallelGroups.build(cfg.parallel, rank)
+    engine = RankEngine(cfg, groups)
+    dist.barrier()
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        name, args = box[0]
+        if name == "stop":
+            break
+        try:
+            result = ("ok", engine.execute(name, args))
+        except Exception as exc:
+            result = ("error", f"{type(exc).__name__}: {exc}")
+        dist.gather_object(result, None, dst=0)
+    engine.transport.close()
+    dist.destroy_process_group()
+
+
+class InstanceError(RuntimeError):
+    """A command failed on some rank (the message names the rank)."""
+
+
+class Instance:
+    """Rank 0's handle on the whole instance (see the module docstring)."""
+
+    def __init__(self, cfg: WorkerConfig, on_failure: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.world = cfg.parallel.world_size
+        self._lock = threading.Lock()
+        self._procs: list = []
+        self._on_failure = on_failure
+        self._closed = False
+        if self.world == 1:
+            self.engine = RankEngine(cfg, ParallelGroups.single())
+        else:
+            port = free_port()
+            ctx = mp.get_context("spawn")
+            self._procs = [ctx.Process(target=_rank_main, args=(r, cfg, port), daemon=True)
+                           for r in range(1, self.world)]
+            for p in self._procs:
+                p.start()
+            _init_dist(0, self.world, port)
+            self.engine = RankEngine(cfg, ParallelGroups.build(cfg.parallel, 0))
+            dist.barrier()
+            threading.Thread(target=self._watchdog, name="rank-watchdog", daemon=True).start()
+        self.model_config: ModelConfig = self.engine.model_config
+        self.num_blocks = self.engine.num_blocks
+        self.transport_addresses = self.call("address")
+
+    # ---- commands ------------------------------------------------------------------------
+    def call(self, name: str, *args) -> list:
+        """Run a command on every rank; returns the per-rank results; raises InstanceError."""
+        with self._lock:
+            if self._closed:
+                raise InstanceError("the instance is shut down")
+            if self.world == 1:
+                return [self.engine.execute(name, args)]
+            dist.broadcast_object_list([(name, args)], src=0)
+            try:
+                mine = ("ok", self.engine.execute(name, args))
+            except Exception as exc:
+                mine = ("error", f"{type(exc).__name__}: {exc}")
+            gathered = [None] * self.world
+            dist.gather_object(mine, gathered, dst=0)
+        errors = [f"rank {r}: {res[1]}" for r, res in enumerate(gathered) if res[0] == "error"]
+        if errors:
+            raise InstanceError("; ".join(errors))
+        return [res[1] for res in gathered]
+
+    def forward(self, batch) -> torch.Tensor:
+        """Logits of ``batch`` (from the last stage's first TP rank)."""
+        return next(r for r in self.call("forward", batch) if r is not None)
+
+    def expect(self, transfer_id, source, blocks, num_tokens, deadline) -> None:
+        self.call("expect", transfer_id, source, blocks, num_tokens, deadline)
+
+    def try_land(self, transfer_id: str) -> bool:
+        return all(self.call("try_land", transfer_id))
+
+    def cancel(self, transfer_id: str) -> None:
+        self.call("cancel", transfer_id)
+
+    def push(self, landing: worker_pb2.LandingDescriptor, blocks: list[int], cancelled=None) -> int:
+        """Every rank sends its pieces; returns total bytes. ``cancelled`` (a threading.Event)
+        can stop a one-rank push midway; a multi-rank push runs to its deadline."""
+        if self.world == 1:  # reads blocks the model no longer writes: no need to hold the channel
+            return self.engine.sender.push(landing, self.engine.kv_cache, list(blocks), cancelled)
+        return sum(self.call("push", landing.SerializeToString(), list(blocks)))
+
+    def landing_ranks(self) -> list[worker_pb2.LandingRank]:
+        """Where each rank of this (decode) instance receives KV, for landing descriptors."""
+        from engine.parallel import coords
+        p, m, out = self.cfg.parallel, self.model_config, []
+        for r, address in enumerate(self.transport_addresses):
+            c = coords(p, r)
+            out.append(worker_pb2.LandingRank(
+                rank=r, tp_rank=c["tp"], pp_rank=c["pp"], transport_address=address,
+                layers=list(layer_range(c["pp"], p.pp, m.num_layers)),
+                kv_heads=list(kv_head_range(c["tp"], p.tp, m.num_kv_heads))))
+        return out
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def _watchdog(self) -> None:
+        while not self._closed:
+            dead = [(i + 1, p.exitcode) for i, p in enumerate(self._procs) if p.exitcode is not None]
+            if dead:
+                msg = f"rank {dead[0][0]} of the instance exited (code {dead[0][1]})"
+                log.error("%s: taking the instance down", msg)
+                self._closed = True
+                if self._on_failure is not None:
+                    self._on_failure(msg)
+                return
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        if self.world > 1 and not self._closed:
+            with self._lock:
+                self._closed = True
+                try:
+                    dist.broadcast_object_list([("stop", ())], src=0)
+                except Exception:
+                    pass
+        self._closed = True
+        for p in self._procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        self.engine.transport.close()
