@@ -52,6 +52,29 @@ class ForwardBatch:
         )
 
     @staticmethod
+    def prefill_cp(prompt: list[int], cp_rank: int, cp: int, block_table: list[int],
+                   block_size: int) -> "ForwardBatch":
+        """Context-parallel prefill: CP rank ``cp_rank``'s tokens of one prompt (possibly none).
+
+        Tokens are those of ``engine.layout.cp_token_ranges`` (balanced zigzag chunks) with
+        their global positions; slots come from the prompt's one ``block_table`` so each rank
+        writes its tokens where a single-rank prefill would; the logits row is the prompt's
+        last token when this rank holds it, else there is none.
+        """
+        from engine.layout import cp_token_ranges
+        pos = [p for a, b in cp_token_ranges(cp_rank, cp, len(prompt)) for p in range(a, b)]
+        last = [pos.index(len(prompt) - 1)] if len(prompt) - 1 in pos else []
+        return ForwardBatch(
+            input_ids=torch.tensor([prompt[p] for p in pos], dtype=torch.long),
+            positions=torch.tensor(pos, dtype=torch.long),
+            slot_mapping=torch.tensor([block_table[p // block_size] * block_size + p % block_size
+                                       for p in pos], dtype=torch.long),
+            logits_indices=torch.tensor(last, dtype=torch.long),
+            is_prefill=True,
+            cu_seqlens=torch.tensor([0, len(pos)], dtype=torch.int32),
+        )
+
+    @staticmethod
     def decode(tokens: list[int], positions: list[int], block_tables: list[list[int]],
                block_size: int) -> "ForwardBatch":
         """One new token per sequence at ``positions[i]`` (its KV is written there)."""

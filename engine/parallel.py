@@ -19,6 +19,7 @@ raises, within a bounded time: an instance never hangs on a lost rank.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import queue
 import socket
@@ -172,7 +173,11 @@ def _rank_main(rank: int, layout: ParallelConfig, port: int, backend: str, fn: C
                                 world_size=layout.world_size,
                                 timeout=__import__("datetime").timedelta(seconds=timeout_s))
         groups = ParallelGroups.build(layout, rank)
-        results.put((rank, "ok", fn(groups, *args)))
+        # bytes, not tensors: a queued tensor is shared through a file descriptor that breaks
+        # when this process exits before the parent reads it
+        buf = io.BytesIO()
+        torch.save(fn(groups, *args), buf)
+        results.put((rank, "ok", buf.getvalue()))
     except BaseException as exc:  # report, never hang the parent
         results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
@@ -211,7 +216,7 @@ def spawn_ranks(layout: ParallelConfig, fn: Callable, *args, backend: str = "glo
                 continue
             if status == "error":
                 raise RankFailure(f"rank {rank} failed: {value}")
-            out[rank] = value
+            out[rank] = torch.load(io.BytesIO(value), weights_only=False)
         return [out[r] for r in range(len(procs))]
     finally:
         for p in procs:

@@ -35,10 +35,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cleave.v1 import inference_pb2, worker_pb2
+from engine.batch import ForwardBatch
 from engine.config import CacheConfig, ModelConfig
 from engine.kv_cache import allocate_kv_cache
 from engine.layout import kv_head_range, layer_range
-from engine.loader import ModelSource, iter_weights, load_model_config, resolve_model
+from engine.loader import ModelSource, load_model_config, resolve_model
 from engine.parallel import ParallelGroups, free_port
 from kvtransfer.handoff import KVReceiver, KVSender, compat_hash
 from kvtransfer.transport import make_transport
@@ -49,17 +50,11 @@ log = logging.getLogger(__name__)
 
 def build_rank_model(source: ModelSource, dtype: str, groups: ParallelGroups):
     """(ModelConfig, model shard of this rank) with only this rank's weights read."""
-    from engine.model import LlamaForCausalLM
-    config = load_model_config(source).replace(dtype=dtype)
-    config_groups = None if groups.layout.world_size == 1 else groups
+    from engine.offline import load_model_shard
     factory = None
-    if config.num_experts:
-        from engine.moe import moe_mlp_factory as factory  # Mixtral-style layers
-    model = LlamaForCausalLM(config, groups=config_groups, mlp_factory=factory) if (
-        config_groups is not None or factory is not None) else LlamaForCausalLM(config)
-    want = getattr(model, "wants_weight", None)
-    model.load_weights(iter_weights(source, config, want=want))
-    return config, model.eval()
+    if load_model_config(source).num_experts:
+        from engine.moe import moe_mlp_factory as factory  # Mixtral-style sparse blocks
+    return load_model_shard(groups, source, dtype, factory)
 
 
 class RankEngine:
@@ -88,12 +83,36 @@ class RankEngine:
         self.sender = KVSender(self.transport, m, self.compat, self.layout, rank=groups.rank,
                                head_offset=self.heads[0], checksum=cfg.checksum)
 
+    @torch.inference_mode()
+    def _forward(self, batch):
+        """This stage's part of one step; activations go stage to stage over the PP group.
+        Returns the logits on the last stage's first TP rank, else None."""
+        g, hidden = self.groups, None
+        if not g.is_first_stage:
+            shape = (batch.input_ids.numel(), self.model_config.hidden_size)
+            dt = self.model_config.torch_dtype
+            hidden = (g.pp.recv(torch.empty(shape, dtype=dt), g.pp_rank - 1),
+                      g.pp.recv(torch.empty(shape, dtype=dt), g.pp_rank - 1))
+        out = self.model(batch, self.kv_cache, hidden)
+        if not g.is_last_stage:
+            g.pp.send(out[0], g.pp_rank + 1)
+            g.pp.send(out[1], g.pp_rank + 1)
+            return None
+        return out if g.tp_rank == 0 and g.ep_rank == 0 and out.shape[0] else None
+
+    def _prefill_batch(self, prompt: list[int], blocks: list[int]) -> ForwardBatch:
+        """This rank's prefill batch: the whole prompt, or its CP chunks (``prefill_cp``)."""
+        cp = self.cfg.parallel.cp
+        if cp == 1:
+            return ForwardBatch.prefill([prompt], [blocks], self.cfg.block_size)
+        return ForwardBatch.prefill_cp(prompt, self.groups.cp_rank, cp, blocks, self.cfg.block_size)
+
     def execute(self, name: str, args: tuple) -> Any:
         """Run one command on this rank (every rank runs the same commands in the same order)."""
         if name == "forward":
-            with torch.inference_mode():
-                logits = self.model(args[0], self.kv_cache)
-            return logits if self.groups.is_last_stage and self.groups.tp_rank == 0 else None
+            return self._forward(args[0])
+        if name == "prefill":
+            return self._forward(self._prefill_batch(*args))
         if name == "expect":
             return self.receiver.expect(*args)
         if name == "try_land":
@@ -197,6 +216,10 @@ class Instance:
     def forward(self, batch) -> torch.Tensor:
         """Logits of ``batch`` (from the last stage's first TP rank)."""
         return next(r for r in self.call("forward", batch) if r is not None)
+
+    def prefill(self, prompt: list[int], blocks: list[int]) -> torch.Tensor:
+        """Logits [1, vocab] of the prompt's last position (each rank runs its share)."""
+        return next(r for r in self.call("prefill", list(prompt), list(blocks)) if r is not None)
 
     def expect(self, transfer_id, source, blocks, num_tokens, deadline) -> None:
         self.call("expect", transfer_id, source, blocks, num_tokens, deadline)

@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from cleave.v1 import worker_pb2, worker_pb2_grpc
-from engine.batch import ForwardBatch
 from engine.kv_cache import OutOfBlocks
 from engine.sampler import SamplingConfig, sample_one
 from kvtransfer.handoff import HandoffError, IncompatiblePeer
@@ -126,7 +125,7 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
             self._running += 1
         try:
             t0 = time.perf_counter()
-            logits = self.host.forward(ForwardBatch.prefill([tokens], [blocks], self.host.cfg.block_size))
+            logits = self.host.instance.prefill(tokens, blocks)
             cfg = SamplingConfig.from_proto(request.sampling, request.seed)
             return sample_one(logits[0], cfg, request.output_index), time.perf_counter() - t0
         finally:

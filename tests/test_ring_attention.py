@@ -36,14 +36,17 @@ def local_positions(cp_rank: int, cp: int, num_tokens: int) -> torch.Tensor:
     return torch.cat([torch.arange(a, b) for a, b in ranges] or [torch.zeros(0, dtype=torch.long)])
 
 
-def run_cases(groups: ParallelGroups) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """On one rank: ring attention for every case; returns (positions, out) per case."""
+def run_cases(groups: ParallelGroups) -> list[tuple[list, list]]:
+    """On one rank: ring attention for every case; returns (positions, out) per case as lists.
+
+    Plain lists, not tensors: a tensor put on the result queue is shared through a file
+    descriptor that vanishes when the rank process exits before the parent reads it."""
     results = []
     for i, (num_tokens, group) in enumerate(CASES):
         q, k, v = make_inputs(num_tokens, group, seed=i)
         pos = local_positions(groups.cp_rank, groups.cp.size, num_tokens)
         out = ring_prefill_attention(q[pos], k[pos], v[pos], pos, groups.cp, HEAD_DIM ** -0.5)
-        results.append((pos, out))
+        results.append((pos.tolist(), out.tolist()))
     return results
 
 
@@ -61,7 +64,7 @@ def check_layout(layout: ParallelConfig, per_rank: list) -> None:
             got = torch.full_like(want, float("nan"))
             for r in ranks:
                 pos, out = per_rank[r][i]
-                got[pos] = out
+                got[pos] = torch.tensor(out).reshape(len(pos), *want.shape[1:])
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5,
                                        msg=lambda m: f"layout {layout} case {CASES[i]}: {m}")
 
