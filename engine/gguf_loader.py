@@ -9,7 +9,11 @@ GGUF quirks handled here:
   (row-major) order, and ``gguf.quants.dequantize`` returns ``[out_features, in_features]``;
 - llama.cpp's converter permutes the rows of ``attn_q`` / ``attn_k`` for its interleaved
   rope (architecture "llama" only, Mistral included; Qwen2 is stored as is); we undo it;
-- a missing ``output.weight`` means the LM head is tied to ``token_embd``.
+- a missing ``output.weight`` means the LM head is tied to ``token_embd``;
+- Mixtral is architecture "llama" with ``llama.expert_count`` / ``llama.expert_used_count``
+  (-> ``ModelConfig.architecture="mixtral"``, ``num_experts``, ``num_experts_per_tok``); its
+  router is ``ffn_gate_inp`` and its experts are stacked ``ffn_{gate,up,down}_exps``
+  ``[E, out, in]``, named ``block_sparse_moe.experts.w1|w3|w2.weight`` for ``engine.moe``.
 """
 from __future__ import annotations
 
@@ -30,7 +34,9 @@ _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
 _PER_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+              "ffn_gate_inp": "block_sparse_moe.gate", "ffn_gate_exps": "block_sparse_moe.experts.w1",
+              "ffn_up_exps": "block_sparse_moe.experts.w3", "ffn_down_exps": "block_sparse_moe.experts.w2"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -64,8 +70,12 @@ def config_from_reader(reader) -> ModelConfig:
     vocab = key("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
     eos = [_field(reader, k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    experts, top_k = int(key("expert_count") or 0), int(key("expert_used_count") or 0)
+    if experts and not 0 < top_k <= experts:
+        raise ValueError(f"GGUF {arch}.expert_count={experts} with expert_used_count={top_k} "
+                         f"(need 0 < used <= count)")
     return ModelConfig(
-        architecture="llama",
+        architecture="mixtral" if experts else "llama",
         vocab_size=int(vocab),
         hidden_size=hidden,
         num_layers=int(key("block_count")),
@@ -80,6 +90,8 @@ def config_from_reader(reader) -> ModelConfig:
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
         bos_token_id=None if bos is None else int(bos),
         attention_bias="blk.0.attn_q.bias" in names,
+        num_experts=experts,
+        num_experts_per_tok=top_k if experts else 0,
     )
 
 

@@ -1,5 +1,8 @@
 """Hugging Face model directories: ``config.json`` -> ModelConfig, ``*.safetensors`` -> weights.
 
+Model types: llama, mistral, qwen2 (dense) and mixtral (``architecture="mixtral"``,
+``num_experts`` / ``num_experts_per_tok`` from ``num_local_experts`` / ``num_experts_per_tok``).
+
 Called by ``engine.loader`` only. Weights are read lazily, tensor by tensor, with
 ``safetensors.safe_open``; ``want(name)`` skips tensors a rank does not need (a TP rank will
 later read only its rows/columns through ``get_slice``).
@@ -14,7 +17,7 @@ import torch
 
 from engine.config import ModelConfig
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")
 
 
 def _read_json(path: str) -> dict:
@@ -53,8 +56,9 @@ def config_from_dir(path: str) -> ModelConfig:
     window = cfg.get("sliding_window")
     if window and (model_type != "qwen2" or cfg.get("use_sliding_window")):
         max_pos = min(max_pos, int(window))  # no sliding-window attention: cap context instead
+    experts, top_k = _experts(cfg, path)
     return ModelConfig(
-        architecture="llama",
+        architecture="mixtral" if experts else "llama",
         vocab_size=int(cfg["vocab_size"]),
         hidden_size=int(cfg["hidden_size"]),
         num_layers=int(cfg["num_hidden_layers"]),
@@ -69,7 +73,21 @@ def config_from_dir(path: str) -> ModelConfig:
         eos_token_ids=tuple(dict.fromkeys(eos)),
         bos_token_id=(_ids(cfg.get("bos_token_id")) + _ids(gen.get("bos_token_id")) + [None])[0],
         attention_bias=model_type == "qwen2",   # Qwen2: q/k/v biases, none on o_proj
+        num_experts=experts,
+        num_experts_per_tok=top_k,
     )
+
+
+def _experts(cfg: dict, path: str) -> tuple[int, int]:
+    """``(num_experts, top_k)`` of a Mixtral config (``num_local_experts``,
+    ``num_experts_per_tok``); ``(0, 0)`` for dense models."""
+    if cfg.get("model_type") != "mixtral":
+        return 0, 0
+    experts, top_k = int(cfg.get("num_local_experts") or 0), int(cfg.get("num_experts_per_tok") or 0)
+    if experts <= 0 or not 0 < top_k <= experts:
+        raise ValueError(f"{path}: mixtral config has num_local_experts={experts}, "
+                         f"num_experts_per_tok={top_k} (need 0 < top_k <= experts)")
+    return experts, top_k
 
 
 def safetensors_files(path: str) -> list[str]:

@@ -14,6 +14,7 @@ import torch
 
 from kernels import attention as _attn
 from kernels import kv_copy as _kv
+from kernels import moe_permute as _moe
 from kernels import ops as _ops
 
 _REFERENCE: dict[str, Callable] = {
@@ -26,6 +27,8 @@ _REFERENCE: dict[str, Callable] = {
     "paged_decode_attention": _attn.paged_decode_attention,
     "kv_pack": _kv.kv_pack,
     "kv_unpack": _kv.kv_unpack,
+    "moe_permute": _moe.moe_permute,
+    "moe_unpermute": _moe.moe_unpermute,
 }
 # name -> Triton implementation with the reference's signature; filled in by a later issue.
 # Read-only at run time (populated at import), so it is not mutable global state.
@@ -77,9 +80,17 @@ def kv_unpack(buf, kv_cache, block_table, token_start, layer_start, head_start):
     return _pick("kv_unpack", kv_cache)(buf, kv_cache, block_table, token_start, layer_start, head_start)
 
 
+def moe_permute(x, topk_ids, num_experts):
+    return _pick("moe_permute", x)(x, topk_ids, num_experts)
+
+
+def moe_unpermute(y, order, topk_weights, num_tokens):
+    return _pick("moe_unpermute", y)(y, order, topk_weights, num_tokens)
+
+
 build_rope_cache = _ops.build_rope_cache    # setup helper, not a hot-path kernel
 merge_attention = _attn.merge_attention
 
 __all__ = ["rms_norm", "rotary_embedding", "silu_and_mul", "store_kv", "prefill_attention",
-           "prefill_attention_lse", "paged_decode_attention", "kv_pack", "kv_unpack", "build_rope_cache",
+           "prefill_attention_lse", "paged_decode_attention", "kv_pack", "kv_unpack", "moe_permute", "moe_unpermute", "build_rope_cache",
            "merge_attention"]

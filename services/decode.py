@@ -55,15 +55,33 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         self._reservations: dict[str, Reservation] = {}
         self._lock = threading.Lock()
         self._reaper: asyncio.Task | None = None
+        self._stats_task: asyncio.Task | None = None
         host.load_fn = lambda: self._info()
 
     async def start(self) -> None:
         self.scheduler.start()
         self._reaper = asyncio.create_task(self._reap())
+        if self.host.model_config.num_experts:
+            self._stats_task = asyncio.create_task(self._flush_expert_stats())
+
+    async def _flush_expert_stats(self) -> None:
+        """Expert counts go to Redis batched: once a second, only when decode steps ran."""
+        steps = 0
+        while True:
+            await asyncio.sleep(1.0)
+            if self.scheduler.steps != steps:
+                steps = self.scheduler.steps
+                try:
+                    await asyncio.to_thread(self.instance.flush_stats)
+                except InstanceError as exc:
+                    log.warning("expert stats flush failed: %s", exc)
 
     async def stop(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            await asyncio.to_thread(self.instance.flush_stats)
         await asyncio.to_thread(self.scheduler.stop)
         for transfer_id in list(self._reservations):
             self._release(transfer_id)

@@ -39,7 +39,7 @@ from engine.batch import ForwardBatch
 from engine.config import CacheConfig, ModelConfig
 from engine.kv_cache import allocate_kv_cache
 from engine.layout import kv_head_range, layer_range
-from engine.loader import ModelSource, load_model_config, resolve_model
+from engine.loader import ModelSource, iter_weights, load_model_config, resolve_model
 from engine.parallel import ParallelGroups, free_port
 from kvtransfer.handoff import KVReceiver, KVSender, compat_hash
 from kvtransfer.transport import make_transport
@@ -49,12 +49,14 @@ log = logging.getLogger(__name__)
 
 
 def build_rank_model(source: ModelSource, dtype: str, groups: ParallelGroups):
-    """(ModelConfig, model shard of this rank) with only this rank's weights read."""
-    from engine.offline import load_model_shard
-    factory = None
-    if load_model_config(source).num_experts:
-        from engine.moe import moe_mlp_factory as factory  # Mixtral-style sparse blocks
-    return load_model_shard(groups, source, dtype, factory)
+    """(ModelConfig, this rank's shard: dense Llama or Mixtral) with only its weights read."""
+    from engine import gguf_loader
+    from engine.moe import build_model
+    reader = gguf_loader.open_reader(source.path) if source.kind == "gguf" else None
+    config = load_model_config(source, reader).replace(dtype=dtype)
+    model = build_model(config, groups)
+    model.load_weights(iter_weights(source, config, want=model.wants, reader=reader))
+    return config, model.eval()
 
 
 class RankEngine:
@@ -82,6 +84,28 @@ class RankEngine:
                                    layer_offset=self.layers[0], head_offset=self.heads[0])
         self.sender = KVSender(self.transport, m, self.compat, self.layout, rank=groups.rank,
                                head_offset=self.heads[0], checksum=cfg.checksum)
+        self.stats = self._stats_writer()
+
+    def _stats_writer(self):
+        """Decode MoE stage leaders (tp_rank = ep_rank = 0) write expert counts to Redis."""
+        g = self.groups
+        if not (self.model_config.num_experts and self.cfg.pool == "decode" and self.cfg.redis_url
+                and g.tp_rank == 0 and g.ep_rank == 0):
+            return None
+        import redis
+        from engine.expert_stats import ExpertStatsWriter
+        client = redis.Redis.from_url(self.cfg.redis_url)
+        return ExpertStatsWriter(client, self.source.model_id.replace(":", "_"), self.cfg.key_prefix)
+
+    def flush_stats(self) -> int:
+        """Write the expert-count increments since the last flush (0 when this rank has none)."""
+        if self.stats is None:
+            return 0
+        try:
+            return self.stats.flush(self.model.expert_counts())
+        except Exception as exc:  # Redis down: counts are kept and retried on the next flush
+            log.warning("writing expert counts failed: %s", exc)
+            return 0
 
     @torch.inference_mode()
     def _forward(self, batch):
@@ -124,6 +148,8 @@ class RankEngine:
             return self.sender.push(landing, self.kv_cache, args[1])
         if name == "address":
             return self.transport.address()
+        if name == "flush_stats":
+            return self.flush_stats()
         raise ValueError(f"unknown instance command {name!r}")
 
 
@@ -236,6 +262,10 @@ class Instance:
         if self.world == 1:  # reads blocks the model no longer writes: no need to hold the channel
             return self.engine.sender.push(landing, self.engine.kv_cache, list(blocks), cancelled)
         return sum(self.call("push", landing.SerializeToString(), list(blocks)))
+
+    def flush_stats(self) -> int:
+        """Every stage leader writes its expert-count increments to Redis (MoE decode only)."""
+        return sum(self.call("flush_stats"))
 
     def landing_ranks(self) -> list[worker_pb2.LandingRank]:
         """Where each rank of this (decode) instance receives KV, for landing descriptors."""

@@ -68,3 +68,37 @@ def test_smollm2_prefill_tp3_to_decode_pp2(smollm2_reference):
     from tests.stack import RunningStack  # noqa: F401  (imported for the helper's stack)
 
     _run_pair("", ("--tp=3",), ("--pp=2",), "ucx", [tokenizer.encode("The capital of France is")], model, n=8)
+
+
+def test_moe_prefill_tp2_to_decode_ep2_and_expert_counts_in_redis(tmp_path):
+    """Mixtral: prefill TP2 hands KV to decode EP2; decode writes expert counts to Redis."""
+    import time
+
+    from services.launcher import StackConfig
+    from tests.moe_models import make_tiny_mixtral
+    from tests.stack import RunningStack
+    from transformers import AutoModelForCausalLM
+
+    make_tiny_mixtral(str(tmp_path), seed=0)
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    stack = RunningStack(StackConfig(
+        port=0, model=str(tmp_path), log_level="WARNING", prefill_args=("--tp=2",), decode_args=("--ep=2",),
+        worker_args=("--transport", "ucx", "--num-blocks", "64", "--block-size", "8", "--threads", "1")))
+    try:
+        prompts, n = [[5, 17, 99, 3], list(range(40, 60))], 12
+        for ids in prompts:
+            got = stack.generate(token_ids=ids, max_tokens=n, ignore_eos=True)
+            assert got.token_ids == hf_greedy(reference, ids, n)
+        # decode ran n - 1 steps per request (token 1 comes from prefill), top-2 routing
+        expected_pairs = len(prompts) * (n - 1) * reference.config.num_experts_per_tok
+        model_id = stack.workers()[0].model_id
+        deadline, totals = time.time() + 10, None
+        while time.time() < deadline:
+            totals = [sum(int(v) for v in stack.redis.hgetall(f"cleave:experts:{model_id}:{layer}").values())
+                      for layer in range(reference.config.num_hidden_layers)]
+            if totals == [expected_pairs] * len(totals):
+                break
+            time.sleep(0.2)
+        assert totals == [expected_pairs] * reference.config.num_hidden_layers
+    finally:
+        stack.close()

@@ -1,0 +1,267 @@
+"""Mixtral-style MoE: the block vs ``transformers``, expert parallelism, expert counts, Redis.
+
+- unit: :class:`engine.moe.MoEBlock` (one rank) equals ``MixtralSparseMoeBlock`` on the same
+  weights, loaded from per-expert and from stacked tensors; counts equal a direct count of the
+  router's top-k; the permutation reference round-trips.
+- integration: a tiny saved Mixtral, greedy tokens and last logits equal ``transformers`` at
+  one rank and at EP 2, EP 4 (attention replicated) and EP 2 with TP 2 attention, each layout
+  spawned once (gloo) and also checking the MoE block alone against one rank; the same
+  model converted to GGUF (llama.cpp layout) loads and matches; and ``ExpertStatsWriter``
+  against a real ``redis-server``.
+"""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+import torch
+
+from engine.config import ModelConfig, ParallelConfig
+from engine.expert_stats import ExpertStatsWriter
+from engine.moe import MixtralForCausalLM, MoEBlock
+from engine.offline import greedy_generate
+from engine.parallel import spawn_ranks
+from kernels.moe_permute import moe_permute, moe_unpermute
+from tests.test_engine_parity import prefill_last_logits, reference_greedy
+
+HIDDEN, INTER, EXPERTS, TOP_K = 64, 96, 8, 2
+PROMPTS = [[256, 72, 101, 108, 108, 111, 32, 119], [257, 10, 33, 64, 65, 66, 67, 68, 69, 70, 71, 1, 2]]
+NEW_TOKENS = 16
+
+
+def block_config(**kw) -> ModelConfig:
+    base = dict(architecture="mixtral", vocab_size=384, hidden_size=HIDDEN, num_layers=1, num_heads=8,
+                num_kv_heads=4, head_dim=8, intermediate_size=INTER, rope_theta=1e4, rms_norm_eps=1e-5,
+                max_position=64, tie_word_embeddings=False, num_experts=EXPERTS, num_experts_per_tok=TOP_K)
+    return ModelConfig(**{**base, **kw})
+
+
+def hf_block(seed: int = 0):
+    """A ``transformers`` MixtralSparseMoeBlock with seeded weights (std 0.1)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    cfg = MixtralConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_local_experts=EXPERTS,
+                        num_experts_per_tok=TOP_K, router_jitter_noise=0.0)
+    block = MixtralSparseMoeBlock(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return block
+
+
+def per_expert_state(block) -> dict[str, torch.Tensor]:
+    """The block's weights under the saved-checkpoint names (``block_sparse_moe.<suffix>``)."""
+    gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
+    state = {"gate.weight": block.gate.weight.detach().clone()}
+    for j in range(EXPERTS):
+        state[f"experts.{j}.w1.weight"] = gate_up[j, :INTER].clone()
+        state[f"experts.{j}.w3.weight"] = gate_up[j, INTER:].clone()
+        state[f"experts.{j}.w2.weight"] = down[j].clone()
+    return state
+
+
+def our_block(state, groups=None) -> MoEBlock:
+    block = MoEBlock(block_config(), groups, layer_index=0)
+    for suffix, tensor in state.items():
+        block.load_weight(suffix, tensor)
+    if block.missing_weights():
+        raise ValueError(f"missing {block.missing_weights()}")
+    return block
+
+
+def direct_counts(block, x) -> torch.Tensor:
+    logits = x @ block.gate.weight.detach().T
+    ids = torch.topk(torch.softmax(logits.float(), -1), TOP_K, -1).indices
+    return torch.bincount(ids.flatten(), minlength=EXPERTS)
+
+
+# ---- unit ---------------------------------------------------------------------------------
+@pytest.mark.unit
+def test_block_matches_transformers_both_weight_layouts():
+    ref = hf_block()
+    x = torch.randn(37, HIDDEN, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = ref(x[None])[0]
+        ours = our_block(per_expert_state(ref))(x)
+        stacked = our_block({"gate.weight": ref.gate.weight.detach(),
+                             "experts.gate_up_proj": ref.experts.gate_up_proj.detach(),
+                             "experts.down_proj": ref.experts.down_proj.detach()})(x)
+    torch.testing.assert_close(ours, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(stacked, ours, atol=0, rtol=0)
+
+
+@pytest.mark.unit
+def test_counts_equal_routed_pairs():
+    ref = hf_block()
+    block = our_block(per_expert_state(ref))
+    x1, x2 = torch.randn(2, 29, HIDDEN, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        block(x1)
+        assert block.expert_counts.tolist() == direct_counts(ref, x1).tolist()
+        assert int(block.expert_counts.sum()) == 29 * TOP_K
+        block(x2)                                       # cumulative
+    assert block.expert_counts.tolist() == (direct_counts(ref, x1) + direct_counts(ref, x2)).tolist()
+
+
+@pytest.mark.unit
+def test_permute_roundtrip_and_errors():
+    x = torch.randn(5, 4)
+    ids = torch.tensor([[0, 2], [2, 1], [1, 0], [2, 3], [3, 0]])
+    xs, order, counts = moe_permute(x, ids, 4)
+    assert counts.tolist() == [3, 2, 3, 2]
+    assert ids.flatten()[order].tolist() == sorted(ids.flatten().tolist())
+    torch.testing.assert_close(moe_unpermute(xs, order, torch.full((5, 2), 0.5), 5), x)
+    with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
+        moe_permute(x, ids, 3)
+
+
+@pytest.mark.unit
+def test_load_errors_quote_values():
+    block = MoEBlock(block_config())
+    with pytest.raises(ValueError, match="unexpected MoE weight"):
+        block.load_weight("experts.0.w4.weight", torch.zeros(INTER, HIDDEN))
+    with pytest.raises(ValueError, match="expert 9 is outside"):
+        block.load_weight("experts.9.w1.weight", torch.zeros(INTER, HIDDEN))
+    assert "gate" in block.missing_weights()
+    with pytest.raises(ValueError, match="ep=3 does not divide the 8 experts"):
+        ParallelConfig(ep=3).validate_for(block_config(), EXPERTS)
+
+
+# ---- integration: whole model, EP layouts --------------------------------------------------
+def _rank_run(groups, path, state, x):
+    """One rank: the MoE block alone on ``x`` and the whole tiny Mixtral (logits, greedy)."""
+    from engine.loader import iter_weights, load_model_config, resolve_model
+    block = our_block(state, groups)
+    with torch.inference_mode():
+        block_out = block(x)
+    src = resolve_model(path)
+    config = load_model_config(src)
+    model = MixtralForCausalLM(config, groups)
+    model.load_weights(iter_weights(src, config, want=model.wants))
+    model.eval()
+    local = config.replace(num_kv_heads=model.num_local_kv_heads)   # this rank's KV heads
+    logits = prefill_last_logits(model, local, PROMPTS)
+    tokens = [greedy_generate(model, local, [p], NEW_TOKENS)[0] for p in PROMPTS]
+    return {"block": block_out, "block_counts": block.expert_counts.clone(),
+            "experts_held": block.gate_up_proj.shape[0], "logits": logits, "tokens": tokens,
+            "counts": model.expert_counts()}
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    """(path, block state, x, single-rank results, transformers greedy tokens and logits)."""
+    from engine.loader import load_reference_model
+    from engine.parallel import ParallelGroups
+    from tests.moe_models import make_tiny_mixtral
+    from tests.test_engine_parity import reference_last_logits
+    path = make_tiny_mixtral(tmp_path_factory.mktemp("tiny-mixtral"), seed=0)
+    ref = load_reference_model(path)
+    want_tokens = [reference_greedy(ref, p, NEW_TOKENS) for p in PROMPTS]
+    want_logits = torch.stack([reference_last_logits(ref, p) for p in PROMPTS])
+    state = per_expert_state(hf_block(seed=3))
+    x = torch.randn(23, HIDDEN, generator=torch.Generator().manual_seed(4))
+    single = _rank_run(ParallelGroups.single(), path, state, x)
+    return path, state, x, single, want_tokens, want_logits
+
+
+def _assert_logits(ours, want):
+    torch.testing.assert_close(ours, want, atol=1e-4 * max(1.0, float(want.abs().max())), rtol=0)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_single_rank_matches_transformers(mixtral):
+    _, _, _, single, want_tokens, want_logits = mixtral
+    assert single["tokens"] == want_tokens
+    _assert_logits(single["logits"], want_logits)
+    for counts in single["counts"].values():          # every layer saw every token of every step
+        assert int(counts.sum()) == int(single["counts"][0].sum())
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", [ParallelConfig(ep=2), ParallelConfig(ep=4), ParallelConfig(ep=2, tp=2)],
+                         ids=["ep2", "ep4", "ep2-tp2"])
+def test_expert_parallel_matches_one_rank(mixtral, layout):
+    path, state, x, single, want_tokens, want_logits = mixtral
+    results = spawn_ranks(layout, _rank_run, path, state, x, timeout_s=240)
+    for r in results:
+        assert r["experts_held"] == EXPERTS // layout.ep           # a rank holds only its experts
+        torch.testing.assert_close(r["block"], single["block"], atol=1e-5, rtol=0)
+        assert r["block_counts"].tolist() == single["block_counts"].tolist()
+        assert r["tokens"] == want_tokens
+        _assert_logits(r["logits"], want_logits)
+        assert {i: c.tolist() for i, c in r["counts"].items()} == \
+            {i: c.tolist() for i, c in single["counts"].items()}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_gguf_mixtral_loads_and_matches(mixtral, tmp_path):
+    from engine.loader import iter_weights, load_model_config, resolve_model
+    from engine.moe import build_model
+    from tests.moe_models import write_tiny_mixtral_gguf
+    path, _, _, single, _, want_logits = mixtral
+    src = resolve_model(write_tiny_mixtral_gguf(path, str(tmp_path / "tiny-mixtral.gguf")))
+    config = load_model_config(src)
+    assert (config.architecture, config.num_experts, config.num_experts_per_tok) == ("mixtral", EXPERTS, TOP_K)
+    model = build_model(config)
+    model.load_weights(iter_weights(src, config))
+    _assert_logits(prefill_last_logits(model.eval(), config, PROMPTS), want_logits)
+
+
+# ---- integration: Redis ---------------------------------------------------------------------
+@pytest.fixture
+def redis_client():
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    redis = pytest.importorskip("redis")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port, decode_responses=True)
+    try:
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield client
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_expert_counts_written_to_redis(redis_client):
+    ref = hf_block()
+    block = our_block(per_expert_state(ref))
+    x1, x2 = torch.randn(2, 31, HIDDEN, generator=torch.Generator().manual_seed(5))
+    writer = ExpertStatsWriter(redis_client, "tiny-mixtral", every_n_steps=2)
+    with torch.inference_mode():
+        block(x1)
+    writer.flush({0: block.expert_counts, 3: block.expert_counts})
+    first = direct_counts(ref, x1)
+    for layer in (0, 3):
+        got = redis_client.hgetall(f"cleave:experts:tiny-mixtral:{layer}")
+        assert {int(k): int(v) for k, v in got.items()} == {e: int(c) for e, c in enumerate(first) if c}
+    with torch.inference_mode():
+        block(x2)
+    assert writer.on_step(lambda: {0: block.expert_counts}) == 0      # step 1 of 2: no write
+    writer.on_step(lambda: {0: block.expert_counts})                  # step 2: increments only
+    total = first + direct_counts(ref, x2)
+    got = redis_client.hgetall("cleave:experts:tiny-mixtral:0")
+    assert {int(k): int(v) for k, v in got.items()} == {e: int(c) for e, c in enumerate(total) if c}
+    assert sum(int(v) for v in got.values()) == (31 + 31) * TOP_K
+    assert writer.flush({0: block.expert_counts}) == 0                # nothing new, nothing sent
+    with pytest.raises(ValueError, match="counts went down"):
+        writer.flush({0: torch.zeros(EXPERTS, dtype=torch.int64)})
