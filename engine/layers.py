@@ -1,18 +1,27 @@
-"""Building blocks of the Llama-family decoder, shaped for tensor parallelism.
+"""Building blocks of the Llama-family decoder: Megatron-style tensor-parallel layers.
 
-Callers: ``engine.model`` builds its decoder from these; ``LlamaForCausalLM.load_weights``
-copies each checkpoint tensor in with :func:`load_param` (whole parameters) or
-``MergedColumnLinear.load_shard`` (one of q|k|v, gate|up). Today every layer holds the
-whole matrix (tp = 1). The next issue turns them into Megatron-style parallel layers, keeping
-these names, shapes-per-rank and loaders' call signature:
+Callers: ``engine.model`` builds its decoder from these and ``LlamaForCausalLM.load_weights``
+feeds each *full* checkpoint tensor to the owning layer's loader (``load_shard`` for one of
+q|k|v or gate|up, ``load`` for a row-parallel weight, :func:`load_param` for replicated
+parameters); the layer slices out the rank's shard. With one rank (``tp is None`` or size 1)
+every layer holds the whole matrix and runs exactly the single-rank maths.
 
-- :class:`MergedColumnLinear` is ColumnParallel: ``Y = X A`` with ``A`` split along its output
-  columns, each logical shard (q | k | v, or gate | up) split separately, so rank ``r`` of ``tp``
-  holds heads ``[r*H/tp, (r+1)*H/tp)`` of q and of k/v. No communication in forward.
-- :class:`RowLinear` is RowParallel: ``Y = X A`` with ``A`` split along its input rows; each rank
-  multiplies its slice of ``X`` (its heads / its FFN columns) and the partial ``Y`` are
-  all-reduced (the bias, if any, added once after the reduction).
-- :class:`Embedding` is VocabParallel-ready: rows split across ranks, masked lookup, all-reduce.
+- :class:`MergedColumnLinear` is ColumnParallel: ``Y = X A`` with ``A = [A_1 | ... | A_tp]``
+  split along its output columns; each logical shard (q | k | v, or gate | up) is split
+  separately, so rank ``r`` holds rows ``[off_i, off_i + n_i)`` of checkpoint tensor ``i``
+  (``off_i`` given by the model: query heads ``[r*H/tp, (r+1)*H/tp)``, kv heads per
+  ``engine.layout.kv_head_range``, FFN columns ``[r*I/tp, (r+1)*I/tp)``). No communication:
+  the rank's output ``Y_r = X A_r`` is exactly its heads / FFN columns.
+- :class:`RowLinear` is RowParallel: ``Y = X A`` with ``A`` split along its input rows
+  (``A^T`` columns ``[off, off + n)`` in checkpoint layout ``[out, in]``); each rank
+  multiplies its slice ``X_r`` (its heads / its FFN columns, the output of the column-parallel
+  layer before it) and the partial ``Y = sum_r X_r A_r`` are summed with ONE
+  ``tp.all_reduce``. This gives the Megatron pairing: one all-reduce per attention block and
+  one per MLP block.
+- :class:`Embedding` (token table, and the LM head) is replicated on every rank: the vocab of
+  the models we serve is small, so a replicated table costs little memory and no
+  communication (a vocab-parallel head would need an all-gather of logits per step).
+- :class:`RMSNorm` weights are replicated.
 
 Parameters are created empty (no random init): a model is always loaded from a checkpoint.
 """
@@ -24,7 +33,7 @@ from torch import nn
 
 
 def load_param(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
-    """Copy a full checkpoint tensor into ``param`` (a TP layer will slice ``loaded`` first)."""
+    """Copy a tensor into ``param``; shapes must match exactly."""
     if param.shape != loaded.shape:
         raise ValueError(f"{what}: checkpoint shape {tuple(loaded.shape)} does not match "
                          f"parameter shape {tuple(param.shape)}")
@@ -32,49 +41,91 @@ def load_param(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
         param.copy_(loaded)
 
 
+def _narrow(tensor: torch.Tensor, dim: int, start: int, length: int, full: int, what: str) -> torch.Tensor:
+    """``tensor[..., start:start+length, ...]`` along ``dim`` after checking its full size."""
+    if tensor.dim() <= dim or tensor.shape[dim] != full:
+        raise ValueError(f"{what}: checkpoint shape {tuple(tensor.shape)} does not have {full} "
+                         f"along dim {dim}")
+    return tensor if length == full else tensor.narrow(dim, start, length)
+
+
 def _empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
 class MergedColumnLinear(nn.Module):
-    """``y = x W^T (+ b)`` whose output is the concatenation of logical shards.
+    """``y = x W_r^T (+ b_r)``: the rank's rows of several column-parallel logical shards.
 
-    ``output_sizes`` lists each shard's width (e.g. ``[H*D, KVH*D, KVH*D]`` for q|k|v,
-    ``[I, I]`` for gate|up). ``load_shard(i, w, b)`` copies checkpoint tensor ``i`` into its rows.
+    ``output_sizes[i]`` is this rank's width ``n_i`` of logical shard ``i`` (e.g.
+    ``[H/tp*D, KVH_r*D, KVH_r*D]`` for q|k|v, ``[I/tp, I/tp]`` for gate|up),
+    ``full_sizes[i]`` the checkpoint tensor's rows and ``shard_offsets[i]`` the first of them
+    this rank holds (defaults: the whole tensor, i.e. one rank). ``load_shard(i, leaf, t)``
+    copies ``t[off_i : off_i + n_i]`` into the rank's rows ``[sum(n_<i), sum(n_<=i))``.
     """
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool, dtype: torch.dtype):
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool, dtype: torch.dtype,
+                 full_sizes: list[int] | None = None, shard_offsets: list[int] | None = None):
         super().__init__()
         self.output_sizes = list(output_sizes)
+        self.full_sizes = list(full_sizes or output_sizes)
+        self.shard_offsets = list(shard_offsets or [0] * len(output_sizes))
+        for n, full, off in zip(self.output_sizes, self.full_sizes, self.shard_offsets):
+            if not 0 <= off <= off + n <= full:
+                raise ValueError(f"shard rows [{off}, {off + n}) do not fit a {full}-row tensor")
         self.offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
         self.weight = _empty_param(sum(output_sizes), input_size, dtype=dtype)
         self.bias = _empty_param(sum(output_sizes), dtype=dtype) if bias else None
 
     def load_shard(self, index: int, name: str, tensor: torch.Tensor) -> None:
-        """Copy shard ``index`` (``name`` is "weight" or "bias") from a full checkpoint tensor."""
+        """Copy this rank's rows of logical shard ``index`` (``name``: "weight" | "bias")."""
         param = self.weight if name == "weight" else self.bias
         if param is None:
             raise ValueError(f"checkpoint has a {name} for a layer built without one")
+        n = self.output_sizes[index]
+        part = _narrow(tensor, 0, self.shard_offsets[index], n, self.full_sizes[index],
+                       f"shard {index} {name}")
         lo = self.offsets[index]
-        load_param(param[lo: lo + self.output_sizes[index]], tensor, f"shard {index} {name}")
+        load_param(param[lo: lo + n], part, f"shard {index} {name}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
 class RowLinear(nn.Module):
-    """``y = x W^T`` (no bias in the Llama family); RowParallel under TP (see module doc)."""
+    """``y = all_reduce_tp(x_r W_r^T)``, no bias (Llama family); see the module doc.
 
-    def __init__(self, input_size: int, output_size: int, dtype: torch.dtype):
+    ``input_size`` is this rank's slice ``n`` of the full input ``full_input`` (default: all
+    of it), starting at column ``input_offset`` of the checkpoint weight ``[out, full_input]``.
+    ``tp`` is the ``engine.parallel.Group`` to sum over (None: one rank, no communication).
+    """
+
+    def __init__(self, input_size: int, output_size: int, dtype: torch.dtype, tp=None,
+                 full_input: int | None = None, input_offset: int = 0):
         super().__init__()
+        self.tp = tp
+        self.full_input = full_input or input_size
+        self.input_offset = input_offset
+        if not 0 <= input_offset <= input_offset + input_size <= self.full_input:
+            raise ValueError(f"input columns [{input_offset}, {input_offset + input_size}) do not "
+                             f"fit {self.full_input}")
         self.weight = _empty_param(output_size, input_size, dtype=dtype)
 
+    def load(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy this rank's columns ``[input_offset, input_offset + n)`` of the full weight."""
+        if name != "weight":
+            raise ValueError(f"checkpoint has a {name} for a row-parallel layer built without one")
+        part = _narrow(tensor, 1, self.input_offset, self.weight.shape[1], self.full_input, name)
+        load_param(self.weight, part, name)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        y = F.linear(x, self.weight)
+        if self.tp is not None and self.tp.size > 1:
+            self.tp.all_reduce(y)
+        return y
 
 
 class Embedding(nn.Module):
-    """Token embedding table ``[vocab, hidden]``; also the tied LM head's weight."""
+    """Token embedding table ``[vocab, hidden]`` (replicated); also the LM head's weight."""
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype):
         super().__init__()

@@ -1,17 +1,24 @@
 """Offline greedy generation straight through the engine model and a paged KV cache.
 
-Callers: tests and the bench (and later layout tests: TP/PP/CP runners expose the same
-``model(batch, kv_cache)`` call). One prefill step over all prompts, then one batched decode
-step per new token over every unfinished sequence. Blocks are handed out by a trivial
-per-call allocator (sequence ``i`` owns a contiguous run of blocks); the real allocator lives
-in ``engine.kv_cache``.
+Callers: tests and the bench.
+
+- :func:`greedy_generate`: one rank, a loaded model. One prefill step over all prompts, then
+  one batched decode step per new token over every unfinished sequence. Blocks are handed out
+  by a trivial per-call allocator (sequence ``i`` owns a contiguous run of blocks); the real
+  allocator lives in ``engine.kv_cache``.
+- :func:`load_model_shard`: on one rank of an instance, build and load that rank's shard
+  (only its stage's tensors are read, each layer keeps its TP slice).
+- :func:`rank_greedy_generate`: run on every rank (e.g. through ``engine.parallel.spawn_ranks``):
+  loads the shard and generates with ``engine.pipeline.PipelineRunner`` (TP x PP, micro-batched).
+- :func:`parallel_greedy_generate`: the driver: spawns the ranks of a layout, returns the tokens
+  and the last-position prefill logits (for parity checks against ``transformers``).
 """
 from __future__ import annotations
 
 import torch
 
 from engine.batch import ForwardBatch
-from engine.config import ModelConfig
+from engine.config import ModelConfig, ParallelConfig
 
 
 @torch.inference_mode()
@@ -28,8 +35,8 @@ def greedy_generate(model, config: ModelConfig, prompts: list[list[int]], max_ne
     per_seq = -(-longest // block_size)
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
     param = next(model.parameters())
-    kv = torch.zeros(config.num_layers, 2, per_seq * len(prompts), block_size, config.num_kv_heads,
-                     config.head_dim, dtype=param.dtype, device=param.device)
+    kv = torch.zeros(len(model.model.layers), 2, per_seq * len(prompts), block_size,
+                     model.num_local_kv_heads, config.head_dim, dtype=param.dtype, device=param.device)
     eos = set(config.eos_token_ids) if stop_at_eos else set()
 
     logits = model(_to(ForwardBatch.prefill(prompts, tables, block_size), param.device), kv)
@@ -52,3 +59,53 @@ def _to(batch: ForwardBatch, device: torch.device) -> ForwardBatch:
         if isinstance(value, torch.Tensor):
             setattr(batch, name, value.to(device))
     return batch
+
+
+def load_model_shard(groups, spec_or_source, dtype: str = "float32"):
+    """``(ModelConfig, model shard)`` of this rank (dense Llama or Mixtral, ``engine.moe.build_model``),
+    only this rank's weights read, eval mode. Raises ``ValueError`` (quoting the values) when the
+    layout cannot split the model. Used offline and by ``services.instance`` for serving.
+    """
+    from engine import gguf_loader
+    from engine.loader import _as_source, iter_weights, load_model_config
+    from engine.moe import build_model
+
+    source = _as_source(spec_or_source)
+    reader = gguf_loader.open_reader(source.path) if source.kind == "gguf" else None
+    config = load_model_config(source, reader).replace(dtype=dtype)
+    model = build_model(config, groups)
+    model.load_weights(iter_weights(source, config, want=model.wants, reader=reader))
+    return config, model.eval()
+
+
+def rank_greedy_generate(groups, spec_or_source, prompts: list[list[int]], max_new_tokens: int,
+                         block_size: int = 16, micro_batching: bool = True,
+                         stop_at_eos: bool = True) -> dict:
+    """One rank's part of a distributed greedy run: ``{"tokens": [[...], ...], "logits":
+    Tensor [len(prompts), vocab] on last-stage ranks else None, "rank": groups.rank}``."""
+    from engine.pipeline import PipelineRunner
+
+    torch.manual_seed(0)
+    _, model = load_model_shard(groups, spec_or_source)
+    runner = PipelineRunner(model, groups, block_size=block_size, micro_batching=micro_batching)
+    tokens, logits = runner.generate(prompts, max_new_tokens, stop_at_eos=stop_at_eos)
+    return {"tokens": tokens, "logits": logits, "rank": groups.rank}
+
+
+def parallel_greedy_generate(layout: ParallelConfig, spec_or_source, prompts: list[list[int]],
+                             max_new_tokens: int, block_size: int = 16, micro_batching: bool = True,
+                             stop_at_eos: bool = True, timeout_s: float = 300.0
+                             ) -> tuple[list[list[int]], torch.Tensor]:
+    """Spawn the ranks of ``layout`` (gloo), generate on all; ``(tokens, prefill logits)``.
+
+    Checks that every rank produced the same tokens (a divergence raises ``RuntimeError``).
+    """
+    from engine.parallel import spawn_ranks
+
+    results = spawn_ranks(layout, rank_greedy_generate, spec_or_source, prompts, max_new_tokens,
+                          block_size, micro_batching, stop_at_eos, timeout_s=timeout_s)
+    tokens = results[0]["tokens"]
+    bad = [r["rank"] for r in results if r["tokens"] != tokens]
+    if bad:
+        raise RuntimeError(f"ranks {bad} generated different tokens than rank 0")
+    return tokens, results[-1]["logits"]

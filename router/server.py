@@ -114,6 +114,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except Exception as exc:
             code, message = status_of(exc)
             state, error = "failed", message
+            if context.cancelled():  # the client left first: whatever surfaced, it cancelled
+                state, error = "cancelled", "client cancelled the request"
+                raise asyncio.CancelledError() from exc
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("request %s failed", rid)
             await context.abort(code, message)

@@ -39,7 +39,7 @@ from engine.batch import ForwardBatch
 from engine.config import CacheConfig, ModelConfig
 from engine.kv_cache import allocate_kv_cache
 from engine.layout import kv_head_range, layer_range
-from engine.loader import ModelSource, iter_weights, load_model_config, resolve_model
+from engine.loader import ModelSource, resolve_model
 from engine.parallel import ParallelGroups, free_port
 from kvtransfer.handoff import KVReceiver, KVSender, compat_hash
 from kvtransfer.transport import make_transport
@@ -50,13 +50,8 @@ log = logging.getLogger(__name__)
 
 def build_rank_model(source: ModelSource, dtype: str, groups: ParallelGroups):
     """(ModelConfig, this rank's shard: dense Llama or Mixtral) with only its weights read."""
-    from engine import gguf_loader
-    from engine.moe import build_model
-    reader = gguf_loader.open_reader(source.path) if source.kind == "gguf" else None
-    config = load_model_config(source, reader).replace(dtype=dtype)
-    model = build_model(config, groups)
-    model.load_weights(iter_weights(source, config, want=model.wants, reader=reader))
-    return config, model.eval()
+    from engine.offline import load_model_shard
+    return load_model_shard(groups, source, dtype)
 
 
 class RankEngine:
