@@ -104,7 +104,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     if reason is not None:
                         break
             state = "finished"
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # gRPC cancels the task or closes the stream
             state, error = "cancelled", "client cancelled the request"
             raise
         except TimeoutError:

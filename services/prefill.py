@@ -111,6 +111,24 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
         bad = [t for t in request.token_ids if t >= model.vocab_size]
         if bad:
             raise InvalidRequest(f"token ids {bad[:5]} are outside the vocabulary (size {model.vocab_size})")
+        if request.HasField("landing"):
+            self._check_landing(request.landing)
+
+    def _check_landing(self, landing) -> None:
+        """Refuse a landing this instance can never serve before any work (or byte) is spent."""
+        host = self.host
+        if landing.compat_hash != host.compat:
+            raise IncompatibleLanding(
+                f"decode instance expects compat hash {landing.compat_hash}, this prefill instance "
+                f"({host.worker_id}) has {host.compat}: different model, dtype, block size or "
+                f"protocol version; run both pools with the same --model, --dtype and --block-size")
+        src = landing.source_layout
+        if (src.tp, src.cp) != (host.layout.tp, host.layout.cp):
+            raise IncompatibleLanding(f"landing was posted for prefill layout tp={src.tp} cp={src.cp}, "
+                                      f"this instance is tp={host.layout.tp} cp={host.layout.cp}")
+        if landing.deadline_unix <= time.time():
+            raise Unavailable(f"transfer {landing.transfer_id}: its deadline passed before prefill "
+                              f"started (raise the router's --transfer-timeout)")
 
     def _run(self, request: worker_pb2.PrefillRequest, owner: str, cancelled: threading.Event) -> tuple[int, float]:
         """Model thread: allocate the prompt's blocks (kept until the transfer is done), run, sample."""

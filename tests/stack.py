@@ -58,16 +58,19 @@ class RunningStack:
                 await client.aclose()
         return asyncio.run(read())
 
-    def worker_infos(self) -> dict[str, worker_pb2.WorkerInfo]:
+    def worker_infos(self, exclude: tuple[str, ...] = ()) -> dict[str, worker_pb2.WorkerInfo]:
+        """Info of every registered worker but ``exclude`` (ids of workers known to be dead)."""
         infos = {}
         for rec in self.workers():
+            if rec.worker_id in exclude:
+                continue
             with grpc.insecure_channel(rec.address) as ch:
                 stub = (worker_pb2_grpc.PrefillStub if rec.pool == "prefill" else worker_pb2_grpc.DecodeStub)(ch)
                 infos[rec.worker_id] = stub.Info(worker_pb2.InfoRequest(), timeout=10)
         return infos
 
-    def free_blocks(self) -> dict[str, int]:
-        return {wid: info.free_blocks for wid, info in self.worker_infos().items()}
+    def free_blocks(self, exclude: tuple[str, ...] = ()) -> dict[str, int]:
+        return {wid: info.free_blocks for wid, info in self.worker_infos(exclude).items()}
 
     def wait_free_blocks(self, expected: dict[str, int], timeout: float = 15.0) -> dict[str, int]:
         """Poll until every worker's free-block count equals ``expected``; returns the last seen."""
