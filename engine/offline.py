@@ -21,10 +21,10 @@ from engine.batch import ForwardBatch
 from engine.config import ModelConfig, ParallelConfig
 
 
-@torch.inference_mode()
-def greedy_generate(model, config: ModelConfig, prompts: list[list[int]], max_new_tokens: int,
-                    block_size: int = 16, stop_at_eos: bool = True) -> list[list[int]]:
-    """New tokens per prompt (argmax each step), the EOS token included when it stops one."""
+def offline_block_tables(config: ModelConfig, prompts: list[list[int]], max_new_tokens: int,
+                         block_size: int) -> tuple[int, list[list[int]]]:
+    """Validate an offline run and give each prompt its own contiguous blocks:
+    ``(blocks per sequence, block table per prompt)``. Shared by the single-rank and pipeline runners."""
     if not prompts or any(not p for p in prompts):
         raise ValueError(f"need at least one prompt and no empty prompts, got lengths {[len(p) for p in prompts]}")
     if max_new_tokens < 1:
@@ -33,7 +33,14 @@ def greedy_generate(model, config: ModelConfig, prompts: list[list[int]], max_ne
     if longest > config.max_position:
         raise ValueError(f"prompt + new tokens = {longest} exceeds max_position={config.max_position}")
     per_seq = -(-longest // block_size)
-    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
+    return per_seq, [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
+
+
+@torch.inference_mode()
+def greedy_generate(model, config: ModelConfig, prompts: list[list[int]], max_new_tokens: int,
+                    block_size: int = 16, stop_at_eos: bool = True) -> list[list[int]]:
+    """New tokens per prompt (argmax each step), the EOS token included when it stops one."""
+    per_seq, tables = offline_block_tables(config, prompts, max_new_tokens, block_size)
     param = next(model.parameters())
     kv = torch.zeros(len(model.model.layers), 2, per_seq * len(prompts), block_size,
                      model.num_local_kv_heads, config.head_dim, dtype=param.dtype, device=param.device)

@@ -95,16 +95,9 @@ class PipelineRunner:
         last-position prefill logits only on last-stage ranks (None elsewhere).
         """
         cfg = self.config
-        if not prompts or any(not p for p in prompts):
-            raise ValueError(f"need at least one prompt and no empty prompts, got lengths {[len(p) for p in prompts]}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        longest = max(len(p) for p in prompts) + max_new_tokens
-        if longest > cfg.max_position:
-            raise ValueError(f"prompt + new tokens = {longest} exceeds max_position={cfg.max_position}")
+        from engine.offline import offline_block_tables
         bs = self.block_size
-        per_seq = -(-longest // bs)
-        self.tables = [list(range(j * per_seq, (j + 1) * per_seq)) for j in range(len(prompts))]
+        per_seq, self.tables = offline_block_tables(cfg, prompts, max_new_tokens, bs)
         self.kv = self.model.allocate_kv_cache(CacheConfig(block_size=bs, num_blocks=per_seq * len(prompts)))
         eos = set(cfg.eos_token_ids) if stop_at_eos else set()
         micro = split_micro_batches(len(prompts), self.m)
