@@ -15,8 +15,7 @@ and, per prompt length, after one warm-up of a short prompt:
   the KV landed on the decode worker; then ``Decode.Abort`` frees the reservation.
 
 The handoff share is ``transfer / (prefill + transfer)`` as measured inside the prefill worker.
-Note the router only streams the first token to the client after the handoff (the decode worker
-emits it), so client TTFT includes both plus gRPC/router overhead.
+Client TTFT and the direct numbers come from separate runs of the same prompt (one each).
 """
 from __future__ import annotations
 

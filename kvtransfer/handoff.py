@@ -226,8 +226,13 @@ class KVSender:
         self.checksum = checksum
 
     def push(self, landing: worker_pb2.LandingDescriptor, kv_cache: torch.Tensor,
-             blocks: list[int], cancelled: threading.Event | None = None) -> int:
-        """Send this rank's pieces; returns bytes sent. Raises HandoffError / IncompatiblePeer."""
+             blocks: list[int], cancelled: threading.Event | None = None,
+             timeout: float = 0.0) -> int:
+        """Send this rank's pieces; returns bytes sent. Raises HandoffError / IncompatiblePeer.
+
+        The sends must finish by the landing deadline and, when ``timeout`` > 0, within
+        ``timeout`` seconds from now."""
+        deadline = landing.deadline_unix if timeout <= 0 else min(landing.deadline_unix, time.time() + timeout)
         if landing.compat_hash != self.compat:
             raise IncompatiblePeer(f"decode instance expects compat hash {landing.compat_hash}, this "
                                    f"prefill instance has {self.compat} (different model, dtype, "
@@ -236,7 +241,7 @@ class KVSender:
             raise HandoffError(f"landing was posted for prefill layout tp={landing.source_layout.tp} "
                                f"cp={landing.source_layout.cp}, this instance is tp={self.layout.tp} "
                                f"cp={self.layout.cp}")
-        if time.time() >= landing.deadline_unix:
+        if time.time() >= deadline:
             raise HandoffError(f"transfer {landing.transfer_id}: deadline passed before sending")
         addresses = {r.rank: r.transport_address for r in landing.ranks}
         plan = transfer_plan(self.layout, landing.layout, self.model, landing.num_prompt_tokens)
@@ -252,7 +257,7 @@ class KVSender:
             if piece.dst not in addresses:
                 raise HandoffError(f"landing descriptor has no address for decode rank {piece.dst}")
             handles.append((piece, self.transport.send(addresses[piece.dst], piece_tag(landing.transfer_id, index),
-                                                       message, landing.deadline_unix), message))
+                                                       message, deadline), message))
             sent += message.numel()
         for piece, handle, _ in handles:
             while handle.poll() is TransferState.PENDING:
@@ -265,5 +270,5 @@ class KVSender:
                 for _, h, _ in handles:
                     h.abort()
                 raise HandoffError(f"sending KV piece {piece} of transfer {landing.transfer_id} "
-                                   f"failed: {handle.error}")
+                                   f"failed: {handle.error} (deadline {deadline:.3f})")
         return sent

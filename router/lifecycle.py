@@ -93,7 +93,8 @@ class RequestRun:
                                     decode_worker=decode.record.worker_id)
             prefill_call = prefill.stub.Prefill(worker_pb2.PrefillRequest(
                 request_id=req.request_id, token_ids=prompt, sampling=req.sampling, seed=req.seed,
-                landing=landing, output_index=len(self.generated)), timeout=self._time_left())
+                landing=landing, output_index=len(self.generated),
+                transfer_timeout_s=core.cfg.transfer_timeout_s), timeout=self._time_left())
             async for event in self._rpc(prefill, prefill_call):
                 if event.WhichOneof("event") == "token_id":
                     first = event.token_id
@@ -200,7 +201,9 @@ class RequestRun:
         try:
             return await worker.stub.Reserve(worker_pb2.ReserveRequest(
                 request_id=self.req.request_id, num_prompt_tokens=num_tokens, max_tokens=max_tokens,
-                deadline_unix=time.time() + self.core.cfg.transfer_timeout_s, source_layout=layout),
+                # the reservation lives as long as the request may; the push itself is bounded by
+                # transfer_timeout_s from when it starts (a long prefill must not eat its budget)
+                deadline_unix=self.req.deadline, source_layout=layout),
                 timeout=min(10.0, self._time_left()))
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:

@@ -80,7 +80,7 @@ class RouterConfig:
     key_prefix: str = "cleave:"
     request_ttl_s: int = 3600          # request hashes expire this long after a terminal state
     request_timeout_s: float = 600.0   # default deadline when the client sets none
-    transfer_timeout_s: float = 30.0   # KV must land within this after reserve
+    transfer_timeout_s: float = 30.0   # a KV push must finish within this once prefill is done
     admission_wait_s: float = 10.0     # wait this long for KV room before RESOURCE_EXHAUSTED
     max_queued: int = 256              # requests waiting for KV room before RESOURCE_EXHAUSTED
     discovery_s: float = 0.5           # how often the worker registry is re-read

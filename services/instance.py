@@ -140,7 +140,7 @@ class RankEngine:
             return self.receiver.cancel(*args)
         if name == "push":
             landing = worker_pb2.LandingDescriptor.FromString(args[0])
-            return self.sender.push(landing, self.kv_cache, args[1])
+            return self.sender.push(landing, self.kv_cache, args[1], timeout=args[2])
         if name == "address":
             return self.transport.address()
         if name == "flush_stats":
@@ -251,12 +251,13 @@ class Instance:
     def cancel(self, transfer_id: str) -> None:
         self.call("cancel", transfer_id)
 
-    def push(self, landing: worker_pb2.LandingDescriptor, blocks: list[int], cancelled=None) -> int:
+    def push(self, landing: worker_pb2.LandingDescriptor, blocks: list[int], cancelled=None,
+             timeout: float = 0.0) -> int:
         """Every rank sends its pieces; returns total bytes. ``cancelled`` (a threading.Event)
         can stop a one-rank push midway; a multi-rank push runs to its deadline."""
         if self.world == 1:  # reads blocks the model no longer writes: no need to hold the channel
-            return self.engine.sender.push(landing, self.engine.kv_cache, list(blocks), cancelled)
-        return sum(self.call("push", landing.SerializeToString(), list(blocks)))
+            return self.engine.sender.push(landing, self.engine.kv_cache, list(blocks), cancelled, timeout)
+        return sum(self.call("push", landing.SerializeToString(), list(blocks), timeout))
 
     def flush_stats(self) -> int:
         """Every stage leader writes its expert-count increments to Redis (MoE decode only)."""

@@ -79,7 +79,7 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
                 t0 = time.perf_counter()
                 sent = await loop.run_in_executor(
                     self._transfers, self.host.instance.push, request.landing,
-                    self.host.allocator.blocks_of(owner), cancelled)
+                    self.host.allocator.blocks_of(owner), cancelled, request.transfer_timeout_s)
                 yield worker_pb2.PrefillEvent(transferred=worker_pb2.TransferDone(
                     transfer_seconds=time.perf_counter() - t0, transfer_bytes=sent))
         except asyncio.CancelledError:
@@ -128,7 +128,7 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
                                       f"this instance is tp={host.layout.tp} cp={host.layout.cp}")
         if landing.deadline_unix <= time.time():
             raise Unavailable(f"transfer {landing.transfer_id}: its deadline passed before prefill "
-                              f"started (raise the router's --transfer-timeout)")
+                              f"started (the request ran out of time)")
 
     def _run(self, request: worker_pb2.PrefillRequest, owner: str, cancelled: threading.Event) -> tuple[int, float]:
         """Model thread: allocate the prompt's blocks (kept until the transfer is done), run, sample."""

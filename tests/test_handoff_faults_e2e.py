@@ -14,13 +14,13 @@ from tests.stack import request
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
-def _stack(model_dir, prefill=(), decode=(), router=(), decode_instances=1, block_size="8"):
+def _stack(model_dir, prefill=(), decode=(), router=(), decode_instances=1, block_size="8", transport="ucx"):
     from services.launcher import StackConfig
     from tests.stack import RunningStack
 
     return RunningStack(StackConfig(
         port=0, model=model_dir, log_level="WARNING", decode_instances=decode_instances,
-        worker_args=("--transport", "ucx", "--num-blocks", "300", "--threads", "1"),
+        worker_args=("--transport", transport, "--num-blocks", "300", "--threads", "1"),
         prefill_args=("--block-size", block_size, *prefill), decode_args=tuple(decode) or ("--block-size", "8"),
         router_args=tuple(router)))
 
@@ -40,11 +40,12 @@ def test_compatibility_mismatch_fails_before_any_token(tiny_llama_dir):
 
 
 def test_transfer_deadline_that_passes_is_unavailable(tiny_llama_dir):
-    stack = _stack(tiny_llama_dir, router=("--transfer-timeout", "0.0001"))
+    # 400 tokens of KV over TCP cannot move in 0.1 ms: every push misses its deadline
+    stack = _stack(tiny_llama_dir, router=("--transfer-timeout", "0.0001"), transport="tcp")
     try:
         before = stack.free_blocks()
         with pytest.raises(grpc.RpcError) as err:
-            stack.generate(token_ids=[1, 2, 3], max_tokens=4, request_id="late-1")
+            stack.generate(token_ids=[i % 250 for i in range(1, 401)], max_tokens=4, request_id="late-1")
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "deadline" in err.value.details()
         assert stack.wait_free_blocks(before) == before
