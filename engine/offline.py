@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from engine.batch import ForwardBatch
-from engine.config import ModelConfig, ParallelConfig
+from engine.config import CacheConfig, ModelConfig, ParallelConfig
 
 
 def offline_block_tables(config: ModelConfig, prompts: list[list[int]], max_new_tokens: int,
@@ -42,8 +42,8 @@ def greedy_generate(model, config: ModelConfig, prompts: list[list[int]], max_ne
     """New tokens per prompt (argmax each step), the EOS token included when it stops one."""
     per_seq, tables = offline_block_tables(config, prompts, max_new_tokens, block_size)
     param = next(model.parameters())
-    kv = torch.zeros(len(model.model.layers), 2, per_seq * len(prompts), block_size,
-                     model.num_local_kv_heads, config.head_dim, dtype=param.dtype, device=param.device)
+    kv = model.allocate_kv_cache(CacheConfig(block_size=block_size, num_blocks=per_seq * len(prompts)),
+                                 device=param.device)
     eos = set(config.eos_token_ids) if stop_at_eos else set()
 
     logits = model(_to(ForwardBatch.prefill(prompts, tables, block_size), param.device), kv)

@@ -225,6 +225,19 @@ class KVSender:
         self.head_offset = head_offset
         self.checksum = checksum
 
+    def check(self, landing: worker_pb2.LandingDescriptor) -> None:
+        """Raise IncompatiblePeer when this instance can never fill ``landing`` (checked before
+        any byte moves, and by the prefill service before any work is spent)."""
+        if landing.compat_hash != self.compat:
+            raise IncompatiblePeer(f"decode instance expects compat hash {landing.compat_hash}, this "
+                                   f"prefill instance has {self.compat}: different model, dtype, "
+                                   f"block size or protocol version; run both pools with the same "
+                                   f"--model, --dtype and --block-size")
+        src = landing.source_layout
+        if (src.tp, src.cp) != (self.layout.tp, self.layout.cp):
+            raise IncompatiblePeer(f"landing was posted for prefill layout tp={src.tp} cp={src.cp}, "
+                                   f"this instance is tp={self.layout.tp} cp={self.layout.cp}")
+
     def push(self, landing: worker_pb2.LandingDescriptor, kv_cache: torch.Tensor,
              blocks: list[int], cancelled: threading.Event | None = None,
              timeout: float = 0.0) -> int:
@@ -233,14 +246,7 @@ class KVSender:
         The sends must finish by the landing deadline and, when ``timeout`` > 0, within
         ``timeout`` seconds from now."""
         deadline = landing.deadline_unix if timeout <= 0 else min(landing.deadline_unix, time.time() + timeout)
-        if landing.compat_hash != self.compat:
-            raise IncompatiblePeer(f"decode instance expects compat hash {landing.compat_hash}, this "
-                                   f"prefill instance has {self.compat} (different model, dtype, "
-                                   f"block size or protocol version)")
-        if (landing.source_layout.tp, landing.source_layout.cp) != (self.layout.tp, self.layout.cp):
-            raise HandoffError(f"landing was posted for prefill layout tp={landing.source_layout.tp} "
-                               f"cp={landing.source_layout.cp}, this instance is tp={self.layout.tp} "
-                               f"cp={self.layout.cp}")
+        self.check(landing)
         if time.time() >= deadline:
             raise HandoffError(f"transfer {landing.transfer_id}: deadline passed before sending")
         addresses = {r.rank: r.transport_address for r in landing.ranks}

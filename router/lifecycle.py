@@ -56,7 +56,6 @@ class RequestRun:
         self.generated: list[int] = []    # tokens already handed to the client
         self.attempts = 0
         self._excluded: set[str] = set()  # workers that failed this request
-        self._cleanup: set[asyncio.Task] = set()
 
     async def tokens(self):
         """Yields (token ids, finish reason or None) until the request finishes."""
@@ -219,8 +218,5 @@ class RequestRun:
         async def abort() -> None:
             with contextlib.suppress(Exception):
                 await decode.stub.Abort(worker_pb2.AbortRequest(transfer_id=transfer_id), timeout=5)
-        task = asyncio.get_running_loop().create_task(abort())
-        self._cleanup.add(task)
-        task.add_done_callback(self._cleanup.discard)
-        self.core.background(task)
+        self.core.background(asyncio.get_running_loop().create_task(abort()))
 

@@ -109,8 +109,7 @@ def _worker_config(args):
 
 
 def _run_worker(args) -> int:
-    cfg = _worker_config(args)
-    check_layouts(cfg.model, [(cfg.pool, cfg.parallel)])
+    cfg = _worker_config(args)  # its layout is checked against the model by services.instance
     if cfg.pool == "decode":
         from services.decode import DecodeService as service, add_to_server
     else:

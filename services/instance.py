@@ -21,11 +21,9 @@ all ranks); a rank's cache holds only its KV heads and its pipeline stage's laye
 """
 from __future__ import annotations
 
-import ctypes
 import datetime
 import logging
 import os
-import signal
 import threading
 import time
 from typing import Any, Callable
@@ -37,13 +35,13 @@ import torch.multiprocessing as mp
 from cleave.v1 import inference_pb2, worker_pb2
 from engine.batch import ForwardBatch
 from engine.config import CacheConfig, ModelConfig
-from engine.kv_cache import allocate_kv_cache
 from engine.layout import kv_head_range, layer_range
-from engine.loader import ModelSource, resolve_model
+from engine.loader import ModelSource, load_model_config, resolve_model
 from engine.parallel import ParallelGroups, free_port
 from kvtransfer.handoff import KVReceiver, KVSender, compat_hash
 from kvtransfer.transport import make_transport
 from services.config import WorkerConfig
+from services.parent_guard import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +67,8 @@ class RankEngine:
         cache = CacheConfig(block_size=cfg.block_size, num_blocks=cfg.num_blocks,
                             memory_bytes=cfg.kv_cache_bytes)
         self.num_blocks = cache.blocks_for(m)  # from the whole model: identical on every rank
-        self.kv_cache = allocate_kv_cache(m, CacheConfig(block_size=cfg.block_size, num_blocks=self.num_blocks),
-                                          num_kv_heads=self.heads[1] - self.heads[0],
-                                          num_layers=self.layers[1] - self.layers[0])
+        self.kv_cache = self.model.allocate_kv_cache(CacheConfig(block_size=cfg.block_size,
+                                                                 num_blocks=self.num_blocks))
         self.transport = make_transport(cfg.transport)
         self.compat = compat_hash(self.source.model_id, m, cfg.block_size)
         self.layout = inference_pb2.Layout(tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep)
@@ -148,13 +145,6 @@ class RankEngine:
         raise ValueError(f"unknown instance command {name!r}")
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
-
-
 def _init_dist(rank: int, world: int, port: int) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -163,7 +153,7 @@ def _init_dist(rank: int, world: int, port: int) -> None:
 
 def _rank_main(rank: int, cfg: WorkerConfig, port: int) -> None:
     """Ranks 1..N-1: build the engine, then execute rank 0's commands until told to stop."""
-    _die_with_parent()
+    die_with_parent()
     _init_dist(rank, cfg.parallel.world_size, port)
     groups = ParallelGroups.build(cfg.parallel, rank)
     engine = RankEngine(cfg, groups)
@@ -200,6 +190,8 @@ class Instance:
         if self.world == 1:
             self.engine = RankEngine(cfg, ParallelGroups.single())
         else:
+            model = load_model_config(resolve_model(cfg.model))  # fail before spawning any rank
+            cfg.parallel.validate_for(model, model.num_experts)
             port = free_port()
             ctx = mp.get_context("spawn")
             self._procs = [ctx.Process(target=_rank_main, args=(r, cfg, port), daemon=True)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from engine.parallel import free_port
+
 log = logging.getLogger(__name__)
 
 
@@ -51,12 +53,6 @@ class StackConfig:
         if self.prefill_instances < 1 or self.decode_instances < 1:
             raise ValueError(f"need at least one instance per pool, got prefill={self.prefill_instances} "
                              f"decode={self.decode_instances}")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class LocalStack:

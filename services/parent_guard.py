@@ -16,15 +16,20 @@ import sys
 PR_SET_PDEATHSIG = 1
 
 
+def die_with_parent() -> None:
+    """Ask the kernel to SIGTERM this process when its parent dies (kept across execve)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: the parent's own shutdown still stops its children
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or not argv[0].isdigit():
         print("usage: python -m services.parent_guard PARENT_PID COMMAND [ARGS...]", file=sys.stderr)
         return 2
     parent = int(argv[0])
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: the launcher's own shutdown still stops its children
+    die_with_parent()
     if os.getppid() != parent:
         return 1  # the launcher is already gone
     os.execvp(argv[1], argv[1:])

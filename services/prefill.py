@@ -116,16 +116,10 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
 
     def _check_landing(self, landing) -> None:
         """Refuse a landing this instance can never serve before any work (or byte) is spent."""
-        host = self.host
-        if landing.compat_hash != host.compat:
-            raise IncompatibleLanding(
-                f"decode instance expects compat hash {landing.compat_hash}, this prefill instance "
-                f"({host.worker_id}) has {host.compat}: different model, dtype, block size or "
-                f"protocol version; run both pools with the same --model, --dtype and --block-size")
-        src = landing.source_layout
-        if (src.tp, src.cp) != (host.layout.tp, host.layout.cp):
-            raise IncompatibleLanding(f"landing was posted for prefill layout tp={src.tp} cp={src.cp}, "
-                                      f"this instance is tp={host.layout.tp} cp={host.layout.cp}")
+        try:
+            self.host.instance.engine.sender.check(landing)
+        except IncompatiblePeer as exc:
+            raise IncompatibleLanding(f"{self.host.worker_id}: {exc}") from None
         if landing.deadline_unix <= time.time():
             raise Unavailable(f"transfer {landing.transfer_id}: its deadline passed before prefill "
                               f"started (the request ran out of time)")

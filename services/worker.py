@@ -2,11 +2,13 @@
 
 Lifecycle of a worker process (``cleave worker prefill|decode``):
 
-1. :class:`WorkerHost` loads the model and allocates the KV cache and the transport.
+1. :class:`WorkerHost` builds the instance (``services.instance``: its ranks, their model
+   shards, KV caches and transports) and the block allocator shared by all its ranks.
 2. :func:`serve_worker` builds the pool's servicer on the host, binds the gRPC server
    (port 0 = a free port), starts the Redis heartbeat so routers find it, and waits.
 3. SIGTERM/SIGINT: the record is deleted (no new work is routed here), the server stops
-   with a grace period, the transport closes.
+   with a grace period, the instance's ranks stop. A rank that dies stops it the same way,
+   after reporting NOT_SERVING, and the process exits with code 1.
 """
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ async def start_worker_server(host: WorkerHost, add_servicer: Callable[[grpc.aio
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
     add_servicer(server)
-    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{host.cfg.host}:{host.cfg.port}")
     if port == 0:

@@ -11,7 +11,7 @@ import time
 import pytest
 import redis
 
-from services.launcher import free_port
+from engine.parallel import free_port
 from tests.test_launcher import _alive, _children
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from cleave.v1 import inference_pb2, inference_pb2_grpc
-from services.launcher import free_port
+from engine.parallel import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
