@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import uuid
 
 import grpc
 import redis.asyncio as aioredis
@@ -32,6 +33,8 @@ from router.validate import check_sampling, prompt_ids_of, request_id_of, seed_o
 from router.workers import WorkerDirectory
 from services.config import RouterConfig
 from services.errors import CleaveError, InvalidRequest, status_of
+from services.metrics import MetricsWriter
+from services.registry import connect_redis
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ class RouterCore:
         self.directory = WorkerDirectory(client, cfg.key_prefix, cfg.discovery_s)
         self.policy = make_policy("least-load")
         self.store = RequestStore(client, cfg.key_prefix, cfg.request_ttl_s)
+        self.metrics = MetricsWriter(client, cfg.key_prefix, uuid.uuid4().hex[:12])
         self.queued = 0                   # requests waiting for decode room
         self.active: set[str] = set()     # request ids in flight on this router
         self._tasks: set[asyncio.Task] = set()
@@ -89,7 +93,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             async with asyncio.timeout(timeout), contextlib.aclosing(run.tokens()) as stream:
                 async for new_ids, reason in stream:
                     if count == 0:
-                        await core.store.update(rid, t_first_token=now())
+                        t_first = now()
+                        await core.store.update(rid, t_first_token=t_first)
+                        await core.metrics.sample("ttft", rid, t_first - loop_now)
                     count += len(new_ids)
                     delta = text.add(new_ids, final=reason is not None)
                     if text.stopped:
@@ -104,6 +110,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     if reason is not None:
                         break
             state = "finished"
+            if count > 1:
+                await core.metrics.sample("tpot", rid, (now() - t_first) / (count - 1))
         except (asyncio.CancelledError, GeneratorExit):  # gRPC cancels the task or closes the stream
             state, error = "cancelled", "client cancelled the request"
             raise
@@ -145,8 +153,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
 
 async def _track_health(core: RouterCore, servicer) -> None:
+    """Health follows the pools (SERVING once each has a worker); the router's queue is
+    published for the planner on the same beat."""
     serving = None
     while True:
+        await core.metrics.publish(waiting_for_kv=core.queued, active=len(core.active))
         ok = bool(core.directory.pool("prefill")) and bool(core.directory.pool("decode"))
         if ok != serving:
             serving = ok
@@ -160,7 +171,7 @@ async def build_router(cfg: RouterConfig):
     """Load the tokenizer and model shape, start discovery, bind the server; returns (server, core, port)."""
     source = resolve_model(cfg.model)
     model, tokenizer = await asyncio.to_thread(lambda: (load_model_config(source), load_tokenizer(source)))
-    client = aioredis.from_url(cfg.redis_url, decode_responses=True)
+    client = connect_redis(cfg.redis_url)
     await client.ping()
     core = RouterCore(cfg, source.model_id, model, TextCodec(tokenizer), client)
     await core.directory.start()
@@ -175,6 +186,9 @@ async def build_router(cfg: RouterConfig):
     if port == 0:
         raise RuntimeError(f"could not bind the router to {cfg.host}:{cfg.port} (in use?)")
     await server.start()
+    # "liveness" answers SERVING while the process runs (Kubernetes liveness probes); "" and
+    # the Inference service follow the pools (readiness)
+    await health_servicer.set("liveness", health_pb2.HealthCheckResponse.SERVING)
     core.background(asyncio.get_running_loop().create_task(_track_health(core, health_servicer)))
     return server, core, port
 

@@ -89,7 +89,9 @@ class WorkerDirectory:
             self.changed.set()
 
     def pool(self, name: str) -> list[WorkerHandle]:
-        return [h for h in self._workers.values() if h.record.pool == name]
+        """The workers of ``name`` that take new requests (draining ones keep their channels
+        for the streams they are finishing, but get nothing new)."""
+        return [h for h in self._workers.values() if h.record.pool == name and not h.record.draining]
 
     def drop(self, handle: WorkerHandle) -> None:
         """Forget a worker that failed an RPC until its next heartbeat brings it back."""

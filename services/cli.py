@@ -3,6 +3,8 @@
     cleave serve [--port 50051] [--model M] [--redis-url URL]      # the local stack (make run)
     cleave worker prefill|decode --redis-url URL [--model M]        # one instance
     cleave router --redis-url URL [--port 50051] [--model M]        # the front door
+    cleave planner --redis-url URL --prefill-workload deployment/P --decode-workload deployment/D
+                                                                    # scale pools on Kubernetes
     cleave generate "prompt" [--chat] [--max-tokens 64] ...         # stream a completion
     cleave info                                                     # model and pools
 
@@ -15,9 +17,10 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
+from services.environment import Environment
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -39,13 +42,47 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=64, help="decode: running sequences per step")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="on SIGTERM, seconds to let running requests finish before exiting")
     for axis in ("tp", "pp", "cp", "ep"):
         p.add_argument(f"--{axis}", type=int, default=1, help=f"{axis.upper()} degree of the instance")
 
 
+def _add_planner_flags(p: argparse.ArgumentParser) -> None:
+    """The planner's targets and bounds (``services.planner.PlannerConfig``), for serve and planner."""
+    from services.planner import PlannerConfig
+    d = PlannerConfig()
+    for pool in ("prefill", "decode"):
+        p.add_argument(f"--{pool}-min", type=int, default=getattr(d, f"{pool}_min"),
+                       help=f"fewest {pool} instances the planner keeps")
+        p.add_argument(f"--{pool}-max", type=int, default=getattr(d, f"{pool}_max"),
+                       help=f"most {pool} instances the planner starts")
+    p.add_argument("--interval", type=float, default=d.interval_s, help="seconds between decisions")
+    p.add_argument("--window", type=float, default=d.window_s, help="seconds of TTFT/TPOT samples considered")
+    p.add_argument("--ttft-target", type=float, default=d.ttft_target_s, help="prefill: p90 TTFT target (s)")
+    p.add_argument("--queue-target-tokens", type=int, default=d.queue_target_tokens,
+                   help="prefill: queued prompt tokens per instance before growing")
+    p.add_argument("--tpot-target", type=float, default=d.tpot_target_s, help="decode: p90 TPOT target (s)")
+    p.add_argument("--kv-high", type=float, default=d.kv_high, help="decode: grow above this KV utilisation")
+    p.add_argument("--kv-low", type=float, default=d.kv_low, help="decode: shrink when the rest stays below this")
+    p.add_argument("--cooldown-up", type=float, default=d.cooldown_up_s, help="seconds between growth steps")
+    p.add_argument("--cooldown-down", type=float, default=d.cooldown_down_s,
+                   help="seconds a pool must stay idle before it shrinks")
+
+
+def _planner_config(args):
+    from services.planner import PlannerConfig
+    return PlannerConfig(interval_s=args.interval, window_s=args.window, prefill_min=args.prefill_min,
+                         prefill_max=args.prefill_max, decode_min=args.decode_min, decode_max=args.decode_max,
+                         ttft_target_s=args.ttft_target, queue_target_tokens=args.queue_target_tokens,
+                         tpot_target_s=args.tpot_target, kv_high=args.kv_high, kv_low=args.kv_low,
+                         cooldown_up_s=args.cooldown_up, cooldown_down_s=args.cooldown_down)
+
+
 def _parser() -> argparse.ArgumentParser:
+    env = Environment.read()
     parser = argparse.ArgumentParser(prog="cleave", description="Disaggregated prefill/decode LLM serving")
-    parser.add_argument("--log-level", default=os.environ.get("CLEAVE_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=env.log_level)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the local stack (Redis, router, prefill, decode)")
@@ -58,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-mb", type=int, default=1024)
     serve.add_argument("--threads", type=int, default=0)
     serve.add_argument("--ready-timeout", type=float, default=300.0)
+    serve.add_argument("--planner", action="store_true",
+                       help="also run the planner: it starts and drains instances of each pool")
+    _add_planner_flags(serve)
     for pool, axes in (("prefill", ("tp", "cp")), ("decode", ("tp", "pp", "ep"))):
         for axis in axes:
             serve.add_argument(f"--{pool}-{axis}", type=int, default=1,
@@ -78,9 +118,20 @@ def _parser() -> argparse.ArgumentParser:
     router.add_argument("--admission-wait", type=float, default=10.0)
     router.add_argument("--max-queued", type=int, default=256)
 
+    planner = sub.add_parser("planner", help="scale the pools of a Kubernetes deployment")
+    planner.add_argument("--backend", default="kubernetes", choices=["kubernetes", "local"])
+    planner.add_argument("--redis-url", required=True)
+    planner.add_argument("--key-prefix", default="cleave:")
+    planner.add_argument("--namespace", default="", help="'' = the pod's own namespace")
+    planner.add_argument("--prefill-workload", default="", help="e.g. deployment/cleave-prefill")
+    planner.add_argument("--decode-workload", default="", help="e.g. deployment/cleave-decode")
+    planner.add_argument("--kubeconfig", default="", help="'' = in-cluster config, else ~/.kube/config")
+    planner.add_argument("--context", default="", help="kubeconfig context")
+    _add_planner_flags(planner)
+
     gen = sub.add_parser("generate", help="stream a completion from a router")
     gen.add_argument("prompt", help="the prompt (with --chat: the user message)")
-    gen.add_argument("--address", default=os.environ.get("CLEAVE_ADDRESS", DEFAULT_ADDRESS))
+    gen.add_argument("--address", default=env.address)
     gen.add_argument("--chat", action="store_true", help="send as a chat message (chat template)")
     gen.add_argument("--system", default="", help="system message (implies --chat)")
     gen.add_argument("--max-tokens", type=int, default=128)
@@ -93,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--show-usage", action="store_true", help="print token counts and finish reason")
 
     info = sub.add_parser("info", help="show the served model and pools")
-    info.add_argument("--address", default=os.environ.get("CLEAVE_ADDRESS", DEFAULT_ADDRESS))
+    info.add_argument("--address", default=env.address)
     return parser
 
 
@@ -105,7 +156,7 @@ def _worker_config(args):
                         dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks,
                         kv_cache_bytes=args.kv_cache_mb << 20, transport=args.transport,
                         checksum=not args.no_checksum, max_batch=args.max_batch, threads=args.threads,
-                        parallel=ParallelConfig(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep))
+                        drain_timeout_s=args.drain_timeout, parallel=ParallelConfig(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep))
 
 
 def _run_worker(args) -> int:
@@ -127,6 +178,38 @@ def _run_router(args) -> int:
                        request_timeout_s=args.request_timeout, admission_wait_s=args.admission_wait,
                        max_queued=args.max_queued)
     asyncio.run(serve_router(cfg))
+    return 0
+
+
+def _run_planner(args) -> int:
+    """A standalone planner; the local backend lives inside `cleave serve --planner` instead."""
+    if args.backend == "local":
+        raise ValueError("the local backend scales the processes of `cleave serve`: run "
+                         "`cleave serve --planner` (or `make run ARGS=--planner`)")
+    from services.planner import Planner
+    from services.registry import connect_redis
+    from services.scaling import backend_class
+    from services.scaling_k8s import KubernetesConfig
+    planner_cfg = _planner_config(args)
+    k8s = KubernetesConfig(namespace=args.namespace, kubeconfig=args.kubeconfig, context=args.context,
+                           workloads={"prefill": args.prefill_workload, "decode": args.decode_workload})
+    backend = backend_class(args.backend)(k8s)
+
+    async def run() -> None:
+        client = connect_redis(args.redis_url)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        logging.getLogger(__name__).info("planner scaling %s in namespace %s", dict(k8s.workloads),
+                                         backend.namespace)
+        try:
+            await Planner(planner_cfg, backend, client, args.key_prefix).run(stop)
+        finally:
+            backend.close()
+            await client.aclose()
+
+    asyncio.run(run())
     return 0
 
 
@@ -162,11 +245,18 @@ def _run_serve(args) -> int:
                       prefill_instances=args.prefill_instances, decode_instances=args.decode_instances,
                       worker_args=tuple(worker), prefill_args=tuple(_layout_flags(prefill)),
                       decode_args=tuple(_layout_flags(decode)), ready_timeout_s=args.ready_timeout,
-                      log_level=args.log_level)
+                      log_level=args.log_level, planner=_planner_config(args) if args.planner else None)
     return run_stack(cfg)
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # as PID 1 in a container, SIGTERM is ignored unless handled: stop cleanly even while a
+    # model is still loading (services install their own draining handlers once they serve)
+    signal.signal(signal.SIGTERM, _terminate)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
@@ -178,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             from services.client import info_cli
             return info_cli(args)
-        return {"serve": _run_serve, "worker": _run_worker, "router": _run_router}[args.command](args)
+        return {"serve": _run_serve, "worker": _run_worker, "router": _run_router,
+                "planner": _run_planner}[args.command](args)
     except ValueError as exc:
         print(f"cleave {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -46,6 +46,7 @@ class WorkerConfig:
     heartbeat_s: float = 1.0
     ttl_s: float = 5.0                 # registry record expires this long after the last beat
     reservation_grace_s: float = 10.0  # decode: unused reservations freed this long past their deadline
+    drain_timeout_s: float = 60.0      # on SIGTERM, wait this long for running requests to finish
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
@@ -62,6 +63,8 @@ class WorkerConfig:
         if not 0 < self.heartbeat_s < self.ttl_s:
             raise ValueError(f"need 0 < heartbeat_s < ttl_s, got heartbeat_s={self.heartbeat_s} "
                              f"ttl_s={self.ttl_s}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.pool == "prefill" and (self.parallel.pp > 1 or self.parallel.ep > 1):
             raise ValueError(f"a prefill instance is laid out tp x cp; got pp={self.parallel.pp} "
                              f"ep={self.parallel.ep}")

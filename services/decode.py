@@ -94,6 +94,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             await abort_with(context, exc)
 
     def _reserve(self, request: worker_pb2.ReserveRequest) -> worker_pb2.LandingDescriptor:
+        self.host.check_accepting()
         model = self.host.model_config
         total = request.num_prompt_tokens + request.max_tokens
         if request.num_prompt_tokens < 1 or request.max_tokens < 1:
@@ -202,6 +203,11 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         return self._info()
 
     # ---- internals -------------------------------------------------------------------------
+    def busy(self) -> int:
+        """Reservations and running sequences here; the worker drains until this is 0."""
+        with self._lock:
+            return len(self._reservations)
+
     def _info(self) -> worker_pb2.WorkerInfo:
         with self._lock:
             waiting = sum(1 for r in self._reservations.values() if not r.started)

@@ -84,9 +84,9 @@ class RankEngine:
         if not (self.model_config.num_experts and self.cfg.pool == "decode" and self.cfg.redis_url
                 and g.tp_rank == 0 and g.ep_rank == 0):
             return None
-        import redis
         from engine.expert_stats import ExpertStatsWriter
-        client = redis.Redis.from_url(self.cfg.redis_url)
+        from services.registry import connect_redis
+        client = connect_redis(self.cfg.redis_url, asynchronous=False)
         return ExpertStatsWriter(client, self.source.model_id.replace(":", "_"), self.cfg.key_prefix)
 
     def flush_stats(self) -> int:

@@ -7,8 +7,12 @@ Lifecycle:
    in Redis) and the router on the requested port.
 3. Wait until the router's gRPC health check says SERVING (a worker of each pool is
    registered), then print one line saying where it listens.
-4. On SIGINT/SIGTERM, or when any child dies, stop every child (SIGTERM, then SIGKILL after
-   a grace period) and the private Redis. Children also get SIGTERM if this process dies
+4. With a planner (``cleave serve --planner``), a thread runs ``services.planner`` against
+   :class:`services.scaling_local.LocalBackend`, which adds workers through
+   :meth:`LocalStack.add_worker` and retires them through :meth:`LocalStack.retire_worker`
+   (SIGTERM: the worker drains, then exits; a retired worker exiting is not a failure).
+5. On SIGINT/SIGTERM, or when any other child dies, stop every child (SIGTERM, then SIGKILL
+   after a grace period) and the private Redis. Children also get SIGTERM if this process dies
    (``PR_SET_PDEATHSIG``, set by ``services.parent_guard``), so nothing is left behind.
 """
 from __future__ import annotations
@@ -20,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -46,6 +51,7 @@ class StackConfig:
     ready_timeout_s: float = 300.0
     log_level: str = "INFO"
     extra_env: dict = field(default_factory=dict)
+    planner: object = None               # a services.planner.PlannerConfig: run the planner too
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -63,14 +69,47 @@ class LocalStack:
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.redis_url = cfg.redis_url
         self.router_port = cfg.port
+        self._lock = threading.Lock()        # the planner's thread adds and retires workers
+        self._retiring: set[str] = set()     # names of workers asked to drain and exit
+        self._count = {"prefill": 0, "decode": 0}
+        self._common: list[str] = []
 
     def _spawn(self, name: str, argv: list[str], quiet: bool = False) -> subprocess.Popen:
         env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n", PYTHONUNBUFFERED="1", **self.cfg.extra_env)
         guarded = [sys.executable, "-m", "services.parent_guard", str(os.getpid()), *argv]
         proc = subprocess.Popen(guarded, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL if quiet else None)
-        self.procs.append((name, proc))
+        with self._lock:
+            self.procs.append((name, proc))
         return proc
+
+    def add_worker(self, pool: str) -> str:
+        """Start one more instance of ``pool``; it registers in Redis when ready. Returns its name."""
+        cfg = self.cfg
+        extra = cfg.prefill_args if pool == "prefill" else cfg.decode_args
+        with self._lock:
+            name = f"{pool}-{self._count[pool]}"
+            self._count[pool] += 1
+        self._spawn(name, self._cli("worker", pool, *self._common, *cfg.worker_args, *extra))
+        return name
+
+    def workers(self, pool: str) -> list[str]:
+        """Names of the running instances of ``pool`` not asked to stop, oldest first."""
+        with self._lock:
+            return [n for n, p in self.procs if n.startswith(f"{pool}-") and n not in self._retiring
+                    and p.poll() is None]
+
+    def retire_worker(self, pool: str) -> str | None:
+        """Ask the newest instance of ``pool`` to drain and exit (SIGTERM); returns its name."""
+        names = self.workers(pool)
+        if not names:
+            return None
+        name = names[-1]
+        with self._lock:
+            self._retiring.add(name)
+            proc = next(p for n, p in self.procs if n == name)
+        proc.send_signal(signal.SIGTERM)
+        return name
 
     def _cli(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "services.cli", "--log-level", self.cfg.log_level, *args]
@@ -90,11 +129,11 @@ class LocalStack:
             self._wait_redis(rport)
         if self.router_port == 0:
             self.router_port = free_port(cfg.host)
-        common = ["--model", cfg.model, "--redis-url", self.redis_url, "--host", cfg.host]
-        for i in range(cfg.prefill_instances):
-            self._spawn(f"prefill-{i}", self._cli("worker", "prefill", *common, *cfg.worker_args, *cfg.prefill_args))
-        for i in range(cfg.decode_instances):
-            self._spawn(f"decode-{i}", self._cli("worker", "decode", *common, *cfg.worker_args, *cfg.decode_args))
+        self._common = common = ["--model", cfg.model, "--redis-url", self.redis_url, "--host", cfg.host]
+        for _ in range(cfg.prefill_instances):
+            self.add_worker("prefill")
+        for _ in range(cfg.decode_instances):
+            self.add_worker("decode")
         self._spawn("router", self._cli("router", *common, "--port", str(self.router_port), *cfg.router_args))
         address = f"{cfg.host}:{self.router_port}"
         self._wait_ready(address)
@@ -127,16 +166,20 @@ class LocalStack:
         raise RuntimeError(f"the stack was not ready within {self.cfg.ready_timeout_s:.0f} s")
 
     def dead(self) -> str | None:
-        """Name and exit code of the first child that exited, if any."""
-        for name, proc in self.procs:
-            if proc.poll() is not None:
+        """Name and exit code of the first child that exited unasked, if any."""
+        with self._lock:
+            procs = list(self.procs)
+        for name, proc in procs:
+            if proc.poll() is not None and name not in self._retiring:
                 return f"{name} (exit code {proc.returncode})"
         return None
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop the router first, then the workers, then Redis; kill what does not stop."""
+        with self._lock:
+            all_procs = list(self.procs)
         for group in (("router",), ("prefill", "decode"), ("redis",)):
-            procs = [p for n, p in self.procs if n.startswith(group) and p.poll() is None]
+            procs = [p for n, p in all_procs if n.startswith(group) and p.poll() is None]
             for p in procs:
                 p.send_signal(signal.SIGTERM)
             deadline = time.time() + grace
@@ -146,7 +189,8 @@ class LocalStack:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
-        self.procs.clear()
+        with self._lock:
+            self.procs.clear()
 
 
 def run_stack(cfg: StackConfig) -> int:
@@ -154,6 +198,7 @@ def run_stack(cfg: StackConfig) -> int:
     stack = LocalStack(cfg)
     stopping = False
     started = False
+    planner = None
 
     def on_signal(signum, frame):
         nonlocal stopping
@@ -169,6 +214,12 @@ def run_stack(cfg: StackConfig) -> int:
         print(f"Cleave ready: router listening on {address} (model {cfg.model or 'SmolLM2-135M-Instruct'}, "
               f"redis {stack.redis_url}, prefill x{cfg.prefill_instances}, decode x{cfg.decode_instances}); "
               f"Ctrl-C stops", flush=True)
+        if cfg.planner is not None:
+            from services.scaling_local import PlannerThread
+            planner = PlannerThread(stack, cfg.planner).start()
+            print(f"Cleave planner: scaling prefill within [{cfg.planner.prefill_min}, "
+                  f"{cfg.planner.prefill_max}] and decode within [{cfg.planner.decode_min}, "
+                  f"{cfg.planner.decode_max}] instances", flush=True)
         while not stopping:
             dead = stack.dead()
             if dead:
@@ -184,4 +235,6 @@ def run_stack(cfg: StackConfig) -> int:
             return 1
         return 0
     finally:
+        if planner is not None:
+            planner.stop()
         stack.stop()

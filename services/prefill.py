@@ -101,7 +101,13 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
                 self._active.pop(request.request_id, None)
                 self._queued_tokens -= n
 
+    def busy(self) -> int:
+        """Prompts queued, running or pushing KV here; the worker drains until this is 0."""
+        with self._lock:
+            return len(self._active)
+
     def _validate(self, request: worker_pb2.PrefillRequest) -> None:
+        self.host.check_accepting()
         model = self.host.model_config
         n = len(request.token_ids)
         if n == 0:

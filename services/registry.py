@@ -1,8 +1,10 @@
 """Worker registry in Redis: ``<prefix>worker:<pool>:<worker_id>`` hashes with a TTL (DESIGN §7).
 
 Workers run :class:`Heartbeat` (write their record every ``interval`` seconds, expiring after
-``ttl``); the router reads every record with :func:`read_workers`. A worker that misses its
-heartbeats disappears from routing when its record expires; one that stops cleanly deletes it.
+``ttl``); the router and the planner read every record with :func:`read_workers`. A worker that
+misses its heartbeats disappears from routing when its record expires. One that stops cleanly
+first marks its record ``draining`` (routers send it nothing new but keep its streams), then
+deletes it once its requests are done.
 """
 from __future__ import annotations
 
@@ -36,13 +38,14 @@ class WorkerRecord:
     compat_hash: str = ""
     host: str = ""               # machine name and process id, for operators
     pid: int = 0
+    draining: bool = False       # stopping: finishes what it has, takes no new requests
 
     def to_hash(self) -> dict[str, str]:
         return {"address": self.address, "incarnation": self.incarnation, "pool": self.pool,
                 "worker_id": self.worker_id, "layout": json.dumps(self.layout),
                 "capacity": json.dumps(self.capacity), "load": json.dumps(self.load),
                 "model_id": self.model_id, "compat_hash": self.compat_hash, "host": self.host,
-                "pid": str(self.pid)}
+                "pid": str(self.pid), "draining": "1" if self.draining else "0"}
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> "WorkerRecord":
@@ -50,7 +53,8 @@ class WorkerRecord:
                    incarnation=h["incarnation"], layout=json.loads(h.get("layout", "{}")),
                    capacity=json.loads(h.get("capacity", "{}")), load=json.loads(h.get("load", "{}")),
                    model_id=h.get("model_id", ""), compat_hash=h.get("compat_hash", ""),
-                   host=h.get("host", ""), pid=int(h.get("pid", 0) or 0))
+                   host=h.get("host", ""), pid=int(h.get("pid", 0) or 0),
+                   draining=h.get("draining", "0") == "1")
 
 
 class Heartbeat:
@@ -84,6 +88,17 @@ class Heartbeat:
     async def deregister(self) -> None:
         if self._key is not None:
             await self._client.delete(self._key)
+
+
+def connect_redis(url: str, asynchronous: bool = True):
+    """A Redis client for ``url`` (decoded responses), with the password from
+    ``CLEAVE_REDIS_PASSWORD`` when that is set and the URL carries none."""
+    from services.environment import Environment
+    password = Environment.read().redis_password or None
+    if asynchronous:
+        return aioredis.from_url(url, decode_responses=True, password=password)
+    import redis
+    return redis.Redis.from_url(url, decode_responses=True, password=password)
 
 
 async def read_workers(client: aioredis.Redis, prefix: str, pool: str | None = None) -> list[WorkerRecord]:

@@ -6,30 +6,36 @@ Lifecycle of a worker process (``cleave worker prefill|decode``):
    shards, KV caches and transports) and the block allocator shared by all its ranks.
 2. :func:`serve_worker` builds the pool's servicer on the host, binds the gRPC server
    (port 0 = a free port), starts the Redis heartbeat so routers find it, and waits.
-3. SIGTERM/SIGINT: the record is deleted (no new work is routed here), the server stops
-   with a grace period, the instance's ranks stop. A rank that dies stops it the same way,
+3. SIGTERM/SIGINT drains: health turns NOT_SERVING and the record is rewritten as
+   ``draining`` at once, so routers send nothing new (a request that raced the flag is
+   refused with UNAVAILABLE and the router retries it elsewhere). Requests already here run
+   to completion, for up to ``drain_timeout_s``; then the record is deleted, the server stops
+   (what is still running is cancelled and the router re-runs it on another instance) and the
+   instance's ranks stop. A rank that dies stops the process at once, without draining,
    after reporting NOT_SERVING, and the process exits with code 1.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from typing import Callable
 
 import grpc
-import redis.asyncio as aioredis
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cleave.v1 import worker_pb2
 from engine.kv_cache import BlockAllocator
 from services.config import WorkerConfig
+from services.errors import Unavailable
 from services.instance import Instance
-from services.registry import Heartbeat, WorkerRecord
+from services.registry import Heartbeat, WorkerRecord, connect_redis
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,13 @@ class WorkerHost:
         self.address = ""  # host:port, set once the server is bound
         self.health = None  # the gRPC health servicer, set once the server is bound
         self.load_fn: Callable[[], dict] = lambda: {}
+        self.draining = False  # set when asked to stop: no new requests are accepted
+
+    def check_accepting(self) -> None:
+        """Raise UNAVAILABLE when draining; servicers call it before taking a new request."""
+        if self.draining:
+            raise Unavailable(f"{self.cfg.pool} worker {self.worker_id} is draining (shutting down); "
+                              f"retry on another instance")
 
     def _rank_failed(self, message: str) -> None:
         self.failed = message
@@ -80,7 +93,8 @@ class WorkerHost:
             layout={"tp": self.layout.tp, "pp": self.layout.pp, "cp": self.layout.cp, "ep": self.layout.ep},
             capacity={"total_blocks": self.allocator.total, "block_size": self.cfg.block_size},
             load={"free_blocks": info.free_blocks, "running": info.running, "waiting": info.waiting,
-                  "queued_tokens": info.queued_tokens})
+                  "queued_tokens": info.queued_tokens},
+            draining=self.draining)
 
 
 async def start_worker_server(host: WorkerHost, add_servicer: Callable[[grpc.aio.Server], None],
@@ -108,7 +122,7 @@ async def serve_worker(cfg: WorkerConfig, make_servicer: Callable[[WorkerHost], 
     servicer = make_servicer(host)
     server, _ = await start_worker_server(host, lambda s: add_fn(servicer, s))
     await servicer.start()
-    client = aioredis.from_url(cfg.redis_url, decode_responses=True) if cfg.redis_url else None
+    client = connect_redis(cfg.redis_url) if cfg.redis_url else None
     beat_task = None
     if client is not None:
         heartbeat = Heartbeat(client, cfg.key_prefix, host.record, cfg.heartbeat_s, cfg.ttl_s)
@@ -123,9 +137,11 @@ async def serve_worker(cfg: WorkerConfig, make_servicer: Callable[[WorkerHost], 
         loop.add_signal_handler(sig, stop.set)
     host.on_failure = lambda msg: loop.call_soon_threadsafe(stop.set)
     await stop.wait()
+    await host.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     if host.failed:
         log.error("%s worker %s is going down: %s", cfg.pool, host.worker_id, host.failed)
-        await host.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    else:
+        await _drain(host, servicer, heartbeat if client is not None else None, stop)
     log.info("%s worker %s stopping", cfg.pool, host.worker_id)
     if beat_task is not None:
         beat_task.cancel()
@@ -136,3 +152,25 @@ async def serve_worker(cfg: WorkerConfig, make_servicer: Callable[[WorkerHost], 
     host.instance.close()
     if host.failed:
         raise SystemExit(1)
+
+
+async def _drain(host: WorkerHost, servicer, heartbeat: Heartbeat | None, stop: asyncio.Event) -> None:
+    """Stop taking requests, tell routers at once, and wait for the ones here to finish."""
+    host.draining = True
+    if heartbeat is not None:
+        try:
+            await heartbeat.beat()  # the record now says draining: routers stop sending work
+        except Exception as exc:
+            log.warning("could not mark %s draining in Redis: %s", host.worker_id, exc)
+    stop.clear()  # a second SIGTERM/SIGINT cuts the drain short
+    deadline = time.monotonic() + host.cfg.drain_timeout_s
+    busy = servicer.busy()
+    log.info("%s worker %s draining: %d request(s) in progress (up to %.0f s)", host.cfg.pool,
+             host.worker_id, busy, host.cfg.drain_timeout_s)
+    while busy and time.monotonic() < deadline and not stop.is_set() and not host.failed:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.1)
+        busy = servicer.busy()
+    if busy:
+        log.warning("%s worker %s stops with %d request(s) unfinished; routers retry them elsewhere",
+                    host.cfg.pool, host.worker_id, busy)

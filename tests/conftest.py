@@ -18,6 +18,51 @@ def _stack(request, **kw):
 
 
 @pytest.fixture(scope="session")
+def _redis_server():
+    """A private redis-server on a free port, shared by the session's tests."""
+    import shutil
+    import subprocess
+    import time
+
+    import redis
+
+    from engine.parallel import free_port
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (`make test` installs it; or apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.time() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.time() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.05)
+    client.close()
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_url(_redis_server):
+    """The URL of an empty private Redis (flushed before each test)."""
+    import redis
+
+    with redis.Redis.from_url(_redis_server) as client:
+        client.flushall()
+    return _redis_server
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     from tests.models import make_tiny_llama
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import time
 import pytest
 import redis
 
-from engine.parallel import free_port
 from tests.test_launcher import _alive, _children
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -34,16 +32,13 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def test_killed_rank_ends_its_instance(tiny_llama_dir):
-    rport = free_port()
-    server = subprocess.Popen([shutil.which("redis-server"), "--port", str(rport), "--bind", "127.0.0.1",
-                               "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+def test_killed_rank_ends_its_instance(tiny_llama_dir, redis_url):
     worker = None
     try:
-        client = redis.Redis(port=rport, decode_responses=True)
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
         worker = subprocess.Popen([sys.executable, "-m", "services.cli", "--log-level", "WARNING", "worker",
                                    "decode", "--tp", "2", "--model", tiny_llama_dir, "--transport", "tcp",
-                                   "--num-blocks", "32", "--redis-url", f"redis://127.0.0.1:{rport}/0"],
+                                   "--num-blocks", "32", "--redis-url", redis_url],
                                   stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 180
         while not list(client.scan_iter("cleave:worker:decode:*")):
@@ -61,5 +56,3 @@ def test_killed_rank_ends_its_instance(tiny_llama_dir):
     finally:
         if worker is not None and worker.poll() is None:
             worker.kill()
-        server.terminate()
-        server.wait()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -82,27 +81,19 @@ def test_serve_prints_ready_line_and_a_signal_stops_every_process(tiny_llama_dir
             proc.kill()
 
 
-def test_serve_uses_the_given_redis(tiny_llama_dir):
-    rport = free_port()
-    server = subprocess.Popen([shutil.which("redis-server"), "--port", str(rport), "--bind", "127.0.0.1",
-                               "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+def test_serve_uses_the_given_redis(tiny_llama_dir, redis_url):
+    port = free_port()
+    proc, _ = _serve(tiny_llama_dir, port, "--redis-url", redis_url)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        time.sleep(0.3)
-        port = free_port()
-        proc, _ = _serve(tiny_llama_dir, port, "--redis-url", f"redis://127.0.0.1:{rport}/0")
-        try:
-            assert len(_children(proc.pid)) == 3  # no private redis
-            client = redis.Redis(port=rport, decode_responses=True)
-            pools = sorted(k.split(":")[2] for k in client.scan_iter("cleave:worker:*"))
-            assert pools == ["decode", "prefill"]
-            _one_request(port)
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=60) == 0
-            assert list(client.scan_iter("cleave:worker:*")) == []  # workers deregistered
-            assert server.poll() is None  # an external Redis is left running
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        assert len(_children(proc.pid)) == 3  # no private redis
+        pools = sorted(k.split(":")[2] for k in client.scan_iter("cleave:worker:*"))
+        assert pools == ["decode", "prefill"]
+        _one_request(port)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert list(client.scan_iter("cleave:worker:*")) == []  # workers deregistered
+        assert client.ping()  # an external Redis is left running
     finally:
-        server.terminate()
-        server.wait()
+        if proc.poll() is None:
+            proc.kill()
