@@ -1,13 +1,25 @@
 """The one dispatch point for compute kernels: the engine imports only from here.
 
 ``from kernels import rms_norm, rotary_embedding, ...`` gives functions that pick an
-implementation per call from the tensor they are given: a Triton kernel registered for CUDA
-tensors (none yet; a later issue adds ``kernels/triton_*.py`` and registers them in
-``_TRITON``), else the plain-PyTorch reference (``kernels.ops``, ``kernels.attention``), which
-is also the correctness oracle the Triton kernels are tested against.
+implementation per call from the tensor they are given (:func:`_pick`, the only dispatch
+logic): for a CUDA tensor the Triton twin registered in ``_TRITON`` (``kernels/triton_*.py``),
+for anything else the plain-PyTorch reference in ``_REFERENCE`` (``kernels.ops``,
+``kernels.attention``, ``kernels.kv_copy``, ``kernels.moe_permute``), which is also the
+correctness oracle the Triton kernels are tested against. Both have the same signatures,
+return values and in-place effects.
+
+``_TRITON`` names each twin as ``"module:function"`` and the module is imported on the first
+call with a CUDA tensor, never at ``import kernels``: importing this package stays cheap and
+works without triton or a GPU. If triton is not installed, CUDA tensors fall back to the
+references, with one logged warning (a torch CUDA wheel ships triton, so this is a degraded
+setup, not an error); any other failure to import a Triton module is raised as is.
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
+import logging
 from typing import Callable
 
 import torch
@@ -30,15 +42,47 @@ _REFERENCE: dict[str, Callable] = {
     "moe_permute": _moe.moe_permute,
     "moe_unpermute": _moe.moe_unpermute,
 }
-# name -> Triton implementation with the reference's signature; filled in by a later issue.
-# Read-only at run time (populated at import), so it is not mutable global state.
-_TRITON: dict[str, Callable] = {}
+# name -> "module:function" of its Triton twin (same signature), imported on first CUDA use.
+# Read-only: the imported functions are memoised by _triton_kernel, not stored here.
+_TRITON: dict[str, str] = {
+    "rms_norm": "kernels.triton_ops:rms_norm",
+    "rotary_embedding": "kernels.triton_ops:rotary_embedding",
+    "silu_and_mul": "kernels.triton_ops:silu_and_mul",
+    "store_kv": "kernels.triton_attention:store_kv",
+    "prefill_attention": "kernels.triton_attention:prefill_attention",
+    "prefill_attention_lse": "kernels.triton_attention:prefill_attention_lse",
+    "paged_decode_attention": "kernels.triton_attention:paged_decode_attention",
+    "kv_pack": "kernels.triton_kv:kv_pack",
+    "kv_unpack": "kernels.triton_kv:kv_unpack",
+    "moe_permute": "kernels.triton_moe:moe_permute",
+    "moe_unpermute": "kernels.triton_moe:moe_unpermute",
+}
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _triton_available() -> bool:
+    """Whether triton can be imported; logs the fallback once when it cannot."""
+    if importlib.util.find_spec("triton") is None:
+        log.warning("triton is not installed: CUDA tensors use the PyTorch reference kernels "
+                    "(slow); install the triton that matches torch to get the Triton kernels")
+        return False
+    return True
+
+
+@functools.cache
+def _triton_kernel(name: str) -> Callable:
+    """Import the Triton twin of ``name`` (its module on first use) and return it."""
+    module, function = _TRITON[name].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def _pick(name: str, tensor: torch.Tensor) -> Callable:
-    """Triton version of ``name`` for CUDA tensors when one is registered, else the reference."""
-    if tensor.is_cuda and name in _TRITON:
-        return _TRITON[name]
+    """Triton version of ``name`` for CUDA tensors when one is registered and triton is
+    installed, else the reference."""
+    if tensor.is_cuda and name in _TRITON and _triton_available():
+        return _triton_kernel(name)
     return _REFERENCE[name]
 
 
@@ -92,5 +136,5 @@ build_rope_cache = _ops.build_rope_cache    # setup helper, not a hot-path kerne
 merge_attention = _attn.merge_attention
 
 __all__ = ["rms_norm", "rotary_embedding", "silu_and_mul", "store_kv", "prefill_attention",
-           "prefill_attention_lse", "paged_decode_attention", "kv_pack", "kv_unpack", "moe_permute", "moe_unpermute", "build_rope_cache",
-           "merge_attention"]
+           "prefill_attention_lse", "paged_decode_attention", "kv_pack", "kv_unpack", "moe_permute",
+           "moe_unpermute", "build_rope_cache", "merge_attention"]

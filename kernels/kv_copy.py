@@ -75,25 +75,26 @@ def _flat_cache(kv_cache: torch.Tensor, layer_start: int, layer_end: int,
     return flat[layer_start:layer_end, :, :, head_start:head_end]
 
 
-def kv_pack(kv_cache: torch.Tensor, block_table, token_start: int, token_end: int,
-            layer_start: int, layer_end: int, head_start: int, head_end: int,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    """Gather tokens/layers/heads of one sequence into a contiguous ``[L, 2, T, H, D]`` tensor."""
+def pack_view(kv_cache: torch.Tensor, block_table, token_start: int, token_end: int,
+              layer_start: int, layer_end: int, head_start: int, head_end: int,
+              out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """Validate a pack and return (source view of the cache, slot ids, piece shape).
+    Shared by this reference and ``kernels.triton_kv``."""
     source = _flat_cache(kv_cache, layer_start, layer_end, head_start, head_end)
     slots = _flat_slots(kv_cache, block_table, token_start, token_end)
     shape = kv_piece_shape(token_start, token_end, layer_start, layer_end, head_start, head_end,
                            kv_cache.shape[5])
-    if out is None:
-        return torch.index_select(source, 2, slots)
-    if tuple(out.shape) != shape or out.dtype != kv_cache.dtype or not out.is_contiguous():
+    if out is not None and (tuple(out.shape) != shape or out.dtype != kv_cache.dtype
+                            or not out.is_contiguous()):
         raise ValueError(f"out must be contiguous {shape} {kv_cache.dtype}, got "
                          f"{tuple(out.shape)} {out.dtype} contiguous={out.is_contiguous()}")
-    return torch.index_select(source, 2, slots, out=out)
+    return source, slots, shape
 
 
-def kv_unpack(buf: torch.Tensor, kv_cache: torch.Tensor, block_table, token_start: int,
-              layer_start: int, head_start: int) -> None:
-    """Scatter a packed ``[L, 2, T, H, D]`` piece into the paged cache (inverse of kv_pack)."""
+def unpack_view(buf: torch.Tensor, kv_cache: torch.Tensor, block_table, token_start: int,
+                layer_start: int, head_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate an unpack and return (target view of the cache, slot ids) ``buf`` scatters into.
+    Shared by this reference and ``kernels.triton_kv``."""
     if buf.dim() != 5 or buf.shape[1] != 2:
         raise ValueError(f"buf must be [layers, 2, tokens, heads, head_dim], got {tuple(buf.shape)}")
     if buf.dtype != kv_cache.dtype or buf.shape[4] != kv_cache.shape[5]:
@@ -102,5 +103,22 @@ def kv_unpack(buf: torch.Tensor, kv_cache: torch.Tensor, block_table, token_star
     layers, _, tokens, heads, _ = buf.shape
     target = _flat_cache(kv_cache, layer_start, layer_start + layers,
                          head_start, head_start + heads)
-    slots = _flat_slots(kv_cache, block_table, token_start, token_start + tokens)
+    return target, _flat_slots(kv_cache, block_table, token_start, token_start + tokens)
+
+
+def kv_pack(kv_cache: torch.Tensor, block_table, token_start: int, token_end: int,
+            layer_start: int, layer_end: int, head_start: int, head_end: int,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Gather tokens/layers/heads of one sequence into a contiguous ``[L, 2, T, H, D]`` tensor."""
+    source, slots, _ = pack_view(kv_cache, block_table, token_start, token_end, layer_start,
+                                 layer_end, head_start, head_end, out)
+    if out is None:
+        return torch.index_select(source, 2, slots)
+    return torch.index_select(source, 2, slots, out=out)
+
+
+def kv_unpack(buf: torch.Tensor, kv_cache: torch.Tensor, block_table, token_start: int,
+              layer_start: int, head_start: int) -> None:
+    """Scatter a packed ``[L, 2, T, H, D]`` piece into the paged cache (inverse of kv_pack)."""
+    target, slots = unpack_view(buf, kv_cache, block_table, token_start, layer_start, head_start)
     target.index_copy_(2, slots, buf)

@@ -56,7 +56,7 @@ def test_scaling_down_drains_without_losing_requests(request, long_model_dir, re
     running = _stack(request, long_model_dir, decode_instances=2,
                      worker_args=(*WORKER, "--num-blocks", "600", "--drain-timeout", "120"))
     retiring = _worker_of(running, "decode-1")
-    n = 1000
+    n = 500
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         futures = [pool.submit(running.generate, token_ids=p, max_tokens=n, ignore_eos=True,
                                request_id=f"drain-{i}", timeout=300) for i, p in enumerate(PROMPTS)]
