@@ -82,10 +82,16 @@ class RequestRun:
         prompt = req.prompt_ids + self.generated
         remaining = req.sampling.max_tokens - len(self.generated)
         prefill = self._pick_prefill(len(prompt))
-        decode, landing = await self._reserve(len(prompt), remaining, prefill)
-        prefill_call = decode_call = first = None
+        # counted before any await, so the requests of a burst see each other and spread
         prefill.inflight += 1
         prefill.inflight_tokens += len(prompt)
+        try:
+            decode, landing = await self._reserve(len(prompt), remaining, prefill)
+        except BaseException:
+            prefill.inflight -= 1
+            prefill.inflight_tokens -= len(prompt)
+            raise
+        prefill_call = decode_call = first = None
         try:
             await core.store.update(req.request_id, state="prefilling", attempts=self.attempts,
                                     prefill_worker=prefill.record.worker_id,
@@ -175,10 +181,18 @@ class RequestRun:
                     fits, key=lambda w: -w.record.load.get("free_blocks", 0))
                 ranked = [w for w in ranked if w.key not in self._excluded] or ranked
                 for worker in ranked:
-                    landing = await self._try_reserve(worker, num_tokens, max_tokens, layout)
+                    # counted while the reservation is in flight, so concurrent requests rank
+                    # this worker as busier and spread; given back when it is refused
+                    worker.inflight += 1
+                    worker.inflight_tokens += total
+                    landing = None
+                    try:
+                        landing = await self._try_reserve(worker, num_tokens, max_tokens, layout)
+                    finally:
+                        if landing is None:
+                            worker.inflight -= 1
+                            worker.inflight_tokens -= total
                     if landing is not None:
-                        worker.inflight += 1
-                        worker.inflight_tokens += total
                         return worker, landing
                 if not queued:
                     if core.queued >= core.cfg.max_queued:

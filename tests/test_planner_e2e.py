@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from cleave.v1 import inference_pb2
 from services.launcher import StackConfig
 from services.planner import PlannerConfig
 from services.scaling_local import LocalBackend, PlannerThread
@@ -46,6 +47,17 @@ def _stack(request, model_dir, **kw) -> RunningStack:
     return running
 
 
+def _wait_routed(running: RunningStack, pool: str, n: int, timeout: float = 120) -> None:
+    """Wait until the router routes to ``n`` instances of ``pool`` (it reports them in GetModelInfo)."""
+    deadline = time.time() + timeout
+    while True:
+        info = running.stub.GetModelInfo(inference_pb2.GetModelInfoRequest(), timeout=10)
+        if next(p.instances for p in info.pools if p.pool == pool) == n:
+            return
+        assert time.time() < deadline, f"the router never saw {n} {pool} instances"
+        time.sleep(0.1)
+
+
 def _worker_of(running: RunningStack, name: str):
     """The registry record of the stack's process ``name`` (e.g. "decode-1")."""
     pid = next(p.pid for n, p in running.stack.procs if n == name)
@@ -55,6 +67,7 @@ def _worker_of(running: RunningStack, name: str):
 def test_scaling_down_drains_without_losing_requests(request, long_model_dir, reference):
     running = _stack(request, long_model_dir, decode_instances=2,
                      worker_args=(*WORKER, "--num-blocks", "600", "--drain-timeout", "120"))
+    _wait_routed(running, "decode", 2)  # ready means one instance per pool; here both must be
     retiring = _worker_of(running, "decode-1")
     n = 500
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
@@ -88,7 +101,7 @@ def test_scaling_down_drains_without_losing_requests(request, long_model_dir, re
 
 def test_burst_grows_prefill_only_and_idle_shrinks_it(request, long_model_dir, reference):
     running = _stack(request, long_model_dir, worker_args=(*WORKER, "--num-blocks", "1024"))
-    cfg = PlannerConfig(interval_s=0.5, window_s=3, prefill_max=2, decode_max=2, ttft_target_s=0.05,
+    cfg = PlannerConfig(interval_s=0.5, window_s=3, prefill_max=2, decode_max=2, ttft_target_s=0.01,
                         queue_target_tokens=64, tpot_target_s=60, kv_high=0.95, kv_low=0.5,
                         cooldown_up_s=1, cooldown_down_s=4)
     planner = PlannerThread(running.stack, cfg).start()
