@@ -156,7 +156,8 @@ def _worker_config(args):
                         dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks,
                         kv_cache_bytes=args.kv_cache_mb << 20, transport=args.transport,
                         checksum=not args.no_checksum, max_batch=args.max_batch, threads=args.threads,
-                        drain_timeout_s=args.drain_timeout, parallel=ParallelConfig(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep))
+                        drain_timeout_s=args.drain_timeout,
+                        parallel=ParallelConfig(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep))
 
 
 def _run_worker(args) -> int:
@@ -187,27 +188,22 @@ def _run_planner(args) -> int:
         raise ValueError("the local backend scales the processes of `cleave serve`: run "
                          "`cleave serve --planner` (or `make run ARGS=--planner`)")
     from services.planner import Planner
-    from services.registry import connect_redis
     from services.scaling import backend_class
+    backend_cls = backend_class(args.backend)  # a clear error if its client is not installed
     from services.scaling_k8s import KubernetesConfig
-    planner_cfg = _planner_config(args)
     k8s = KubernetesConfig(namespace=args.namespace, kubeconfig=args.kubeconfig, context=args.context,
                            workloads={"prefill": args.prefill_workload, "decode": args.decode_workload})
-    backend = backend_class(args.backend)(k8s)
+    backend = backend_cls(k8s)
+    planner = Planner(_planner_config(args), backend, args.redis_url, args.key_prefix)
 
     async def run() -> None:
-        client = connect_redis(args.redis_url)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         logging.getLogger(__name__).info("planner scaling %s in namespace %s", dict(k8s.workloads),
                                          backend.namespace)
-        try:
-            await Planner(planner_cfg, backend, client, args.key_prefix).run(stop)
-        finally:
-            backend.close()
-            await client.aclose()
+        await planner.run(stop)
 
     asyncio.run(run())
     return 0

@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 from services.metrics import percentile, read_latencies, read_waiting_for_kv
-from services.registry import read_workers
+from services.registry import connect_redis, read_workers
 from services.scaling import POOLS
 
 log = logging.getLogger(__name__)
@@ -207,20 +207,24 @@ async def collect_loads(client, prefix: str, window_s: float, now: float | None 
 
 
 class Planner:
-    """Runs :func:`decide` every ``cfg.interval_s`` against a scaling backend."""
+    """Runs :func:`decide` every ``cfg.interval_s`` against a scaling backend.
 
-    def __init__(self, cfg: PlannerConfig, backend, client, prefix: str) -> None:
+    Built by ``cleave planner`` (Kubernetes) and by ``services.scaling_local.PlannerThread``
+    (``cleave serve --planner``); :meth:`run` owns the Redis client and closes the backend."""
+
+    def __init__(self, cfg: PlannerConfig, backend, redis_url: str, prefix: str) -> None:
         self.cfg = cfg
         self.backend = backend              # services.scaling.ScalingBackend
-        self.client = client                # async Redis client
+        self.redis_url = redis_url
         self.prefix = prefix
         self.state = PlannerState()
         self.history: list[Decision] = []   # the decisions that changed a pool, oldest first
 
-    async def tick(self, now: float | None = None) -> list[Decision]:
-        """One round: read loads, decide, log, scale. Returns every pool's decision."""
+    async def tick(self, client, now: float | None = None) -> list[Decision]:
+        """One round: read loads (``client``: async Redis), decide, log, scale. Returns every
+        pool's decision."""
         now = time.time() if now is None else now
-        loads = await collect_loads(self.client, self.prefix, self.cfg.window_s, now)
+        loads = await collect_loads(client, self.prefix, self.cfg.window_s, now)
         replicas = {pool: await asyncio.to_thread(self.backend.replicas, pool) for pool in POOLS}
         decisions, self.state = decide(self.cfg, loads, replicas, self.state, now)
         for d in decisions:
@@ -233,13 +237,19 @@ class Planner:
         return decisions
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Tick until ``stop`` is set; a failed round is logged and the next one tried."""
-        while not stop.is_set():
-            try:
-                await self.tick()
-            except Exception as exc:
-                log.warning("planner round failed: %s", exc)
-            try:
-                await asyncio.wait_for(stop.wait(), self.cfg.interval_s)
-            except TimeoutError:
-                pass
+        """Tick until ``stop`` is set (a failed round is logged and the next one tried), then
+        close the backend and the Redis client."""
+        client = connect_redis(self.redis_url)
+        try:
+            while not stop.is_set():
+                try:
+                    await self.tick(client)
+                except Exception as exc:
+                    log.warning("planner round failed: %s", exc)
+                try:
+                    await asyncio.wait_for(stop.wait(), self.cfg.interval_s)
+                except TimeoutError:
+                    pass
+        finally:
+            self.backend.close()
+            await client.aclose()

@@ -19,7 +19,6 @@ import threading
 
 from services.launcher import LocalStack
 from services.planner import Planner, PlannerConfig
-from services.registry import connect_redis
 from services.scaling import POOLS
 
 log = logging.getLogger(__name__)
@@ -51,9 +50,7 @@ class PlannerThread:
 
     def __init__(self, stack: LocalStack, cfg: PlannerConfig, key_prefix: str = "cleave:") -> None:
         self.stack = stack
-        self.cfg = cfg
-        self.key_prefix = key_prefix
-        self.planner: Planner | None = None     # set once the thread runs; read history from it
+        self.planner = Planner(cfg, LocalBackend(stack), stack.redis_url, key_prefix)  # .history: its changes
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._started = threading.Event()
@@ -68,16 +65,9 @@ class PlannerThread:
         asyncio.run(self._run())
 
     async def _run(self) -> None:
-        client = connect_redis(self.stack.redis_url)
-        backend = LocalBackend(self.stack)
-        self.planner = Planner(self.cfg, backend, client, self.key_prefix)
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         self._started.set()
-        try:
-            await self.planner.run(self._stop)
-        finally:
-            backend.close()
-            await client.aclose()
+        await self.planner.run(self._stop)
 
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None:

@@ -123,7 +123,7 @@ async def serve_worker(cfg: WorkerConfig, make_servicer: Callable[[WorkerHost], 
     server, _ = await start_worker_server(host, lambda s: add_fn(servicer, s))
     await servicer.start()
     client = connect_redis(cfg.redis_url) if cfg.redis_url else None
-    beat_task = None
+    beat_task = heartbeat = None
     if client is not None:
         heartbeat = Heartbeat(client, cfg.key_prefix, host.record, cfg.heartbeat_s, cfg.ttl_s)
         await heartbeat.beat()
@@ -141,7 +141,7 @@ async def serve_worker(cfg: WorkerConfig, make_servicer: Callable[[WorkerHost], 
     if host.failed:
         log.error("%s worker %s is going down: %s", cfg.pool, host.worker_id, host.failed)
     else:
-        await _drain(host, servicer, heartbeat if client is not None else None, stop)
+        await _drain(host, servicer, heartbeat, stop)
     log.info("%s worker %s stopping", cfg.pool, host.worker_id)
     if beat_task is not None:
         beat_task.cancel()

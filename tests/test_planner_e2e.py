@@ -58,17 +58,17 @@ def _wait_routed(running: RunningStack, pool: str, n: int, timeout: float = 120)
         time.sleep(0.1)
 
 
-def _worker_of(running: RunningStack, name: str):
-    """The registry record of the stack's process ``name`` (e.g. "decode-1")."""
-    pid = next(p.pid for n, p in running.stack.procs if n == name)
-    return next(r for r in running.workers() if r.pid == pid)
+def _record_of(running: RunningStack, name: str):
+    """The registry record of the stack's process ``name`` (e.g. "decode-1"); None until it registers."""
+    pids = [p.pid for n, p in running.stack.procs if n == name]
+    return next((r for r in running.workers() if r.pid in pids), None)
 
 
 def test_scaling_down_drains_without_losing_requests(request, long_model_dir, reference):
     running = _stack(request, long_model_dir, decode_instances=2,
                      worker_args=(*WORKER, "--num-blocks", "600", "--drain-timeout", "120"))
     _wait_routed(running, "decode", 2)  # ready means one instance per pool; here both must be
-    retiring = _worker_of(running, "decode-1")
+    retiring = _record_of(running, "decode-1")
     n = 500
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         futures = [pool.submit(running.generate, token_ids=p, max_tokens=n, ignore_eos=True,
@@ -94,7 +94,7 @@ def test_scaling_down_drains_without_losing_requests(request, long_model_dir, re
         "the retired instance must finish its requests itself, not hand them to a retry"
     proc = next(p for name, p in running.stack.procs if name == "decode-1")
     assert proc.wait(timeout=60) == 0 and running.stack.dead() is None
-    assert [r.worker_id for r in running.workers() if r.pool == "decode"] == [_worker_of(running, "decode-0").worker_id]
+    assert [r.worker_id for r in running.workers() if r.pool == "decode"] == [_record_of(running, "decode-0").worker_id]
     # the pool still serves, on the instance that stayed
     assert running.generate(token_ids=PROMPTS[0], max_tokens=8, ignore_eos=True).token_ids == reference(0, 8)
 
@@ -118,10 +118,9 @@ def test_burst_grows_prefill_only_and_idle_shrinks_it(request, long_model_dir, r
             i += 1
 
     def second_prefill_served() -> bool:
-        pids = [p.pid for name, p in running.stack.procs if name == "prefill-1"]
-        second = [r.worker_id for r in running.workers() if r.pool == "prefill" and r.pid in pids]
-        return bool(second) and any(running.redis.hget(k, "prefill_worker") == second[0]
-                                    for k in running.redis.scan_iter("cleave:req:burst-*"))
+        second = _record_of(running, "prefill-1")
+        return second is not None and any(running.redis.hget(k, "prefill_worker") == second.worker_id
+                                           for k in running.redis.scan_iter("cleave:req:burst-*"))
 
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(client, k) for k in range(6)]
