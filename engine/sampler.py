@@ -24,8 +24,8 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (self.temperature >= 0.0):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0.0 <= self.temperature < float("inf")):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not (0.0 <= self.top_p <= 1.0):
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -49,11 +49,33 @@ def step_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
+class SamplingError(ValueError):
+    """This request's token could not be sampled: its logits row holds NaN or +inf, or its
+    parameters leave no token to draw. Deterministic: another worker would fail the same way."""
+
+
+def check_row(logits: torch.Tensor) -> None:
+    """Raise SamplingError when a logits row [vocab] cannot be sampled from."""
+    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
+        raise SamplingError("the model produced NaN or +inf logits for this request")
+    if not bool(torch.isfinite(logits).any()):
+        raise SamplingError("every logit of this request is -inf: there is no token to sample")
+
+
 def sample_one(logits: torch.Tensor, cfg: SamplingConfig, index: int) -> int:
-    """Sample output token ``index`` from fp32 ``logits`` [vocab]."""
+    """Sample output token ``index`` from ``logits`` [vocab] (any float dtype).
+
+    Numerics: scores are ``(logits - max) / temperature`` in float64, so every score is <= 0
+    and the best is exactly 0: ``exp`` cannot overflow and softmax cannot divide by zero for
+    any temperature > 0, however small (tiny temperatures converge to greedy, ties aside).
+    top-k above the vocabulary size keeps every token; top-p always keeps the most likely token.
+    Raises SamplingError (see :func:`check_row`).
+    """
+    check_row(logits)
     if cfg.greedy:
         return int(torch.argmax(logits).item())
-    scores = logits.float() / cfg.temperature
+    row = logits.double()
+    scores = (row - row.max()) / cfg.temperature
     if cfg.top_k and cfg.top_k < scores.numel():
         kth = torch.topk(scores, cfg.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -69,10 +91,20 @@ def sample_one(logits: torch.Tensor, cfg: SamplingConfig, index: int) -> int:
     return int(torch.multinomial(probs, 1, generator=gen).item())
 
 
-def sample_batch(logits: torch.Tensor, cfgs: list[SamplingConfig], indices: list[int]) -> list[int]:
-    """Sample one token per row of ``logits`` [B, vocab]; greedy rows share one argmax."""
-    out = torch.argmax(logits, dim=-1).tolist()
+def sample_batch(logits: torch.Tensor, cfgs: list[SamplingConfig], indices: list[int]) -> list[int | SamplingError]:
+    """One token per row of ``logits`` [B, vocab]; greedy rows share one argmax.
+
+    A row that cannot be sampled yields its SamplingError in place of a token, so one
+    request's failure never touches its batch-mates' tokens.
+    """
+    out: list[int | SamplingError] = [int(t) for t in torch.argmax(logits, dim=-1).tolist()]
+    unsound = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1).tolist()
     for row, (cfg, index) in enumerate(zip(cfgs, indices)):
-        if not cfg.greedy:
-            out[row] = sample_one(logits[row], cfg, index)
-    return [int(t) for t in out]
+        if unsound[row] or not cfg.greedy:
+            try:
+                out[row] = sample_one(logits[row], cfg, index)
+            except SamplingError as exc:
+                out[row] = exc
+            except RuntimeError as exc:  # torch refusing the distribution
+                out[row] = SamplingError(f"sampling failed: {exc}")
+    return out

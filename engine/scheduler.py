@@ -8,6 +8,13 @@ samples, and hands each sequence its new token through the sequence's ``emit`` c
 
 A sequence's blocks were reserved for prompt + max_tokens before it arrives, so it can never
 run out mid-stream; the scheduler frees them (``release``) when the sequence ends for any reason.
+
+One sequence's failure never fails its batch-mates: a row whose sampling fails
+(``engine.sampler.SamplingError``) ends that sequence alone, and a batched forward pass that
+raises is re-run one sequence at a time (writing the same KV slots again is harmless), so only
+the sequences that fail alone end. Such a failure is the request's own (``fault == "request"``:
+not worth retrying elsewhere) when its batch-mates succeeded or its sampling failed; a
+sequence that fails alone in a batch where every sequence failed ends as a worker fault.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from typing import Callable
 import torch
 
 from engine.batch import ForwardBatch
-from engine.sampler import SamplingConfig, sample_batch
+from engine.sampler import SamplingConfig, SamplingError, sample_batch
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,7 @@ class Sequence:
     release: Callable[[], None] = lambda: None       # frees the blocks; called exactly once
     finished: str | None = field(default=None)
     error: str | None = field(default=None)           # why, when finished == FINISH_ERROR
+    fault: str = field(default="worker")              # "request": the failure is this request's own
 
 
 class DecodeScheduler:
@@ -108,7 +116,7 @@ class DecodeScheduler:
                 continue
             try:
                 self._step()
-            except Exception as exc:  # a failed step fails its sequences, not the process
+            except Exception as exc:  # a bug outside the isolated parts: fail the batch, keep serving
                 log.exception("decode step failed")
                 for seq in list(self._running.values()):
                     self._finish(seq, FINISH_ERROR, error=f"decode step failed: {exc}")
@@ -151,12 +159,31 @@ class DecodeScheduler:
 
     def _step(self) -> None:
         seqs = list(self._running.values())
-        batch = ForwardBatch.decode([s.last_token for s in seqs], [s.num_cached for s in seqs],
-                                    [s.blocks for s in seqs], self.block_size)
-        logits = self._step_fn(batch)
-        tokens = sample_batch(logits, [s.sampling for s in seqs], [s.generated for s in seqs])
+        try:
+            tokens = self._forward_and_sample(seqs)
+        except Exception as exc:
+            if len(seqs) == 1:
+                self._finish(seqs[0], FINISH_ERROR, error=f"decode step failed: {exc}")
+                return
+            log.warning("decode step over %d sequences failed (%s); stepping each alone", len(seqs), exc)
+            tokens, failures = [], 0
+            for seq in seqs:
+                try:
+                    tokens.append(self._forward_and_sample([seq])[0])
+                except Exception as alone:
+                    failures += 1
+                    tokens.append(alone)
+            fault = "request" if failures < len(seqs) else "worker"
+            for seq, token in zip(seqs, tokens):
+                if isinstance(token, Exception) and not isinstance(token, SamplingError):
+                    self._finish(seq, FINISH_ERROR, error=f"decode step failed: {token}", fault=fault)
         self.steps += 1
         for seq, token in zip(seqs, tokens):
+            if seq.finished is not None:
+                continue
+            if isinstance(token, SamplingError):
+                self._finish(seq, FINISH_ERROR, error=str(token), fault="request")
+                continue
             seq.num_cached += 1
             seq.generated += 1
             seq.last_token = token
@@ -166,15 +193,29 @@ class DecodeScheduler:
                 reason = FINISH_LENGTH
             else:
                 reason = None
-            seq.emit(token, reason)
+            try:
+                seq.emit(token, reason)
+            except Exception as exc:
+                log.exception("emitting a token of %s failed", seq.seq_id)
+                self._finish(seq, FINISH_ERROR, error=f"emitting a token failed: {exc}")
+                continue
             if reason is not None:
                 self._finish(seq, reason, emitted=True)
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None, emitted: bool = False) -> None:
+    def _forward_and_sample(self, seqs: list[Sequence]) -> list[int | SamplingError]:
+        """One forward pass over ``seqs`` and a token (or the row's SamplingError) for each."""
+        batch = ForwardBatch.decode([s.last_token for s in seqs], [s.num_cached for s in seqs],
+                                    [s.blocks for s in seqs], self.block_size)
+        logits = self._step_fn(batch)
+        return sample_batch(logits, [s.sampling for s in seqs], [s.generated for s in seqs])
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None, emitted: bool = False,
+                fault: str = "worker") -> None:
         if seq.finished is not None:
             return
         seq.finished = reason
         seq.error = error
+        seq.fault = fault
         self._running.pop(seq.seq_id, None)
         try:
             seq.release()

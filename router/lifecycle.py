@@ -22,7 +22,7 @@ import grpc
 
 from cleave.v1 import inference_pb2, worker_pb2
 from router.workers import WorkerHandle
-from services.errors import Exhausted, InvalidRequest, Unavailable
+from services.errors import Exhausted, InvalidRequest, Unavailable, is_request_fault
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,10 @@ class RequestRun:
         """Yields (token ids, finish reason or None) until the request finishes."""
         last_error: Exception | None = None
         while True:
-            self.attempts += 1
-            if self.attempts > self.core.cfg.max_attempts:
-                raise Unavailable(f"request {self.req.request_id} failed after {self.attempts - 1} "
+            if self.attempts >= self.core.cfg.max_attempts:
+                raise Unavailable(f"request {self.req.request_id} failed after {self.attempts} "
                                   f"attempts; last error: {last_error}")
+            self.attempts += 1  # attempts made, as recorded in Redis
             try:
                 async with contextlib.aclosing(self._attempt()) as stream:
                     async for ids, reason in stream:
@@ -93,7 +93,7 @@ class RequestRun:
             raise
         prefill_call = decode_call = first = None
         try:
-            await core.store.update(req.request_id, state="prefilling", attempts=self.attempts,
+            core.store.update(req.request_id, state="prefilling", attempts=self.attempts,
                                     prefill_worker=prefill.record.worker_id,
                                     decode_worker=decode.record.worker_id)
             prefill_call = prefill.stub.Prefill(worker_pb2.PrefillRequest(
@@ -109,12 +109,12 @@ class RequestRun:
                     yield [first], done
                     if done is not None:
                         return
-                    await core.store.update(req.request_id, state="transferring")
+                    core.store.update(req.request_id, state="transferring")
                 elif event.WhichOneof("event") == "transferred":
                     break
             if first is None:
                 raise RetryableFailure(f"prefill worker {prefill.record.worker_id} ended without a token")
-            await core.store.update(req.request_id, state="decoding")
+            core.store.update(req.request_id, state="decoding")
             decode_call = decode.stub.Decode(worker_pb2.DecodeRequest(
                 transfer_id=landing.transfer_id, prompt_token_ids=prompt, first_token_id=first,
                 first_token_index=len(self.generated), sampling=req.sampling, seed=req.seed,
@@ -145,7 +145,8 @@ class RequestRun:
             async for msg in call:
                 yield msg
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in _RETRYABLE and time.time() < self.req.deadline:
+            # a failure the worker marks as the request's own would repeat on any worker
+            if exc.code() in _RETRYABLE and not is_request_fault(exc) and time.time() < self.req.deadline:
                 self._excluded.add(worker.key)
                 raise RetryableFailure(f"{worker.key}: {exc.code().name}: {exc.details()}") from None
             raise
@@ -204,8 +205,9 @@ class RequestRun:
                     raise Exhausted(f"no decode instance had KV room for {total} tokens within "
                                     f"{core.cfg.admission_wait_s:.0f} s; retry later")
                 await asyncio.sleep(0.05)
-                with contextlib.suppress(Exception):
-                    await core.directory.refresh()
+                with contextlib.suppress(Exception, TimeoutError):
+                    async with asyncio.timeout(0.5):  # a frozen Redis must not hold the request
+                        await core.directory.refresh()
         finally:
             if queued:
                 core.queued -= 1

@@ -16,6 +16,17 @@ class TextCodec:
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+        self._max_token_chars: int | None = None
+
+    @property
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters of text one token stands for: the longest vocabulary
+        entry as the tokenizer spells it (byte-level BPE spells each byte as one character,
+        SentencePiece spells byte-fallback tokens as ``<0xNN>``, so neither undercounts)."""
+        if self._max_token_chars is None:
+            vocab = self.tokenizer.get_vocab()
+            self._max_token_chars = max((len(t) for t in vocab), default=1)
+        return self._max_token_chars
 
     @property
     def has_chat_template(self) -> bool:

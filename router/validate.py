@@ -15,16 +15,41 @@ from engine.config import ModelConfig
 from router.text import CHAT_ROLES, TextCodec
 from services.errors import InvalidRequest
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# a prompt longer than this many characters per token of context cannot fit, whatever the
+# tokenizer's normalizer does (slack over TextCodec.max_token_chars, which is an upper bound)
+_CHARS_SLACK = 2
 
 
 def request_id_of(request: inference_pb2.GenerateRequest) -> str:
     if not request.request_id:
         return uuid.uuid4().hex
-    if not _REQUEST_ID.match(request.request_id):
+    if not _REQUEST_ID.fullmatch(request.request_id):  # fullmatch: "$" would allow a trailing "\n"
         raise InvalidRequest(f"request_id {request.request_id[:64]!r} must be 1-128 characters "
                              f"of letters, digits, '.', '_', ':' or '-'")
     return request.request_id
+
+
+def check_input_size(request: inference_pb2.GenerateRequest, codec: TextCodec, model: ModelConfig) -> None:
+    """Cheap size checks before tokenizing: input that cannot fit the context is refused
+    without spending tokenizer time on it (megabyte prompts)."""
+    kind = request.WhichOneof("input")
+    limit = model.max_position
+    if kind == "token_ids":
+        n = len(request.token_ids.ids)
+        if n > limit:
+            raise InvalidRequest(f"token_ids has {n} tokens; the context holds {limit}")
+        return
+    if kind == "prompt":
+        chars = len(request.prompt)
+    elif kind == "chat":
+        chars = sum(len(m.content) + len(m.role) for m in request.chat.messages)
+    else:
+        return
+    most = limit * codec.max_token_chars * _CHARS_SLACK
+    if chars > most:
+        raise InvalidRequest(f"the {kind} has {chars} characters, more than {limit} tokens of context "
+                             f"can hold (at most {most}); shorten it")
 
 
 def prompt_ids_of(request: inference_pb2.GenerateRequest, codec: TextCodec, model: ModelConfig) -> list[int]:

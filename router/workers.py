@@ -15,6 +15,7 @@ import grpc
 import redis.asyncio as aioredis
 
 from cleave.v1 import worker_pb2_grpc
+from services.grpc_util import internal_channel
 from services.registry import WorkerRecord, read_workers
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,9 @@ _STUBS = {"prefill": worker_pb2_grpc.PrefillStub, "decode": worker_pb2_grpc.Deco
 
 
 class WorkerDirectory:
-    def __init__(self, client: aioredis.Redis, prefix: str, interval: float) -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str, interval: float, token: str = "") -> None:
         self._client = client
+        self._token = token          # the internal APIs' shared secret, sent with every call
         self._prefix = prefix
         self._interval = interval
         self._workers: dict[tuple[str, str], WorkerHandle] = {}  # (address, incarnation) -> handle
@@ -61,8 +63,9 @@ class WorkerDirectory:
         while True:
             await asyncio.sleep(self._interval)
             try:
-                await self.refresh()
-            except Exception as exc:
+                async with asyncio.timeout(max(2.0, 4 * self._interval)):
+                    await self.refresh()
+            except (Exception, TimeoutError) as exc:  # Redis away: keep the last view
                 log.warning("reading the worker registry failed: %s", exc)
 
     async def refresh(self) -> None:
@@ -75,8 +78,8 @@ class WorkerDirectory:
             seen.add(key)
             handle = self._workers.get(key)
             if handle is None:
-                channel = grpc.aio.insecure_channel(rec.address, options=[
-                    ("grpc.max_receive_message_length", 64 << 20)])
+                channel = internal_channel(rec.address, self._token,
+                                           options=[("grpc.max_receive_message_length", 64 << 20)])
                 self._workers[key] = WorkerHandle(rec, channel, _STUBS[rec.pool](channel))
                 log.info("worker joined: %s %s at %s", rec.pool, rec.worker_id, rec.address)
                 self.changed.set()

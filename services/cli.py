@@ -7,6 +7,9 @@
                                                                     # scale pools on Kubernetes
     cleave generate "prompt" [--chat] [--max-tokens 64] ...         # stream a completion
     cleave info                                                     # model and pools
+    cleave plan --model llama-3.1-70b --hardware h100 --gpus 16 --prompt 2048 --output 256 --rate 10
+                                                                    # choose each pool's layout
+    cleave bench --goodput ttft:500,tpot:50 [--concurrency 1,4]     # load-test a running stack
 
 Flags become config dataclasses here (and only here); their validation errors are printed
 as one line with exit code 2.
@@ -31,6 +34,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=0, help="gRPC port (0 = a free port)")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve Prometheus /metrics on this port (0 = do not serve them)")
     p.add_argument("--redis-url", default="", help="Redis to register in")
     p.add_argument("--key-prefix", default="cleave:")
     p.add_argument("--worker-id", default="")
@@ -88,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the local stack (Redis, router, prefill, decode)")
     _add_model(serve)
     serve.add_argument("--port", type=int, default=50051, help="router port")
+    serve.add_argument("--http-port", type=int, default=8000,
+                       help="router's OpenAI-compatible HTTP API and /metrics (0 = a free port)")
     serve.add_argument("--redis-url", default="", help="use this Redis instead of a private one")
     serve.add_argument("--prefill-instances", type=int, default=1)
     serve.add_argument("--decode-instances", type=int, default=1)
@@ -110,7 +117,9 @@ def _parser() -> argparse.ArgumentParser:
 
     router = sub.add_parser("router", help="run the public router")
     _add_model(router)
-    router.add_argument("--port", type=int, default=50051)
+    router.add_argument("--port", type=int, default=50051, help="public gRPC port")
+    router.add_argument("--http-port", type=int, default=8000,
+                        help="OpenAI-compatible HTTP API and Prometheus /metrics (0 = a free port)")
     router.add_argument("--redis-url", required=True)
     router.add_argument("--key-prefix", default="cleave:")
     router.add_argument("--transfer-timeout", type=float, default=30.0)
@@ -143,6 +152,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--show-usage", action="store_true", help="print token counts and finish reason")
 
+    bench = sub.add_parser("bench", help="load-test a running Cleave (gRPC or OpenAI API): TTFT, TPOT, ITL, goodput")
+    from services.loadgen.cli import add_arguments as add_bench_arguments
+    add_bench_arguments(bench, env.address)
+
+    plan = sub.add_parser("plan", help="choose each pool's layout and instance count (capacity planner)")
+    from services.capacity.cli import add_plan_flags
+    add_plan_flags(plan)
+
     info = sub.add_parser("info", help="show the served model and pools")
     info.add_argument("--address", default=env.address)
     return parser
@@ -156,8 +173,9 @@ def _worker_config(args):
                         dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks,
                         kv_cache_bytes=args.kv_cache_mb << 20, transport=args.transport,
                         checksum=not args.no_checksum, max_batch=args.max_batch, threads=args.threads,
-                        drain_timeout_s=args.drain_timeout,
-                        parallel=ParallelConfig(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep))
+                        drain_timeout_s=args.drain_timeout, metrics_port=args.metrics_port,
+                        parallel=ParallelConfig(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep),
+                        internal_token=Environment.read().internal_token)
 
 
 def _run_worker(args) -> int:
@@ -174,10 +192,11 @@ def _run_worker(args) -> int:
 def _run_router(args) -> int:
     from router.server import serve_router
     from services.config import RouterConfig
-    cfg = RouterConfig(model=args.model, host=args.host, port=args.port, redis_url=args.redis_url,
+    cfg = RouterConfig(model=args.model, host=args.host, port=args.port, http_port=args.http_port,
+                       redis_url=args.redis_url,
                        key_prefix=args.key_prefix, transfer_timeout_s=args.transfer_timeout,
                        request_timeout_s=args.request_timeout, admission_wait_s=args.admission_wait,
-                       max_queued=args.max_queued)
+                       max_queued=args.max_queued, internal_token=Environment.read().internal_token)
     asyncio.run(serve_router(cfg))
     return 0
 
@@ -261,9 +280,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             from services.client import generate_cli
             return generate_cli(args)
+        if args.command == "plan":
+            from services.capacity.cli import plan_cli
+            return plan_cli(args)
         if args.command == "info":
             from services.client import info_cli
             return info_cli(args)
+        if args.command == "bench":
+            from services.loadgen.cli import run as run_bench
+            return run_bench(args, Environment.read().address)
         return {"serve": _run_serve, "worker": _run_worker, "router": _run_router,
                 "planner": _run_planner}[args.command](args)
     except ValueError as exc:

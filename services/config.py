@@ -32,6 +32,7 @@ class WorkerConfig:
     model: str = ""                    # model spec: "" (default SmolLM2), a .gguf file or an HF directory
     host: str = "127.0.0.1"            # address the gRPC server binds and advertises
     port: int = 0                      # 0 = a free port
+    metrics_port: int = 0              # Prometheus /metrics port; 0 = not served
     redis_url: str = ""                # where to register; "" = do not register (tests)
     key_prefix: str = "cleave:"
     worker_id: str = ""                # "" = "<pool>-<host>-<port>"
@@ -48,11 +49,13 @@ class WorkerConfig:
     reservation_grace_s: float = 10.0  # decode: unused reservations freed this long past their deadline
     drain_timeout_s: float = 60.0      # on SIGTERM, wait this long for running requests to finish
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    internal_token: str = field(default="", repr=False)  # required from callers (CLEAVE_INTERNAL_TOKEN)
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         _check_port(self.port)
+        _check_port(self.metrics_port)
         _check_prefix(self.key_prefix)
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
@@ -79,6 +82,7 @@ class RouterConfig:
     model: str = ""
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int = 8000              # OpenAI-compatible API and /metrics; 0 = a free port
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "cleave:"
     request_ttl_s: int = 3600          # request hashes expire this long after a terminal state
@@ -88,9 +92,13 @@ class RouterConfig:
     max_queued: int = 256              # requests waiting for KV room before RESOURCE_EXHAUSTED
     discovery_s: float = 0.5           # how often the worker registry is re-read
     max_attempts: int = 3              # prefill / decode attempts per request
+    internal_token: str = field(default="", repr=False)  # sent to worker APIs (CLEAVE_INTERNAL_TOKEN)
 
     def __post_init__(self) -> None:
         _check_port(self.port)
+        _check_port(self.http_port)
+        if self.http_port and self.http_port == self.port:
+            raise ValueError(f"http_port and port must differ, both are {self.port}")
         _check_prefix(self.key_prefix)
         if not self.redis_url:
             raise ValueError("the router needs a Redis URL (e.g. redis://127.0.0.1:6379/0)")

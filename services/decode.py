@@ -28,7 +28,8 @@ from engine.sampler import SamplingConfig
 from engine.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, DecodeScheduler, Sequence
 from kvtransfer.handoff import HandoffError
 from services.instance import InstanceError
-from services.errors import Exhausted, InvalidRequest, NotFound, Unavailable, abort_with
+from services.errors import Exhausted, InvalidRequest, NotFound, RequestFault, Unavailable, abort_with
+from services.grpc_util import add_service
 from services.worker import WorkerHost
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         self._reaper: asyncio.Task | None = None
         self._stats_task: asyncio.Task | None = None
         host.load_fn = lambda: self._info()
+        host.metrics.gauges.add("cleave:batch_size", "Sequences in the running decode batch",
+                                lambda: self.scheduler.num_running)
 
     async def start(self) -> None:
         self.scheduler.start()
@@ -144,8 +147,17 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             await abort_with(context, NotFound(f"reservation {transfer_id} {what}"))
             return
         try:
+            sampling = self._check_decode(request)
+        except InvalidRequest as exc:
+            self._release(transfer_id)
+            await abort_with(context, exc)
+            return
+        try:
+            t0 = time.perf_counter()
             await self._landed(transfer_id, res.deadline)
+            self.host.metrics.transfer(time.perf_counter() - t0)
         except (HandoffError, InstanceError) as exc:
+            self.host.metrics.transfer_failed()
             self._release(transfer_id)
             await abort_with(context, Unavailable(f"KV transfer failed: {exc}"))
             return
@@ -158,7 +170,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             seq_id=transfer_id, blocks=res.blocks, num_cached=res.num_prompt_tokens,
             last_token=request.first_token_id, generated=request.first_token_index + 1,
             max_tokens=request.first_token_index + res.max_tokens,
-            sampling=SamplingConfig.from_proto(request.sampling, request.seed),
+            sampling=sampling,
             eos_token_ids=frozenset(request.eos_token_ids), ignore_eos=request.sampling.ignore_eos,
             emit=lambda tok, reason: loop.call_soon_threadsafe(queue.put_nowait, (tok, reason)),
             release=lambda: self._release(transfer_id))
@@ -171,8 +183,9 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
                 tokens = [t for t, _ in items if t is not None]
                 reason = next((r for _, r in items if r is not None), None)
                 if reason in (FINISH_ABORT, FINISH_ERROR):
-                    await abort_with(context, Unavailable(f"decode of {transfer_id} ended: "
-                                                          f"{seq.error or 'aborted'}"))
+                    kind = RequestFault if seq.fault == "request" else Unavailable
+                    await abort_with(context, kind(f"decode of {transfer_id} on "
+                                                   f"{self.host.worker_id} ended: {seq.error or 'aborted'}"))
                     return
                 yield worker_pb2.DecodeChunk(
                     token_ids=tokens, finished=reason is not None,
@@ -182,6 +195,17 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         finally:
             if seq.finished is None:
                 self.scheduler.abort(transfer_id)
+
+    def _check_decode(self, request: worker_pb2.DecodeRequest) -> SamplingConfig:
+        """The request's own inputs, checked before it joins a batch (a bad one would fail the step)."""
+        vocab = self.host.model_config.vocab_size
+        bad = [t for t in (request.first_token_id, *request.eos_token_ids) if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"token ids {bad[:5]} are outside the vocabulary (size {vocab})")
+        try:
+            return SamplingConfig.from_proto(request.sampling, request.seed)
+        except ValueError as exc:
+            raise InvalidRequest(f"sampling parameters: {exc}") from None
 
     async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortResponse:
         ids = [request.transfer_id] if request.transfer_id else [
@@ -246,4 +270,4 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
 
 
 def add_to_server(servicer: DecodeService, server: grpc.aio.Server) -> None:
-    worker_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
+    add_service(server, servicer, worker_pb2.DESCRIPTOR.services_by_name["Decode"], servicer.host.cfg.internal_token)

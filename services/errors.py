@@ -37,6 +37,39 @@ class NotFound(CleaveError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class FailedPrecondition(CleaveError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class RequestFault(CleaveError):
+    """A failure caused by this request alone and deterministic (e.g. its sampling produced no
+    valid distribution, or its row of a batched step failed while the others succeeded):
+    running it on another worker would fail the same way, so the router does not retry it.
+    Workers mark it with the trailing metadata ``FAULT_KEY: request``."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+FAULT_KEY = "cleave-fault"
+
+_BY_CODE = {cls.code: cls for cls in (InvalidRequest, Exhausted, Unavailable, DeadlineExceeded,
+                                      Cancelled, NotFound, FailedPrecondition)}
+
+
+def error_for(code: grpc.StatusCode, message: str) -> CleaveError:
+    """The CleaveError a front door raises for a worker's status ``code`` (INTERNAL otherwise)."""
+    return _BY_CODE.get(code, CleaveError)(message)
+
+
+def is_request_fault(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a worker said that this failure is the request's own (see RequestFault)."""
+    try:
+        metadata = exc.trailing_metadata() or ()
+    except Exception:
+        return False
+    return any(k == FAULT_KEY and v == "request" for k, v in metadata)
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client sees for ``exc``."""
     if isinstance(exc, CleaveError):
@@ -49,4 +82,6 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """Abort the RPC behind ``context`` with the status for ``exc`` (raises, as grpc does)."""
     code, message = status_of(exc)
+    if isinstance(exc, RequestFault):
+        await context.abort(code, message, trailing_metadata=((FAULT_KEY, "request"),))
     await context.abort(code, message)

@@ -11,14 +11,24 @@ Lifecycle:
    :class:`services.scaling_local.LocalBackend`, which adds workers through
    :meth:`LocalStack.add_worker` and retires them through :meth:`LocalStack.retire_worker`
    (SIGTERM: the worker drains, then exits; a retired worker exiting is not a failure).
-5. On SIGINT/SIGTERM, or when any other child dies, stop every child (SIGTERM, then SIGKILL
-   after a grace period) and the private Redis. Children also get SIGTERM if this process dies
+5. Supervise (:meth:`LocalStack.supervise`, every 0.2 s): a worker that dies unasked is logged
+   and restarted with exponential backoff (1 s doubling to 30 s; reset once it has run for a
+   minute) while its pool keeps serving on the survivors; a private Redis that dies is restarted
+   on its port. The stack ends only when the router dies, or when a pool has no live instance
+   and its last ``max_restarts`` restarts each died before a minute was up (a crash loop).
+6. On SIGINT/SIGTERM, or a fatal death (5.), stop every child (SIGTERM, then SIGKILL after a
+   grace period) and the private Redis. Children also get SIGTERM if this process dies
    (``PR_SET_PDEATHSIG``, set by ``services.parent_guard``), so nothing is left behind.
+
+Secrets never travel in argv: the internal-API token (``CLEAVE_INTERNAL_TOKEN``, made per run
+when unset) and a Redis password (``CLEAVE_REDIS_PASSWORD``, or taken out of ``redis_url``)
+reach the children through their environment, and printed URLs are masked.
 """
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -32,6 +42,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.parallel import free_port
+from services.environment import Environment
+from services.registry import mask_url, split_password
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +64,12 @@ class StackConfig:
     log_level: str = "INFO"
     extra_env: dict = field(default_factory=dict)
     planner: object = None               # a services.planner.PlannerConfig: run the planner too
+    max_restarts: int = 3                # a pool with no live instance ends the stack after this
+                                         # many restarts in a row that died within a minute
 
     def __post_init__(self) -> None:
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.prefill_instances < 1 or self.decode_instances < 1:
@@ -67,20 +83,33 @@ class LocalStack:
     def __init__(self, cfg: StackConfig) -> None:
         self.cfg = cfg
         self.procs: list[tuple[str, subprocess.Popen]] = []
-        self.redis_url = cfg.redis_url
+        env = Environment.read()
+        # secrets reach the children through their environment, never their argv
+        self.redis_url, password = split_password(cfg.redis_url)
+        self.redis_password = password or env.redis_password
+        self.token = env.internal_token or secrets.token_urlsafe(24)
         self.router_port = cfg.port
         self._lock = threading.Lock()        # the planner's thread adds and retires workers
         self._retiring: set[str] = set()     # names of workers asked to drain and exit
         self._count = {"prefill": 0, "decode": 0}
         self._common: list[str] = []
+        self._argv: dict[str, tuple[list[str], bool]] = {}  # name -> (argv, quiet), for restarts
+        self._restart: dict[str, tuple[float, float]] = {}  # dead name -> (restart at, backoff)
+        self._crashes: dict[str, int] = {"prefill": 0, "decode": 0}  # quick deaths in a row
+        self._started: dict[str, float] = {}
 
     def _spawn(self, name: str, argv: list[str], quiet: bool = False) -> subprocess.Popen:
-        env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n", PYTHONUNBUFFERED="1", **self.cfg.extra_env)
+        env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n", PYTHONUNBUFFERED="1",
+                   CLEAVE_INTERNAL_TOKEN=self.token, **self.cfg.extra_env)
+        if self.redis_password:
+            env["CLEAVE_REDIS_PASSWORD"] = self.redis_password
         guarded = [sys.executable, "-m", "services.parent_guard", str(os.getpid()), *argv]
         proc = subprocess.Popen(guarded, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL if quiet else None)
         with self._lock:
-            self.procs.append((name, proc))
+            self.procs = [(n, p) for n, p in self.procs if n != name] + [(name, proc)]
+            self._argv[name] = (argv, quiet)
+            self._started[name] = time.monotonic()
         return proc
 
     def add_worker(self, pool: str) -> str:
@@ -94,10 +123,11 @@ class LocalStack:
         return name
 
     def workers(self, pool: str) -> list[str]:
-        """Names of the running instances of ``pool`` not asked to stop, oldest first."""
+        """Names of the instances of ``pool`` not asked to stop (running, or dead and about to
+        be restarted), oldest first."""
         with self._lock:
             return [n for n, p in self.procs if n.startswith(f"{pool}-") and n not in self._retiring
-                    and p.poll() is None]
+                    and (p.poll() is None or n in self._restart)]
 
     def retire_worker(self, pool: str) -> str | None:
         """Ask the newest instance of ``pool`` to drain and exit (SIGTERM); returns its name."""
@@ -127,6 +157,7 @@ class LocalStack:
                                   "--appendonly", "no", "--loglevel", "warning"], quiet=True)
             self.redis_url = f"redis://{cfg.host}:{rport}/0"
             self._wait_redis(rport)
+            self.redis_port = rport
         if self.router_port == 0:
             self.router_port = free_port(cfg.host)
         self._common = common = ["--model", cfg.model, "--redis-url", self.redis_url, "--host", cfg.host]
@@ -174,6 +205,57 @@ class LocalStack:
                 return f"{name} (exit code {proc.returncode})"
         return None
 
+    def supervise(self) -> str | None:
+        """Restart what died (see the module docstring); returns why the stack must end, or None."""
+        now = time.monotonic()
+        with self._lock:
+            procs = list(self.procs)
+        for name, proc in procs:
+            if proc.poll() is None or name in self._retiring:
+                continue
+            if name == "router":
+                return f"the router exited (code {proc.returncode})"
+            if name not in self._restart or self._restart[name][0] == float("inf"):  # a new death
+                self._schedule_restart(name, proc.returncode, now)
+            at, _ = self._restart[name]
+            if now >= at:
+                log.warning("restarting %s", name)
+                argv, quiet = self._argv[name]
+                self._spawn(name, argv, quiet)
+                if name == "redis":
+                    self._wait_redis(self.redis_port)
+                with self._lock:
+                    self._restart[name] = (float("inf"), self._restart[name][1])  # until it runs
+        for name, (at, backoff) in list(self._restart.items()):
+            proc = next((p for n, p in procs if n == name), None)
+            if at == float("inf") and proc is not None and proc.poll() is None \
+                    and now - self._started.get(name, now) > 60:
+                with self._lock:  # ran for a minute: healthy again
+                    self._restart.pop(name, None)
+                    pool = name.split("-")[0]
+                    if pool in self._crashes:
+                        self._crashes[pool] = 0
+        for pool, crashes in self._crashes.items():
+            alive = [n for n, p in procs if n.startswith(f"{pool}-") and p.poll() is None
+                     and n not in self._retiring]
+            if crashes > self.cfg.max_restarts and not alive:
+                return (f"every {pool} instance is down and {crashes - 1} restarts in a row died "
+                        f"within a minute (see the logs above)")
+        return None
+
+    def _schedule_restart(self, name: str, code: int, now: float) -> None:
+        previous = self._restart.get(name)
+        backoff = 1.0 if previous is None else min(30.0, previous[1] * 2)
+        ran = now - self._started.get(name, now)
+        pool = name.split("-")[0]
+        if pool in self._crashes:
+            self._crashes[pool] = self._crashes[pool] + 1 if ran < 60 else 1
+        if ran >= 60:
+            backoff = 1.0
+        log.error("%s exited (code %s) after %.1f s; restarting it in %.0f s", name, code, ran, backoff)
+        with self._lock:
+            self._restart[name] = (now + backoff, backoff)
+
     def stop(self, grace: float = 10.0) -> None:
         """Stop the router first, then the workers, then Redis; kill what does not stop."""
         with self._lock:
@@ -212,7 +294,7 @@ def run_stack(cfg: StackConfig) -> int:
         address = stack.start()
         started = True
         print(f"Cleave ready: router listening on {address} (model {cfg.model or 'SmolLM2-135M-Instruct'}, "
-              f"redis {stack.redis_url}, prefill x{cfg.prefill_instances}, decode x{cfg.decode_instances}); "
+              f"redis {mask_url(stack.redis_url)}, prefill x{cfg.prefill_instances}, decode x{cfg.decode_instances}); "
               f"Ctrl-C stops", flush=True)
         if cfg.planner is not None:
             from services.scaling_local import PlannerThread
@@ -221,9 +303,9 @@ def run_stack(cfg: StackConfig) -> int:
                   f"{cfg.planner.prefill_max}] and decode within [{cfg.planner.decode_min}, "
                   f"{cfg.planner.decode_max}] instances", flush=True)
         while not stopping:
-            dead = stack.dead()
-            if dead:
-                log.error("%s exited; stopping the stack", dead)
+            fatal = stack.supervise()
+            if fatal:
+                log.error("%s; stopping the stack", fatal)
                 return 1
             time.sleep(0.2)
         return 0

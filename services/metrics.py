@@ -13,6 +13,8 @@ effort: a Redis outage never fails a request.
 """
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import math
 import time
@@ -33,33 +35,60 @@ def router_key(prefix: str, router_id: str) -> str:
 
 
 class MetricsWriter:
-    """Owned by a router: records latency samples and its own queue (async Redis client)."""
+    """Owned by a router: records latency samples and its own queue (async Redis client).
 
-    def __init__(self, client, prefix: str, router_id: str, window_s: float = 300.0) -> None:
+    :meth:`record` never waits for Redis: samples are kept (at most ``max_pending``, the
+    newest) and written by :meth:`flush`, which the router's health loop calls every beat
+    and which gives up after ``write_timeout_s`` when Redis does not answer.
+    """
+
+    def __init__(self, client, prefix: str, router_id: str, window_s: float = 300.0,
+                 write_timeout_s: float = 1.0, max_pending: int = 10_000) -> None:
         self._client = client
         self._prefix = prefix
         self._router_id = router_id
         self._window_s = window_s
+        self._write_timeout_s = write_timeout_s
+        self._pending: collections.deque = collections.deque(maxlen=max_pending)
+
+    def record(self, kind: str, request_id: str, seconds: float) -> None:
+        """Keep one latency sample (``kind`` in LATENCIES, ``seconds`` >= 0) for the next flush."""
+        self._pending.append((latency_key(self._prefix, kind), f"{request_id}:{seconds:.6f}", time.time()))
 
     async def sample(self, kind: str, request_id: str, seconds: float) -> None:
-        key, t = latency_key(self._prefix, kind), time.time()
+        """Record one sample and write it now (best effort)."""
+        self.record(kind, request_id, seconds)
+        await self.flush()
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        batch = list(self._pending)
+        self._pending.clear()
+        t = time.time()
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.zadd(key, {f"{request_id}:{seconds:.6f}": t})
-                pipe.zremrangebyscore(key, "-inf", t - self._window_s)
-                await pipe.execute()
-        except Exception as exc:
-            log.debug("could not record %s sample: %s", kind, exc)
+            async with asyncio.timeout(self._write_timeout_s):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for key, member, when in batch:
+                        pipe.zadd(key, {member: when})
+                    for key in {key for key, _, _ in batch}:
+                        pipe.zremrangebyscore(key, "-inf", t - self._window_s)
+                    await pipe.execute()
+        except (Exception, TimeoutError) as exc:
+            self._pending.extendleft(reversed(batch))  # kept (bounded) for the next beat
+            log.debug("could not record latency samples: %s", exc)
 
     async def publish(self, waiting_for_kv: int, active: int, ttl_s: float = 5.0) -> None:
         key = router_key(self._prefix, self._router_id)
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hset(key, mapping={"waiting_for_kv": waiting_for_kv, "active": active})
-                pipe.pexpire(key, int(ttl_s * 1000))
-                await pipe.execute()
-        except Exception as exc:
+            async with asyncio.timeout(self._write_timeout_s):
+                async with self._client.pipeline(transaction=True) as pipe:
+                    pipe.hset(key, mapping={"waiting_for_kv": waiting_for_kv, "active": active})
+                    pipe.pexpire(key, int(ttl_s * 1000))
+                    await pipe.execute()
+        except (Exception, TimeoutError) as exc:
             log.debug("could not publish router load: %s", exc)
+        await self.flush()
 
 
 async def read_latencies(client, prefix: str, kind: str, since: float) -> list[float]:

@@ -22,10 +22,11 @@ import grpc
 
 from cleave.v1 import worker_pb2, worker_pb2_grpc
 from engine.kv_cache import OutOfBlocks
-from engine.sampler import SamplingConfig, sample_one
+from engine.sampler import SamplingConfig, SamplingError, sample_one
 from kvtransfer.handoff import HandoffError, IncompatiblePeer
 from services.instance import InstanceError
-from services.errors import Cancelled, Exhausted, InvalidRequest, Unavailable, abort_with
+from services.errors import Cancelled, Exhausted, InvalidRequest, RequestFault, Unavailable, abort_with
+from services.grpc_util import add_service
 from services.worker import WorkerHost
 
 
@@ -46,6 +47,8 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
         self._running = 0
         self._lock = threading.Lock()
         host.load_fn = lambda: self._info()
+        host.metrics.gauges.add("cleave:prefill_queue_tokens", "Prompt tokens queued or running",
+                                lambda: self._queued_tokens)
 
     async def start(self) -> None:
         pass
@@ -77,9 +80,14 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
             yield worker_pb2.PrefillEvent(token_id=token, prefill_seconds=seconds)
             if request.HasField("landing"):
                 t0 = time.perf_counter()
-                sent = await loop.run_in_executor(
-                    self._transfers, self.host.instance.push, request.landing,
-                    self.host.allocator.blocks_of(owner), cancelled, request.transfer_timeout_s)
+                try:
+                    sent = await loop.run_in_executor(
+                        self._transfers, self.host.instance.push, request.landing,
+                        self.host.allocator.blocks_of(owner), cancelled, request.transfer_timeout_s)
+                except Exception:
+                    self.host.metrics.transfer_failed()
+                    raise
+                self.host.metrics.transfer(time.perf_counter() - t0, sent)
                 yield worker_pb2.PrefillEvent(transferred=worker_pb2.TransferDone(
                     transfer_seconds=time.perf_counter() - t0, transfer_bytes=sent))
         except asyncio.CancelledError:
@@ -117,6 +125,10 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
         bad = [t for t in request.token_ids if t >= model.vocab_size]
         if bad:
             raise InvalidRequest(f"token ids {bad[:5]} are outside the vocabulary (size {model.vocab_size})")
+        try:
+            SamplingConfig.from_proto(request.sampling, request.seed)
+        except ValueError as exc:
+            raise InvalidRequest(f"sampling parameters: {exc}") from None
         if request.HasField("landing"):
             self._check_landing(request.landing)
 
@@ -135,6 +147,7 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
         if cancelled.is_set():
             raise Cancelled(f"request {request.request_id} was aborted before its prefill started")
         tokens = list(request.token_ids)
+        cfg = SamplingConfig.from_proto(request.sampling, request.seed)  # checked in _validate
         try:
             blocks = self.host.allocator.allocate(owner, len(tokens))
         except OutOfBlocks as exc:
@@ -144,8 +157,12 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
         try:
             t0 = time.perf_counter()
             logits = self.host.instance.prefill(tokens, blocks)
-            cfg = SamplingConfig.from_proto(request.sampling, request.seed)
-            return sample_one(logits[0], cfg, request.output_index), time.perf_counter() - t0
+            try:
+                token = sample_one(logits[0], cfg, request.output_index)
+            except SamplingError as exc:  # this request's own, and the same on any worker
+                raise RequestFault(f"prefill of request {request.request_id} on {self.host.worker_id}: "
+                                   f"{exc}") from None
+            return token, time.perf_counter() - t0
         finally:
             with self._lock:
                 self._running -= 1
@@ -167,4 +184,4 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
 
 
 def add_to_server(servicer: PrefillService, server: grpc.aio.Server) -> None:
-    worker_pb2_grpc.add_PrefillServicer_to_server(servicer, server)
+    add_service(server, servicer, worker_pb2.DESCRIPTOR.services_by_name["Prefill"], servicer.host.cfg.internal_token)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import urllib.parse
 from dataclasses import dataclass
 from typing import Callable
 
@@ -90,15 +91,43 @@ class Heartbeat:
             await self._client.delete(self._key)
 
 
+def split_password(url: str) -> tuple[str, str]:
+    """(``url`` without its password, the password or "") — to pass the password by environment."""
+    if not url:
+        return url, ""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url, ""
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = (f"{user}@" if user else "") + host + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), urllib.parse.unquote(parts.password)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for logs and printed lines."""
+    bare, password = split_password(url)
+    if not password:
+        return url
+    parts = urllib.parse.urlsplit(bare)
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{parts.netloc.split('@')[-1]}"))
+
+
 def connect_redis(url: str, asynchronous: bool = True):
     """A Redis client for ``url`` (decoded responses), with the password from
     ``CLEAVE_REDIS_PASSWORD`` when that is set and the URL carries none."""
     from services.environment import Environment
     password = Environment.read().redis_password or None
+    # bounded waits: a frozen Redis (SIGSTOP, a partition) fails a command in seconds
+    kw = dict(decode_responses=True, password=password, socket_timeout=5.0, socket_connect_timeout=5.0,
+              health_check_interval=30)
     if asynchronous:
-        return aioredis.from_url(url, decode_responses=True, password=password)
+        return aioredis.from_url(url, **kw)
     import redis
-    return redis.Redis.from_url(url, decode_responses=True, password=password)
+    return redis.Redis.from_url(url, **kw)
 
 
 async def read_workers(client: aioredis.Redis, prefix: str, pool: str | None = None) -> list[WorkerRecord]:

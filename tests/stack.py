@@ -10,6 +10,7 @@ import redis
 
 from cleave.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.launcher import LocalStack, StackConfig
+from services.grpc_util import token_metadata
 from services.registry import read_workers
 
 
@@ -66,7 +67,8 @@ class RunningStack:
                 continue
             with grpc.insecure_channel(rec.address) as ch:
                 stub = (worker_pb2_grpc.PrefillStub if rec.pool == "prefill" else worker_pb2_grpc.DecodeStub)(ch)
-                infos[rec.worker_id] = stub.Info(worker_pb2.InfoRequest(), timeout=10)
+                infos[rec.worker_id] = stub.Info(worker_pb2.InfoRequest(), timeout=10,
+                                                 metadata=token_metadata(self.stack.token))
         return infos
 
     def free_blocks(self, exclude: tuple[str, ...] = ()) -> dict[str, int]:

@@ -100,8 +100,9 @@ def test_top_k_and_top_p_combined():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(temperature=-0.1), "temperature must be >= 0, got -0.1"),
-    (dict(temperature=float("nan")), "temperature must be >= 0, got nan"),
+    (dict(temperature=-0.1), "temperature must be a finite number >= 0, got -0.1"),
+        (dict(temperature=float("inf")), "temperature must be a finite number >= 0, got inf"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
     (dict(top_p=1.5), r"top_p must be in \[0, 1\], got 1.5"),
     (dict(top_p=-0.5), r"top_p must be in \[0, 1\], got -0.5"),
     (dict(top_k=-1), "top_k must be >= 0, got -1"),

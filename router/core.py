@@ -1,0 +1,184 @@
+"""The router's one request lifecycle, shared by every front door (gRPC today, HTTP beside it).
+
+:class:`RouterCore` holds what requests share (config, tokenizer, model shape, worker
+directory, routing policy, Redis state). A front door turns its wire request into a
+``cleave.v1.GenerateRequest`` and iterates :meth:`RouterCore.generate`:
+
+* it validates and tokenizes (cheap size checks first; tokenizing runs off the event loop),
+  records ``queued``, runs the request (``router.lifecycle.RequestRun``: reserve, prefill,
+  transfer, decode, with retries on other workers) and yields ``GenerateResponse`` deltas;
+* it raises a :class:`services.errors.CleaveError` (before the first delta or mid-stream) for
+  every failure; the front door maps it to its own status (``status_of`` for gRPC);
+* closing the generator early (``aclose()``) or cancelling the caller's task means the client
+  left: the request is recorded ``cancelled`` (or as a missed deadline when its deadline had
+  passed), its worker calls are cancelled and its KV blocks freed.
+
+Redis never sits on this path: state and latency samples are queued and written by
+background tasks (``router.state.RequestStore``, ``services.metrics.MetricsWriter``).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+
+import grpc
+import redis.asyncio as aioredis
+
+from cleave.v1 import inference_pb2
+from engine.config import ModelConfig
+from router.lifecycle import RequestRun, ValidRequest
+from router.policy import make_policy
+from router.state import RequestStore, now
+from router.text import IncrementalText, TextCodec
+from router.validate import check_input_size, check_sampling, prompt_ids_of, request_id_of, seed_of
+from router.workers import WorkerDirectory
+from services.config import RouterConfig
+from services.errors import CleaveError, DeadlineExceeded, InvalidRequest, error_for
+from services.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+# a cancellation this close to the request's deadline is the deadline (gRPC cancels the call
+# when the client's deadline passes, racing the router's own timer)
+_DEADLINE_SLACK_S = 0.05
+
+
+class RouterCore:
+    """Everything requests share: config, tokenizer, model shape, workers, policy, Redis state."""
+
+    def __init__(self, cfg: RouterConfig, model_id: str, model: ModelConfig, codec: TextCodec,
+                 client: aioredis.Redis) -> None:
+        self.cfg = cfg
+        self.model_id = model_id
+        self.model = model
+        self.codec = codec
+        self.client = client
+        self.directory = WorkerDirectory(client, cfg.key_prefix, cfg.discovery_s, cfg.internal_token)
+        self.policy = make_policy("least-load")
+        self.store = RequestStore(client, cfg.key_prefix, cfg.request_ttl_s,
+                                  live_ttl_s=int(cfg.request_timeout_s) + cfg.request_ttl_s)
+        self.metrics = MetricsWriter(client, cfg.key_prefix, uuid.uuid4().hex[:12])
+        self.queued = 0                   # requests waiting for decode room
+        self.active: set[str] = set()     # request ids in flight on this router
+        self._tasks: set[asyncio.Task] = set()
+
+    def background(self, task: asyncio.Task) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        """Start discovery and the Redis writer (called once by the process that owns the core)."""
+        await self.directory.start()
+        self.background(asyncio.get_running_loop().create_task(self.store.run()))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.directory.stop()
+        await self.client.aclose()
+
+    async def _admit(self, request: inference_pb2.GenerateRequest) -> tuple[str, list[int]]:
+        """Validate and tokenize; returns (request id, prompt ids). Raises InvalidRequest."""
+        rid = request_id_of(request)
+        if rid in self.active:
+            raise InvalidRequest(f"request_id {rid!r} is already in progress; use a unique id")
+        check_input_size(request, self.codec, self.model)
+        self.active.add(rid)  # claimed before the first await: a twin arriving meanwhile is refused
+        try:
+            ids = await asyncio.to_thread(prompt_ids_of, request, self.codec, self.model)
+            check_sampling(request.sampling, len(ids), self.model)
+        except BaseException:
+            self.active.discard(rid)
+            raise
+        return rid, ids
+
+    async def generate(self, request: inference_pb2.GenerateRequest, timeout_s: float | None = None):
+        """Run one request; yields ``GenerateResponse`` deltas (see the module docstring).
+
+        ``timeout_s``: the client's own deadline in seconds from now (None: none), capped by
+        ``cfg.request_timeout_s``. Raises CleaveError subclasses; DeadlineExceeded when the
+        deadline passes first.
+        """
+        t_arrival = now()
+        rid, ids = await self._admit(request)
+        timeout = self.cfg.request_timeout_s if timeout_s is None else min(timeout_s, self.cfg.request_timeout_s)
+        sampling = request.sampling
+        req = ValidRequest(rid, ids, sampling, seed_of(sampling), t_arrival + timeout,
+                           list(self.model.eos_token_ids))
+        self.store.update(rid, state="queued", prompt_tokens=len(ids), completion_tokens=0,
+                          max_tokens=sampling.max_tokens, t_arrival=t_arrival, attempts=0, error="",
+                          finish_reason="")
+        text = IncrementalText(self.codec, list(sampling.stop))
+        run = RequestRun(self, req)
+        state, error, finish, count, t_first = "failed", "", None, 0, 0.0
+        try:
+            async with asyncio.timeout(max(0.0, req.deadline - now())), \
+                    contextlib.aclosing(run.tokens()) as stream:
+                async for new_ids, reason in stream:
+                    if count == 0:
+                        t_first = now()
+                        self.store.update(rid, t_first_token=t_first)
+                        self.metrics.record("ttft", rid, t_first - t_arrival)
+                    count += len(new_ids)
+                    delta = text.add(new_ids, final=reason is not None)
+                    if text.stopped:
+                        reason = inference_pb2.FINISH_REASON_STOP
+                    msg = inference_pb2.GenerateResponse(request_id=rid, token_ids=new_ids, text=delta)
+                    if reason is not None:
+                        finish = reason
+                        msg.finish_reason = reason
+                        msg.usage.prompt_tokens = len(ids)
+                        msg.usage.completion_tokens = count
+                    yield msg
+                    if reason is not None:
+                        break
+            state = "finished"
+            if count > 1:
+                self.metrics.record("tpot", rid, (now() - t_first) / (count - 1))
+        except (asyncio.CancelledError, GeneratorExit):  # the front door's client left
+            if time.time() >= req.deadline - _DEADLINE_SLACK_S:
+                state, error = "failed", f"deadline of {timeout:.1f} s exceeded"
+            else:
+                state, error = "cancelled", "client cancelled the request"
+            raise
+        except TimeoutError:
+            state, error = "failed", f"deadline of {timeout:.1f} s exceeded"
+            raise DeadlineExceeded(f"request {rid} did not finish within its deadline of "
+                                   f"{timeout:.1f} s") from None
+        except CleaveError as exc:
+            error = str(exc)
+            raise
+        except grpc.aio.AioRpcError as exc:  # a worker's own status (not retried)
+            error = exc.details() or exc.code().name
+            raise error_for(exc.code(), error) from None
+        except Exception as exc:
+            log.exception("request %s failed", rid)
+            error = f"internal error: {type(exc).__name__}: {exc}"
+            raise CleaveError(error) from None
+        finally:
+            self.active.discard(rid)
+            fields = dict(state=state, completion_tokens=count, t_finish=now(), attempts=run.attempts,
+                          error=error)
+            if finish is not None:
+                fields["finish_reason"] = inference_pb2.FinishReason.Name(finish).removeprefix("FINISH_REASON_").lower()
+            self.store.update(rid, **fields)
+
+    def model_info(self) -> inference_pb2.ModelInfo:
+        """The ``GetModelInfo`` answer: model shape and the pools as this router sees them."""
+        m = self.model
+        pools = []
+        for name in ("prefill", "decode"):
+            workers = self.directory.pool(name)
+            layout = workers[0].record.layout if workers else {"tp": 1, "pp": 1, "cp": 1, "ep": 1}
+            pools.append(inference_pb2.PoolInfo(pool=name, instances=len(workers),
+                                                layout=inference_pb2.Layout(**{k: int(v) for k, v in layout.items()})))
+        block_size = next((w.record.capacity.get("block_size", 0) for w in self.directory.pool("decode")), 0)
+        return inference_pb2.ModelInfo(
+            model_id=self.model_id, architecture=m.architecture, vocab_size=m.vocab_size,
+            max_context_length=m.max_position, eos_token_ids=list(m.eos_token_ids),
+            has_chat_template=self.codec.has_chat_template, pools=pools, dtype=m.dtype,
+            kv_block_size=block_size)
