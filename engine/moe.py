@@ -28,6 +28,14 @@ variable-size all-to-all; the all-reduce moves ``T*H`` values per rank, the same
 all-to-all's ``T*k*H`` for small k, and leaves the combined output where the next layer's
 replicated/TP attention needs it. When ``tp > ep`` the experts are replicated over the extra
 ranks (no communication).
+
+Placement (``engine.eplb``): which experts an EP rank holds is a :class:`~engine.eplb.Placement`
+of ``ep * S`` slots, ``[r*E/ep, (r+1)*E/ep)`` on rank ``r`` until a rebalance moves them
+(``engine.expert_move.apply_placement``, between two steps). An expert with ``c`` copies has its
+pairs of the step split round-robin over the copies; every token still gets
+``sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` whichever rank computes which pair, so a placement
+changes the output only by rounding (a matmul over a different number of rows, as when the
+batch changes). ``rank_pairs`` counts the pairs this rank computed: the measured rank load.
 """
 from __future__ import annotations
 
@@ -39,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.eplb import Placement, default_placement
 from engine.layers import load_param
 from engine.model import LlamaForCausalLM
 from engine.parallel import ParallelGroups
@@ -77,78 +86,110 @@ class MoEBlock(nn.Module):
         if e % ep.size:
             raise ValueError(f"ep={ep.size} does not divide the {e} experts")
         self.layer_index, self.num_experts, self.top_k, self.ep = layer_index, e, k, ep
-        n = e // ep.size
-        self.expert_lo, self.expert_hi = ep.rank * n, (ep.rank + 1) * n
         h, i, dt = config.hidden_size, config.intermediate_size, config.torch_dtype
         self.intermediate_size = i
         self.register_buffer("gate_weight", torch.empty(e, h, dtype=dt))
-        self.register_buffer("gate_up_proj", torch.empty(n, 2 * i, h, dtype=dt))   # [W1_e; W3_e]
-        self.register_buffer("down_proj", torch.empty(n, h, i, dtype=dt))          # W2_e
         self.register_buffer("expert_counts", torch.zeros(e, dtype=torch.int64), persistent=False)
+        # (token, expert) pairs this rank's slots computed, cumulative: the measured rank load
+        self.register_buffer("rank_pairs", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.set_slots(default_placement(e, ep.size), torch.empty(e // ep.size, 2 * i, h, dtype=dt),
+                       torch.empty(e // ep.size, h, i, dtype=dt))
         self._loaded: set[str] = set()
+
+    def set_slots(self, placement: Placement, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
+        """Switch to ``placement`` whose slots on this rank hold ``gate_up_proj [S, 2I, H]``
+        (``[W1_e; W3_e]``) and ``down_proj [S, H, I]`` (``W2_e``); ``engine.expert_move`` calls
+        it between two steps with the moved weights in place."""
+        if (placement.num_experts, placement.ep) != (self.num_experts, self.ep.size):
+            raise ValueError(f"layer {self.layer_index}: placement for {placement.num_experts} experts "
+                             f"over ep={placement.ep}, the block has {self.num_experts} over ep={self.ep.size}")
+        if gate_up_proj.shape[0] != placement.slots or down_proj.shape[0] != placement.slots:
+            raise ValueError(f"layer {self.layer_index}: {gate_up_proj.shape[0]} weight slots for a "
+                             f"placement of {placement.slots} slots per rank")
+        self.placement = placement
+        self.slot_experts = placement.rank_experts(self.ep.rank)
+        reps, copy = placement.replicas(), placement.copy_index()
+        base = self.ep.rank * placement.slots
+        self._slot_split = [(e, copy[base + s], reps[e]) for s, e in enumerate(self.slot_experts)]
+        self.register_buffer("gate_up_proj", gate_up_proj)
+        self.register_buffer("down_proj", down_proj)
 
     # ---- weights ----------------------------------------------------------------------------
     def _expected(self) -> set[str]:
-        return {"gate"} | {f"{j}.{w}" for j in range(self.expert_lo, self.expert_hi)
-                           for w in ("w1", "w2", "w3")}
+        return {"gate"} | {f"{j}.{w}" for j in set(self.slot_experts) for w in ("w1", "w2", "w3")}
+
+    def _slots_of(self, expert: int) -> list[int]:
+        return [s for s, e in enumerate(self.slot_experts) if e == expert]
 
     def load_weight(self, suffix: str, tensor: torch.Tensor) -> None:
         """Load one checkpoint tensor named ``...block_sparse_moe.<suffix>`` (or ``...mlp.``):
         ``gate.weight``, ``experts.<j>.w1|w2|w3.weight`` (experts of other EP ranks are
         ignored, never held), stacked ``experts.gate_up_proj`` / ``experts.down_proj``
-        (transformers) or stacked ``experts.w1|w2|w3.weight`` ``[E, out, in]`` (GGUF)."""
-        lo, hi, i = self.expert_lo, self.expert_hi, self.intermediate_size
+        (transformers) or stacked ``experts.w1|w2|w3.weight`` ``[E, out, in]`` (GGUF). Every
+        local slot holding expert ``j`` (``self.slot_experts``) gets its copy."""
         what = f"layer {self.layer_index} {suffix}"
         if suffix == "gate.weight":
             load_param(self.gate_weight, tensor, what)
             self._loaded.add("gate")
-        elif suffix in ("experts.gate_up_proj", "experts.down_proj"):
+            return
+        stacked = suffix in ("experts.gate_up_proj", "experts.down_proj")
+        m = _STACKED.match(suffix) if tensor.dim() == 3 else None
+        if stacked or m:                                  # [E, out, in]: transformers or GGUF
             if tensor.dim() != 3 or tensor.shape[0] != self.num_experts:
                 raise ValueError(f"{what}: shape {tuple(tensor.shape)} is not [{self.num_experts}, ., .]")
-            buf = self.gate_up_proj if suffix.endswith("gate_up_proj") else self.down_proj
-            load_param(buf, tensor[lo:hi], what)
-            parts = ("w1", "w3") if buf is self.gate_up_proj else ("w2",)
-            self._loaded |= {f"{j}.{w}" for j in range(lo, hi) for w in parts}
-        elif (m := _STACKED.match(suffix)) and tensor.dim() == 3:      # GGUF: [E, out, in]
-            if tensor.shape[0] != self.num_experts:
-                raise ValueError(f"{what}: shape {tuple(tensor.shape)} is not [{self.num_experts}, ., .]")
-            w = m.group(1)
-            dst = {"w1": self.gate_up_proj[:, :i], "w3": self.gate_up_proj[:, i:], "w2": self.down_proj}[w]
-            load_param(dst, tensor[lo:hi], what)
-            self._loaded |= {f"{j}.{w}" for j in range(lo, hi)}
+            w, marks = {"experts.gate_up_proj": ("w1w3", ("w1", "w3")),
+                        "experts.down_proj": ("w2", ("w2",))}.get(suffix) or (m.group(1), (m.group(1),))
+            for s, j in enumerate(self.slot_experts):
+                load_param(self._dst(s, w), tensor[j], what)
+                self._loaded |= {f"{j}.{x}" for x in marks}
         elif m := _EXPERT.match(suffix):
             j, w = int(m.group(1)), m.group(2)
             if not 0 <= j < self.num_experts:
                 raise ValueError(f"{what}: expert {j} is outside [0, {self.num_experts})")
-            if not lo <= j < hi:
-                return                                   # another EP rank's expert
-            dst = {"w1": self.gate_up_proj[j - lo, :i], "w3": self.gate_up_proj[j - lo, i:],
-                   "w2": self.down_proj[j - lo]}[w]
-            load_param(dst, tensor, what)
-            self._loaded.add(f"{j}.{w}")
+            for s in self._slots_of(j):                   # none: another EP rank's expert
+                load_param(self._dst(s, w), tensor, what)
+                self._loaded.add(f"{j}.{w}")
         else:
             raise ValueError(f"unexpected MoE weight {what!r}")
+
+    def _dst(self, slot: int, w: str) -> torch.Tensor:
+        """Where weight ``w`` (w1, w3, w2 or both w1w3) of local ``slot`` lives."""
+        i = self.intermediate_size
+        return {"w1": self.gate_up_proj[slot, :i], "w3": self.gate_up_proj[slot, i:],
+                "w1w3": self.gate_up_proj[slot], "w2": self.down_proj[slot]}[w]
 
     def missing_weights(self) -> list[str]:
         return sorted(self._expected() - self._loaded)
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [T, H]`` -> ``y [T, H]`` (summed over the EP group); counts routed pairs."""
+        """``x [T, H]`` -> ``y [T, H]`` (summed over the EP group); counts routed pairs.
+
+        Local slot ``s`` holds copy ``j`` of ``c`` of expert ``e`` and computes the pairs
+        ``j, j + c, j + 2c, ...`` of ``e``'s pairs in this step (all of them when ``c = 1``)."""
         t = x.shape[0]
         weights, ids = route(F.linear(x, self.gate_weight), self.top_k)
         x_sorted, order, counts = moe_permute(x, ids, self.num_experts)
         self.expert_counts += counts
         offsets = [0] + torch.cumsum(counts, 0).tolist()
-        outs = []
-        for j in range(self.expert_lo, self.expert_hi):
-            rows = x_sorted[offsets[j]: offsets[j + 1]]
+        outs, mine = [], []
+        for s, (e, j, c) in enumerate(self._slot_split):
+            lo, hi = offsets[e], offsets[e + 1]
+            if hi <= lo + j:                           # no pair for this copy in this step
+                continue
+            if c == 1:
+                rows, pairs = x_sorted[lo:hi], order[lo:hi]
+            else:
+                pick = torch.arange(lo + j, hi, c, device=x.device)
+                rows, pairs = x_sorted[pick], order[pick]
             if rows.shape[0]:
-                h = silu_and_mul(F.linear(rows, self.gate_up_proj[j - self.expert_lo]))
-                outs.append(F.linear(h, self.down_proj[j - self.expert_lo]))
-        mine = order[offsets[self.expert_lo]: offsets[self.expert_hi]]
+                h = silu_and_mul(F.linear(rows, self.gate_up_proj[s]))
+                outs.append(F.linear(h, self.down_proj[s]))
+                mine.append(pairs)
         y = torch.cat(outs) if outs else x.new_zeros(0, x.shape[1])
-        return self.ep.all_reduce(moe_unpermute(y, mine, weights, t))
+        pairs = torch.cat(mine) if mine else order.new_zeros(0)
+        self.rank_pairs += pairs.numel()
+        return self.ep.all_reduce(moe_unpermute(y, pairs, weights, t))
 
 
 def moe_mlp_factory(config: ModelConfig, groups: ParallelGroups, layer_index: int) -> nn.Module:
@@ -171,6 +212,21 @@ class MixtralForCausalLM(LlamaForCausalLM):
     def expert_counts(self) -> dict[int, torch.Tensor]:
         """Cumulative routed (token, expert) pairs per expert, by global layer (this stage)."""
         return {i: b.expert_counts.clone() for i, b in self.moe_blocks().items()}
+
+    def rank_pairs(self) -> dict[int, int]:
+        """(token, expert) pairs this rank's slots computed, cumulative, by global layer."""
+        return {i: int(b.rank_pairs) for i, b in self.moe_blocks().items()}
+
+    def placements(self) -> dict:
+        """The current ``engine.eplb.Placement`` of each MoE layer of this stage."""
+        return {i: b.placement for i, b in self.moe_blocks().items()}
+
+    def apply_placement(self, placements: dict) -> dict:
+        """Move experts to ``placements`` ({layer: Placement}); collective over the EP groups,
+        see ``engine.expert_move.apply_placement`` (returns its summary)."""
+        from engine.expert_move import apply_placement
+        with torch.inference_mode():
+            return apply_placement(self.moe_blocks(), placements)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Route ``block_sparse_moe.*`` / ``mlp.{gate,experts}.*`` tensors to the MoE blocks and

@@ -26,11 +26,14 @@ TINY_MIXTRAL_DEFAULTS = dict(
 )
 
 
-def make_tiny_mixtral(path: str | os.PathLike, seed: int = 0, **overrides) -> str:
+def make_tiny_mixtral(path: str | os.PathLike, seed: int = 0, hot_experts: dict[int, float] | None = None,
+                      **overrides) -> str:
     """Build and save a random tiny Mixtral causal LM into ``path``; returns the path.
 
     ``overrides`` are ``MixtralConfig`` fields on top of :data:`TINY_MIXTRAL_DEFAULTS`
-    (e.g. ``num_local_experts=4``, ``num_experts_per_tok=1``).
+    (e.g. ``num_local_experts=4``, ``num_experts_per_tok=1``). ``hot_experts`` ``{expert:
+    bias}`` skews routing (see :func:`_bias_router`): e.g. ``{6: 0.5, 7: 0.3}`` sends most
+    tokens to experts 6 and 7 in every layer, which the default EP split puts on one rank.
     """
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -41,9 +44,31 @@ def make_tiny_mixtral(path: str | os.PathLike, seed: int = 0, **overrides) -> st
     config = MixtralConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=BOS_ID, **fields)
     torch.manual_seed(seed)
     model = MixtralForCausalLM(config).to(torch.float32).eval()
+    if hot_experts:
+        _bias_router(model, hot_experts)
     model.save_pretrained(path, safe_serialization=True)
     write_byte_tokenizer(path)
     return path
+
+
+def _bias_router(model, hot_experts: dict[int, float]) -> None:
+    """Make every token prefer the ``hot_experts`` while the text stays varied: hidden
+    dimension 0 becomes a routing-only channel. Every token embedding gets 1.0 there (std 0.1
+    elsewhere), so each MoE input after RMSNorm carries about +6 on it; no other projection
+    reads it (its input column is zeroed in q/k/v, the experts and the LM head); router row
+    ``e`` gets ``bias`` on it, about ``6 * bias`` added to expert ``e``'s logit (the other
+    logits have a std of about 0.8)."""
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.weight[:, 0] = 0.0
+            layer.mlp.experts.gate_up_proj[:, :, 0] = 0.0
+            gate = layer.mlp.gate.weight
+            gate[:, 0] = 0.0
+            for e, bias in hot_experts.items():
+                gate[e, 0] = bias
 
 
 def write_tiny_mixtral_gguf(hf_dir: str, out_path: str) -> str:
