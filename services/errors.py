@@ -85,3 +85,22 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> N
     if isinstance(exc, RequestFault):
         await context.abort(code, message, trailing_metadata=((FAULT_KEY, "request"),))
     await context.abort(code, message)
+
+
+# the same classes as HTTP statuses and OpenAI error types (router.openai_api); 499 is the
+# de-facto "client closed request"
+_HTTP = {grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+         grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+         grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+         grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+         grpc.StatusCode.CANCELLED: (499, "cancelled_error"),
+         grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
+         grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error")}
+
+
+def http_status_of(exc: BaseException) -> tuple[int, str, str]:
+    """(HTTP status, OpenAI error type, message) a client of the HTTP API sees for ``exc``:
+    the gRPC status of :func:`status_of` mapped to HTTP (500 ``internal_error`` otherwise)."""
+    code, message = status_of(exc)
+    status, kind = _HTTP.get(code, (500, "internal_error"))
+    return status, kind, message

@@ -5,7 +5,8 @@ Lifecycle of a worker process (``cleave worker prefill|decode``):
 1. :class:`WorkerHost` builds the instance (``services.instance``: its ranks, their model
    shards, KV caches and transports) and the block allocator shared by all its ranks.
 2. :func:`serve_worker` builds the pool's servicer on the host, binds the gRPC server
-   (port 0 = a free port), starts the Redis heartbeat so routers find it, and waits.
+   (port 0 = a free port), serves Prometheus ``/metrics`` on ``metrics_port`` when set
+   (``services.prom.WorkerMetrics``), starts the Redis heartbeat so routers find it, and waits.
 3. SIGTERM/SIGINT drains: health turns NOT_SERVING and the record is rewritten as
    ``draining`` at once, so routers send nothing new (a request that raced the flag is
    refused with UNAVAILABLE and the router retries it elsewhere). Requests already here run
@@ -35,6 +36,7 @@ from engine.kv_cache import BlockAllocator
 from services.config import WorkerConfig
 from services.errors import Unavailable
 from services.instance import Instance
+from services.prom import WorkerMetrics, layout_label
 from services.registry import Heartbeat, WorkerRecord, connect_redis
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,9 @@ class WorkerHost:
         self.health = None  # the gRPC health servicer, set once the server is bound
         self.load_fn: Callable[[], dict] = lambda: {}
         self.draining = False  # set when asked to stop: no new requests are accepted
+        self.metrics = WorkerMetrics(cfg.pool, lambda: self.worker_id, layout_label(self.layout))
+        self.metrics.gauges.add("cleave:kv_cache_usage_perc", "Used share of the KV blocks (0..1)",
+                                lambda: 1.0 - self.allocator.free_blocks / max(1, self.allocator.total))
 
     def check_accepting(self) -> None:
         """Raise UNAVAILABLE when draining; servicers call it before taking a new request."""
@@ -122,6 +127,9 @@ async def serve_worker(cfg: WorkerConfig, make_servicer: Callable[[WorkerHost], 
     servicer = make_servicer(host)
     server, _ = await start_worker_server(host, lambda s: add_fn(servicer, s))
     await servicer.start()
+    if cfg.metrics_port:
+        port = host.metrics.serve(cfg.host, cfg.metrics_port)
+        log.info("%s worker metrics on http://%s:%d/metrics", cfg.pool, cfg.host, port)
     client = connect_redis(cfg.redis_url) if cfg.redis_url else None
     beat_task = heartbeat = None
     if client is not None:
@@ -149,6 +157,7 @@ async def serve_worker(cfg: WorkerConfig, make_servicer: Callable[[WorkerHost], 
         await client.aclose()
     await server.stop(grace=5)
     await servicer.stop()
+    host.metrics.close()
     host.instance.close()
     if host.failed:
         raise SystemExit(1)

@@ -1,0 +1,193 @@
+"""Prometheus metrics of the router and the workers (``prometheus_client``), named ``cleave:*``.
+
+Names follow what operators' dashboards and load tools already know (vLLM's ``vllm:*`` set):
+histograms in seconds or tokens, counters ending in ``_total``. Each process owns one
+:class:`prometheus_client.CollectorRegistry` (no module-global registry, so tests and several
+cores in one process never share counters).
+
+Router (``RouterMetrics``, label ``model_name``; scraped at ``/metrics`` of its HTTP port):
+
+| metric | type | what |
+| --- | --- | --- |
+| ``cleave:time_to_first_token_seconds`` | histogram | arrival at the router to the first token sent |
+| ``cleave:inter_token_latency_seconds`` | histogram | gap between output tokens (a message of k tokens after a gap g counts k samples of g/k) |
+| ``cleave:e2e_request_latency_seconds`` | histogram | arrival to the last token, finished requests |
+| ``cleave:request_queue_time_seconds`` | histogram | arrival until a decode instance reserved KV room (admission wait) |
+| ``cleave:request_prompt_tokens`` / ``cleave:request_generation_tokens`` | histogram | tokens per finished request |
+| ``cleave:request_success_total{finish_reason}`` | counter | finished requests, ``stop`` or ``length`` |
+| ``cleave:request_failures_total{reason}`` | counter | failed or cancelled requests by error kind (``invalid_request``, ``exhausted``, ``unavailable``, ``deadline_exceeded``, ``cancelled``, ...) |
+| ``cleave:request_migrations_total`` | counter | attempts retried on another worker (attempts - 1 per request) |
+| ``cleave:num_requests_running`` / ``cleave:num_requests_waiting`` | gauge | in flight / waiting for KV room, now |
+
+Workers (``WorkerMetrics``, labels ``pool``, ``worker_id``, ``layout`` such as ``tp1-pp2-cp1-ep1``;
+served on ``--metrics-port``):
+
+| metric | type | what |
+| --- | --- | --- |
+| ``cleave:kv_cache_usage_perc`` | gauge | used share of the instance's KV blocks, 0..1 (1 = full) |
+| ``cleave:kv_transfer_seconds`` | histogram | prefill: one KV push; decode: reservation to landed |
+| ``cleave:kv_transfer_bytes_total`` | counter | KV bytes pushed (prefill) |
+| ``cleave:kv_transfer_failures_total`` | counter | pushes (prefill) or landings (decode) that failed |
+| ``cleave:prefill_queue_tokens`` | gauge | prompt tokens queued or running on a prefill instance |
+| ``cleave:batch_size`` | gauge | sequences in the running decode batch |
+| ``cleave:expert_hotspot_ratio{layer}`` | gauge | MoE decode: the hottest EP rank's routed tokens / the mean over EP ranks (1 = balanced) |
+
+No metric carries a request id (unbounded label values would grow the registry forever).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+# bucket edges as vLLM publishes them, so the same dashboards and alerts apply
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+               20.0, 40.0, 80.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                   240.0, 480.0, 960.0, 1920.0, 7680.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _Sampled:
+    """A collector of gauges read at scrape time from callables (no stale values to keep)."""
+
+    def __init__(self, labels: Callable[[], dict[str, str]]) -> None:
+        self._labels = labels
+        self._gauges: list[tuple[str, str, Callable[[], object]]] = []
+
+    def add(self, name: str, doc: str, read: Callable[[], object]) -> None:
+        """``read`` returns a number, or a dict ``{extra label value: number}`` keyed by the
+        value of one more label named by ``name``'s ``{label}`` suffix (e.g. ``"x{layer}"``)."""
+        self._gauges.append((name, doc, read))
+
+    def collect(self):
+        labels = self._labels()
+        for spec, doc, read in self._gauges:
+            name, _, extra = spec.partition("{")
+            extra = extra.rstrip("}")
+            family = GaugeMetricFamily(name, doc, labels=[*labels, *([extra] if extra else [])])
+            value = read()
+            if extra:
+                for key, v in (value or {}).items():
+                    family.add_metric([*labels.values(), str(key)], float(v))
+            elif value is not None:
+                family.add_metric(list(labels.values()), float(value))
+            yield family
+
+
+class RouterMetrics:
+    """The router's request metrics (see the module docstring). One per ``RouterCore``."""
+
+    def __init__(self, model_name: str, running: Callable[[], int], waiting: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self._model = model_name
+        lbl = ["model_name"]
+
+        def hist(name, doc, buckets):
+            return Histogram(name, doc, lbl, buckets=buckets, registry=self.registry).labels(model_name)
+
+        self.ttft = hist("cleave:time_to_first_token_seconds", "Time to first token (s)", TTFT_BUCKETS)
+        self.itl = hist("cleave:inter_token_latency_seconds", "Inter-token latency (s)", ITL_BUCKETS)
+        self.e2e = hist("cleave:e2e_request_latency_seconds", "End-to-end request latency (s)", REQUEST_BUCKETS)
+        self.queue = hist("cleave:request_queue_time_seconds", "Time waiting for KV room (s)", REQUEST_BUCKETS)
+        self.prompt_tokens = hist("cleave:request_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS)
+        self.generation_tokens = hist("cleave:request_generation_tokens", "Generated tokens per request",
+                                      TOKEN_BUCKETS)
+        self.success = Counter("cleave:request_success", "Finished requests", lbl + ["finish_reason"],
+                               registry=self.registry)
+        self.failures = Counter("cleave:request_failures", "Failed or cancelled requests", lbl + ["reason"],
+                                registry=self.registry)
+        self.migrations = Counter("cleave:request_migrations", "Attempts retried on another worker", lbl,
+                                  registry=self.registry).labels(model_name)
+        gauges = _Sampled(lambda: {"model_name": model_name})
+        gauges.add("cleave:num_requests_running", "Requests in flight past admission", running)
+        gauges.add("cleave:num_requests_waiting", "Requests waiting for KV room", waiting)
+        self.registry.register(gauges)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def tokens(self, gap_s: float, count: int) -> None:
+        """``count`` tokens arrived ``gap_s`` after the previous ones: ``count`` ITL samples."""
+        for _ in range(count):
+            self.itl.observe(gap_s / count)
+
+    def finished(self, finish_reason: str, prompt_tokens: int, generated: int, e2e_s: float,
+                 queue_s: float | None, attempts: int) -> None:
+        self.success.labels(self._model, finish_reason).inc()
+        self.prompt_tokens.observe(prompt_tokens)
+        self.generation_tokens.observe(generated)
+        self.e2e.observe(e2e_s)
+        self._common(queue_s, attempts)
+
+    def failed(self, reason: str, queue_s: float | None, attempts: int) -> None:
+        self.failures.labels(self._model, reason).inc()
+        self._common(queue_s, attempts)
+
+    def _common(self, queue_s: float | None, attempts: int) -> None:
+        if queue_s is not None:
+            self.queue.observe(queue_s)
+        if attempts > 1:
+            self.migrations.inc(attempts - 1)
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus' text format (``CONTENT_TYPE``)."""
+        return generate_latest(self.registry)
+
+
+def layout_label(layout) -> str:
+    """``tp1-pp1-cp1-ep1`` for a layout (an object or mapping with tp, pp, cp, ep)."""
+    get = layout.get if isinstance(layout, dict) else lambda k: getattr(layout, k)
+    return "-".join(f"{axis}{int(get(axis))}" for axis in ("tp", "pp", "cp", "ep"))
+
+
+class WorkerMetrics:
+    """One worker instance's metrics (see the module docstring).
+
+    ``worker_id`` is a callable because the id is known only once the gRPC server is bound;
+    labels are resolved when a metric moves or is scraped.
+    """
+
+    def __init__(self, pool: str, worker_id: Callable[[], str], layout: str) -> None:
+        self.registry = CollectorRegistry()
+        self._pool, self._worker_id, self._layout = pool, worker_id, layout
+        names = ["pool", "worker_id", "layout"]
+        self._transfer_s = Histogram("cleave:kv_transfer_seconds", "KV transfer time (s)", names,
+                                     buckets=TRANSFER_BUCKETS, registry=self.registry)
+        self._transfer_bytes = Counter("cleave:kv_transfer_bytes", "KV bytes pushed", names,
+                                       registry=self.registry)
+        self._transfer_failures = Counter("cleave:kv_transfer_failures", "KV transfers that failed", names,
+                                          registry=self.registry)
+        self.gauges = _Sampled(self.labels)
+        self.registry.register(self.gauges)
+        self._server = None
+
+    def labels(self) -> dict[str, str]:
+        return {"pool": self._pool, "worker_id": self._worker_id(), "layout": self._layout}
+
+    def transfer(self, seconds: float, nbytes: int = 0) -> None:
+        lbl = self.labels()
+        self._transfer_s.labels(**lbl).observe(seconds)
+        if nbytes:
+            self._transfer_bytes.labels(**lbl).inc(nbytes)
+
+    def transfer_failed(self) -> None:
+        self._transfer_failures.labels(**self.labels()).inc()
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` on ``host:port`` from a daemon thread; returns the bound port."""
+        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._server.server_port
+
+    def close(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            threading.Thread(target=server.shutdown, daemon=True).start()
+            server.server_close()
