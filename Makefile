@@ -3,6 +3,7 @@
 # dependencies, the embedded default model and redis-server).
 
 PORT ?= 50051
+HTTP_PORT ?= 8000
 REDIS_URL ?=
 MODEL ?=
 ARGS ?=
@@ -16,7 +17,8 @@ STAMP := $(VENV)/.stamp-install
 .PHONY: run test test-all bench install proto redis-server clean help
 
 help:
-	@echo "make run   PORT=50051 REDIS_URL= MODEL= ARGS=   # local stack: router on 127.0.0.1:PORT"
+	@echo "make run   PORT=50051 HTTP_PORT=8000 REDIS_URL= MODEL= ARGS=   # local stack: gRPC on 127.0.0.1:PORT,"
+	@echo "                                               # OpenAI API + /metrics on http://127.0.0.1:HTTP_PORT"
 	@echo "make test                                       # the test suite (slow tier excluded)"
 	@echo "make test-all                                   # every tier"
 	@echo "make bench                                      # serving benchmark vs transformers"
@@ -44,7 +46,7 @@ proto: $(STAMP)
 	$(BIN)/python protos/build.py
 
 run: install
-	UCX_WARN_UNUSED_ENV_VARS=n $(BIN)/cleave serve --port $(PORT) \
+	UCX_WARN_UNUSED_ENV_VARS=n $(BIN)/cleave serve --port $(PORT) --http-port $(HTTP_PORT) \
 	  $(if $(REDIS_URL),--redis-url $(REDIS_URL)) $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 test: install

@@ -38,6 +38,7 @@ from router.workers import WorkerDirectory
 from services.config import RouterConfig
 from services.errors import CleaveError, DeadlineExceeded, InvalidRequest, error_for
 from services.metrics import MetricsWriter
+from services.prom import RouterMetrics
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class RouterCore:
         self.metrics = MetricsWriter(client, cfg.key_prefix, uuid.uuid4().hex[:12])
         self.queued = 0                   # requests waiting for decode room
         self.active: set[str] = set()     # request ids in flight on this router
+        self.prom = RouterMetrics(model_id, running=lambda: max(0, len(self.active) - self.queued),
+                                  waiting=lambda: self.queued)  # Prometheus, at /metrics of the HTTP port
         self._tasks: set[asyncio.Task] = set()
 
     def background(self, task: asyncio.Task) -> None:
@@ -104,7 +107,11 @@ class RouterCore:
         deadline passes first.
         """
         t_arrival = now()
-        rid, ids = await self._admit(request)
+        try:
+            rid, ids = await self._admit(request)
+        except CleaveError as exc:
+            self.prom.failed(exc.code.name.lower(), None, 0)
+            raise
         timeout = self.cfg.request_timeout_s if timeout_s is None else min(timeout_s, self.cfg.request_timeout_s)
         sampling = request.sampling
         req = ValidRequest(rid, ids, sampling, seed_of(sampling), t_arrival + timeout,
@@ -115,6 +122,7 @@ class RouterCore:
         text = IncrementalText(self.codec, list(sampling.stop))
         run = RequestRun(self, req)
         state, error, finish, count, t_first = "failed", "", None, 0, 0.0
+        kind, t_last = "internal", 0.0  # failure kind (a gRPC code name) and last delta's time, for /metrics
         try:
             async with asyncio.timeout(max(0.0, req.deadline - now())), \
                     contextlib.aclosing(run.tokens()) as stream:
@@ -123,6 +131,10 @@ class RouterCore:
                         t_first = now()
                         self.store.update(rid, t_first_token=t_first)
                         self.metrics.record("ttft", rid, t_first - t_arrival)
+                        self.prom.first_token(t_first - t_arrival)
+                    else:
+                        self.prom.tokens(now() - t_last, len(new_ids))
+                    t_last = now()
                     count += len(new_ids)
                     delta = text.add(new_ids, final=reason is not None)
                     if text.stopped:
@@ -141,19 +153,19 @@ class RouterCore:
                 self.metrics.record("tpot", rid, (now() - t_first) / (count - 1))
         except (asyncio.CancelledError, GeneratorExit):  # the front door's client left
             if time.time() >= req.deadline - _DEADLINE_SLACK_S:
-                state, error = "failed", f"deadline of {timeout:.1f} s exceeded"
+                state, error, kind = "failed", f"deadline of {timeout:.1f} s exceeded", "deadline_exceeded"
             else:
-                state, error = "cancelled", "client cancelled the request"
+                state, error, kind = "cancelled", "client cancelled the request", "cancelled"
             raise
         except TimeoutError:
-            state, error = "failed", f"deadline of {timeout:.1f} s exceeded"
+            state, error, kind = "failed", f"deadline of {timeout:.1f} s exceeded", "deadline_exceeded"
             raise DeadlineExceeded(f"request {rid} did not finish within its deadline of "
                                    f"{timeout:.1f} s") from None
         except CleaveError as exc:
-            error = str(exc)
+            error, kind = str(exc), exc.code.name.lower()
             raise
         except grpc.aio.AioRpcError as exc:  # a worker's own status (not retried)
-            error = exc.details() or exc.code().name
+            error, kind = exc.details() or exc.code().name, exc.code().name.lower()
             raise error_for(exc.code(), error) from None
         except Exception as exc:
             log.exception("request %s failed", rid)
@@ -166,6 +178,12 @@ class RouterCore:
             if finish is not None:
                 fields["finish_reason"] = inference_pb2.FinishReason.Name(finish).removeprefix("FINISH_REASON_").lower()
             self.store.update(rid, **fields)
+            queue_s = None if run.t_admitted is None else run.t_admitted - t_arrival
+            if state == "finished":
+                self.prom.finished(fields.get("finish_reason", "stop"), len(ids), count, now() - t_arrival,
+                                   queue_s, run.attempts)
+            else:
+                self.prom.failed(kind, queue_s, run.attempts)
 
     def model_info(self) -> inference_pb2.ModelInfo:
         """The ``GetModelInfo`` answer: model shape and the pools as this router sees them."""

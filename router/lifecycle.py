@@ -55,6 +55,7 @@ class RequestRun:
         self.req = req
         self.generated: list[int] = []    # tokens already handed to the client
         self.attempts = 0
+        self.t_admitted: float | None = None  # unix time the first decode reservation succeeded
         self._excluded: set[str] = set()  # workers that failed this request
 
     async def tokens(self):
@@ -87,6 +88,8 @@ class RequestRun:
         prefill.inflight_tokens += len(prompt)
         try:
             decode, landing = await self._reserve(len(prompt), remaining, prefill)
+            if self.t_admitted is None:
+                self.t_admitted = time.time()
         except BaseException:
             prefill.inflight -= 1
             prefill.inflight_tokens -= len(prompt)

@@ -2,7 +2,8 @@
 
 Lifecycle: :func:`serve_router` loads the tokenizer and model shape (no weights), connects
 to Redis, starts the worker directory, binds the public server (with ``grpc.health.v1`` and
-server reflection) and serves until SIGTERM/SIGINT. Health is SERVING while at least one
+server reflection) and the OpenAI-compatible HTTP API with ``/metrics`` on ``http_port``
+(``router.openai_api``, same event loop) and serves until SIGTERM/SIGINT. Health is SERVING while at least one
 prefill and one decode worker are registered.
 
 Per ``Generate`` call: :meth:`router.core.RouterCore.generate` (the one request lifecycle,
@@ -24,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from cleave.v1 import inference_pb2, inference_pb2_grpc
 from engine.loader import load_model_config, load_tokenizer, resolve_model
 from router.core import RouterCore
+from router.openai_api import start_http
 from router.text import TextCodec
 from services.config import RouterConfig
 from services.errors import CleaveError, abort_with
@@ -69,7 +71,8 @@ async def _track_health(core: RouterCore, servicer) -> None:
 
 
 async def build_router(cfg: RouterConfig):
-    """Load the tokenizer and model shape, start discovery, bind the server; returns (server, core, port)."""
+    """Load the tokenizer and model shape, start discovery, bind the gRPC server and the
+    OpenAI-compatible HTTP API (``router.openai_api``); returns (grpc server, core, grpc port, http server)."""
     source = resolve_model(cfg.model)
     model, tokenizer = await asyncio.to_thread(lambda: (load_model_config(source), load_tokenizer(source)))
     client = connect_redis(cfg.redis_url)
@@ -93,12 +96,19 @@ async def build_router(cfg: RouterConfig):
     # the Inference service follow the pools (readiness)
     await health_servicer.set("liveness", health_pb2.HealthCheckResponse.SERVING)
     core.background(asyncio.get_running_loop().create_task(_track_health(core, health_servicer)))
-    return server, core, port
+    try:
+        http = await start_http(core, cfg.host, cfg.http_port)
+    except BaseException:
+        await server.stop(grace=None)
+        await core.close()
+        raise
+    return server, core, port, http
 
 
 async def serve_router(cfg: RouterConfig, ready=None) -> None:
-    server, core, port = await build_router(cfg)
-    log.info("router listening on %s:%d", cfg.host, port)
+    server, core, port, http = await build_router(cfg)
+    log.info("router listening on %s:%d (gRPC) and http://%s:%d/v1 (OpenAI API, /metrics)", cfg.host, port,
+             cfg.host, http.port)
     if ready is not None:
         ready(f"{cfg.host}:{port}")
     stop = asyncio.Event()
@@ -106,5 +116,6 @@ async def serve_router(cfg: RouterConfig, ready=None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    await http.stop()
     await server.stop(grace=5)
     await core.close()

@@ -256,7 +256,8 @@ def _run_serve(args) -> int:
     prefill, decode = pool_layouts(args)
     check_layouts(args.model, [("prefill", prefill), ("decode", decode)])
     worker = ["--transport", args.transport, "--kv-cache-mb", str(args.kv_cache_mb), "--threads", str(args.threads)]
-    cfg = StackConfig(port=args.port, host=args.host, redis_url=args.redis_url, model=args.model,
+    cfg = StackConfig(port=args.port, http_port=args.http_port, host=args.host, redis_url=args.redis_url,
+                      model=args.model,
                       prefill_instances=args.prefill_instances, decode_instances=args.decode_instances,
                       worker_args=tuple(worker), prefill_args=tuple(_layout_flags(prefill)),
                       decode_args=tuple(_layout_flags(decode)), ready_timeout_s=args.ready_timeout,

@@ -4,7 +4,8 @@ Lifecycle:
 
 1. Start a private ``redis-server`` on a free port (unless a Redis URL is given).
 2. Start the prefill and decode instances (``cleave worker ...``, free ports, registering
-   in Redis) and the router on the requested port.
+   in Redis, each serving Prometheus ``/metrics`` on a free port: ``metrics_ports``) and the
+   router on the requested ports (gRPC on ``port``, the OpenAI API and ``/metrics`` on ``http_port``).
 3. Wait until the router's gRPC health check says SERVING (a worker of each pool is
    registered), then print one line saying where it listens.
 4. With a planner (``cleave serve --planner``), a thread runs ``services.planner`` against
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StackConfig:
     port: int = 50051
+    http_port: int = 8000                # router's OpenAI API and /metrics (0 = a free port)
     host: str = "127.0.0.1"
     redis_url: str = ""                  # "" = start a private redis-server
     model: str = ""
@@ -72,6 +74,9 @@ class StackConfig:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if not 0 <= self.http_port <= 65535 or (self.http_port and self.http_port == self.port):
+            raise ValueError(f"http_port must be in 0..65535 and differ from port, got {self.http_port} "
+                             f"(port {self.port})")
         if self.prefill_instances < 1 or self.decode_instances < 1:
             raise ValueError(f"need at least one instance per pool, got prefill={self.prefill_instances} "
                              f"decode={self.decode_instances}")
@@ -89,6 +94,8 @@ class LocalStack:
         self.redis_password = password or env.redis_password
         self.token = env.internal_token or secrets.token_urlsafe(24)
         self.router_port = cfg.port
+        self.http_port = cfg.http_port
+        self.metrics_ports: dict[str, int] = {}  # worker name -> its Prometheus /metrics port
         self._lock = threading.Lock()        # the planner's thread adds and retires workers
         self._retiring: set[str] = set()     # names of workers asked to drain and exit
         self._count = {"prefill": 0, "decode": 0}
@@ -119,7 +126,9 @@ class LocalStack:
         with self._lock:
             name = f"{pool}-{self._count[pool]}"
             self._count[pool] += 1
-        self._spawn(name, self._cli("worker", pool, *self._common, *cfg.worker_args, *extra))
+        self.metrics_ports[name] = port = free_port(cfg.host)
+        self._spawn(name, self._cli("worker", pool, *self._common, "--metrics-port", str(port),
+                                    *cfg.worker_args, *extra))
         return name
 
     def workers(self, pool: str) -> list[str]:
@@ -144,6 +153,11 @@ class LocalStack:
     def _cli(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "services.cli", "--log-level", self.cfg.log_level, *args]
 
+    @property
+    def http_url(self) -> str:
+        """Base URL of the router's OpenAI-compatible API (``.../v1``)."""
+        return f"http://{self.cfg.host}:{self.http_port}/v1"
+
     def start(self) -> str:
         """Start everything and wait until ready; returns the router address."""
         cfg = self.cfg
@@ -160,12 +174,15 @@ class LocalStack:
             self.redis_port = rport
         if self.router_port == 0:
             self.router_port = free_port(cfg.host)
+        if self.http_port == 0:
+            self.http_port = free_port(cfg.host)
         self._common = common = ["--model", cfg.model, "--redis-url", self.redis_url, "--host", cfg.host]
         for _ in range(cfg.prefill_instances):
             self.add_worker("prefill")
         for _ in range(cfg.decode_instances):
             self.add_worker("decode")
-        self._spawn("router", self._cli("router", *common, "--port", str(self.router_port), *cfg.router_args))
+        self._spawn("router", self._cli("router", *common, "--port", str(self.router_port), "--http-port",
+                                        str(self.http_port), *cfg.router_args))
         address = f"{cfg.host}:{self.router_port}"
         self._wait_ready(address)
         return address
@@ -293,7 +310,8 @@ def run_stack(cfg: StackConfig) -> int:
     try:
         address = stack.start()
         started = True
-        print(f"Cleave ready: router listening on {address} (model {cfg.model or 'SmolLM2-135M-Instruct'}, "
+        print(f"Cleave ready: router listening on {address} (gRPC) and http://{cfg.host}:{stack.http_port}/v1 "
+              f"(OpenAI API; /metrics) (model {cfg.model or 'SmolLM2-135M-Instruct'}, "
               f"redis {mask_url(stack.redis_url)}, prefill x{cfg.prefill_instances}, decode x{cfg.decode_instances}); "
               f"Ctrl-C stops", flush=True)
         if cfg.planner is not None:

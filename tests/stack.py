@@ -30,6 +30,7 @@ class RunningStack:
     def __init__(self, cfg: StackConfig) -> None:
         self.stack = LocalStack(cfg)
         self.address = self.stack.start()
+        self.http_url = self.stack.http_url  # the OpenAI-compatible API, ending in /v1
         self.channel = grpc.insecure_channel(self.address)
         self.stub = inference_pb2_grpc.InferenceStub(self.channel)
         self.redis = redis.Redis.from_url(self.stack.redis_url, decode_responses=True)

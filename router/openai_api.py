@@ -1,0 +1,270 @@
+"""The OpenAI-compatible HTTP front door (FastAPI on uvicorn), beside the gRPC one.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming as server-sent
+events ending in ``data: [DONE]``, or one JSON body), ``GET /v1/models``, ``GET /health``
+(200 while each pool has a worker, else 503) and ``GET /metrics`` (Prometheus text,
+``services.prom.RouterMetrics``).
+
+Each completion request becomes one ``cleave.v1.GenerateRequest``
+(``router.openai_protocol``) run by :meth:`router.core.RouterCore.generate`, the same
+lifecycle as gRPC. Errors raised before the first token are an HTTP status with OpenAI's error
+body (``services.errors.http_status_of``); an error after the stream began is sent as one
+``data: {"error": ...}`` event followed by ``data: [DONE]``. A client that disconnects
+(before or after the first token) closes the core's generator: the request is recorded
+``cancelled`` and its KV blocks are freed.
+
+Lifecycle: :func:`start_http` binds the port and serves from a task in the router's event
+loop; :meth:`HttpServer.stop` ends it.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from router.openai_protocol import FINISH, ChatRequest, CompletionRequest, Shaper, chat_request, \
+    completion_request, error_body
+from router.validate import prompt_ids_of
+from services.errors import CleaveError, NotFound, http_status_of
+from services.prom import CONTENT_TYPE
+
+log = logging.getLogger(__name__)
+
+_DISCONNECT_POLL_S = 0.05
+
+
+def _error_response(exc: BaseException) -> JSONResponse:
+    status, kind, message = http_status_of(exc)
+    if status >= 500 and not isinstance(exc, CleaveError):
+        log.error("HTTP request failed: %s", message, exc_info=exc)
+    return JSONResponse(error_body(message, kind), status_code=status)
+
+
+def _sse(obj) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+async def _until_disconnect(request: Request, coro):
+    """Await ``coro``; cancel it (raising CancelledError) if the client disconnects first."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                raise asyncio.CancelledError("client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def build_app(core) -> FastAPI:
+    """The FastAPI app over ``core`` (a ``router.core.RouterCore``)."""
+    app = FastAPI(title="Cleave", summary="OpenAI-compatible API of a Cleave router", docs_url=None,
+                  redoc_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = f"invalid request body: {first.get('msg', 'malformed')}" + (f" at {where}" if where else "")
+        return JSONResponse(error_body(message, "invalid_request_error", where), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}", kind),
+                            status_code=exc.status_code)
+
+    def check_model(name: str | None) -> None:
+        if name and name != core.model_id:
+            raise NotFound(f"the model {name!r} does not exist; this server serves {core.model_id!r} "
+                           f"(see GET /v1/models)")
+
+    async def run(request: Request, body, chat: bool):
+        try:
+            check_model(body.model)
+            req = chat_request(body) if chat else completion_request(body)
+            if chat and req.sampling.max_tokens == 0:  # not given: the rest of the context
+                ids = await asyncio.to_thread(prompt_ids_of, req, core.codec, core.model)
+                req.sampling.max_tokens = max(1, core.model.max_position - len(ids))
+        except CleaveError as exc:
+            return _error_response(exc)
+        pump = _Pump(core.generate(req, None))
+        try:
+            first = await _until_disconnect(request, pump.next())
+            if first is None:
+                raise CleaveError("the request ended without output")
+        except Exception as exc:  # CleaveError as the core raises them; anything else is a 500
+            await pump.close()
+            return _error_response(exc)
+        except asyncio.CancelledError:
+            await pump.close()
+            return Response(status_code=499)
+        shaper = Shaper(chat, core.model_id, first.request_id)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_events(pump, first, shaper, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Request-Id": first.request_id})
+        try:
+            return JSONResponse(await _until_disconnect(request, _whole(pump, first, shaper)),
+                                headers={"X-Request-Id": first.request_id})
+        except Exception as exc:
+            return _error_response(exc)
+        except asyncio.CancelledError:
+            return Response(status_code=499)
+        finally:
+            await pump.close()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await run(request, body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        return await run(request, body, chat=True)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": core.model_id, "object": "model", "created": created,
+                                            "owned_by": "cleave", "max_model_len": core.model.max_position}]}
+
+    @app.get("/health")
+    async def health():
+        pools = {p: len(core.directory.pool(p)) for p in ("prefill", "decode")}
+        ok = all(pools.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "instances": pools},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(core.prom.exposition(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+class _Pump:
+    """Runs one request's ``core.generate`` to its end in a task of its own and hands the
+    deltas over through a queue. The core's deadline (``asyncio.timeout``) and its cancellation
+    belong to that one task, whichever tasks of the web server read the deltas;
+    :meth:`close` before the end cancels the request (recorded ``cancelled``, KV freed)."""
+
+    def __init__(self, stream) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._run(stream))
+
+    async def _run(self, stream) -> None:
+        try:
+            async with contextlib.aclosing(stream):
+                async for msg in stream:
+                    self._queue.put_nowait(msg)
+            self._queue.put_nowait(None)
+        except Exception as exc:
+            self._queue.put_nowait(exc)
+
+    async def next(self):
+        """The next delta, None after the last; raises the core's error."""
+        item = await self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def close(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+async def _whole(pump: _Pump, first, shaper: Shaper) -> dict:
+    text, last = [first.text], first
+    while (msg := await pump.next()) is not None:
+        text.append(msg.text)
+        last = msg
+    return shaper.whole("".join(text), FINISH.get(last.finish_reason), last.usage.prompt_tokens,
+                        last.usage.completion_tokens)
+
+
+async def _events(pump: _Pump, first, shaper: Shaper, include_usage: bool):
+    """SSE bytes of one streamed request. Cancellation (client gone) closes the pump."""
+    try:
+        if shaper.chat:
+            yield _sse(shaper.chunk("", role=True))
+        msg = first
+        while msg is not None:
+            finish = FINISH.get(msg.finish_reason) if msg.finish_reason else None
+            if msg.text or finish:
+                yield _sse(shaper.chunk(msg.text, finish))
+            if finish and include_usage:
+                yield _sse(shaper.usage_chunk(msg.usage.prompt_tokens, msg.usage.completion_tokens))
+            msg = await pump.next()
+    except Exception as exc:
+        status, kind, message = http_status_of(exc)
+        yield _sse(error_body(message, kind, code=str(status)))
+    finally:
+        await pump.close()
+    yield b"data: [DONE]\n\n"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its signal handlers: the router process owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class HttpServer:
+    """uvicorn serving :func:`build_app` from a task of the running event loop."""
+
+    def __init__(self, core, host: str, port: int) -> None:
+        self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._sock.bind((host, port))
+        except OSError as exc:
+            self._sock.close()
+            raise RuntimeError(f"could not bind the HTTP API to {host}:{port} ({exc}); pick another "
+                               f"--http-port") from None
+        self.port = self._sock.getsockname()[1]
+        config = uvicorn.Config(build_app(core), log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=5)
+        self._server = _Server(config)
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[self._sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises what stopped it
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._task, 10)
+        self._sock.close()
+
+
+async def start_http(core, host: str, port: int) -> HttpServer:
+    """Bind ``host:port`` (0 = a free port) and serve the OpenAI API; returns the server
+    (its ``port`` is the bound one). Raises RuntimeError when the port is taken."""
+    server = HttpServer(core, host, port)
+    await server.start()
+    log.info("OpenAI-compatible API on http://%s:%d/v1", host, server.port)
+    return server

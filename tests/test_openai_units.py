@@ -1,0 +1,206 @@
+"""Fast checks of the HTTP front door, the metrics and ``cleave bench`` parts, without a stack.
+
+The app is driven through Starlette's test client over a fake core whose ``generate`` yields
+scripted deltas or raises a given error class, so every status mapping (503 included, which
+the real stack cannot produce on demand) is checked through the real routes.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
+
+from cleave.v1 import inference_pb2
+from router.openai_api import build_app
+from router.openai_protocol import ChatRequest, CompletionRequest, chat_request, completion_request
+from services.errors import (Cancelled, CleaveError, DeadlineExceeded, Exhausted, InvalidRequest, NotFound,
+                             Unavailable, http_status_of)
+from services.loadgen.backends import Timing
+from services.loadgen.datasets import DatasetConfig, LengthDist, make_requests
+from services.loadgen.report import Slo, summarize, table
+from services.loadgen.runner import LoadConfig
+from services.prom import RouterMetrics, WorkerMetrics, layout_label
+
+pytestmark = pytest.mark.unit
+
+
+class _Model:
+    max_position = 64
+
+
+class _Directory:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def pool(self, name):
+        return [object()] * self.n
+
+
+class FakeCore:
+    """Yields ``script`` (text pieces) as deltas, or raises ``error`` before the first."""
+
+    model_id = "fake-model"
+    model = _Model()
+    codec = None
+
+    def __init__(self, script=("Hel", "lo"), error: Exception | None = None, workers: int = 1) -> None:
+        self.script, self.error, self.seen = script, error, []
+        self.directory = _Directory(workers)
+        self.prom = RouterMetrics("fake-model", running=lambda: 0, waiting=lambda: 0)
+        self.closed = 0
+
+    async def generate(self, request, timeout_s=None):
+        self.seen.append(request)
+        try:
+            if self.error is not None:
+                raise self.error
+            for i, text in enumerate(self.script):
+                msg = inference_pb2.GenerateResponse(request_id="r1", token_ids=[i], text=text)
+                if i == len(self.script) - 1:
+                    msg.finish_reason = inference_pb2.FINISH_REASON_STOP
+                    msg.usage.prompt_tokens = 3
+                    msg.usage.completion_tokens = len(self.script)
+                yield msg
+        finally:
+            self.closed += 1
+
+
+def test_completion_body_becomes_one_generate_request():
+    req = completion_request(CompletionRequest(prompt=[4, 5], max_tokens=7, temperature=0, top_k=-1, seed=3,
+                                               stop="x", ignore_eos=True))
+    assert list(req.token_ids.ids) == [4, 5] and req.sampling.max_tokens == 7
+    assert (req.sampling.temperature, req.sampling.top_k, req.sampling.seed, list(req.sampling.stop)) == (0, 0, 3, ["x"])
+    assert req.sampling.ignore_eos
+    default = completion_request(CompletionRequest(prompt=["one"]))
+    assert default.prompt == "one" and default.sampling.max_tokens == 16  # OpenAI's default
+    assert default.sampling.temperature == 1.0 and default.sampling.top_p == 1.0 and not default.sampling.HasField("seed")
+
+
+def test_chat_body_renders_roles_and_text_parts():
+    req = chat_request(ChatRequest(messages=[{"role": "developer", "content": "be brief"},
+                                             {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                          {"type": "text", "text": "b"}]}],
+                                   max_tokens=5, max_completion_tokens=9))
+    assert [(m.role, m.content) for m in req.chat.messages] == [("system", "be brief"), ("user", "ab")]
+    assert req.sampling.max_tokens == 9  # max_completion_tokens wins
+    assert chat_request(ChatRequest(messages=[{"role": "user", "content": "x"}])).sampling.max_tokens == 0
+
+
+@pytest.mark.parametrize("body, match", [
+    (dict(prompt="a", n=3), "n=3"), (dict(prompt=["a", "b"]), "batched"), (dict(prompt="a", echo=True), "echo"),
+    (dict(prompt="a", presence_penalty=0.5), "presence_penalty"), (dict(prompt="a", top_k=-2), "top_k"),
+    (dict(prompt="a", seed=-1), "seed"), (dict(prompt="a", max_tokens=2 ** 40), "out of range"),
+    (dict(prompt=[1, -2]), ">= 0"),
+])
+def test_unsupported_or_bad_parameters_are_refused(body, match):
+    with pytest.raises(InvalidRequest, match=match):
+        completion_request(CompletionRequest(**body))
+
+
+@pytest.mark.parametrize("exc, status, kind", [
+    (InvalidRequest("x"), 400, "invalid_request_error"), (NotFound("x"), 404, "not_found_error"),
+    (Exhausted("x"), 429, "rate_limit_error"), (Unavailable("x"), 503, "service_unavailable_error"),
+    (DeadlineExceeded("x"), 504, "timeout_error"), (Cancelled("x"), 499, "cancelled_error"),
+    (CleaveError("x"), 500, "internal_error"), (RuntimeError("x"), 500, "internal_error"),
+])
+def test_error_classes_map_to_http_status_through_the_routes(exc, status, kind):
+    assert http_status_of(exc)[:2] == (status, kind)
+    core = FakeCore(error=exc)
+    with TestClient(build_app(core)) as http:
+        for stream in (False, True):
+            resp = http.post("/v1/completions", json={"prompt": "hi", "stream": stream})
+            assert resp.status_code == status
+            assert resp.json()["error"]["type"] == kind and "x" in resp.json()["error"]["message"]
+    assert core.closed == 2
+
+
+def test_stream_frames_and_mid_stream_error():
+    core = FakeCore()
+    with TestClient(build_app(core)) as http:
+        body = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                       "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}}).text
+        events = [e for e in body.split("\n\n") if e]
+        assert events[-1] == "data: [DONE]"
+        assert '"role": "assistant"' in events[0] and '"usage"' in events[-2]
+        assert http.get("/v1/models").json()["data"][0]["id"] == "fake-model"
+        assert http.get("/health").status_code == 200
+        assert http.get("/v1/nope").json()["error"]["type"] == "not_found_error"
+    assert core.seen[0].sampling.max_tokens == 4 and core.closed == 1
+
+    class Failing(FakeCore):
+        async def generate(self, request, timeout_s=None):
+            yield inference_pb2.GenerateResponse(request_id="r2", token_ids=[1], text="a")
+            raise Unavailable("decode instance vanished")
+    with TestClient(build_app(Failing())) as http:
+        events = [e for e in http.post("/v1/completions", json={"prompt": [1], "stream": True}).text.split("\n\n") if e]
+        assert '"service_unavailable_error"' in events[-2] and events[-1] == "data: [DONE]"
+    with TestClient(build_app(FakeCore(workers=0))) as http:
+        assert http.get("/health").status_code == 503
+
+
+def test_router_metrics_exposition():
+    m = RouterMetrics("m", running=lambda: 2, waiting=lambda: 1)
+    m.first_token(0.05)
+    m.tokens(0.03, 3)
+    m.finished("stop", 10, 4, 0.2, 0.01, attempts=2)
+    m.failed("unavailable", None, attempts=1)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(m.exposition().decode()) for s in fam.samples}
+    get = lambda name, **lbl: samples[(name, tuple(sorted({"model_name": "m", **lbl}.items())))]  # noqa: E731
+    assert get("cleave:inter_token_latency_seconds_count") == 3
+    assert get("cleave:inter_token_latency_seconds_sum") == pytest.approx(0.03)
+    assert get("cleave:request_success_total", finish_reason="stop") == 1
+    assert get("cleave:request_failures_total", reason="unavailable") == 1
+    assert get("cleave:request_migrations_total") == 1
+    assert get("cleave:request_prompt_tokens_sum") == 10
+    assert (get("cleave:num_requests_running"), get("cleave:num_requests_waiting")) == (2, 1)
+
+
+def test_worker_metrics_labels_and_sampled_gauges():
+    wid = ["?"]
+    m = WorkerMetrics("prefill", lambda: wid[0], layout_label({"tp": 2, "pp": 1, "cp": 1, "ep": 1}))
+    m.gauges.add("cleave:prefill_queue_tokens", "q", lambda: 7)
+    m.gauges.add("cleave:expert_hotspot_ratio{layer}", "h", lambda: {0: 1.5, 1: 1.0})
+    wid[0] = "prefill-a"
+    m.transfer(0.01, 1000)
+    m.transfer_failed()
+    fams = {f.name: f for f in text_string_to_metric_families(
+        __import__("prometheus_client").generate_latest(m.registry).decode())}
+    labels = {"pool": "prefill", "worker_id": "prefill-a", "layout": "tp2-pp1-cp1-ep1"}
+    assert fams["cleave:prefill_queue_tokens"].samples[0].labels == labels
+    assert {s.labels["layer"]: s.value for s in fams["cleave:expert_hotspot_ratio"].samples} == {"0": 1.5, "1": 1.0}
+    assert [s.value for s in fams["cleave:kv_transfer_bytes"].samples if s.name.endswith("_total")] == [1000]
+
+
+def test_datasets_are_deterministic_with_lengths_from_their_distribution():
+    cfg = DatasetConfig(num_requests=200, prompt=LengthDist(40, "uniform", 0.5), output=LengthDist(10, "normal", 0.2),
+                        token_range=(5, 9), prefix_len=6, num_prefixes=2, seed=1)
+    a, b = make_requests(cfg), make_requests(cfg)
+    assert a == b
+    assert all(14 + 6 <= len(r.prompt_ids) <= 66 for r in a) and all(5 <= t < 9 for r in a for t in r.prompt_ids)
+    assert a[0].prompt_ids[:6] == a[2].prompt_ids[:6] != a[1].prompt_ids[:6]
+    assert 9 <= sum(r.max_tokens for r in a) / len(a) <= 11
+    assert LengthDist(7).sample(random.Random(0)) == 7
+    with pytest.raises(ValueError, match="distribution"):
+        LengthDist(5, "zipf")
+
+
+def test_report_figures_and_goodput_from_known_timings():
+    def timing(ttft, gap, n):
+        return Timing(start=0.0, chunks=[ttft + i * gap for i in range(n)], prompt_tokens=4, output_tokens=n)
+    timings = [timing(0.1, 0.01, 5), timing(0.3, 0.02, 5), timing(0.2, 0.0, 1), Timing(0.0, error="UNAVAILABLE")]
+    r = summarize(timings, 2.0, Slo.parse("ttft:250,tpot:15"), "concurrency=2")
+    assert (r["requests_sent"], r["requests_completed"], r["requests_failed"]) == (4, 3, 1)
+    assert r["output_tokens"] == 11 and r["output_token_throughput"] == 5.5
+    assert r["ttft_ms"]["mean"] == pytest.approx(200.0) and r["ttft_ms"]["p50"] == pytest.approx(200.0)
+    assert r["tpot_ms"]["mean"] == pytest.approx(15.0)
+    assert r["goodput"]["good_requests"] == 2 and r["goodput"]["share"] == 0.5 and r["goodput"]["rate"] == 1.0
+    assert summarize(timings, 2.0, Slo.parse("ttft:1000"))["goodput"]["share"] == 0.75
+    assert "concurrency=2" in table([r])
+    for bad in ("ttft", "ttft:x", "itl:5", "ttft:-1", ""):
+        with pytest.raises(ValueError):
+            Slo.parse(bad)
+    with pytest.raises(ValueError, match="exactly one"):
+        LoadConfig(concurrency=2, rate=1.0)
