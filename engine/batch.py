@@ -8,8 +8,13 @@ one token that attends to its whole paged context).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+
+class ForwardCancelled(RuntimeError):
+    """The pass was stopped between layers because its ``ForwardBatch.cancelled`` was set."""
 
 
 @dataclass
@@ -24,6 +29,10 @@ class ForwardBatch:
     # decode only: the paged context of each sequence (the current token included)
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, padded with 0
     context_lens: torch.Tensor | None = None  # [B] int32
+    # a threading.Event set when nobody wants the result any more (a prefill whose client left):
+    # the model stops between layers and raises ForwardCancelled. One-process passes only: every
+    # rank of a multi-rank pass would have to agree on the layer to stop at.
+    cancelled: Any = None
 
     @property
     def num_seqs(self) -> int:

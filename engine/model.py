@@ -34,7 +34,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from engine.batch import ForwardBatch
+from engine.batch import ForwardBatch, ForwardCancelled
 from engine.config import CacheConfig, ModelConfig
 from engine.layers import Embedding, MergedColumnLinear, RMSNorm, RowLinear, load_param
 from engine.layout import kv_head_range, layer_range
@@ -208,6 +208,8 @@ class LlamaForCausalLM(nn.Module):
         else:
             h, residual = hidden
         for i, layer in enumerate(self.model.layers):
+            if batch.cancelled is not None and batch.cancelled.is_set():
+                raise ForwardCancelled(f"forward pass stopped before layer {self.model.layer_start + i}")
             h, residual = layer(h, residual, batch, kv_cache[i], self.rope_cache)
         if self.lm_head is None:
             return h, residual

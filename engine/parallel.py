@@ -19,6 +19,7 @@ raises, within a bounded time: an instance never hangs on a lost rank.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import io
 import os
 import queue
@@ -160,18 +161,40 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def rendezvous_store(host: str, world: int, timeout_s: float = 600.0):
+    """(a master ``TCPStore``, its port): the rendezvous of one group, listening on ``host`` only
+    (never every interface) on a free port. Keep the store alive while the group runs."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    store = dist.TCPStore(host, port, world, True, datetime.timedelta(seconds=timeout_s),
+                          wait_for_workers=False, master_listen_fd=sock.detach(), use_libuv=True)
+    return store, port
+
+
+def join_group(rank: int, world: int, host: str, port: int, store=None, backend: str = "gloo",
+               timeout_s: float = 600.0) -> None:
+    """Join the default process group through the store at host:port (``store``: the master
+    store when this process serves it, see :func:`rendezvous_store`)."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if store is None:
+        store = dist.TCPStore(host, port, world, False, timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
 class RankFailure(RuntimeError):
     """A rank of an instance died or raised; the instance was torn down."""
 
 
 def _rank_main(rank: int, layout: ParallelConfig, port: int, backend: str, fn: Callable,
                args: tuple, results, timeout_s: float) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     try:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=layout.world_size,
-                                timeout=__import__("datetime").timedelta(seconds=timeout_s))
+        join_group(rank, layout.world_size, "127.0.0.1", port, backend=backend, timeout_s=timeout_s)
         groups = ParallelGroups.build(layout, rank)
         # bytes, not tensors: a queued tensor is shared through a file descriptor that breaks
         # when this process exits before the parent reads it
@@ -194,7 +217,7 @@ def spawn_ranks(layout: ParallelConfig, fn: Callable, *args, backend: str = "glo
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    store, port = rendezvous_store("127.0.0.1", layout.world_size, timeout_s)  # lives until we return
     procs = [ctx.Process(target=_rank_main, args=(r, layout, port, backend, fn, args, results, timeout_s),
                          daemon=True) for r in range(layout.world_size)]
     for p in procs:

@@ -41,7 +41,7 @@ class FakeFabric:
 class FakeTransport(KVTransport):
     name = "fake"
 
-    def __init__(self, fabric: FakeFabric | None = None) -> None:
+    def __init__(self, fabric: FakeFabric | None = None, host: str = "") -> None:  # host: unused
         if not isinstance(fabric, FakeFabric):
             raise ValueError(f"fake transport needs fabric=FakeFabric(), got {fabric!r}")
         self._fabric = fabric

@@ -58,7 +58,7 @@ class TCPTransport(KVTransport):
 
     def __init__(self, host: str = "127.0.0.1", hold_s: float = 30.0,
                  max_held_bytes: int = 256 << 20) -> None:
-        if hold_s <= 0 or max_held_bytes < 0:
+        if not 0 < hold_s < float("inf") or max_held_bytes < 0:
             raise ValueError(f"need hold_s > 0 and max_held_bytes >= 0, got hold_s={hold_s}, "
                              f"max_held_bytes={max_held_bytes}")
         self._hold_s, self._max_held = hold_s, max_held_bytes

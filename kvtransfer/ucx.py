@@ -47,6 +47,36 @@ SPINS_BEFORE_SLEEP = 200  # busy progress loops with no progress before napping
 NAP_S = 0.0002
 
 
+def interface_of(host: str) -> str:
+    """The name of the local network interface that owns IP address ``host`` ("" for a wildcard
+    or empty host; a name is resolved first). Raises ValueError when no interface owns it."""
+    import ipaddress
+    import socket
+
+    import psutil
+
+    if host in ("", "0.0.0.0", "::", "*"):
+        return ""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = ipaddress.ip_address(socket.gethostbyname(host))
+    if ip.is_loopback:
+        ip = ipaddress.ip_address("127.0.0.1") if ip.version == 4 else ip
+    for name, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            try:
+                if ipaddress.ip_address(a.address.split("%")[0]) == ip:
+                    return name
+            except ValueError:
+                continue
+    if ip.is_loopback:  # 127.0.0.2 etc. live on the loopback device
+        return next((n for n, addrs in psutil.net_if_addrs().items()
+                     if any(a.address == "127.0.0.1" for a in addrs)), "")
+    raise ValueError(f"no local network interface has the address {host!r}; pass the address "
+                     f"this host serves on (--host)")
+
+
 class _InFlight:
     """A UCX request and what it must keep alive until UCX is done with the memory."""
 
@@ -59,11 +89,20 @@ class _InFlight:
 class UCXTransport(KVTransport):
     name = "ucx"
 
-    def __init__(self, unexpected_hold_s: float = 60.0, ucx_config: dict | None = None) -> None:
-        if unexpected_hold_s <= 0:
+    def __init__(self, unexpected_hold_s: float = 60.0, ucx_config: dict | None = None,
+                 host: str = "") -> None:
+        """``host``: the address the service binds; UCX's network transports then listen only on
+        the interface that owns it (``NET_DEVICES``; shared memory is unaffected). "" or a
+        wildcard address leaves UCX's default (every interface). Raises ValueError for a host
+        no local interface owns."""
+        if not unexpected_hold_s > 0:
             raise ValueError(f"unexpected_hold_s must be positive, got {unexpected_hold_s}")
         self._hold_s = unexpected_hold_s
-        self._context = ucx_api.UCXContext(config_dict=dict(ucx_config or {}),
+        config = dict(ucx_config or {})
+        device = interface_of(host)
+        if device and "NET_DEVICES" not in config and "UCX_NET_DEVICES" not in os.environ:
+            config["NET_DEVICES"] = device
+        self._context = ucx_api.UCXContext(config_dict=config,
                                            feature_flags=(ucx_api.Feature.TAG,))
         self._worker = ucx_api.UCXWorker(self._context)
         self._address = ADDRESS_PREFIX + self._worker.address.tobytes()

@@ -47,8 +47,22 @@ class WorkerConfig:
     heartbeat_s: float = 1.0
     ttl_s: float = 5.0                 # registry record expires this long after the last beat
     reservation_grace_s: float = 10.0  # decode: unused reservations freed this long past their deadline
+    max_reservation_s: float = 900.0   # decode: a reservation never lives longer than this
+    max_reservations_per_caller: int = 512  # decode: reservations not yet decoding, per calling host
     drain_timeout_s: float = 60.0      # on SIGTERM, wait this long for running requests to finish
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # MoE decode: expert load balancing (services.expert_balance)
+    redundant_experts: int = 0         # extra expert slots over the EP group, for copies of hot experts
+    expert_stats_interval_s: int = 10  # length of one windowed-statistics bucket in Redis
+    expert_window_s: float = 300.0     # statistics window the load view and the rebalancer use
+    rebalance_interval_s: float = 0.0  # 0 = never rebalance on its own; else check this often
+    rebalance_threshold: float = 0.1   # publish when the predicted hotspot ratio drops by more than this fraction
+    # MoE decode: expert load balancing (services.expert_balance)
+    redundant_experts: int = 0         # extra expert slots over the EP group, for copies of hot experts
+    expert_stats_interval_s: int = 10  # length of one windowed-statistics bucket in Redis
+    expert_window_s: float = 300.0     # statistics window the load view and the rebalancer use
+    rebalance_interval_s: float = 0.0  # 0 = never rebalance on its own; else check this often
+    rebalance_threshold: float = 0.1   # publish when the predicted hotspot ratio drops by more than this fraction
     internal_token: str = field(default="", repr=False)  # required from callers (CLEAVE_INTERNAL_TOKEN)
 
     def __post_init__(self) -> None:
@@ -66,11 +80,30 @@ class WorkerConfig:
         if not 0 < self.heartbeat_s < self.ttl_s:
             raise ValueError(f"need 0 < heartbeat_s < ttl_s, got heartbeat_s={self.heartbeat_s} "
                              f"ttl_s={self.ttl_s}")
-        if self.drain_timeout_s < 0:
+        if not self.drain_timeout_s >= 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if not 0 < self.max_reservation_s < float("inf") or self.max_reservations_per_caller < 1:
+            raise ValueError(f"need 0 < max_reservation_s < inf and max_reservations_per_caller >= 1, got "
+                             f"{self.max_reservation_s} and {self.max_reservations_per_caller}")
         if self.pool == "prefill" and (self.parallel.pp > 1 or self.parallel.ep > 1):
             raise ValueError(f"a prefill instance is laid out tp x cp; got pp={self.parallel.pp} "
                              f"ep={self.parallel.ep}")
+        if self.redundant_experts < 0 or self.expert_stats_interval_s < 1 \
+                or self.expert_window_s < self.expert_stats_interval_s:
+            raise ValueError(f"need redundant_experts >= 0, expert_stats_interval_s >= 1 and "
+                             f"expert_window_s >= expert_stats_interval_s, got {self.redundant_experts}, "
+                             f"{self.expert_stats_interval_s} and {self.expert_window_s}")
+        if self.rebalance_interval_s < 0 or not 0 <= self.rebalance_threshold < 1:
+            raise ValueError(f"need rebalance_interval_s >= 0 and 0 <= rebalance_threshold < 1, got "
+                             f"{self.rebalance_interval_s} and {self.rebalance_threshold}")
+        if self.redundant_experts < 0 or self.expert_stats_interval_s < 1 \
+                or self.expert_window_s < self.expert_stats_interval_s:
+            raise ValueError(f"need redundant_experts >= 0, expert_stats_interval_s >= 1 and "
+                             f"expert_window_s >= expert_stats_interval_s, got {self.redundant_experts}, "
+                             f"{self.expert_stats_interval_s} and {self.expert_window_s}")
+        if self.rebalance_interval_s < 0 or not 0 <= self.rebalance_threshold < 1:
+            raise ValueError(f"need rebalance_interval_s >= 0 and 0 <= rebalance_threshold < 1, got "
+                             f"{self.rebalance_interval_s} and {self.rebalance_threshold}")
         if self.pool == "decode" and self.parallel.cp > 1:
             raise ValueError(f"a decode instance is laid out tp x pp x ep; got cp={self.parallel.cp}")
 
@@ -103,9 +136,9 @@ class RouterConfig:
         if not self.redis_url:
             raise ValueError("the router needs a Redis URL (e.g. redis://127.0.0.1:6379/0)")
         for name in ("request_timeout_s", "transfer_timeout_s", "discovery_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.admission_wait_s < 0 or self.max_queued < 0:
+            if not 0 < getattr(self, name) < float("inf"):  # NaN fails every comparison
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not 0 <= self.admission_wait_s < float("inf") or self.max_queued < 0:
             raise ValueError(f"admission_wait_s and max_queued must be >= 0, got "
                              f"{self.admission_wait_s} and {self.max_queued}")
         if self.max_attempts < 1:

@@ -45,6 +45,7 @@ class Reservation:
     max_tokens: int
     deadline: float
     started: bool = False
+    caller: str = ""             # the peer that reserved (host part), for the per-caller bound
 
 
 class DecodeService(worker_pb2_grpc.DecodeServicer):
@@ -57,18 +58,41 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         self._lock = threading.Lock()
         self._reaper: asyncio.Task | None = None
         self._stats_task: asyncio.Task | None = None
+        self.balancer = self._balancer() if host.model_config.num_experts else None
+        if self.balancer is not None:
+            host.metrics.gauges.add("cleave:expert_hotspot_ratio{layer}",
+                                    "Hottest EP rank's routed tokens / mean over EP ranks (1 = balanced)",
+                                    lambda: self.balancer.hotspots)
         host.load_fn = lambda: self._info()
         host.metrics.gauges.add("cleave:batch_size", "Sequences in the running decode batch",
                                 lambda: self.scheduler.num_running)
 
+    def _balancer(self):
+        """The instance's expert placement (``services.expert_balance``), MoE models only."""
+        from services.expert_balance import ExpertBalancer
+        from engine.expert_stats import stats_model_id
+        from services.registry import connect_redis
+        cfg, m = self.host.cfg, self.host.model_config
+        client = connect_redis(cfg.redis_url, asynchronous=False) if cfg.redis_url else None
+        return ExpertBalancer(client, cfg.key_prefix, stats_model_id(self.host.model_id), m.num_experts,
+                              list(range(m.num_layers)), cfg.parallel.ep, cfg.redundant_experts,
+                              self.instance.apply_placement, window_s=cfg.expert_window_s,
+                              rebalance_interval_s=cfg.rebalance_interval_s,
+                              rebalance_threshold=cfg.rebalance_threshold)
+
     async def start(self) -> None:
+        if self.balancer is not None:        # the pool's placement on every rank before serving
+            await asyncio.to_thread(self.balancer.start)
         self.scheduler.start()
         self._reaper = asyncio.create_task(self._reap())
-        if self.host.model_config.num_experts:
+        if self.balancer is not None:
             self._stats_task = asyncio.create_task(self._flush_expert_stats())
 
     async def _flush_expert_stats(self) -> None:
-        """Expert counts go to Redis batched: once a second, only when decode steps ran."""
+        """Once a second: expert counts go to Redis batched (only when decode steps ran), then
+        the balancer follows the recorded placement (a switch is one command of the instance's
+        channel, so it lands between two steps on every rank), publishes the load view and
+        maybe rebalances."""
         steps = 0
         while True:
             await asyncio.sleep(1.0)
@@ -78,6 +102,10 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
                     await asyncio.to_thread(self.instance.flush_stats)
                 except InstanceError as exc:
                     log.warning("expert stats flush failed: %s", exc)
+            try:
+                await asyncio.to_thread(self.balancer.tick)
+            except Exception as exc:  # Redis down or a bad record: keep serving the placement in force
+                log.warning("expert placement update failed: %s", exc)
 
     async def stop(self) -> None:
         if self._reaper is not None:
@@ -92,12 +120,19 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
     # ---- RPCs --------------------------------------------------------------------------
     async def Reserve(self, request: worker_pb2.ReserveRequest, context) -> worker_pb2.LandingDescriptor:
         try:
-            return self._reserve(request)
+            return self._reserve(request, context.peer().rpartition(":")[0])
         except Exception as exc:
             await abort_with(context, exc)
 
-    def _reserve(self, request: worker_pb2.ReserveRequest) -> worker_pb2.LandingDescriptor:
+    def _reserve(self, request: worker_pb2.ReserveRequest, caller: str = "") -> worker_pb2.LandingDescriptor:
         self.host.check_accepting()
+        cfg = self.host.cfg
+        with self._lock:
+            pending = sum(1 for r in self._reservations.values() if not r.started and r.caller == caller)
+        if pending >= cfg.max_reservations_per_caller:
+            raise Exhausted(f"decode worker {self.host.worker_id}: {caller or 'this caller'} already holds "
+                            f"{pending} reservations that have not started decoding (the limit is "
+                            f"{cfg.max_reservations_per_caller}); retry later")
         model = self.host.model_config
         total = request.num_prompt_tokens + request.max_tokens
         if request.num_prompt_tokens < 1 or request.max_tokens < 1:
@@ -111,12 +146,13 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             blocks = self.host.allocator.allocate(transfer_id, total)
         except OutOfBlocks as exc:
             raise Exhausted(f"decode worker {self.host.worker_id}: {exc}") from None
-        deadline = request.deadline_unix or time.time() + 30.0
+        # a reservation lives to the request's deadline, never past max_reservation_s from now
+        deadline = min(request.deadline_unix or time.time() + 30.0, time.time() + cfg.max_reservation_s)
         source = request.source_layout if request.HasField("source_layout") else inference_pb2.Layout(tp=1, pp=1, cp=1, ep=1)
         with self._lock:
             self._reservations[transfer_id] = Reservation(request.request_id, blocks,
                                                           request.num_prompt_tokens,
-                                                          request.max_tokens, deadline)
+                                                          request.max_tokens, deadline, caller=caller)
         try:
             self.instance.expect(transfer_id, source, blocks, request.num_prompt_tokens, deadline)
         except Exception:
@@ -225,6 +261,27 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
 
     async def Info(self, request, context) -> worker_pb2.WorkerInfo:
         return self._info()
+
+    async def ExpertLoad(self, request, context) -> worker_pb2.ExpertLoadInfo:
+        """The placement in force, per-rank computed pairs and the switches made here."""
+        if self.balancer is None:
+            await abort_with(context, InvalidRequest(f"model {self.host.model_id} has no experts"))
+            return
+        try:
+            pairs = await asyncio.to_thread(self.instance.rank_pairs)
+        except InstanceError as exc:
+            await abort_with(context, Unavailable(str(exc)))
+            return
+        b = self.balancer
+        tables = b.current or {}
+        return worker_pb2.ExpertLoadInfo(
+            placement_version=b.version, ep=b.ep, slots_per_rank=b.slots,
+            layers=[worker_pb2.ExpertLayerSlots(layer=layer, rank_pairs=n,
+                                                slot_experts=list(tables[layer].phys_to_log) if layer in tables else [])
+                    for layer, n in sorted(pairs.items())],
+            switches=[worker_pb2.PlacementSwitch(version=s["version"], seconds=s["seconds"],
+                                                 transfers=s.get("moved", 0), bytes=s.get("bytes", 0))
+                      for s in b.switches])
 
     # ---- internals -------------------------------------------------------------------------
     def busy(self) -> int:

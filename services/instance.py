@@ -21,7 +21,6 @@ all ranks); a rank's cache holds only its KV heads and its pipeline stage's laye
 """
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import threading
@@ -37,7 +36,7 @@ from engine.batch import ForwardBatch
 from engine.config import CacheConfig, ModelConfig
 from engine.layout import kv_head_range, layer_range
 from engine.loader import ModelSource, load_model_config, resolve_model
-from engine.parallel import ParallelGroups, free_port
+from engine.parallel import ParallelGroups, join_group, rendezvous_store
 from kvtransfer.handoff import KVReceiver, KVSender, compat_hash
 from kvtransfer.transport import make_transport
 from services.config import WorkerConfig
@@ -69,7 +68,7 @@ class RankEngine:
         self.num_blocks = cache.blocks_for(m)  # from the whole model: identical on every rank
         self.kv_cache = self.model.allocate_kv_cache(CacheConfig(block_size=cfg.block_size,
                                                                  num_blocks=self.num_blocks))
-        self.transport = make_transport(cfg.transport)
+        self.transport = make_transport(cfg.transport, host=cfg.host)  # listens on cfg.host only
         self.compat = compat_hash(self.source.model_id, m, cfg.block_size)
         self.layout = inference_pb2.Layout(tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep)
         self.receiver = KVReceiver(self.transport, self.kv_cache, m, self.layout, rank=groups.rank,
@@ -84,10 +83,11 @@ class RankEngine:
         if not (self.model_config.num_experts and self.cfg.pool == "decode" and self.cfg.redis_url
                 and g.tp_rank == 0 and g.ep_rank == 0):
             return None
-        from engine.expert_stats import ExpertStatsWriter
+        from engine.expert_stats import ExpertStatsWriter, stats_model_id
         from services.registry import connect_redis
         client = connect_redis(self.cfg.redis_url, asynchronous=False)
-        return ExpertStatsWriter(client, self.source.model_id.replace(":", "_"), self.cfg.key_prefix)
+        return ExpertStatsWriter(client, stats_model_id(self.source.model_id), self.cfg.key_prefix,
+                                 interval_s=self.cfg.expert_stats_interval_s, window_s=self.cfg.expert_window_s)
 
     def flush_stats(self) -> int:
         """Write the expert-count increments since the last flush (0 when this rank has none)."""
@@ -142,19 +142,23 @@ class RankEngine:
             return self.transport.address()
         if name == "flush_stats":
             return self.flush_stats()
+        if name == "placement":
+            from engine.eplb import placements_from_json
+            return self.model.apply_placement(placements_from_json(args[0], self.model_config.num_experts, args[1]))
+        if name == "rank_pairs":
+            return self.model.rank_pairs() if self.model_config.num_experts else {}
+        if name == "placement":
+            from engine.eplb import placements_from_json
+            return self.model.apply_placement(placements_from_json(args[0], self.model_config.num_experts, args[1]))
+        if name == "rank_pairs":
+            return self.model.rank_pairs() if self.model_config.num_experts else {}
         raise ValueError(f"unknown instance command {name!r}")
-
-
-def _init_dist(rank: int, world: int, port: int) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=600))
 
 
 def _rank_main(rank: int, cfg: WorkerConfig, port: int) -> None:
     """Ranks 1..N-1: build the engine, then execute rank 0's commands until told to stop."""
     die_with_parent()
-    _init_dist(rank, cfg.parallel.world_size, port)
+    join_group(rank, cfg.parallel.world_size, cfg.host, port)
     groups = ParallelGroups.build(cfg.parallel, rank)
     engine = RankEngine(cfg, groups)
     dist.barrier()
@@ -192,13 +196,13 @@ class Instance:
         else:
             model = load_model_config(resolve_model(cfg.model))  # fail before spawning any rank
             cfg.parallel.validate_for(model, model.num_experts)
-            port = free_port()
+            self._store, port = rendezvous_store(cfg.host, self.world)  # on cfg.host only
             ctx = mp.get_context("spawn")
             self._procs = [ctx.Process(target=_rank_main, args=(r, cfg, port), daemon=True)
                            for r in range(1, self.world)]
             for p in self._procs:
                 p.start()
-            _init_dist(0, self.world, port)
+            join_group(0, self.world, cfg.host, port, store=self._store)
             self.engine = RankEngine(cfg, ParallelGroups.build(cfg.parallel, 0))
             dist.barrier()
             threading.Thread(target=self._watchdog, name="rank-watchdog", daemon=True).start()
@@ -230,8 +234,16 @@ class Instance:
         """Logits of ``batch`` (from the last stage's first TP rank)."""
         return next(r for r in self.call("forward", batch) if r is not None)
 
-    def prefill(self, prompt: list[int], blocks: list[int]) -> torch.Tensor:
-        """Logits [1, vocab] of the prompt's last position (each rank runs its share)."""
+    def prefill(self, prompt: list[int], blocks: list[int], cancelled=None) -> torch.Tensor:
+        """Logits [1, vocab] of the prompt's last position (each rank runs its share).
+
+        ``cancelled`` (a threading.Event): with one rank, setting it stops the pass between
+        layers (``engine.batch.ForwardCancelled``); a multi-rank pass runs to its end."""
+        if self.world == 1 and cancelled is not None:
+            batch = self.engine._prefill_batch(list(prompt), list(blocks))
+            batch.cancelled = cancelled
+            with self._lock:
+                return self.engine._forward(batch)
         return next(r for r in self.call("prefill", list(prompt), list(blocks)) if r is not None)
 
     def expect(self, transfer_id, source, blocks, num_tokens, deadline) -> None:
@@ -254,6 +266,52 @@ class Instance:
     def flush_stats(self) -> int:
         """Every stage leader writes its expert-count increments to Redis (MoE decode only)."""
         return sum(self.call("flush_stats"))
+
+    def apply_placement(self, layers: dict) -> dict:
+        """Switch every rank to the expert placement ``layers`` ({layer: engine.eplb.Placement})
+        at the same step boundary (one command of the channel); returns the transfers, bytes
+        and the slowest rank's seconds."""
+        from engine.eplb import placements_to_json
+        results = self.call("placement", placements_to_json(layers), self.cfg.parallel.ep)
+        return {"moved": sum(r["moved"] for r in results) // 2,   # each transfer counted by both ends
+                "bytes": sum(r["bytes_sent"] for r in results),
+                "rank_seconds": max(r["seconds"] for r in results),
+                "slots": results[0]["slots"]}
+
+    def rank_pairs(self) -> dict[int, list[int]]:
+        """Cumulative (token, expert) pairs computed by each EP rank, by global layer:
+        ``{layer: [pairs of EP rank 0, 1, ...]}`` (from the first EP group of each stage)."""
+        from engine.parallel import coords
+        p, out = self.cfg.parallel, {}
+        for r, pairs in enumerate(self.call("rank_pairs")):
+            c = coords(p, r)
+            if c["s"] // p.ep == 0:
+                for layer, n in pairs.items():
+                    out.setdefault(layer, [0] * p.ep)[c["ep"]] = n
+        return out
+
+    def apply_placement(self, layers: dict) -> dict:
+        """Switch every rank to the expert placement ``layers`` ({layer: engine.eplb.Placement})
+        at the same step boundary (one command of the channel); returns the transfers, bytes
+        and the slowest rank's seconds."""
+        from engine.eplb import placements_to_json
+        results = self.call("placement", placements_to_json(layers), self.cfg.parallel.ep)
+        return {"moved": sum(r["moved"] for r in results) // 2,   # each transfer counted by both ends
+                "bytes": sum(r["bytes_sent"] for r in results),
+                "rank_seconds": max(r["seconds"] for r in results),
+                "slots": results[0]["slots"]}
+
+    def rank_pairs(self) -> dict[int, list[int]]:
+        """Cumulative (token, expert) pairs computed by each EP rank, by global layer:
+        ``{layer: [pairs of EP rank 0, 1, ...]}`` (from the first EP group of each stage)."""
+        from engine.parallel import coords
+        p, out = self.cfg.parallel, {}
+        for r, pairs in enumerate(self.call("rank_pairs")):
+            c = coords(p, r)
+            if c["s"] // p.ep == 0:
+                for layer, n in pairs.items():
+                    out.setdefault(layer, [0] * p.ep)[c["ep"]] = n
+        return out
 
     def landing_ranks(self) -> list[worker_pb2.LandingRank]:
         """Where each rank of this (decode) instance receives KV, for landing descriptors."""

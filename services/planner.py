@@ -66,13 +66,13 @@ class PlannerConfig:
             if not 0 <= lo <= hi or hi < 1:
                 raise ValueError(f"{pool} bounds need 0 <= min <= max and max >= 1, got min={lo} max={hi}")
         for name in ("interval_s", "window_s", "ttft_target_s", "tpot_target_s", "queue_target_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < float("inf"):  # NaN fails every comparison
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         if not 0 <= self.kv_low < self.kv_high <= 1:
             raise ValueError(f"need 0 <= kv_low < kv_high <= 1, got kv_low={self.kv_low} kv_high={self.kv_high}")
         if not 0 < self.low_fraction < 1:
             raise ValueError(f"low_fraction must be in (0, 1), got {self.low_fraction}")
-        if self.cooldown_up_s < 0 or self.cooldown_down_s < 0:
+        if not (0 <= self.cooldown_up_s < float("inf") and 0 <= self.cooldown_down_s < float("inf")):
             raise ValueError(f"cooldowns must be >= 0, got up={self.cooldown_up_s} down={self.cooldown_down_s}")
         if self.max_step < 1:
             raise ValueError(f"max_step must be >= 1, got {self.max_step}")

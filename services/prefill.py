@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from cleave.v1 import worker_pb2, worker_pb2_grpc
+from engine.batch import ForwardCancelled
 from engine.kv_cache import OutOfBlocks
 from engine.sampler import SamplingConfig, SamplingError, sample_one
 from kvtransfer.handoff import HandoffError, IncompatiblePeer
@@ -156,7 +157,10 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
             self._running += 1
         try:
             t0 = time.perf_counter()
-            logits = self.host.instance.prefill(tokens, blocks)
+            try:
+                logits = self.host.instance.prefill(tokens, blocks, cancelled)
+            except ForwardCancelled:
+                raise Cancelled(f"request {request.request_id} was aborted during its prefill") from None
             try:
                 token = sample_one(logits[0], cfg, request.output_index)
             except SamplingError as exc:  # this request's own, and the same on any worker

@@ -141,3 +141,69 @@ def test_sample_batch_rows_independent_of_batch_composition():
     assert shuffled == [batched[i] for i in perm]
     assert batched[0] == int(torch.argmax(rows[0])) and batched[4] == int(torch.argmax(rows[4]))
     assert all(isinstance(t, int) for t in batched)
+
+
+# ---- numerics: nothing a client may send overflows to NaN (issue: sampling numerics) ---------
+
+def _wide_logits(vocab=49152, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(vocab, generator=g) * 8).to(dtype)
+
+
+@pytest.mark.parametrize("temperature", [6.2e-38, 1e-38, 1.4e-45, 1e-6, 1e-300])
+def test_tiny_temperatures_sample_the_greedy_token(temperature):
+    logits = _wide_logits()
+    cfg = SamplingConfig(temperature=temperature, seed=1)
+    assert [sample_one(logits, cfg, i) for i in range(4)] == [int(torch.argmax(logits))] * 4
+
+
+@pytest.mark.parametrize("top_p", [1e-9, 1e-30, 1.4e-45])
+def test_tiny_top_p_keeps_the_most_likely_token(top_p):
+    logits = _wide_logits(seed=2)
+    assert sample_one(logits, SamplingConfig(temperature=1.0, top_p=top_p, seed=3), 0) == int(torch.argmax(logits))
+
+
+def test_top_k_above_the_vocabulary_keeps_every_token():
+    logits = torch.zeros(8)
+    drawn = {sample_one(logits, SamplingConfig(temperature=1.0, top_k=2**32 - 1, seed=s), 0) for s in range(200)}
+    assert drawn == set(range(8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_sample_like_fp32(dtype):
+    logits = _wide_logits(dtype=dtype, seed=4)
+    for cfg in (SamplingConfig(), SamplingConfig(temperature=0.7, top_p=0.9, top_k=50, seed=9)):
+        assert sample_one(logits, cfg, 5) == sample_one(logits.float(), cfg, 5)
+
+
+def test_huge_logits_do_not_overflow():
+    logits = torch.tensor([3e38, -3e38, 1e38, float("-inf")])
+    assert sample_one(logits, SamplingConfig(temperature=1e-3, seed=1), 0) == 0
+    assert sample_one(logits, SamplingConfig(temperature=1e30, seed=1), 0) in (0, 1, 2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_logits_fail_that_row_only(bad):
+    from engine.sampler import SamplingError
+    logits = _wide_logits(vocab=64).repeat(3, 1)
+    logits[1, 7] = bad
+    cfgs = [SamplingConfig(), SamplingConfig(), SamplingConfig(temperature=0.8, seed=2)]
+    out = sample_batch(logits, cfgs, [0, 0, 0])
+    assert isinstance(out[1], SamplingError) and "NaN or +inf" in str(out[1])
+    assert out[0] == int(torch.argmax(logits[0]))
+    assert out[2] == sample_one(logits[2], cfgs[2], 0)
+    with pytest.raises(SamplingError):
+        sample_one(logits[1], SamplingConfig(), 0)
+
+
+def test_all_masked_row_is_a_sampling_error():
+    from engine.sampler import SamplingError
+    with pytest.raises(SamplingError, match="no token to sample"):
+        sample_one(torch.full((5,), float("-inf")), SamplingConfig(temperature=1.0), 0)
+
+
+def test_seeded_sampling_stays_reproducible_at_any_temperature():
+    logits = _wide_logits(seed=5)
+    for t in (1e-20, 0.5, 2.0, 1e20):
+        cfg = SamplingConfig(temperature=t, seed=77)
+        assert [sample_one(logits, cfg, i) for i in range(5)] == [sample_one(logits, cfg, i) for i in range(5)]

@@ -299,3 +299,73 @@ def test_stop_aborts_running_and_waiting():
 def test_bad_max_batch():
     with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
         DecodeScheduler(next_token_logits, block_size=BLOCK, max_batch=0)
+
+
+# ---- one sequence's failure never touches its batch-mates (issue: per-request faults) -------
+
+def _run_all(step_fn, pairs):
+    """Run ``pairs`` of (sequence, recorder) from the same first step (one batch) to the end."""
+    sched = DecodeScheduler(step_fn, block_size=BLOCK)
+    for seq, _ in pairs:
+        sched.add(seq)  # queued before the loop starts: admitted together
+    sched.start()
+    try:
+        for _, rec in pairs:
+            rec.wait()
+    finally:
+        sched.stop()
+
+
+def test_a_sequence_whose_sampling_fails_leaves_its_batch_mates_unchanged():
+    """Row 'bad' gets NaN logits (as a broken row would): it alone ends, as the request's fault,
+    and every batch-mate streams exactly what it streams alone."""
+    def nan_for_bad_row(batch: ForwardBatch) -> torch.Tensor:
+        logits = next_token_logits(batch)
+        logits[batch.input_ids == 17] = float("nan")  # the bad sequence's first token is 17
+        return logits
+
+    alone = {}
+    for sid, first in (("a", 3), ("b", 30)):
+        seq, rec = make_seq(sid, first_token=first, max_tokens=6)
+        _run_all(next_token_logits, [(seq, rec)])
+        alone[sid] = rec.tokens
+    a, ra = make_seq("a", first_token=3, max_tokens=6)
+    bad, rbad = make_seq("bad", first_token=17, max_tokens=6)
+    b, rb = make_seq("b", first_token=30, max_tokens=6)
+    hot = Sequence(**{**vars(make_seq("t", first_token=5, max_tokens=6)[0]),
+                      "sampling": SamplingConfig(temperature=6.2e-38, seed=1)})
+    rhot = Recorder()
+    hot.emit, hot.release = rhot.emit, rhot.release
+    _run_all(nan_for_bad_row, [(a, ra), (bad, rbad), (b, rb), (hot, rhot)])
+    assert ra.tokens == alone["a"] and rb.tokens == alone["b"]
+    assert ra.finish == rb.finish == FINISH_LENGTH
+    assert bad.finished == FINISH_ERROR and bad.fault == "request" and "NaN" in bad.error
+    assert rbad.releases == 1 and rbad.tokens == []
+    # a tiny temperature samples like greedy instead of overflowing
+    assert rhot.tokens == expected_stream(5, 5) and rhot.finish == FINISH_LENGTH
+
+
+def test_a_forward_pass_that_fails_is_rerun_one_sequence_at_a_time():
+    """A batched step that raises because of one sequence's input: that sequence ends as the
+    request's fault, the others get the tokens they get alone."""
+    def breaks_on_13(batch: ForwardBatch) -> torch.Tensor:
+        if bool((batch.input_ids == 13).any()):
+            raise RuntimeError("index 13 is out of range for this device")
+        return next_token_logits(batch)
+
+    a, ra = make_seq("a", first_token=20, max_tokens=5)
+    bad, rbad = make_seq("bad", first_token=13, max_tokens=5)
+    _run_all(breaks_on_13, [(a, ra), (bad, rbad)])
+    assert ra.tokens == expected_stream(20, 4) and ra.finish == FINISH_LENGTH
+    assert bad.finished == FINISH_ERROR and bad.fault == "request" and "out of range" in bad.error
+    assert rbad.releases == 1
+
+
+def test_a_step_that_fails_for_every_sequence_is_a_worker_fault():
+    def broken(batch):
+        raise RuntimeError("device lost")
+
+    pairs = [make_seq(s, first_token=t) for s, t in (("a", 1), ("b", 2))]
+    _run_all(broken, pairs)
+    for seq, rec in pairs:
+        assert seq.finished == FINISH_ERROR and seq.fault == "worker" and rec.releases == 1

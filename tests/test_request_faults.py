@@ -1,0 +1,250 @@
+"""Fault kinds where one request's input, bad bytes or a slow Redis could hurt others (unit tier).
+
+Each test pins the right value of one input from the fault report (issue 10) and its siblings:
+validation anchoring and sizes, tokenizing off the event loop, counting attempts as made, never
+retrying a failure the worker marks as the request's own, undecodable bytes, the internal-API
+token, and request state that Redis outages neither delay nor lose.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import types
+
+import grpc
+import pytest
+
+from cleave.v1 import inference_pb2 as pb
+from cleave.v1 import worker_pb2, worker_pb2_grpc
+from engine.config import ModelConfig
+from router.lifecycle import RequestRun, RetryableFailure, ValidRequest
+from router.validate import check_input_size, request_id_of
+from services.config import RouterConfig
+from services.errors import InvalidRequest, RequestFault, Unavailable, abort_with
+from services.grpc_util import add_service, internal_channel
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
+
+MODEL = ModelConfig(architecture="llama", vocab_size=300, hidden_size=32, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=8, intermediate_size=64, rope_theta=10000.0,
+                    rms_norm_eps=1e-5, max_position=64, tie_word_embeddings=False)
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rid", ["t2-nl\n", "a" * 128 + "\n", "x\ny", "\n", "a" * 129, "é", "a b"])
+def test_request_ids_outside_the_promised_alphabet_are_refused(rid):
+    with pytest.raises(InvalidRequest, match=r"1-128 characters of letters, digits"):
+        request_id_of(pb.GenerateRequest(request_id=rid))
+
+
+@pytest.mark.parametrize("rid", ["a" * 128, "req-1:2_3.x", "Z"])
+def test_request_ids_in_the_alphabet_pass(rid):
+    assert request_id_of(pb.GenerateRequest(request_id=rid)) == rid
+
+
+class NeverTokenize:
+    """A codec whose tokenizer must not be reached: the size check comes first."""
+
+    max_token_chars = 4
+
+    def encode(self, text):
+        raise AssertionError("tokenized an input that cannot fit")
+
+
+@pytest.mark.parametrize("req", [
+    pb.GenerateRequest(prompt="x" * (64 * 4 * 2 + 1)),
+    pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="y" * 600)])),
+    pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * 65)),
+])
+def test_inputs_that_cannot_fit_are_refused_before_tokenizing(req):
+    with pytest.raises(InvalidRequest, match="context"):
+        check_input_size(req, NeverTokenize(), MODEL)
+
+
+def test_inputs_that_may_fit_pass_the_size_check():
+    check_input_size(pb.GenerateRequest(prompt="x" * (64 * 4 * 2)), NeverTokenize(), MODEL)
+    check_input_size(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * 64)), NeverTokenize(), MODEL)
+
+
+def test_tokenizing_runs_off_the_event_loop(redis_url):
+    """While one prompt is being tokenized, the event loop keeps running other requests' work."""
+    from router.core import RouterCore
+    from router.text import TextCodec
+    from services.registry import connect_redis
+
+    started, release = threading.Event(), threading.Event()
+
+    class SlowTokenizer:
+        chat_template = None
+
+        def get_vocab(self):
+            return {"ab": 0}
+
+        def encode(self, text, add_special_tokens=True):
+            started.set()
+            assert release.wait(10), "the loop never ran while tokenizing"
+            return [1, 2]
+
+    async def main():
+        core = RouterCore(RouterConfig(redis_url=redis_url), "m", MODEL, TextCodec(SlowTokenizer()),
+                          connect_redis(redis_url))
+        admitted = asyncio.create_task(core._admit(pb.GenerateRequest(
+            prompt="hello", sampling=pb.SamplingParams(max_tokens=4))))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        release.set()  # only reachable when the loop is free while the tokenizer blocks
+        rid, ids = await admitted
+        await core.client.aclose()
+        return ids
+
+    assert asyncio.run(main()) == [1, 2]
+
+
+# ---- retries ----------------------------------------------------------------------------------
+
+def _run(max_attempts=3) -> RequestRun:
+    core = types.SimpleNamespace(cfg=RouterConfig(max_attempts=max_attempts))
+    return RequestRun(core, ValidRequest("r1", [1, 2], pb.SamplingParams(max_tokens=4), 0, time.time() + 30))
+
+
+def test_attempts_are_counted_as_made():
+    run = _run(max_attempts=3)
+
+    async def failing():
+        raise RetryableFailure("worker went away")
+        yield  # pragma: no cover
+
+    run._attempt = failing
+
+    async def consume():
+        async for _ in run.tokens():
+            pass
+
+    with pytest.raises(Unavailable, match="failed after 3 attempts"):
+        asyncio.run(consume())
+    assert run.attempts == 3
+
+
+class FaultyPrefill(worker_pb2_grpc.PrefillServicer):
+    def __init__(self, exc):
+        self.exc = exc
+
+    async def Prefill(self, request, context):
+        await abort_with(context, self.exc)
+        yield  # pragma: no cover
+
+
+async def _serve(servicer, token=None):
+    server = grpc.aio.server()
+    add_service(server, servicer, worker_pb2.DESCRIPTOR.services_by_name["Prefill"], token)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("exc,retried", [
+    (RequestFault("sampling produced NaN for this request"), False),
+    (Unavailable("worker draining"), True),
+])
+def test_a_request_fault_is_not_retried_on_another_worker(exc, retried):
+    async def main():
+        server, address = await _serve(FaultyPrefill(exc))
+        channel = internal_channel(address, None)
+        worker = types.SimpleNamespace(key="prefill/p0")
+        run = _run()
+        call = worker_pb2_grpc.PrefillStub(channel).Prefill(worker_pb2.PrefillRequest(request_id="r1"))
+        try:
+            async for _ in run._rpc(worker, call):
+                pass
+        except RetryableFailure:
+            return True, run._excluded
+        except grpc.aio.AioRpcError as err:
+            return False, err.code()
+        finally:
+            await channel.close()
+            await server.stop(None)
+
+    was_retried, detail = asyncio.run(main())
+    assert was_retried is retried
+    if not retried:
+        assert detail == grpc.StatusCode.INTERNAL
+
+
+# ---- bad bytes and the internal token ----------------------------------------------------------
+
+class InfoOnly(worker_pb2_grpc.PrefillServicer):
+    async def Info(self, request, context):
+        return worker_pb2.WorkerInfo(free_blocks=7)
+
+
+def _raw_call(address, method, payload, metadata=()):
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        try:
+            call(payload, timeout=10, metadata=metadata)
+            return grpc.StatusCode.OK, ""
+        except grpc.RpcError as err:
+            return err.code(), err.details()
+
+
+def test_undecodable_bytes_and_missing_tokens_are_refused_clearly(caplog):
+    async def main():
+        server, address = await _serve(InfoOnly(), token="s3cret")
+        try:
+            good = worker_pb2.InfoRequest().SerializeToString()
+            auth = (("authorization", "Bearer s3cret"),)
+            return await asyncio.gather(*(asyncio.to_thread(_raw_call, address, "/cleave.v1.Prefill/Info", *a) for a in [
+                (b"\x12\x05ab", auth),              # truncated: not a message
+                (good, ()),                         # no token
+                (good, (("authorization", "Bearer nope"),)),
+                (good, auth),
+            ]))
+        finally:
+            await server.stop(None)
+
+    bad_bytes, no_token, wrong_token, ok = asyncio.run(main())
+    assert bad_bytes[0] == grpc.StatusCode.INVALID_ARGUMENT and "not a valid cleave.v1.InfoRequest" in bad_bytes[1]
+    assert no_token[0] == wrong_token[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert "CLEAVE_INTERNAL_TOKEN" in no_token[1]
+    assert ok == (grpc.StatusCode.OK, "")
+    assert not [r for r in caplog.records if r.exc_info]  # one line of log, no traceback
+
+
+# ---- request state: Redis off the request path ---------------------------------------------------
+
+def test_request_state_waits_for_redis_and_ends_terminal(redis_url):
+    """While Redis is unreachable, updates return at once and are kept; once it answers, the
+    latest state is written, with a TTL; a late non-terminal state never overwrites a terminal one."""
+    import redis.asyncio as aioredis
+
+    from engine.parallel import free_port
+    from router.state import RequestStore
+
+    async def main():
+        dead = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", decode_responses=True,
+                                 socket_connect_timeout=0.2)
+        store = RequestStore(dead, "cleave:", ttl_s=60, live_ttl_s=900, write_timeout_s=0.5)
+        t0 = time.perf_counter()
+        store.update("r1", state="queued", prompt_tokens=3)
+        store.update("r1", state="decoding")
+        store.update("r1", state="finished", completion_tokens=4)
+        store.update("r1", state="decoding")       # late: ignored
+        store.update("r2", state="prefilling")
+        returned_in = time.perf_counter() - t0
+        assert not await store.flush() and store.pending == 2
+        live = aioredis.from_url(redis_url, decode_responses=True)
+        store._client = live                        # Redis is back
+        assert await store.flush() and store.pending == 0
+        r1, r2 = await live.hgetall("cleave:req:r1"), await live.hgetall("cleave:req:r2")
+        ttl1, ttl2 = await live.ttl("cleave:req:r1"), await live.ttl("cleave:req:r2")
+        await live.aclose()
+        await dead.aclose()
+        return returned_in, r1, r2, ttl1, ttl2
+
+    returned_in, r1, r2, ttl1, ttl2 = asyncio.run(main())
+    assert r1 == {"state": "finished", "prompt_tokens": "3", "completion_tokens": "4"}
+    assert r2 == {"state": "prefilling"}
+    assert 0 < ttl1 <= 60 and 60 < ttl2 <= 900   # nothing without an expiry, even mid-flight
+    assert returned_in < 5.0                     # sanity only: no call waited on the dead Redis
