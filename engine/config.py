@@ -135,16 +135,8 @@ class ParallelConfig:
 
     def validate_for(self, model: "ModelConfig", num_experts: int = 0) -> None:
         """Raise ValueError (quoting the values) when this layout cannot split ``model``."""
-        if model.num_heads % self.tp:
-            raise ValueError(f"tp={self.tp} does not divide the {model.num_heads} attention heads")
-        if self.tp > model.num_kv_heads and self.tp % model.num_kv_heads:
-            raise ValueError(f"tp={self.tp} exceeds num_kv_heads={model.num_kv_heads} but is not a "
-                             f"multiple of it (KV heads are replicated in whole groups)")
-        if self.tp <= model.num_kv_heads and model.num_kv_heads % self.tp:
-            raise ValueError(f"tp={self.tp} does not divide num_kv_heads={model.num_kv_heads}")
-        if self.pp > model.num_layers:
-            raise ValueError(f"pp={self.pp} stages is more than the model's {model.num_layers} layers")
-        if self.ep > 1 and not num_experts:
-            raise ValueError(f"ep={self.ep} needs a mixture-of-experts model; this one is dense")
-        if num_experts and num_experts % self.ep:
-            raise ValueError(f"ep={self.ep} does not divide the {num_experts} experts")
+        from engine.layout import layout_problem
+        problem = layout_problem(self.tp, self.pp, self.ep, model.num_heads, model.num_kv_heads,
+                                 model.num_layers, num_experts)
+        if problem:
+            raise ValueError(problem)

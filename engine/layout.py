@@ -57,3 +57,27 @@ def cp_token_ranges(cp_rank: int, cp: int, num_tokens: int) -> tuple[Range, ...]
     first = (bounds[cp_rank], bounds[cp_rank + 1])
     second = (bounds[n - 1 - cp_rank], bounds[n - cp_rank])
     return tuple(r for r in (first, second) if r[0] < r[1])
+
+
+def layout_problem(tp: int, pp: int, ep: int, num_heads: int, num_kv_heads: int, num_layers: int,
+                   num_experts: int = 0) -> str | None:
+    """Why a layout cannot split a model (the message quotes the values), or None when it can.
+
+    The one statement of the split rules: ``engine.config.ParallelConfig.validate_for`` raises
+    it, and the capacity planner (``services.capacity``, which must not import torch) skips
+    layouts that have one.
+    """
+    if num_heads % tp:
+        return f"tp={tp} does not divide the {num_heads} attention heads"
+    if tp > num_kv_heads and tp % num_kv_heads:
+        return (f"tp={tp} exceeds num_kv_heads={num_kv_heads} but is not a multiple of it "
+                f"(KV heads are replicated in whole groups)")
+    if tp <= num_kv_heads and num_kv_heads % tp:
+        return f"tp={tp} does not divide num_kv_heads={num_kv_heads}"
+    if pp > num_layers:
+        return f"pp={pp} stages is more than the model's {num_layers} layers"
+    if ep > 1 and not num_experts:
+        return f"ep={ep} needs a mixture-of-experts model; this one is dense"
+    if num_experts and num_experts % ep:
+        return f"ep={ep} does not divide the {num_experts} experts"
+    return None

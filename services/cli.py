@@ -9,6 +9,8 @@
     cleave info                                                     # model and pools
     cleave plan --model llama-3.1-70b --hardware h100 --gpus 16 --prompt 2048 --output 256 --rate 10
                                                                     # choose each pool's layout
+    cleave plan --model llama-3.1-70b --hardware h100 --gpus 16 --prompt 2048 --output 256 --rate 10
+                                                                    # choose each pool's layout
     cleave bench --goodput ttft:500,tpot:50 [--concurrency 1,4]     # load-test a running stack
 
 Flags become config dataclasses here (and only here); their validation errors are printed
@@ -160,6 +162,10 @@ def _parser() -> argparse.ArgumentParser:
     from services.capacity.cli import add_plan_flags
     add_plan_flags(plan)
 
+    plan = sub.add_parser("plan", help="choose each pool's layout and instance count (capacity planner)")
+    from services.capacity.cli import add_plan_flags
+    add_plan_flags(plan)
+
     info = sub.add_parser("info", help="show the served model and pools")
     info.add_argument("--address", default=env.address)
     return parser
@@ -281,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             from services.client import generate_cli
             return generate_cli(args)
+        if args.command == "plan":
+            from services.capacity.cli import plan_cli
+            return plan_cli(args)
         if args.command == "plan":
             from services.capacity.cli import plan_cli
             return plan_cli(args)

@@ -1,0 +1,18 @@
+"""Capacity and layout planning (``cleave plan``): which TP/PP/CP/EP layout and how many
+instances each pool should run, for a model, a hardware profile, a workload and SLOs.
+
+Modules, in data-flow order:
+
+- :mod:`services.capacity.models` — the model's shape (built-in configs or a Hugging Face
+  ``config.json``), parameter and KV byte counts; no torch import.
+- :mod:`services.capacity.hardware` — datasheet profiles of GPUs and the calibrated ``local``
+  profile (JSON written by :mod:`services.capacity.calibrate`).
+- :mod:`services.capacity.cost` — the per-phase cost model: every term (compute, memory
+  traffic, TP/PP/EP/CP communication, KV handoff) as a visible field of a breakdown.
+- :mod:`services.capacity.search` — enumerate layouts × instances, rank them, recommend.
+- :mod:`services.capacity.report` — tables, JSON and Helm values of a plan.
+- :mod:`services.capacity.published` — the recommendation kept in Redis, read back by the
+  router's ``GetModelInfo`` next to measured latencies.
+
+Importing this package never imports torch: ``cleave plan`` answers in well under a second.
+"""

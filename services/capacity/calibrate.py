@@ -1,0 +1,248 @@
+"""``cleave plan --calibrate``: measure this machine and write the ``local`` hardware profile.
+
+What is measured (each the median of several runs, one torch thread per rank as the engine's
+rank processes use, ``engine.parallel``):
+
+- **matmul FLOP/s**: fp32 ``[256, 512] @ [512, 1536]`` (the shape class of a small model's MLP);
+- **memory bandwidth**: ``copy_`` of a 128 MiB fp32 tensor (bytes read + written per second);
+- **overheads of the engine** on a micro Llama (hidden 32, random weights, built in memory with
+  ``engine.model``): per layer per forward, per sequence per layer (attention runs per
+  sequence), and per forward (embedding, final norm, LM head call) — from decode steps of 2 and
+  6 layers at 1 and 8 sequences, where the arithmetic is negligible;
+- **collectives over the real gloo backend** for 2..``max_ranks`` ranks, time vs bytes:
+  ``all_reduce``, ``all_to_all_single``, and ``send``/``recv`` between two ranks (half a
+  round trip), each between barriers, the slowest rank's time.
+
+The profile's "GPU" is one core: ``gpus_per_node`` = cores, memory = RAM / cores, and layouts
+with more ranks than cores share them (``Hardware.oversubscription``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+from services.capacity.hardware import Hardware
+
+SIZES = (1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 23)     # bytes per rank
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_compute() -> dict:
+    """``{"flops": FLOP/s, "mem_bw": bytes/s}`` of one thread."""
+    import torch
+    torch.set_num_threads(1)
+    a, b = torch.randn(256, 512), torch.randn(512, 1536)
+    t = _median_time(lambda: a @ b, 20)
+    src = torch.ones(32 << 20)
+    dst = torch.empty_like(src)
+    tm = _median_time(lambda: dst.copy_(src), 7)
+    return {"flops": 2 * 256 * 512 * 1536 / t, "mem_bw": 2 * src.numel() * 4 / tm}
+
+
+def _micro_model(layers: int, experts: int = 0):
+    import torch
+    from engine.config import CacheConfig, ModelConfig
+    from engine.moe import build_model
+    cfg = ModelConfig(architecture="mixtral" if experts else "llama", vocab_size=128, hidden_size=32,
+                      num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
+                      rope_theta=1e4, rms_norm_eps=1e-5, max_position=256, tie_word_embeddings=False,
+                      num_experts=experts, num_experts_per_tok=2 if experts else 0)
+    model = build_model(cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model, model.allocate_kv_cache(CacheConfig(block_size=16, num_blocks=64))
+
+
+def _decode_step_time(model, kv, seqs: int) -> float:
+    """One decode step as a runner takes it: build the batch, forward, argmax."""
+    from engine.batch import ForwardBatch
+
+    def step():
+        batch = ForwardBatch.decode([5] * seqs, [15] * seqs, [[i] for i in range(seqs)], 16)
+        model(batch, kv).argmax(dim=-1).tolist()
+    return _median_time(step, 30)
+
+
+def measure_overheads() -> dict:
+    """Engine overheads in seconds: ``layer``, ``seq`` (per sequence per layer), ``step`` (per
+    forward), ``expert`` (per expert run per layer) — from a micro model where arithmetic is nil."""
+    import torch
+    torch.set_num_threads(1)
+    t = {}
+    with torch.inference_mode():
+        for layers in (2, 6):
+            model, kv = _micro_model(layers)
+            for seqs in (1, 8):
+                t[layers, seqs] = _decode_step_time(model, kv, seqs)
+        moe, kv = _micro_model(6, experts=8)
+        t_moe = _decode_step_time(moe, kv, 8)
+    per_layer_1 = (t[6, 1] - t[2, 1]) / 4
+    per_layer_8 = (t[6, 8] - t[2, 8]) / 4
+    seq = max(0.0, (per_layer_8 - per_layer_1) / 7)
+    touched = 8 * (1 - (1 - 2 / 8) ** 8)
+    return {"layer": max(1e-6, per_layer_1 - seq), "seq": seq, "step": max(0.0, t[2, 1] - 2 * per_layer_1),
+            "expert": max(0.0, (t_moe - t[6, 8]) / 6 / touched)}
+
+
+def measure_attention(flops: float) -> dict:
+    """Seconds per attention score element beyond the FLOPs, of the engine's prefill kernel
+    (``kernels.prefill_attention``: causal, fused) and ring-attention block kernel
+    (``kernels.ring_attention.masked_block_attention``: full masked blocks), 8 heads of 8."""
+    import torch
+    from kernels import prefill_attention
+    from kernels.ring_attention import masked_block_attention
+    torch.set_num_threads(1)
+    n, h, d = 512, 8, 8
+    q, k, v = torch.randn(n, h, d), torch.randn(n, h, d), torch.randn(n, h, d)
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    t = _median_time(lambda: prefill_attention(q, k, v, cu, 0.3), 10)
+    causal = n * (n + 1) / 2 * h
+    pos = torch.arange(n)
+    tr = _median_time(lambda: masked_block_attention(q, k, v, pos, pos, 0.3), 10)
+    full = n * n * h
+    return {"score": max(0.0, (t - 4 * d * causal / flops) / causal),
+            "ring_score": max(0.0, (tr - 4 * d * full / flops) / full)}
+
+
+def _comm_rank(groups, sizes, reps):
+    """One rank: seconds each op adds when interleaved with compute (as in a forward), by size.
+
+    Each of ``N`` iterations runs a small matmul then the op; the op's cost is the loop time
+    less ``N`` matmuls (measured with every rank computing at once), so waiting for a peer that
+    was scheduled late counts, as it does in the engine. ``send_recv`` is a ping-pong between
+    ranks 0 and 1 (compute, send, receive): half the time less the compute per hop.
+    """
+    import torch
+    import torch.distributed as dist
+    world, rank = dist.get_world_size(), dist.get_rank()
+    a, b = torch.randn(64, 256), torch.randn(256, 256)
+    work = lambda: a @ b                                          # noqa: E731
+
+    def loop(fn, n):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return time.perf_counter() - t0
+
+    out = {"all_reduce": [], "all_to_all": [], "send_recv": []}
+    for size in sizes:
+        x = torch.ones(size // 4 // world * world)                # all_to_all splits it evenly
+        y = torch.empty_like(x)
+        n = 20 if size <= 1 << 17 else 5
+        ops = {"all_reduce": lambda: dist.all_reduce(x), "all_to_all": lambda: dist.all_to_all_single(y, x)}
+        if world == 2:
+            ops["send_recv"] = (lambda: (dist.send(x, 1), dist.recv(y, 1), work())) if rank == 0 else \
+                (lambda: (dist.recv(y, 0), work(), dist.send(x, 0)))
+        for name, op in ops.items():
+            times = []
+            for _ in range(reps):
+                base = loop(work, n)
+                if name == "send_recv":
+                    times.append(max(0.0, (loop(op, n) - 2 * base) / (2 * n)))
+                else:
+                    times.append(max(0.0, (loop(lambda: (work(), op()), n) - base) / n))
+            out[name].append([size, statistics.median(times)])
+    return out
+
+
+def fit_alpha_beta(points: list) -> list:
+    """Least-squares ``t = a + b * bytes`` (a, b >= 0) through noisy ``[[bytes, seconds], ...]``,
+    returned as points at the same sizes: a small gloo message can take longer than a larger one
+    in a single sample, and the cost model must grow with bytes."""
+    n = len(points)
+    mx = sum(p[0] for p in points) / n
+    my = sum(p[1] for p in points) / n
+    var = sum((p[0] - mx) ** 2 for p in points)
+    b = max(0.0, sum((p[0] - mx) * (p[1] - my) for p in points) / var) if var else 0.0
+    a = max(0.0, my - b * mx)
+    return [[p[0], a + b * p[0]] for p in points]
+
+
+def measure_collectives(max_ranks: int, reps: int = 3) -> dict:
+    """``{op: {ranks: [[bytes, seconds], ...]}}`` over gloo: the slowest rank's median, fitted
+    to a line per op and rank count (:func:`fit_alpha_beta`)."""
+    from engine.config import ParallelConfig
+    from engine.parallel import RankFailure, spawn_ranks
+    measured: dict = {"all_reduce": {}, "all_to_all": {}, "send_recv": {}}
+    for ranks in range(2, max_ranks + 1):
+        try:
+            res = spawn_ranks(ParallelConfig(tp=ranks), _comm_rank, SIZES, reps, timeout_s=90)
+        except RankFailure:      # e.g. the free port was taken before rank 0 bound it: once more
+            res = spawn_ranks(ParallelConfig(tp=ranks), _comm_rank, SIZES, reps, timeout_s=90)
+        for op in measured:
+            if res[0][op]:
+                raw = [[n, max(r[op][i][1] for r in res)] for i, (n, _) in enumerate(res[0][op])]
+                measured[op][ranks] = fit_alpha_beta(raw)
+    return measured
+
+
+def _ram_bytes() -> float:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8e9
+
+
+def calibrate(max_ranks: int = 4) -> Hardware:
+    """Measure everything above and return the ``local`` profile."""
+    if not 2 <= max_ranks <= 8:
+        raise ValueError(f"max_ranks must be in 2..8, got {max_ranks}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    c = measure_compute()
+    o = measure_overheads()
+    a = measure_attention(c["flops"])
+    measured = measure_collectives(max_ranks)
+    big = measured["send_recv"][2][-1]
+    return Hardware(
+        name="local", memory_bytes=_ram_bytes() / cores, flops={"fp32": c["flops"]}, mem_bw=c["mem_bw"],
+        link_bw=big[0] / big[1], link_latency_s=measured["send_recv"][2][0][1], nic_bw=big[0] / big[1],
+        nic_latency_s=measured["send_recv"][2][0][1], gpus_per_node=cores, flops_eff=1.0, mem_eff=1.0,
+        link_eff=1.0, layer_overhead_s=o["layer"], seq_overhead_s=o["seq"], step_overhead_s=o["step"],
+        expert_overhead_s=o["expert"], score_s=a["score"], ring_score_s=a["ring_score"],
+        act_bytes=4, cores=cores, measured=measured,
+        source=f"measured by `cleave plan --calibrate` on {platform.node()} ({cores} cores, gloo) "
+               f"at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+
+
+def calibration_table(hw: Hardware) -> str:
+    lines = [f"matmul: {hw.flops['fp32'] / 1e9:.1f} GFLOP/s per core (fp32); memory: {hw.mem_bw / 1e9:.1f} GB/s; "
+             f"overhead: {hw.layer_overhead_s * 1e6:.0f} us per layer, {hw.seq_overhead_s * 1e6:.0f} us per "
+             f"sequence per layer, {hw.step_overhead_s * 1e6:.0f} us per forward, {hw.expert_overhead_s * 1e6:.0f} us "
+             f"per expert per layer; attention {hw.score_s * 1e9:.2f} ns per causal score, "
+             f"ring attention {hw.ring_score_s * 1e9:.2f} ns per masked score",
+             "op           ranks " + " ".join(f"{n:>10}" for n in SIZES) + "   (bytes -> ms)"]
+    for op, by_ranks in hw.measured.items():
+        for ranks, pts in sorted(by_ranks.items()):
+            lines.append(f"{op:<12} {ranks:>5} " + " ".join(f"{t * 1e3:>10.3f}" for _, t in pts))
+    return "\n".join(lines)
+
+
+def calibrate_cli(args) -> int:
+    hw = calibrate(args.max_ranks)
+    path = os.path.expanduser(args.profile)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(hw.to_json(), f, indent=1)
+    print(calibration_table(hw))
+    print(f"wrote {path} (use --hardware local)", file=sys.stderr)
+    return 0

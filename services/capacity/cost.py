@@ -1,0 +1,341 @@
+"""The per-phase cost model: time of a prefill pass and of a decode step, and memory per GPU.
+
+Every term is a field of :class:`Breakdown`, so a table can show where the time goes.
+Per decoder layer on one rank (the slowest: largest stage, most expert tokens):
+
+- **compute**: ``2 * tokens * params`` FLOPs for the rank's weight shards (q/o and MLP split
+  by TP; k/v split, or one replicated head when TP > KV heads; experts: ``tokens * top_k / EP``
+  rows times the load imbalance) plus attention ``4 * tokens * keys * heads/TP * head_dim``
+  (causal prefill attends to ``(prompt + 1) / 2`` keys on average);
+- **memory**: weight bytes of the shard (MoE: only the experts the batch touches,
+  ``E/EP * (1 - (1 - k/E)^tokens)``), KV bytes read or written, activations;
+- the layer takes ``max(compute / FLOP/s, memory / bandwidth)`` (roofline), plus attention
+  score costs beyond FLOPs (softmax; 0 on GPUs with flash kernels, measured on the calibrated
+  CPU profile), plus fixed overheads: per layer (kernel launches), per sequence per layer and
+  per expert run (the calibrated CPU profile's Python loops), and per forward;
+- **TP**: two all-reduces of ``tokens * hidden`` activations per dense layer (after attention
+  and after the MLP; Megatron-LM, arXiv:1909.08053), one for a MoE layer (experts are not
+  TP-split in Cleave: ``engine/moe.py``), each ``2(T-1)/T`` of the bytes plus latency per step;
+- **EP**: dispatch and combine all-to-alls of ``tokens * top_k / EP * hidden`` times the
+  imbalance (GShard, arXiv:2006.16668), or, as Cleave's engine does today, one all-reduce of
+  ``tokens * hidden`` over the EP group (``ep_exchange="all_reduce"``);
+- **CP**: ring attention passes each rank's K/V block ``CP - 1`` times, overlapped with the
+  attention of the block in hand; only the part of a pass longer than that compute is exposed
+  (Ring Attention, arXiv:2310.01889);
+- **PP**: one send of ``(hidden, residual)`` per stage boundary (a boundary crossing a node
+  uses the NIC) and the bubble: a pass of ``m`` micro-batches takes ``(m + PP - 1)`` stage
+  times (GPipe, arXiv:1811.06965); a steady decode round ``max(m, PP)`` stage times;
+- **KV handoff**: the prompt's KV bytes over the NICs of the smaller of the two instances.
+
+Memory per GPU: the stage's weight shards (+ embedding on the first stage, LM head on the
+last), the KV of every cached token of its layers and KV heads (CP ranks keep their own
+tokens), activations of one pass, plus a reserve (share of device memory) that must stay free.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from engine.layout import layout_problem
+from services.capacity.hardware import Hardware
+from services.capacity.models import ModelSpec, dtype_bytes
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One instance's layout; world size ``pp * cp * max(tp, ep)`` (``engine.config.ParallelConfig``)."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "cp", "ep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def stage_ranks(self) -> int:
+        return max(self.tp, self.ep)
+
+    @property
+    def gpus(self) -> int:
+        return self.pp * self.cp * self.stage_ranks
+
+    def problem(self, model: ModelSpec) -> str | None:
+        """Why the engine cannot run this layout on ``model`` (``engine.layout.layout_problem``), or None."""
+        lo, hi = sorted((self.tp, self.ep))
+        if hi % lo:
+            return f"tp={self.tp} and ep={self.ep}: the smaller must divide the larger"
+        return layout_problem(self.tp, self.pp, self.ep, model.heads, model.kv_heads, model.layers,
+                              model.num_experts)
+
+    def label(self) -> str:
+        return "x".join(f"{a.upper()}{getattr(self, a)}" for a in ("tp", "pp", "cp", "ep")
+                        if getattr(self, a) > 1 or a == "tp")
+
+
+@dataclass(frozen=True)
+class CostOptions:
+    """Knobs of the model. ``micro_batches``: PP micro-batches (0 = ``min(pp, sequences)``);
+    ``expert_imbalance``: busiest EP rank's expert tokens over the mean (>= 1; measured from
+    Redis expert counts when available); ``reserve``: share of device memory kept free;
+    ``ep_exchange``: "all_to_all" (dispatch + combine) or "all_reduce" (Cleave's CPU engine)."""
+
+    weight_dtype: str = "bf16"
+    kv_dtype: str = "bf16"
+    micro_batches: int = 0
+    expert_imbalance: float = 1.0
+    reserve: float = 0.1
+    ep_exchange: str = "all_to_all"
+
+    def __post_init__(self) -> None:
+        dtype_bytes(self.weight_dtype), dtype_bytes(self.kv_dtype)
+        if self.expert_imbalance < 1:
+            raise ValueError(f"expert_imbalance must be >= 1, got {self.expert_imbalance}")
+        if not 0 <= self.reserve < 1:
+            raise ValueError(f"reserve must be in [0, 1), got {self.reserve}")
+        if self.micro_batches < 0:
+            raise ValueError(f"micro_batches must be >= 0, got {self.micro_batches}")
+        if self.ep_exchange not in ("all_to_all", "all_reduce"):
+            raise ValueError(f"ep_exchange must be 'all_to_all' or 'all_reduce', got {self.ep_exchange!r}")
+
+
+@dataclass
+class Breakdown:
+    """Seconds of one prefill pass or decode step on the slowest rank, by term."""
+
+    compute_s: float = 0.0       # layers' roofline time where compute bound (incl. LM head)
+    memory_s: float = 0.0        # layers' roofline time where memory bound
+    overhead_s: float = 0.0      # fixed per-layer / per-sequence overhead
+    tp_s: float = 0.0
+    ep_s: float = 0.0
+    cp_s: float = 0.0            # exposed part of the ring K/V passes
+    pp_send_s: float = 0.0
+    pp_bubble_s: float = 0.0
+    flops: float = 0.0           # per rank, whole pass
+    bytes: float = 0.0
+    over_parallelised: bool = False   # a layer's communication exceeds its compute
+    layer_compute_s: float = 0.0
+    layer_comm_s: float = 0.0
+
+    @property
+    def comm_s(self) -> float:
+        return self.tp_s + self.ep_s + self.cp_s + self.pp_send_s
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.memory_s + self.overhead_s + self.comm_s + self.pp_bubble_s
+
+    @property
+    def comm_share(self) -> float:
+        return self.comm_s / self.total_s if self.total_s else 0.0
+
+    def as_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out.update(comm_s=self.comm_s, total_s=self.total_s, comm_share=self.comm_share)
+        return out
+
+
+def kv_heads_per_rank(model: ModelSpec, tp: int) -> int:
+    """KV heads a TP rank holds: a split when tp <= kv heads, else one replicated head."""
+    return max(1, model.kv_heads // tp)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """Work of one forward on one rank: ``tokens`` rows, ``keys`` attended per row,
+    ``kv_tokens`` K/V rows read or written, ``seqs`` sequences (LM head rows)."""
+
+    tokens: float
+    keys: float
+    kv_tokens: float
+    seqs: float
+    causal_full: bool = False    # CP ring attention (scores full masked blocks where ring_score_s > 0)
+
+
+def _layer(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, s: _Step):
+    """(roofline seconds, is_compute_bound, flops, bytes, overhead s, tp s, ep s, attention s) of one layer."""
+    wb, kvb, ab = dtype_bytes(opt.weight_dtype), dtype_bytes(opt.kv_dtype), hw.act_bytes
+    h, d, t = model.hidden, model.head_dim, lay.tp
+    kvh = kv_heads_per_rank(model, t)
+    heads = model.heads / t
+    lin = 2 * h * model.heads * d / t + 2 * h * kvh * d
+    flops = 2 * s.tokens * lin
+    wbytes = lin * wb
+    if model.is_moe:
+        rows = s.tokens * model.top_k / lay.ep * opt.expert_imbalance
+        flops += 2 * rows * model.expert_params() + 2 * s.tokens * h * model.num_experts
+        touched = model.num_experts / lay.ep * (1 - (1 - model.top_k / model.num_experts) ** s.tokens)
+        wbytes += touched * model.expert_params() * wb + h * model.num_experts * wb
+        inter = model.top_k * model.moe_intermediate * opt.expert_imbalance / lay.ep
+    else:
+        flops += 2 * s.tokens * 3 * h * model.intermediate / t
+        wbytes += 3 * h * model.intermediate / t * wb
+        inter = model.intermediate / t
+    attn_flops = 4 * s.tokens * s.keys * heads * d
+    flops += attn_flops
+    act = ab * s.tokens * (8 * h + 2 * (heads + 2 * kvh) * d + 3 * inter)
+    nbytes = wbytes + s.kv_tokens * 2 * kvh * d * kvb + act
+    over = hw.oversubscription(lay.gpus)
+    rate_f, rate_m = hw.flops_for(opt.weight_dtype), hw.mem_rate()
+    scores = s.tokens * s.keys * heads * (hw.ring_score_s if s.causal_full else hw.score_s)
+    roof = (max(flops / rate_f, nbytes / rate_m) + scores) * over
+    experts = touched if model.is_moe else 0.0
+    overhead = (hw.layer_overhead_s + hw.seq_overhead_s * s.seqs + hw.expert_overhead_s * experts) * over
+    node = hw.gpus_per_node
+    msg = s.tokens * h * ab
+    tp_s = (1 if model.is_moe else 2) * hw.comm_time("all_reduce", msg, t, t > node)
+    ep_s = 0.0
+    if lay.ep > 1:
+        cross = lay.stage_ranks > node
+        if opt.ep_exchange == "all_reduce":
+            ep_s = hw.comm_time("all_reduce", msg, lay.ep, cross)
+        else:
+            ep_s = 2 * hw.comm_time("all_to_all", msg * model.top_k / lay.ep * opt.expert_imbalance, lay.ep, cross)
+    attn_s = (attn_flops / rate_f + scores) * over
+    return roof, flops / rate_f >= nbytes / rate_m, flops, nbytes, overhead, tp_s, ep_s, attn_s
+
+
+def _stage_layers(model: ModelSpec, pp: int) -> int:
+    return -(-model.layers // pp)     # the largest stage (the first ``layers % pp`` get one more)
+
+
+def _boundaries_crossing(lay: Layout, hw: Hardware) -> int:
+    """Stage boundaries whose two stages sit on different nodes (GPUs placed stage by stage)."""
+    per_stage = lay.gpus // lay.pp
+    return sum(1 for s in range(1, lay.pp) if per_stage > hw.gpus_per_node
+               or (s * per_stage) // hw.gpus_per_node != (s * per_stage - 1) // hw.gpus_per_node)
+
+
+def _pass(model, hw, lay, opt, step: _Step, decode: bool, m: int) -> Breakdown:
+    """Breakdown of the pipeline pass of one batch split into ``m`` micro-batches."""
+    micro = _Step(step.tokens / m, step.keys, step.kv_tokens / m, step.seqs / m, step.causal_full)
+    roof, bound, flops, nbytes, ovh, tp_s, ep_s, attn_s = _layer(model, hw, lay, opt, micro)
+    cp_s = 0.0
+    if lay.cp > 1:
+        block = micro.tokens * 2 * kv_heads_per_rank(model, lay.tp) * model.head_dim * hw.act_bytes
+        cp_s = (lay.cp - 1) * max(0.0, hw.comm_time("send_recv", block, 2) - attn_s / lay.cp)
+    n = _stage_layers(model, lay.pp)
+    head_flops = 2 * micro.seqs * model.hidden * model.vocab
+    head_s = max(head_flops / hw.flops_for(opt.weight_dtype),
+                 model.vocab * model.hidden * dtype_bytes(opt.weight_dtype) / hw.mem_rate())
+    head_s = (head_s + hw.step_overhead_s) * hw.oversubscription(lay.gpus)
+    stage = n * (roof + ovh + tp_s + ep_s + cp_s) + head_s
+    b = Breakdown()
+    rounds = max(m, lay.pp) if decode else m + lay.pp - 1
+    b.pp_bubble_s = (rounds - m) * stage
+    send = hw.comm_time("send_recv", 2 * micro.tokens * model.hidden * hw.act_bytes, 2)
+    cross = _boundaries_crossing(lay, hw)
+    send_nic = hw.comm_time("send_recv", 2 * micro.tokens * model.hidden * hw.act_bytes, 2, True)
+    hops = lay.pp if decode and lay.pp > 1 else lay.pp - 1      # decode: tokens return to stage 0
+    b.pp_send_s = (hops - min(cross, hops)) * send + min(cross, hops) * send_nic
+    work = m
+    if bound:
+        b.compute_s = work * (n * roof + head_s)
+    else:
+        b.memory_s = work * n * roof
+        b.compute_s = work * head_s
+    b.overhead_s = work * n * ovh
+    b.tp_s, b.ep_s, b.cp_s = work * n * tp_s, work * n * ep_s, work * n * cp_s
+    b.flops = m * (n * flops + head_flops)
+    b.bytes = m * n * nbytes
+    b.layer_compute_s, b.layer_comm_s = roof, tp_s + ep_s + cp_s
+    b.over_parallelised = b.layer_comm_s > roof
+    return b
+
+
+def _micro(opt: CostOptions, lay: Layout, seqs: int) -> int:
+    if lay.pp == 1:
+        return 1
+    return max(1, min(opt.micro_batches or lay.pp, seqs))
+
+
+def prefill_time(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, batch: int, prompt: int) -> Breakdown:
+    """One prefill pass of ``batch`` prompts of ``prompt`` tokens (each prompt split over CP ranks)."""
+    tokens = batch * prompt / lay.cp
+    ring = lay.cp > 1
+    keys = prompt if ring and hw.ring_score_s else (prompt + 1) / 2
+    return _pass(model, hw, lay, opt, _Step(tokens, keys, tokens, batch, ring), False, _micro(opt, lay, batch))
+
+
+def decode_step_time(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, batch: int, context: float) -> Breakdown:
+    """One decode step (round) of ``batch`` sequences attending to ``context`` tokens each."""
+    return _pass(model, hw, lay, opt, _Step(batch, context, batch * context, batch), True, _micro(opt, lay, batch))
+
+
+def kv_handoff_time(model: ModelSpec, hw: Hardware, opt: CostOptions, prompt: int, prefill: Layout, decode: Layout) -> float:
+    """Seconds to move one prompt's KV from a prefill to a decode instance over the NICs."""
+    nbytes = prompt * model.kv_bytes_per_token(dtype_bytes(opt.kv_dtype))
+    links = min(prefill.gpus, decode.gpus)
+    if hw.measured.get("send_recv"):
+        return hw.comm_time("send_recv", nbytes / links, 2)
+    return nbytes / links / (hw.nic_bw * hw.link_eff) + hw.nic_latency_s
+
+
+@dataclass
+class Memory:
+    """Bytes on the fullest GPU of an instance."""
+
+    weights: float
+    kv: float
+    activations: float
+    reserve: float
+    capacity: float
+    stage: int = 0
+    kv_per_token: float = field(default=0.0)   # KV bytes one cached token costs this GPU
+
+    @property
+    def used(self) -> float:
+        return self.weights + self.kv + self.activations
+
+    @property
+    def fits(self) -> bool:
+        return self.used + self.reserve <= self.capacity
+
+    @property
+    def kv_room_tokens(self) -> int:
+        """Cached tokens this GPU could still hold beyond ``kv`` (negative when over)."""
+        free = self.capacity - self.reserve - self.weights - self.activations - self.kv
+        return int(free // self.kv_per_token) if self.kv_per_token else 0
+
+
+def stage_weight_bytes(model: ModelSpec, lay: Layout, opt: CostOptions, stage: int) -> float:
+    """Weight bytes one GPU of pipeline stage ``stage`` holds (engine.layout.layer_range split)."""
+    base, extra = divmod(model.layers, lay.pp)
+    layers = base + (1 if stage < extra else 0)
+    h, d = model.hidden, model.head_dim
+    attn = 2 * h * model.heads * d / lay.tp + 2 * h * kv_heads_per_rank(model, lay.tp) * d
+    if model.is_moe:
+        mlp = model.num_experts / lay.ep * model.expert_params() + h * model.num_experts
+    else:
+        mlp = 3 * h * model.intermediate / lay.tp
+    params = layers * (attn + mlp + 2 * h)
+    if stage == 0:
+        params += model.vocab * h
+    if stage == lay.pp - 1 and (not model.tied_embeddings or lay.pp > 1):
+        params += model.vocab * h + h
+    return params * dtype_bytes(opt.weight_dtype)
+
+
+def memory_per_gpu(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, cached_tokens: float,
+                   pass_tokens: float) -> Memory:
+    """The fullest GPU: weights + KV of ``cached_tokens`` (all sequences) + activations of a
+    ``pass_tokens``-token forward, against ``hw.memory_bytes`` less the reserve."""
+    best = None
+    base, extra = divmod(model.layers, lay.pp)
+    for stage in range(lay.pp):
+        layers = base + (1 if stage < extra else 0)
+        per_tok = 2 * layers * kv_heads_per_rank(model, lay.tp) * model.head_dim * dtype_bytes(opt.kv_dtype) / lay.cp
+        inter = model.intermediate / lay.tp if not model.is_moe else model.top_k * model.moe_intermediate
+        act = pass_tokens / lay.cp * (6 * model.hidden + 3 * inter) * hw.act_bytes
+        mem = Memory(stage_weight_bytes(model, lay, opt, stage), cached_tokens * per_tok, act,
+                     hw.memory_bytes * opt.reserve, hw.memory_bytes, stage, per_tok)
+        if best is None or mem.used > best.used:
+            best = mem
+    return best
+
+
+def ceil_div(a: float, b: float) -> int:
+    return int(math.ceil(a / b - 1e-9))
