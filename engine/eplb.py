@@ -5,7 +5,8 @@ A :class:`Placement` maps the ``ep * slots`` *physical* expert slots of one MoE 
 ``phys_to_log[i]``. ``ep * slots - E`` slots are redundant (``--redundant-experts R``): they
 hold extra copies of hot experts. Tokens routed to an expert with ``c`` copies are split
 round-robin over the copies (``engine.moe.MoEBlock.forward``: the ``i``-th (token, expert) pair
-of the step goes to copy ``i % c``), so a copy carries ``load / c`` of its expert's tokens.
+of step ``s`` goes to copy ``(i + s) % c``), so a copy carries ``load / c`` of its expert's
+tokens, even at one token per step.
 
 Load view: the load of EP rank ``r`` is ``sum_{slots i on r} load[phys_to_log[i]] / c``; the
 *hotspot ratio* is ``max_r load_r / mean_r load_r`` (1.0 = perfectly balanced; with EP the

@@ -7,29 +7,84 @@ one :class:`ExpertStatsWriter` and call :meth:`ExpertStatsWriter.on_step` after 
 step (or :meth:`flush` directly). Every ``every_n_steps`` steps it sends ONE Redis pipeline of
 ``HINCRBY`` commands, never one per token.
 
-Schema: ``<prefix>experts:<model>:<layer>`` is a HASH ``expert_id -> routed token count``
-(cumulative since the model started serving; ``layer`` is the global layer index). The model's
-counters are cumulative too, so the writer remembers what it sent and adds only the increments
-``counts - last_flushed``: several instances serving the same model add into the same hashes,
-and a restarted instance starts from zero without clobbering them.
+Schema (DESIGN §7 and beside it):
+
+- ``<prefix>experts:<model>:<layer>`` — HASH ``expert_id -> routed token count``, cumulative
+  since the model started serving (``layer`` is the global layer index). Unchanged by the
+  windowed counters.
+- ``<prefix>experts-window:<model>:<t0>`` — HASH ``<layer>:<expert_id> -> routed token count``
+  routed during the time bucket ``[t0, t0 + interval_s)`` (``t0`` unix seconds, a multiple of
+  ``interval_s``). The writer sets ``EXPIREAT t0 + interval_s + window_s`` in the same pipeline,
+  so Redis itself drops a bucket once it has left the window. :func:`read_window` sums the
+  buckets with ``t0 > now - window_s``.
+
+The model's counters are cumulative too, so the writer remembers what it sent and adds only
+the increments ``counts - last_flushed`` to both: several instances serving the same model add
+into the same hashes and buckets (the pool's load is one view), and a restarted instance starts
+from zero without clobbering them.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
 
 
+def stats_model_id(model_id: str) -> str:
+    """A model's name in the expert-statistics and placement keys (``:`` replaced by ``_``)."""
+    return model_id.replace(":", "_")
+
+
+def window_key(prefix: str, model_id: str, t0: int | str) -> str:
+    """The bucket of ``model_id`` starting at unix second ``t0`` (``"*"``: a SCAN pattern)."""
+    return f"{prefix}experts-window:{model_id}:{t0}"
+
+
+def read_window(client, prefix: str, model_id: str, num_experts: int, window_s: float,
+                now: float | None = None) -> dict[int, list[int]]:
+    """Routed tokens per expert over the last ``window_s`` seconds, summed over every writer:
+    ``{layer: [count per expert]}`` (layers with no bucket are absent). Sync ``redis.Redis``
+    client with decoded responses; fields naming an expert outside ``[0, num_experts)`` are
+    ignored."""
+    now = time.time() if now is None else now
+    keys = []
+    for key in client.scan_iter(match=window_key(prefix, model_id, "*"), count=500):
+        try:
+            t0 = int(key.rsplit(":", 1)[1])
+        except ValueError:
+            continue
+        if now - window_s < t0 <= now:
+            keys.append(key)
+    out: dict[int, list[int]] = {}
+    if not keys:
+        return out
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.hgetall(key)
+    for bucket in pipe.execute():
+        for field, value in bucket.items():
+            layer, _, expert = field.partition(":")
+            if layer.isdigit() and expert.isdigit() and int(expert) < num_experts:
+                out.setdefault(int(layer), [0] * num_experts)[int(expert)] += int(value)
+    return out
+
+
 class ExpertStatsWriter:
     """Batches per-expert routed-token counts into Redis hashes (sync ``redis.Redis`` client)."""
 
-    def __init__(self, redis_client, model_id: str, prefix: str = "cleave:", every_n_steps: int = 16):
+    def __init__(self, redis_client, model_id: str, prefix: str = "cleave:", every_n_steps: int = 16,
+                 interval_s: int = 10, window_s: float = 300.0, clock: Callable[[], float] = time.time):
         if not model_id or ":" in model_id:
             raise ValueError(f"model_id must be non-empty and free of ':', got {model_id!r}")
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if int(interval_s) != interval_s or interval_s < 1 or window_s < interval_s:
+            raise ValueError(f"need a whole interval_s >= 1 and window_s >= interval_s, got "
+                             f"interval_s={interval_s} window_s={window_s}")
         self.redis, self.model_id, self.prefix = redis_client, model_id, prefix
         self.every_n_steps = every_n_steps
+        self.interval_s, self.window_s, self.clock = int(interval_s), float(window_s), clock
         self._steps = 0
         self._sent: dict[int, torch.Tensor] = {}    # layer -> cumulative counts already written
 
@@ -44,10 +99,13 @@ class ExpertStatsWriter:
 
     def flush(self, counts_by_layer: dict[int, torch.Tensor]) -> int:
         """Write the increments since the last flush, ``HINCRBY key expert delta`` for every
-        non-zero delta, in one pipeline. ``counts_by_layer``: global layer -> cumulative int
-        counts ``[num_experts]``. Returns the number of fields incremented. The remembered
+        non-zero delta into the cumulative hash and into the current time bucket, in one
+        pipeline. ``counts_by_layer``: global layer -> cumulative int counts
+        ``[num_experts]``. Returns the number of cumulative fields incremented. The remembered
         totals move only after Redis accepted the pipeline, so a failed flush is retried whole
-        by the next one."""
+        by the next one (its tokens then land in the bucket of the retry)."""
+        t0 = int(self.clock()) // self.interval_s * self.interval_s
+        bucket = window_key(self.prefix, self.model_id, t0)
         pipe = self.redis.pipeline(transaction=True)
         sent, fields = {}, 0
         for layer, counts in sorted(counts_by_layer.items()):
@@ -61,9 +119,11 @@ class ExpertStatsWriter:
                                  f"the counters must be cumulative")
             for expert in delta.nonzero().flatten().tolist():
                 pipe.hincrby(self.key(layer), str(expert), int(delta[expert]))
+                pipe.hincrby(bucket, f"{layer}:{expert}", int(delta[expert]))
                 fields += 1
             sent[layer] = now.clone()
         if fields:
+            pipe.expireat(bucket, t0 + self.interval_s + int(self.window_s + 0.999))
             pipe.execute()
         self._sent.update(sent)
         return fields

@@ -32,7 +32,7 @@ ranks (no communication).
 Placement (``engine.eplb``): which experts an EP rank holds is a :class:`~engine.eplb.Placement`
 of ``ep * S`` slots, ``[r*E/ep, (r+1)*E/ep)`` on rank ``r`` until a rebalance moves them
 (``engine.expert_move.apply_placement``, between two steps). An expert with ``c`` copies has its
-pairs of the step split round-robin over the copies; every token still gets
+pairs split round-robin over the copies, starting one copy further at each step; every token still gets
 ``sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` whichever rank computes which pair, so a placement
 changes the output only by rounding (a matmul over a different number of rows, as when the
 batch changes). ``rank_pairs`` counts the pairs this rank computed: the measured rank load.
@@ -95,6 +95,7 @@ class MoEBlock(nn.Module):
         self.set_slots(default_placement(e, ep.size), torch.empty(e // ep.size, 2 * i, h, dtype=dt),
                        torch.empty(e // ep.size, h, i, dtype=dt))
         self._loaded: set[str] = set()
+        self._steps = 0       # forwards run; every rank of the EP group runs the same ones
 
     def set_slots(self, placement: Placement, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
         """Switch to ``placement`` whose slots on this rank hold ``gate_up_proj [S, 2I, H]``
@@ -165,8 +166,10 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [T, H]`` -> ``y [T, H]`` (summed over the EP group); counts routed pairs.
 
-        Local slot ``s`` holds copy ``j`` of ``c`` of expert ``e`` and computes the pairs
-        ``j, j + c, j + 2c, ...`` of ``e``'s pairs in this step (all of them when ``c = 1``)."""
+        Local slot ``s`` holds copy ``j`` of ``c`` of expert ``e`` and computes the pairs ``i``
+        of ``e`` in this step with ``(i + step) % c == j`` (all of them when ``c = 1``); the
+        step count rotates the first pair over the copies, so copies share the load even when
+        a step routes one token to ``e``."""
         t = x.shape[0]
         weights, ids = route(F.linear(x, self.gate_weight), self.top_k)
         x_sorted, order, counts = moe_permute(x, ids, self.num_experts)
@@ -175,12 +178,13 @@ class MoEBlock(nn.Module):
         outs, mine = [], []
         for s, (e, j, c) in enumerate(self._slot_split):
             lo, hi = offsets[e], offsets[e + 1]
-            if hi <= lo + j:                           # no pair for this copy in this step
+            first = lo + (j - self._steps) % c         # pair i goes to copy (i + step) % c
+            if hi <= first:                            # no pair for this copy in this step
                 continue
             if c == 1:
                 rows, pairs = x_sorted[lo:hi], order[lo:hi]
             else:
-                pick = torch.arange(lo + j, hi, c, device=x.device)
+                pick = torch.arange(first, hi, c, device=x.device)
                 rows, pairs = x_sorted[pick], order[pick]
             if rows.shape[0]:
                 h = silu_and_mul(F.linear(rows, self.gate_up_proj[s]))
@@ -189,6 +193,7 @@ class MoEBlock(nn.Module):
         y = torch.cat(outs) if outs else x.new_zeros(0, x.shape[1])
         pairs = torch.cat(mine) if mine else order.new_zeros(0)
         self.rank_pairs += pairs.numel()
+        self._steps += 1
         return self.ep.all_reduce(moe_unpermute(y, pairs, weights, t))
 
 

@@ -52,7 +52,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             await abort_with(context, exc)
 
     async def GetModelInfo(self, request, context) -> inference_pb2.ModelInfo:
-        return self.core.model_info()
+        info = self.core.model_info()
+        if self.core.model.num_experts:             # MoE: the decode pool's expert load view
+            from services.expert_balance import add_expert_view
+            await add_expert_view(info, self.core.cfg.redis_url, self.core.cfg.key_prefix, self.core.model_id)
+        return info
 
 
 async def _track_health(core: RouterCore, servicer) -> None:

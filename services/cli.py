@@ -7,6 +7,7 @@
                                                                     # scale pools on Kubernetes
     cleave generate "prompt" [--chat] [--max-tokens 64] ...         # stream a completion
     cleave info                                                     # model and pools
+    cleave rebalance --redis-url URL [--dry-run]                    # rebalance MoE experts now
     cleave plan --model llama-3.1-70b --hardware h100 --gpus 16 --prompt 2048 --output 256 --rate 10
                                                                     # choose each pool's layout
     cleave plan --model llama-3.1-70b --hardware h100 --gpus 16 --prompt 2048 --output 256 --rate 10
@@ -53,6 +54,22 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM, seconds to let running requests finish before exiting")
     for axis in ("tp", "pp", "cp", "ep"):
         p.add_argument(f"--{axis}", type=int, default=1, help=f"{axis.upper()} degree of the instance")
+    _add_expert_flags(p)
+
+
+def _add_expert_flags(p: argparse.ArgumentParser) -> None:
+    """MoE decode: expert load balancing (``services.expert_balance``)."""
+    p.add_argument("--redundant-experts", type=int, default=0,
+                   help="MoE decode: extra expert slots over the EP group for copies of hot experts "
+                        "(ep must divide num_experts + this)")
+    p.add_argument("--expert-stats-interval", type=int, default=10,
+                   help="MoE decode: seconds per windowed expert-statistics bucket in Redis")
+    p.add_argument("--expert-window", type=float, default=300.0,
+                   help="MoE decode: seconds of expert statistics the load view and rebalancer use")
+    p.add_argument("--rebalance-interval", type=float, default=0.0,
+                   help="MoE decode: seconds between automatic rebalancing checks (0 = only `cleave rebalance`)")
+    p.add_argument("--rebalance-threshold", type=float, default=0.1,
+                   help="MoE decode: rebalance when the predicted hotspot ratio drops by more than this fraction")
 
 
 def _add_planner_flags(p: argparse.ArgumentParser) -> None:
@@ -166,6 +183,18 @@ def _parser() -> argparse.ArgumentParser:
     from services.capacity.cli import add_plan_flags
     add_plan_flags(plan)
 
+    rebalance = sub.add_parser("rebalance", help="recompute the MoE expert placement from the statistics "
+                                                  "in Redis and publish it to the decode instances")
+    rebalance.add_argument("--redis-url", required=True, help="the pool's Redis")
+    rebalance.add_argument("--key-prefix", default="cleave:", help="Redis key prefix of the deployment")
+    rebalance.add_argument("--model-id", default="",
+                           help="model whose placement to change ('' = the only one recorded)")
+    rebalance.add_argument("--window", type=float, default=None,
+                           help="seconds of statistics to balance over (default: the recorded window)")
+    rebalance.add_argument("--threshold", type=float, default=0.0,
+                           help="publish only when the mean hotspot ratio drops by more than this fraction")
+    rebalance.add_argument("--dry-run", action="store_true", help="print the prediction, publish nothing")
+
     info = sub.add_parser("info", help="show the served model and pools")
     info.add_argument("--address", default=env.address)
     return parser
@@ -181,6 +210,9 @@ def _worker_config(args):
                         checksum=not args.no_checksum, max_batch=args.max_batch, threads=args.threads,
                         drain_timeout_s=args.drain_timeout, metrics_port=args.metrics_port,
                         parallel=ParallelConfig(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep),
+                        redundant_experts=args.redundant_experts, expert_stats_interval_s=args.expert_stats_interval,
+                        expert_window_s=args.expert_window, rebalance_interval_s=args.rebalance_interval,
+                        rebalance_threshold=args.rebalance_threshold,
                         internal_token=Environment.read().internal_token)
 
 
@@ -296,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             from services.client import info_cli
             return info_cli(args)
+        if args.command == "rebalance":
+            from services.expert_balance import rebalance_cli
+            return rebalance_cli(args)
         if args.command == "bench":
             from services.loadgen.cli import run as run_bench
             return run_bench(args, Environment.read().address)

@@ -57,12 +57,6 @@ class WorkerConfig:
     expert_window_s: float = 300.0     # statistics window the load view and the rebalancer use
     rebalance_interval_s: float = 0.0  # 0 = never rebalance on its own; else check this often
     rebalance_threshold: float = 0.1   # publish when the predicted hotspot ratio drops by more than this fraction
-    # MoE decode: expert load balancing (services.expert_balance)
-    redundant_experts: int = 0         # extra expert slots over the EP group, for copies of hot experts
-    expert_stats_interval_s: int = 10  # length of one windowed-statistics bucket in Redis
-    expert_window_s: float = 300.0     # statistics window the load view and the rebalancer use
-    rebalance_interval_s: float = 0.0  # 0 = never rebalance on its own; else check this often
-    rebalance_threshold: float = 0.1   # publish when the predicted hotspot ratio drops by more than this fraction
     internal_token: str = field(default="", repr=False)  # required from callers (CLEAVE_INTERNAL_TOKEN)
 
     def __post_init__(self) -> None:
@@ -88,14 +82,6 @@ class WorkerConfig:
         if self.pool == "prefill" and (self.parallel.pp > 1 or self.parallel.ep > 1):
             raise ValueError(f"a prefill instance is laid out tp x cp; got pp={self.parallel.pp} "
                              f"ep={self.parallel.ep}")
-        if self.redundant_experts < 0 or self.expert_stats_interval_s < 1 \
-                or self.expert_window_s < self.expert_stats_interval_s:
-            raise ValueError(f"need redundant_experts >= 0, expert_stats_interval_s >= 1 and "
-                             f"expert_window_s >= expert_stats_interval_s, got {self.redundant_experts}, "
-                             f"{self.expert_stats_interval_s} and {self.expert_window_s}")
-        if self.rebalance_interval_s < 0 or not 0 <= self.rebalance_threshold < 1:
-            raise ValueError(f"need rebalance_interval_s >= 0 and 0 <= rebalance_threshold < 1, got "
-                             f"{self.rebalance_interval_s} and {self.rebalance_threshold}")
         if self.redundant_experts < 0 or self.expert_stats_interval_s < 1 \
                 or self.expert_window_s < self.expert_stats_interval_s:
             raise ValueError(f"need redundant_experts >= 0, expert_stats_interval_s >= 1 and "

@@ -147,11 +147,6 @@ class RankEngine:
             return self.model.apply_placement(placements_from_json(args[0], self.model_config.num_experts, args[1]))
         if name == "rank_pairs":
             return self.model.rank_pairs() if self.model_config.num_experts else {}
-        if name == "placement":
-            from engine.eplb import placements_from_json
-            return self.model.apply_placement(placements_from_json(args[0], self.model_config.num_experts, args[1]))
-        if name == "rank_pairs":
-            return self.model.rank_pairs() if self.model_config.num_experts else {}
         raise ValueError(f"unknown instance command {name!r}")
 
 
@@ -266,29 +261,6 @@ class Instance:
     def flush_stats(self) -> int:
         """Every stage leader writes its expert-count increments to Redis (MoE decode only)."""
         return sum(self.call("flush_stats"))
-
-    def apply_placement(self, layers: dict) -> dict:
-        """Switch every rank to the expert placement ``layers`` ({layer: engine.eplb.Placement})
-        at the same step boundary (one command of the channel); returns the transfers, bytes
-        and the slowest rank's seconds."""
-        from engine.eplb import placements_to_json
-        results = self.call("placement", placements_to_json(layers), self.cfg.parallel.ep)
-        return {"moved": sum(r["moved"] for r in results) // 2,   # each transfer counted by both ends
-                "bytes": sum(r["bytes_sent"] for r in results),
-                "rank_seconds": max(r["seconds"] for r in results),
-                "slots": results[0]["slots"]}
-
-    def rank_pairs(self) -> dict[int, list[int]]:
-        """Cumulative (token, expert) pairs computed by each EP rank, by global layer:
-        ``{layer: [pairs of EP rank 0, 1, ...]}`` (from the first EP group of each stage)."""
-        from engine.parallel import coords
-        p, out = self.cfg.parallel, {}
-        for r, pairs in enumerate(self.call("rank_pairs")):
-            c = coords(p, r)
-            if c["s"] // p.ep == 0:
-                for layer, n in pairs.items():
-                    out.setdefault(layer, [0] * p.ep)[c["ep"]] = n
-        return out
 
     def apply_placement(self, layers: dict) -> dict:
         """Switch every rank to the expert placement ``layers`` ({layer: engine.eplb.Placement})
