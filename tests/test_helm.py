@@ -236,7 +236,9 @@ def test_probes_are_grpc_on_the_serving_port(default):
 def test_router_service_exposes_grpc(default, bundled_auth):
     svc = default.get("Service", "router")
     assert svc["spec"]["ports"] == [{"name": "grpc", "port": 50051, "targetPort": "grpc",
-                                     "protocol": "TCP", "appProtocol": "grpc"}]
+                                     "protocol": "TCP", "appProtocol": "grpc"},
+                                    {"name": "http", "port": 8000, "targetPort": "http",
+                                     "protocol": "TCP", "appProtocol": "http"}]
     assert svc["spec"]["selector"] == default.get("Deployment", "router")["spec"]["selector"]["matchLabels"]
     assert flag(default.container("router")["args"], "host") == "0.0.0.0"
     assert bundled_auth.get("Service", "router")["spec"]["type"] == "LoadBalancer"
@@ -358,6 +360,8 @@ INCONSISTENT = {
     "tp_ep_indivisible": ({"model": {"path": "/m/moe"}, "decode": {"layout": {"tp": 2, "ep": 3}}},
                           "tp=2 and ep=3 share the ranks of a pipeline stage"),
     "volume_without_path": ({"model": {"volume": {"emptyDir": {}}}}, "model.volume is set but model.path is empty"),
+    "http_port_is_grpc_port": ({"router": {"httpPort": 50051}}, "router.httpPort=50051 is also router.port"),
+    "metrics_port_is_grpc_port": ({"decode": {"metricsPort": 50060}}, "decode.metricsPort=50060 is also decode.port"),
 }
 
 
@@ -386,6 +390,8 @@ OUT_OF_SCHEMA = {
     "bad_redis_mode": ({"redis": {"mode": "cluster"}}, "/redis/mode"),
     "kv_high_above_one": ({"planner": {"kvHigh": 1.5}}, "/planner/kvHigh"),
     "bad_quantity": ({"prefill": {"resources": {"limits": {"memory": "lots"}}}}, "/prefill/resources/limits/memory"),
+    "bad_scrape_interval": ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "/metrics/serviceMonitor/interval"),
+    "bad_metrics_port": ({"prefill": {"metricsPort": 70000}}, "/prefill/metricsPort"),
 }
 
 
@@ -502,3 +508,67 @@ def test_image_build_steps_give_importable_packages(tmp_path):
     out = run(sys.executable, "-c", probe, cwd=tmp_path, env=env).split()
     assert [pathlib.Path(f).is_relative_to(site) for f in out] == [True, True], out
     assert (site / "bin" / "cleave").exists()
+
+
+# ---------------------------------------------------------------- metrics
+
+MONITORED = {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+                         "grafanaDashboard": {"enabled": True}}}
+
+
+@pytest.mark.unit
+def test_router_and_workers_serve_metrics_and_are_annotated_for_scraping(default):
+    router = default.container("router")
+    assert flag(router["args"], "http-port") == "8000"
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in router["ports"]
+    for component, port in (("router", "8000"), ("prefill", "9090"), ("decode", "9090")):
+        annotations = default.get("Deployment", component)["spec"]["template"]["metadata"]["annotations"]
+        assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"],
+                annotations["prometheus.io/path"]) == ("true", port, "/metrics")
+        if component != "router":
+            container = default.container(component)
+            assert flag(container["args"], "metrics-port") == "9090"
+            assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+    assert not [d for d in default.docs if d["kind"] == "ServiceMonitor"]
+
+
+@pytest.mark.unit
+def test_service_monitor_selects_every_metrics_port_and_the_dashboard_ships(chart):
+    import json
+
+    from services.prom import RouterMetrics, WorkerMetrics
+
+    release = Release(render(chart, MONITORED))
+    for doc in release.docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: kubernetes-validate knows only the built-in kinds
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    monitor = release.get("ServiceMonitor", "metrics")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    ports = {e["port"] for e in monitor["spec"]["endpoints"]}
+    selected = [d for d in release.docs if d["kind"] == "Service"
+                and selector.items() <= d["metadata"]["labels"].items()]
+    assert sorted(d["metadata"]["name"] for d in selected) == [
+        "demo-cleave-decode-metrics", "demo-cleave-prefill-metrics", "demo-cleave-router"]
+    for svc in selected:  # each selected Service exposes a scraped port that reaches its pods' metrics port
+        component = svc["metadata"]["labels"]["app.kubernetes.io/component"]
+        names = {p["name"] for p in svc["spec"]["ports"]} & ports
+        pod_ports = {p["name"] for p in release.container(component)["ports"]}
+        assert len(names) == 1 and names <= pod_ports
+    # every cleave:* series the dashboard queries exists in the router's or the workers' registry
+    board = json.loads(release.get("ConfigMap", "dashboard")["data"]["cleave.json"])
+    assert release.get("ConfigMap", "dashboard")["metadata"]["labels"]["grafana_dashboard"] == "1"
+    queried = {m for p in board["panels"] for t in p["targets"] for m in re.findall(r"cleave:[a-z0-9_]+", t["expr"])}
+    worker = WorkerMetrics("decode", lambda: "w", "tp1-pp1-cp1-ep1")
+    for name in ("cleave:prefill_queue_tokens", "cleave:batch_size", "cleave:kv_cache_usage_perc"):
+        worker.gauges.add(name, "", lambda: 0)
+    worker.gauges.add("cleave:expert_hotspot_ratio{layer}", "", lambda: {0: 1.0})
+    worker.transfer(0.1, 1)
+    worker.transfer_failed()
+    router = RouterMetrics("m", lambda: 0, lambda: 0)
+    router.finished("stop", 1, 1, 0.1, 0.0, 1)
+    router.failed("unavailable", None, 1)
+    exposed = {s.name for reg in (router.registry, worker.registry)
+               for fam in reg.collect() for s in fam.samples}
+    assert queried and queried <= exposed, queried - exposed

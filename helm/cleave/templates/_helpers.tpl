@@ -161,3 +161,15 @@ imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/*
+Pod annotations for Prometheus discovery by annotation (metrics.podAnnotations).
+Arg: (dict "root" $ "port" <metrics port>).
+*/}}
+{{- define "cleave.scrapeAnnotations" -}}
+{{- if .root.Values.metrics.podAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .port | int | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- end }}

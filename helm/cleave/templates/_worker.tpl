@@ -37,6 +37,9 @@ spec:
         {{- include "cleave.labels" $ctx | nindent 8 }}
       annotations:
         {{- include "cleave.configChecksum" $root | nindent 8 }}
+        {{- with include "cleave.scrapeAnnotations" (dict "root" $root "port" $pool.metricsPort) }}
+        {{- . | trim | nindent 8 }}
+        {{- end }}
         {{- with $pool.podAnnotations }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -60,6 +63,7 @@ spec:
             - {{ $poolName }}
             - --host=$(POD_IP)
             - --port={{ int $pool.port }}
+            - --metrics-port={{ int $pool.metricsPort }}
             - --worker-id=$(POD_NAME)
             - --redis-url=$(CLEAVE_REDIS_URL)
             - --key-prefix=$(CLEAVE_KEY_PREFIX)
@@ -89,6 +93,9 @@ spec:
           ports:
             - name: grpc
               containerPort: {{ $pool.port }}
+              protocol: TCP
+            - name: metrics
+              containerPort: {{ $pool.metricsPort }}
               protocol: TCP
           # The port is bound once the model is loaded and every rank is up.
           startupProbe:
@@ -128,4 +135,30 @@ spec:
         {{- with include "cleave.modelVolume" $root }}
         {{- . | trim | nindent 8 }}
         {{- end }}
+{{- end }}
+
+{{/*
+The headless Service that exposes one pool's metrics port to a ServiceMonitor
+(prefill-metrics-service.yaml, decode-metrics-service.yaml; rendered with metrics.serviceMonitor).
+Arg: (dict "root" $ "pool" "prefill"|"decode").
+*/}}
+{{- define "cleave.worker.metricsService" -}}
+{{- $ctx := dict "root" .root "component" .pool }}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "cleave.componentName" $ctx }}-metrics
+  namespace: {{ .root.Release.Namespace }}
+  labels:
+    {{- include "cleave.labels" $ctx | nindent 4 }}
+    cleave/metrics: "true"
+spec:
+  clusterIP: None
+  selector:
+    {{- include "cleave.selectorLabels" $ctx | nindent 4 }}
+  ports:
+    - name: metrics
+      port: {{ (index .root.Values .pool).metricsPort }}
+      targetPort: metrics
+      protocol: TCP
 {{- end }}
