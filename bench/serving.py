@@ -4,28 +4,32 @@
 
 Measures, for 1, 8 and 16 concurrent streams of ``--tokens`` new tokens each (``ignore_eos``):
 TTFT (p50/p90), TPOT (mean time between a stream's tokens after the first) and aggregate
-decode throughput (completion tokens / wall time). The baseline is transformers' greedy
-``generate`` in this process, batch 1, 8 and 16 (TTFT = a 1-token generate of the batch).
-The stack is started with ``services.launcher.LocalStack`` (real Redis, gRPC, UCX).
-Prints one table with ratios; nothing is asserted.
+decode throughput (completion tokens / wall time). The stack is started with
+``services.launcher.LocalStack`` (real Redis, gRPC, UCX) and driven by ``cleave bench``'s load
+generator (``services.loadgen``: one request per stream, all sent at once, after a warm-up),
+over gRPC or the OpenAI HTTP API (``--backend``); ``--goodput ttft:MS,tpot:MS`` adds goodput.
+The baseline is transformers' greedy ``generate`` in this process, batch 1, 8 and 16 (TTFT =
+a 1-token generate of the batch). Prints the load generator's table and one comparison table
+with ratios; nothing is asserted.
 """
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
+import asyncio
 import os
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import grpc  # noqa: E402
 import torch  # noqa: E402
 
-from cleave.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
 from engine.loader import load_reference_model, load_tokenizer, resolve_model  # noqa: E402
 from services.launcher import LocalStack, StackConfig  # noqa: E402
+from services.loadgen.cli import bench  # noqa: E402
+from services.loadgen.datasets import DatasetConfig, LengthDist  # noqa: E402
+from services.loadgen.report import Slo, table  # noqa: E402
+from services.loadgen.runner import LoadConfig  # noqa: E402
 
 PROMPTS = ["Explain how a refrigerator works.", "Write a short story about a lighthouse keeper.",
            "List some uses of graph theory.", "Describe the water cycle to a child.",
@@ -33,39 +37,20 @@ PROMPTS = ["Explain how a refrigerator works.", "Write a short story about a lig
            "How do vaccines train the immune system?", "Give advice to a new programmer."]
 
 
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
 def prompt_ids(tokenizer, i: int, n: int) -> list[int]:
     ids = tokenizer.encode(PROMPTS[i % len(PROMPTS)] + " " + "Please be detailed. " * 40)
     return ids[:n]
 
 
-def one_stream(stub, ids, tokens):
-    req = inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=ids), sampling=inference_pb2.SamplingParams(
-        max_tokens=tokens, ignore_eos=True))
-    t0 = time.perf_counter()
-    stamps = []
-    for msg in stub.Generate(req, timeout=600):
-        now = time.perf_counter()
-        stamps.extend([now] * len(msg.token_ids))
-    ttft = stamps[0] - t0
-    tpot = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
-    return ttft, tpot, len(stamps), t0, stamps[-1]
-
-
-def bench_stack(address, tokenizer, concurrency, tokens, prompt_tokens):
-    with grpc.insecure_channel(address) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        one_stream(stub, prompt_ids(tokenizer, 0, prompt_tokens), 4)  # warm-up
-        with cf.ThreadPoolExecutor(concurrency) as pool:
-            results = list(pool.map(lambda i: one_stream(stub, prompt_ids(tokenizer, i, prompt_tokens), tokens),
-                                    range(concurrency)))
-    wall = max(r[4] for r in results) - min(r[3] for r in results)
-    return dict(ttft=[r[0] for r in results], tpot=statistics.mean(r[1] for r in results),
-                tput=sum(r[2] for r in results) / wall)
+def bench_stack(stack, backend, vocab, concurrency, tokens, prompt_tokens, slo):
+    """One load level through the load generator; returns its report (``services.loadgen.report``)."""
+    target = stack.http_url if backend.startswith("openai") else f"{stack.cfg.host}:{stack.router_port}"
+    data = DatasetConfig(num_requests=concurrency, prompt=LengthDist(prompt_tokens), output=LengthDist(tokens),
+                         token_range=(100, min(10_000, vocab)), seed=concurrency)
+    (report,) = asyncio.run(bench(backend, target, data, [LoadConfig(concurrency=concurrency, warmup=1)], slo))
+    if report["requests_failed"]:
+        raise RuntimeError(f"{report['requests_failed']} request(s) failed: {report['errors']}")
+    return report
 
 
 def bench_hf(model, tokenizer, batch, tokens, prompt_tokens):
@@ -81,7 +66,7 @@ def bench_hf(model, tokenizer, batch, tokens, prompt_tokens):
         out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kw)
         wall = time.perf_counter() - t0
     n = (out.shape[1] - ids.shape[1]) * batch
-    return dict(ttft=[ttft] * batch, tpot=(wall - ttft) / max(1, tokens - 1), tput=n / wall)
+    return dict(ttft_p50=ttft, ttft_p90=ttft, tpot=(wall - ttft) / max(1, tokens - 1), tput=n / wall)
 
 
 def main() -> int:
@@ -92,20 +77,27 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads, baseline and each worker")
     ap.add_argument("--concurrency", default="1,8,16")
     ap.add_argument("--transport", default="ucx")
+    ap.add_argument("--backend", default="grpc", choices=["grpc", "openai"], help="the API the load goes through")
+    ap.add_argument("--goodput", default="", help="SLO for goodput, e.g. ttft:2000,tpot:200 (ms)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    slo = Slo.parse(args.goodput) if args.goodput else None
     torch.set_num_threads(args.threads)
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(source)
-    rows = {}
-    stack = LocalStack(StackConfig(port=0, model=args.model, log_level="WARNING",
+    rows, reports = {}, []
+    stack = LocalStack(StackConfig(port=0, http_port=0, model=args.model, log_level="WARNING",
                                    worker_args=("--threads", str(args.threads), "--transport", args.transport)))
     try:
-        address = stack.start()
+        stack.start()
         for c in levels:
-            rows[("cleave", c)] = bench_stack(address, tokenizer, c, args.tokens, args.prompt_tokens)
+            r = bench_stack(stack, args.backend, len(tokenizer), c, args.tokens, args.prompt_tokens, slo)
+            reports.append(r)
+            rows[("cleave", c)] = dict(ttft_p50=r["ttft_ms"]["p50"] / 1e3, ttft_p90=r["ttft_ms"]["p90"] / 1e3,
+                                       tpot=r["tpot_ms"]["mean"] / 1e3, tput=r["output_token_throughput"])
     finally:
         stack.stop()
+    print(f"\ncleave bench ({args.backend}), one request per stream:\n{table(reports)}")
     model = load_reference_model(source)
     for c in levels:
         rows[("hf", c)] = bench_hf(model, tokenizer, c, args.tokens, args.prompt_tokens)
@@ -118,7 +110,7 @@ def main() -> int:
             r = rows[(name, c)]
             ratio = r["tput"] / rows[("hf", c)]["tput"]
             label = "Cleave (disaggregated)" if name == "cleave" else "HF transformers generate"
-            print(f"| {c} | {label} | {pct(r['ttft'], .5) * 1e3:.0f} | {pct(r['ttft'], .9) * 1e3:.0f} | "
+            print(f"| {c} | {label} | {r['ttft_p50'] * 1e3:.0f} | {r['ttft_p90'] * 1e3:.0f} | "
                   f"{r['tpot'] * 1e3:.1f} | {r['tput']:.1f} | {ratio:.2f}x |")
     return 0
 
