@@ -56,6 +56,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         if self.core.model.num_experts:             # MoE: the decode pool's expert load view
             from services.expert_balance import add_expert_view
             await add_expert_view(info, self.core.cfg.redis_url, self.core.cfg.key_prefix, self.core.model_id)
+        from services.capacity.published import add_plan_view   # the published plan beside measurements
+        await add_plan_view(info, self.core.client, self.core.cfg.key_prefix)
         return info
 
 

@@ -4,7 +4,8 @@ What is measured (each the median of several runs, one torch thread per rank as 
 rank processes use, ``engine.parallel``):
 
 - **matmul FLOP/s**: fp32 ``[256, 512] @ [512, 1536]`` (the shape class of a small model's MLP);
-- **memory bandwidth**: ``copy_`` of a 128 MiB fp32 tensor (bytes read + written per second);
+- **memory bandwidth**: ``copy_`` of a 128 MiB fp32 tensor (bytes read + written per second),
+  by one thread and by all cores at once (ranks running together share the memory bus);
 - **overheads of the engine** on a micro Llama (hidden 32, random weights, built in memory with
   ``engine.model``): per layer per forward, per sequence per layer (attention runs per
   sequence), and per forward (embedding, final norm, LM head call) — from decode steps of 2 and
@@ -41,7 +42,7 @@ def _median_time(fn, reps: int) -> float:
 
 
 def measure_compute() -> dict:
-    """``{"flops": FLOP/s, "mem_bw": bytes/s}`` of one thread."""
+    """``{"flops": FLOP/s, "mem_bw": bytes/s}`` of one thread, ``mem_bw_all``: all cores copying."""
     import torch
     torch.set_num_threads(1)
     a, b = torch.randn(256, 512), torch.randn(512, 1536)
@@ -49,7 +50,11 @@ def measure_compute() -> dict:
     src = torch.ones(32 << 20)
     dst = torch.empty_like(src)
     tm = _median_time(lambda: dst.copy_(src), 7)
-    return {"flops": 2 * 256 * 512 * 1536 / t, "mem_bw": 2 * src.numel() * 4 / tm}
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    ta = _median_time(lambda: dst.copy_(src), 7)
+    torch.set_num_threads(1)
+    return {"flops": 2 * 256 * 512 * 1536 / t, "mem_bw": 2 * src.numel() * 4 / tm,
+            "mem_bw_all": 2 * src.numel() * 4 / ta}
 
 
 def _micro_model(layers: int, experts: int = 0):
@@ -78,9 +83,29 @@ def _decode_step_time(model, kv, seqs: int) -> float:
     return _median_time(step, 30)
 
 
-def measure_overheads() -> dict:
+def _runner_round_time(model) -> float:
+    """Seconds per decode round of the engine's ``PipelineRunner`` (one rank, one sequence)."""
+    from engine.parallel import ParallelGroups
+    from engine.pipeline import PipelineRunner
+    runner = PipelineRunner(model, ParallelGroups.single())
+    runs = []
+    for _ in range(3):
+        runner.generate([[5, 6, 7]], 41, stop_at_eos=False)
+        runs.append(runner.timings["decode"] / 40)
+    return statistics.median(runs)
+
+
+def measure_overheads(rounds: int = 3) -> dict:
+    """:func:`measure_overheads_once` ``rounds`` times, the median of each figure (a shared
+    machine's noise is in single runs)."""
+    runs = [measure_overheads_once() for _ in range(rounds)]
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def measure_overheads_once() -> dict:
     """Engine overheads in seconds: ``layer``, ``seq`` (per sequence per layer), ``step`` (per
-    forward), ``expert`` (per expert run per layer) — from a micro model where arithmetic is nil."""
+    decode round of the runner beyond its layers: batch, embedding, LM head, sampling, bookkeeping),
+    ``expert`` (per expert run per layer) — from a micro model where arithmetic is nil."""
     import torch
     torch.set_num_threads(1)
     t = {}
@@ -91,11 +116,12 @@ def measure_overheads() -> dict:
                 t[layers, seqs] = _decode_step_time(model, kv, seqs)
         moe, kv = _micro_model(6, experts=8)
         t_moe = _decode_step_time(moe, kv, 8)
+        round_s = _runner_round_time(_micro_model(2)[0])
     per_layer_1 = (t[6, 1] - t[2, 1]) / 4
     per_layer_8 = (t[6, 8] - t[2, 8]) / 4
     seq = max(0.0, (per_layer_8 - per_layer_1) / 7)
     touched = 8 * (1 - (1 - 2 / 8) ** 8)
-    return {"layer": max(1e-6, per_layer_1 - seq), "seq": seq, "step": max(0.0, t[2, 1] - 2 * per_layer_1),
+    return {"layer": max(1e-6, per_layer_1 - seq), "seq": seq, "step": max(0.0, round_s - 2 * per_layer_1),
             "expert": max(0.0, (t_moe - t[6, 8]) / 6 / touched)}
 
 
@@ -215,6 +241,7 @@ def calibrate(max_ranks: int = 4) -> Hardware:
     big = measured["send_recv"][2][-1]
     return Hardware(
         name="local", memory_bytes=_ram_bytes() / cores, flops={"fp32": c["flops"]}, mem_bw=c["mem_bw"],
+        mem_bw_all=c["mem_bw_all"],
         link_bw=big[0] / big[1], link_latency_s=measured["send_recv"][2][0][1], nic_bw=big[0] / big[1],
         nic_latency_s=measured["send_recv"][2][0][1], gpus_per_node=cores, flops_eff=1.0, mem_eff=1.0,
         link_eff=1.0, layer_overhead_s=o["layer"], seq_overhead_s=o["seq"], step_overhead_s=o["step"],
@@ -225,7 +252,8 @@ def calibrate(max_ranks: int = 4) -> Hardware:
 
 
 def calibration_table(hw: Hardware) -> str:
-    lines = [f"matmul: {hw.flops['fp32'] / 1e9:.1f} GFLOP/s per core (fp32); memory: {hw.mem_bw / 1e9:.1f} GB/s; "
+    lines = [f"matmul: {hw.flops['fp32'] / 1e9:.1f} GFLOP/s per core (fp32); memory: {hw.mem_bw / 1e9:.1f} GB/s "
+             f"(all cores: {hw.mem_bw_all / 1e9:.1f}); "
              f"overhead: {hw.layer_overhead_s * 1e6:.0f} us per layer, {hw.seq_overhead_s * 1e6:.0f} us per "
              f"sequence per layer, {hw.step_overhead_s * 1e6:.0f} us per forward, {hw.expert_overhead_s * 1e6:.0f} us "
              f"per expert per layer; attention {hw.score_s * 1e9:.2f} ns per causal score, "

@@ -22,8 +22,9 @@ Per decoder layer on one rank (the slowest: largest stage, most expert tokens):
 - **CP**: ring attention passes each rank's K/V block ``CP - 1`` times, overlapped with the
   attention of the block in hand; only the part of a pass longer than that compute is exposed
   (Ring Attention, arXiv:2310.01889);
-- **PP**: one send of ``(hidden, residual)`` per stage boundary (a boundary crossing a node
-  uses the NIC) and the bubble: a pass of ``m`` micro-batches takes ``(m + PP - 1)`` stage
+- **PP**: two sends (hidden and residual, as ``engine/pipeline.py`` does) per stage boundary
+  (a boundary crossing a node uses the NIC), in decode the sampled tokens back to the first
+  stage, and the bubble: a pass of ``m`` micro-batches takes ``(m + PP - 1)`` stage
   times (GPipe, arXiv:1811.06965); a steady decode round ``max(m, PP)`` stage times;
 - **KV handoff**: the prompt's KV bytes over the NICs of the smaller of the two instances.
 
@@ -178,15 +179,15 @@ def _layer(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, s: _St
     flops += attn_flops
     act = ab * s.tokens * (8 * h + 2 * (heads + 2 * kvh) * d + 3 * inter)
     nbytes = wbytes + s.kv_tokens * 2 * kvh * d * kvb + act
-    over = hw.oversubscription(lay.gpus)
-    rate_f, rate_m = hw.flops_for(opt.weight_dtype), hw.mem_rate()
-    scores = s.tokens * s.keys * heads * (hw.ring_score_s if s.causal_full else hw.score_s)
+    over, share = hw.oversubscription(lay.gpus), hw.bandwidth_share(lay.gpus)
+    rate_f, rate_m = hw.flops_for(opt.weight_dtype), hw.mem_rate() * share
+    scores = s.tokens * s.keys * heads * (hw.ring_score_s if s.causal_full else hw.score_s) / share
     roof = (max(flops / rate_f, nbytes / rate_m) + scores) * over
     experts = touched if model.is_moe else 0.0
     overhead = (hw.layer_overhead_s + hw.seq_overhead_s * s.seqs + hw.expert_overhead_s * experts) * over
     node = hw.gpus_per_node
     msg = s.tokens * h * ab
-    tp_s = (1 if model.is_moe else 2) * hw.comm_time("all_reduce", msg, t, t > node)
+    tp_s = (1 if model.is_moe else 2) * hw.comm_time("all_reduce", msg, t, t > node) * _crowding(hw, lay, t)
     ep_s = 0.0
     if lay.ep > 1:
         cross = lay.stage_ranks > node
@@ -194,8 +195,15 @@ def _layer(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, s: _St
             ep_s = hw.comm_time("all_reduce", msg, lay.ep, cross)
         else:
             ep_s = 2 * hw.comm_time("all_to_all", msg * model.top_k / lay.ep * opt.expert_imbalance, lay.ep, cross)
+        ep_s *= _crowding(hw, lay, lay.ep)
     attn_s = (attn_flops / rate_f + scores) * over
     return roof, flops / rate_f >= nbytes / rate_m, flops, nbytes, overhead, tp_s, ep_s, attn_s
+
+
+def _crowding(hw: Hardware, lay: Layout, group: int) -> float:
+    """How much slower a collective measured over ``group`` ranks runs when the instance has
+    more ranks than cores (calibrated CPU profiles: peers wait to be scheduled); 1 on devices."""
+    return hw.oversubscription(lay.gpus) / hw.oversubscription(group)
 
 
 def _stage_layers(model: ModelSpec, pp: int) -> int:
@@ -226,11 +234,13 @@ def _pass(model, hw, lay, opt, step: _Step, decode: bool, m: int) -> Breakdown:
     b = Breakdown()
     rounds = max(m, lay.pp) if decode else m + lay.pp - 1
     b.pp_bubble_s = (rounds - m) * stage
-    send = hw.comm_time("send_recv", 2 * micro.tokens * model.hidden * hw.act_bytes, 2)
-    cross = _boundaries_crossing(lay, hw)
-    send_nic = hw.comm_time("send_recv", 2 * micro.tokens * model.hidden * hw.act_bytes, 2, True)
-    hops = lay.pp if decode and lay.pp > 1 else lay.pp - 1      # decode: tokens return to stage 0
-    b.pp_send_s = (hops - min(cross, hops)) * send + min(cross, hops) * send_nic
+    act = micro.tokens * model.hidden * hw.act_bytes
+    crowd = _crowding(hw, lay, 2)
+    send, send_nic = (2 * crowd * hw.comm_time("send_recv", act, 2, nic) for nic in (False, True))  # hidden, residual
+    cross = min(_boundaries_crossing(lay, hw), lay.pp - 1)
+    b.pp_send_s = (lay.pp - 1 - cross) * send + cross * send_nic
+    if decode and lay.pp > 1:                   # the sampled tokens return to the first stage
+        b.pp_send_s += crowd * hw.comm_time("send_recv", 8 * micro.seqs, 2, cross > 0)
     work = m
     if bound:
         b.compute_s = work * (n * roof + head_s)

@@ -68,6 +68,7 @@ class Hardware:
     step_overhead_s: float = 0.0      # per forward of one stage (embedding, LM head call, framework)
     act_bytes: int = 2
     cores: int = 0                    # calibrated CPU profiles: ranks beyond this share cores
+    mem_bw_all: float = 0.0           # calibrated CPU profiles: bandwidth of all cores together
     expert_overhead_s: float = 0.0    # per expert run per MoE layer (a loop over experts)
     score_s: float = 0.0              # per causal attention score element, beyond its FLOPs
     ring_score_s: float = 0.0         # per score element of the CP ring kernel (full masked blocks)
@@ -103,6 +104,13 @@ class Hardware:
     def oversubscription(self, ranks: int) -> float:
         """How many ranks share one core (calibrated CPU profiles); 1 for devices."""
         return max(1.0, ranks / self.cores) if self.cores else 1.0
+
+    def bandwidth_share(self, ranks: int) -> float:
+        """Share of ``mem_bw`` one rank gets while ``ranks`` run (cores share one memory bus); 1
+        for devices, which each have their own memory."""
+        if not (self.cores and self.mem_bw_all):
+            return 1.0
+        return min(1.0, self.mem_bw_all / (self.mem_bw * min(ranks, self.cores)))
 
     def comm_time(self, op: str, nbytes: float, ranks: int, crosses_node: bool = False) -> float:
         """Seconds for ``op`` ("all_reduce", "all_to_all", "send_recv") of ``nbytes`` per rank

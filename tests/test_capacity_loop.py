@@ -1,0 +1,84 @@
+"""Closing the loop: a published plan read back beside measured latencies (real Redis), the
+expert imbalance from a deployment's counters, and the calibration over real gloo ranks."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from services.capacity.models import BUILTIN as MODELS
+from services.capacity.hardware import BUILTIN as GPUS
+from services.capacity.published import (add_plan_view, expert_imbalance, publish, read_expert_imbalance)
+from services.capacity.search import PlanRequest, plan
+
+
+@pytest.mark.unit
+def test_expert_imbalance_by_hand():
+    counts = [[10, 10, 10, 10], [40, 0, 0, 0]]
+    assert expert_imbalance(counts[:1], 2) == 1.0
+    assert expert_imbalance(counts, 2) == pytest.approx(40 / 20)   # ranks hold 40 and 0
+    assert expert_imbalance(counts, 4) == pytest.approx(40 / 10)
+    assert expert_imbalance([], 2) == 1.0
+
+
+def _view(redis_url: str, info):
+    """``info`` after :func:`add_plan_view` with a fresh async client."""
+    import redis.asyncio as aioredis
+
+    async def run():
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            await add_plan_view(info, client, "cleave:")
+        finally:
+            await client.aclose()
+        return info
+    return asyncio.run(run())
+
+
+@pytest.mark.integration
+def test_published_plan_shows_next_to_measured_latencies(redis_url):
+    import redis
+
+    from cleave.v1 import inference_pb2
+    from services.metrics import latency_key
+
+    result = plan(PlanRequest(model=MODELS["llama-3.1-8b"], hardware=GPUS["h100"], gpus=8, prompt=1024,
+                              output=128, rate=20, ttft_s=1.0, tpot_s=0.05))
+    publish(redis_url, "cleave:", result)
+    now = time.time()
+    with redis.Redis.from_url(redis_url) as r:
+        r.zadd(latency_key("cleave:", "tpot"), {f"r{i}:{0.02 + i / 1000}": now for i in range(10)})
+        r.hset("cleave:experts:moe:0", mapping={"0": 30, "1": 10, "2": 10, "3": 10})
+    assert read_expert_imbalance(redis_url, "cleave:", "moe", ep=2) == pytest.approx(40 / 30)
+
+    pools = [inference_pb2.PoolInfo(pool="prefill", instances=1), inference_pb2.PoolInfo(pool="decode", instances=2)]
+    info = _view(redis_url, inference_pb2.ModelInfo(pools=pools))
+    by_pool = {c.pool: c for c in info.capacity}
+    rec = result["recommendation"]["decode"]
+    assert by_pool["decode"].planned_instances == rec["instances"]
+    assert by_pool["decode"].predicted_latency_s == pytest.approx(rec["tpot_s"])
+    assert by_pool["decode"].predicted_capacity_rps == pytest.approx(rec["capacity_rps"])
+    assert by_pool["decode"].instances == 2
+    assert by_pool["decode"].measured_latency_p90_s == pytest.approx(0.028)   # nearest rank: 9th of 10
+    assert by_pool["prefill"].measured_latency_p90_s == 0
+    assert "llama-3.1-8b on 8 x h100" in info.plan_summary
+
+
+@pytest.mark.integration
+def test_no_plan_leaves_model_info_alone(redis_url):
+    from cleave.v1 import inference_pb2
+
+    info = _view(redis_url, inference_pb2.ModelInfo())
+    assert not info.capacity and not info.plan_summary
+
+
+@pytest.mark.integration
+def test_calibration_measures_gloo_collectives_for_two_ranks():
+    from services.capacity.calibrate import SIZES, measure_collectives
+    measured = measure_collectives(2, reps=1)
+    for op in ("all_reduce", "all_to_all", "send_recv"):
+        pts = measured[op][2]
+        assert [p[0] for p in pts] == list(SIZES)
+        assert all(t >= 0 for _, t in pts)
+        assert pts[-1][1] >= pts[0][1]                   # fitted: more bytes never take less time
