@@ -10,8 +10,6 @@
     cleave rebalance --redis-url URL [--dry-run]                    # rebalance MoE experts now
     cleave plan --model llama-3.1-70b --hardware h100 --gpus 16 --prompt 2048 --output 256 --rate 10
                                                                     # choose each pool's layout
-    cleave plan --model llama-3.1-70b --hardware h100 --gpus 16 --prompt 2048 --output 256 --rate 10
-                                                                    # choose each pool's layout
     cleave bench --goodput ttft:500,tpot:50 [--concurrency 1,4]     # load-test a running stack
 
 Flags become config dataclasses here (and only here); their validation errors are printed
@@ -52,6 +50,10 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="on SIGTERM, seconds to let running requests finish before exiting")
+    p.add_argument("--max-reservation", type=float, default=900.0,
+                   help="decode: seconds a KV reservation may live at most, whatever deadline the caller asks")
+    p.add_argument("--max-reservations-per-caller", type=int, default=512,
+                   help="decode: reservations not yet decoding that one calling host may hold")
     for axis in ("tp", "pp", "cp", "ep"):
         p.add_argument(f"--{axis}", type=int, default=1, help=f"{axis.upper()} degree of the instance")
     _add_expert_flags(p)
@@ -179,10 +181,6 @@ def _parser() -> argparse.ArgumentParser:
     from services.capacity.cli import add_plan_flags
     add_plan_flags(plan)
 
-    plan = sub.add_parser("plan", help="choose each pool's layout and instance count (capacity planner)")
-    from services.capacity.cli import add_plan_flags
-    add_plan_flags(plan)
-
     rebalance = sub.add_parser("rebalance", help="recompute the MoE expert placement from the statistics "
                                                   "in Redis and publish it to the decode instances")
     rebalance.add_argument("--redis-url", required=True, help="the pool's Redis")
@@ -208,7 +206,9 @@ def _worker_config(args):
                         dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks,
                         kv_cache_bytes=args.kv_cache_mb << 20, transport=args.transport,
                         checksum=not args.no_checksum, max_batch=args.max_batch, threads=args.threads,
-                        drain_timeout_s=args.drain_timeout, metrics_port=args.metrics_port,
+                        drain_timeout_s=args.drain_timeout,
+                        max_reservation_s=args.max_reservation,
+                        max_reservations_per_caller=args.max_reservations_per_caller, metrics_port=args.metrics_port,
                         parallel=ParallelConfig(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep),
                         redundant_experts=args.redundant_experts, expert_stats_interval_s=args.expert_stats_interval,
                         expert_window_s=args.expert_window, rebalance_interval_s=args.rebalance_interval,
@@ -319,9 +319,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             from services.client import generate_cli
             return generate_cli(args)
-        if args.command == "plan":
-            from services.capacity.cli import plan_cli
-            return plan_cli(args)
         if args.command == "plan":
             from services.capacity.cli import plan_cli
             return plan_cli(args)

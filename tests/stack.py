@@ -33,7 +33,8 @@ class RunningStack:
         self.http_url = self.stack.http_url  # the OpenAI-compatible API, ending in /v1
         self.channel = grpc.insecure_channel(self.address)
         self.stub = inference_pb2_grpc.InferenceStub(self.channel)
-        self.redis = redis.Redis.from_url(self.stack.redis_url, decode_responses=True)
+        self.redis = redis.Redis.from_url(self.stack.redis_url, decode_responses=True,
+                                          password=self.stack.redis_password or None)
 
     def close(self) -> None:
         self.channel.close()
@@ -53,7 +54,8 @@ class RunningStack:
         import redis.asyncio as aioredis
 
         async def read():
-            client = aioredis.from_url(self.stack.redis_url, decode_responses=True)
+            client = aioredis.from_url(self.stack.redis_url, decode_responses=True,
+                                       password=self.stack.redis_password or None)
             try:
                 return await read_workers(client, "cleave:")
             finally:

@@ -166,3 +166,30 @@ def test_iter_weights_reads_only_wanted_names(tmp_path):
     got = dict(iter_weights(source, config, want=lambda n: ".layers.1." in n))
     assert got and all(".layers.1." in n for n in got)
     assert {t.dtype for t in got.values()} == {torch.bfloat16}
+
+
+def test_a_cancelled_forward_pass_stops_between_layers(tiny_llama_dir):
+    """A prefill whose client left stops at the next layer instead of running to the end."""
+    import threading
+
+    from engine.batch import ForwardCancelled
+
+    config, model = load_model(tiny_llama_dir)
+    prompt = list(range(3, 40))
+    ran = []
+    cancelled = threading.Event()
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(lambda mod, args, i=i: ran.append(i))
+    leave = model.model.layers[0].register_forward_hook(lambda *a: cancelled.set())  # the client leaves now
+    kv = torch.zeros(config.num_layers, 2, 3, 16, config.num_kv_heads, config.head_dim)
+    batch = ForwardBatch.prefill([prompt], [[0, 1, 2]], 16)
+    batch.cancelled = cancelled
+    with torch.inference_mode(), pytest.raises(ForwardCancelled, match="before layer 1"):
+        model(batch, kv)
+    assert ran == [0] and config.num_layers > 1
+    leave.remove()
+    cancelled.clear()
+    ran.clear()
+    with torch.inference_mode():
+        assert torch.equal(model(batch, kv), prefill_last_logits(model, config, [prompt]))
+    assert ran == list(range(config.num_layers)) * 2

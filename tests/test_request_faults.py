@@ -248,3 +248,35 @@ def test_request_state_waits_for_redis_and_ends_terminal(redis_url):
     assert r2 == {"state": "prefilling"}
     assert 0 < ttl1 <= 60 and 60 < ttl2 <= 900   # nothing without an expiry, even mid-flight
     assert returned_in < 5.0                     # sanity only: no call waited on the dead Redis
+
+
+# ---- decode reservations: bounded per caller and in lifetime ------------------------------------
+
+def test_reservations_are_bounded_per_caller_and_in_lifetime():
+    from engine.kv_cache import BlockAllocator
+    from services.config import WorkerConfig
+    from services.decode import DecodeService
+    from services.errors import Exhausted
+    from services.prom import WorkerMetrics
+
+    cfg = WorkerConfig(pool="decode", block_size=4, max_reservations_per_caller=2, max_reservation_s=60)
+    instance = types.SimpleNamespace(expect=lambda *a: None, cancel=lambda *a: None, landing_ranks=lambda: [])
+    host = types.SimpleNamespace(cfg=cfg, instance=instance, forward=None, model_config=MODEL,
+                                 allocator=BlockAllocator(100, 4), check_accepting=lambda: None,
+                                 layout=pb.Layout(tp=1, pp=1, cp=1, ep=1), compat="c", incarnation="i",
+                                 worker_id="d0", metrics=WorkerMetrics("decode", lambda: "d0", "tp1"))
+    service = DecodeService(host)
+    far = time.time() + 10_000
+
+    def reserve(caller):
+        return service._reserve(worker_pb2.ReserveRequest(request_id="r", num_prompt_tokens=4, max_tokens=4,
+                                                          deadline_unix=far), caller)
+
+    first = reserve("ipv4:10.0.0.1")
+    assert first.deadline_unix <= time.time() + 60           # capped, not the far deadline asked for
+    reserve("ipv4:10.0.0.1")
+    with pytest.raises(Exhausted, match="already holds 2 reservations"):
+        reserve("ipv4:10.0.0.1")
+    reserve("ipv4:10.0.0.2")                                  # another caller is not affected
+    service._release(first.transfer_id)
+    reserve("ipv4:10.0.0.1")                                  # room again once one is gone
