@@ -1,0 +1,149 @@
+"""Chaos on the real `cleave serve` (what `make run` runs): processes killed or frozen mid-stream.
+
+A pool keeps serving on its survivors while the launcher restarts the dead worker; a private
+Redis that dies is restarted and one that freezes delays no token; only the router's death
+ends the stack. Tier: ``chaos`` (and ``slow``: about a minute and a half).
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import psutil
+import pytest
+import redis
+
+from cleave.v1 import inference_pb2_grpc
+from engine.parallel import free_port
+from tests.stack import request
+
+pytestmark = [pytest.mark.e2e, pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+class Serve:
+    """`cleave serve` as a subprocess, its output collected line by line."""
+
+    def __init__(self, model_dir: str) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "--log-level", "INFO", "serve", "--port", str(self.port),
+             "--http-port", str(free_port()), "--model", model_dir, "--decode-instances", "2",
+             "--transport", "tcp", "--kv-cache-mb", "16", "--threads", "1", "--ready-timeout", "180"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        ready = self.wait_for(r"Cleave ready", 200)
+        self.redis_url = re.search(r"redis (redis://\S+?),", ready).group(1)
+        self.redis = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = inference_pb2_grpc.InferenceStub(self.channel)
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, pattern: str, timeout: float) -> str:
+        deadline = time.time() + timeout
+        seen = 0
+        while time.time() < deadline:
+            for line in self.lines[seen:]:
+                if re.search(pattern, line):
+                    return line
+            seen = len(self.lines)
+            assert self.proc.poll() is None or re.search(pattern, "".join(self.lines)), "".join(self.lines[-30:])
+            time.sleep(0.1)
+        raise AssertionError(f"no line matching {pattern!r} in {timeout} s:\n" + "".join(self.lines[-30:]))
+
+    def generate(self, ids, n, rid="", timeout=120):
+        out = []
+        for msg in self.stub.Generate(request(token_ids=ids, max_tokens=n, ignore_eos=True, request_id=rid),
+                                      timeout=timeout):
+            out.extend(msg.token_ids)
+        return out
+
+    def workers(self, pool):
+        return {k.rsplit(":", 1)[1]: self.redis.hgetall(k) for k in self.redis.scan_iter(f"cleave:worker:{pool}:*")}
+
+    def child(self, needle: str) -> psutil.Process:
+        return next(p for p in psutil.Process(self.proc.pid).children(recursive=True)
+                    if needle in " ".join(p.cmdline()) and "parent_guard" not in p.cmdline()[1:3])
+
+    def close(self) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _wait(cond, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if cond():
+                return
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_the_stack_survives_dead_workers_and_a_dead_or_frozen_redis(tmp_path):
+    from tests.models import make_tiny_llama
+
+    make_tiny_llama(str(tmp_path), seed=3, max_position_embeddings=2048)
+    serve = Serve(str(tmp_path))
+    try:
+        prompts = [[5 + i, 6, 7] for i in range(4)]
+        expected = [serve.generate(p, 200) for p in prompts]
+
+        # 1. kill -9 a decode worker under four streams: they finish token-exact; it comes back
+        got: dict[int, list[int]] = {}
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, serve.generate(prompts[i], 200, f"s{i}")))
+                   for i in range(4)]
+        for t in threads:
+            t.start()
+        _wait(lambda: all(serve.redis.hget(f"cleave:req:s{i}", "state") == "decoding" for i in range(4)), 60,
+              "four streams decoding")
+        victim_id = serve.redis.hget("cleave:req:s0", "decode_worker")
+        victim_pid = int(serve.workers("decode")[victim_id]["pid"])
+        os.kill(victim_pid, signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        assert [got[i] for i in range(4)] == expected
+        serve.wait_for(r"decode-\d exited .*restarting it", 30)
+        _wait(lambda: len(serve.workers("decode")) == 2 and all(
+            int(r["pid"]) != victim_pid for r in serve.workers("decode").values()), 120, "the decode worker back")
+        assert serve.proc.poll() is None
+
+        # 2. kill -9 the private Redis: the launcher restarts it, workers register again
+        os.kill(serve.child("redis-server").pid, signal.SIGKILL)
+        serve.wait_for(r"redis exited .*restarting it", 30)
+        _wait(lambda: len(serve.workers("decode")) == 2 and len(serve.workers("prefill")) == 1, 60,
+              "workers registered in the new Redis")
+        assert serve.generate(prompts[0], 20, "after-redis") == expected[0][:20]
+
+        # 3. freeze Redis: a request with a 20 s deadline gets all its tokens; its hash is written later
+        frozen = serve.child("redis-server")
+        frozen.suspend()
+        try:
+            assert serve.generate(prompts[1], 30, "frozen-1", timeout=20) == expected[1][:30]
+        finally:
+            frozen.resume()
+        _wait(lambda: serve.redis.hget("cleave:req:frozen-1", "state") == "finished", 30, "the state written")
+        assert serve.redis.ttl("cleave:req:frozen-1") > 0
+
+        # 4. only the router's death ends the stack
+        os.kill(serve.child("services.cli --log-level INFO router").pid, signal.SIGKILL)
+        assert serve.proc.wait(60) == 1
+        assert any("the router exited" in line for line in serve.lines)
+    finally:
+        serve.close()
