@@ -53,18 +53,22 @@ def make_tiny_mixtral(path: str | os.PathLike, seed: int = 0, hot_experts: dict[
 
 def _bias_router(model, hot_experts: dict[int, float]) -> None:
     """Make every token prefer the ``hot_experts`` while the text stays varied: hidden
-    dimension 0 becomes a routing-only channel. Every token embedding gets 1.0 there (std 0.1
-    elsewhere), so each MoE input after RMSNorm carries about +6 on it; no other projection
-    reads it (its input column is zeroed in q/k/v, the experts and the LM head); router row
-    ``e`` gets ``bias`` on it, about ``6 * bias`` added to expert ``e``'s logit (the other
-    logits have a std of about 0.8)."""
+    dimension 0 becomes a routing-only channel. Every token embedding holds 1.0 there and no
+    layer writes to it (row 0 of o_proj and of every expert's down projection is zeroed) or
+    reads it (column 0 of q/k/v, of the experts' gate/up projections and of the LM head is
+    zeroed), so the residual stream keeps exactly 1.0 in it. The MoE input norm scales it by 8
+    (``post_attention_layernorm.weight[0]``): each router sees ``8 / rms(residual)`` there,
+    and router row ``e`` gets ``bias`` on it, raising expert ``e``'s logit in proportion."""
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 0] = 1.0
         model.lm_head.weight[:, 0] = 0.0
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.weight[:, 0] = 0.0
+            layer.self_attn.o_proj.weight[0, :] = 0.0
             layer.mlp.experts.gate_up_proj[:, :, 0] = 0.0
+            layer.mlp.experts.down_proj[:, 0, :] = 0.0
+            layer.post_attention_layernorm.weight[0] = 8.0
             gate = layer.mlp.gate.weight
             gate[:, 0] = 0.0
             for e, bias in hot_experts.items():

@@ -122,7 +122,7 @@ def test_block_output_is_the_same_under_any_placement():
 
 
 # ---- integration: live switch over gloo ------------------------------------------------------
-HOT = {6: 1.0, 7: 0.7}          # experts 6 and 7 get about 49% and 33% of the routed pairs
+HOT = {6: 0.3, 7: 0.2}          # experts 6 and 7 get most routed pairs in every layer
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from cleave.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
-HOT = {6: 1.0, 7: 0.7}
+HOT = {6: 0.3, 7: 0.2}
 PROMPTS = [[256, 72, 101, 108, 108, 111], [257, 10, 33, 64, 65, 66, 67], [5, 17, 99, 3], list(range(40, 52))]
 
 
