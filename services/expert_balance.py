@@ -163,9 +163,9 @@ def load_view(client, prefix: str, model_id: str, window_s: float | None = None)
 class ExpertBalancer:
     """The placement side of one decode instance (see the module docstring).
 
-    ``apply(record_or_None, layers)`` is the instance's switch (``Instance.apply_placement``);
-    ``client`` a sync Redis client or None (no Redis: the default placement with the
-    redundant slots, never changed)."""
+    ``apply(layers)`` ({layer: Placement} -> summary dict) is the instance's switch
+    (``Instance.apply_placement``); ``client`` a sync Redis client or None (no Redis: the
+    default placement with the redundant slots, version 0, never changed)."""
 
     def __init__(self, client, prefix: str, model_id: str, num_experts: int, num_layers_moe: list[int],
                  ep: int, redundant: int, apply, window_s: float = 300.0, rebalance_interval_s: float = 0.0,
@@ -185,9 +185,9 @@ class ExpertBalancer:
         self._last_rebalance = clock()
         self.switches: list[dict] = []   # summaries of the switches done here
 
-    def _default(self) -> PlacementRecord:
+    def _default(self, version: int = 1) -> PlacementRecord:
         p = default_placement(self.num_experts, self.ep, self.redundant)
-        return PlacementRecord(1, self.num_experts, self.ep, self.slots, {layer: p for layer in self.layers},
+        return PlacementRecord(version, self.num_experts, self.ep, self.slots, {layer: p for layer in self.layers},
                                window_s=self.window_s, reason="default")
 
     def start(self) -> None:
@@ -208,7 +208,7 @@ class ExpertBalancer:
                         "using the default placement and not following the pool's", record.ep, record.slots,
                         self.ep, self.slots)
             record, self.follow = None, False
-        self._switch(record or self._default(), "start")
+        self._switch(record or self._default(version=0), "start")   # 0: not the pool's record
 
     def _switch(self, record: PlacementRecord, why: str) -> None:
         started = time.perf_counter()
