@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpc  # noqa: E402
 
 from cleave.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
+from services.grpc_util import internal_sync_channel  # noqa: E402
 from services.launcher import LocalStack, StackConfig  # noqa: E402
 from services.registry import read_workers  # noqa: E402
 
@@ -115,8 +116,8 @@ def main() -> None:
         print(f"stack ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         addrs = worker_addresses(stack.redis_url)
         with grpc.insecure_channel(router) as rch, \
-                grpc.insecure_channel(addrs["prefill"]) as pch, \
-                grpc.insecure_channel(addrs["decode"]) as dch:
+                internal_sync_channel(addrs["prefill"], stack.token) as pch, \
+                internal_sync_channel(addrs["decode"], stack.token) as dch:
             stub = inference_pb2_grpc.InferenceStub(rch)
             prefill = worker_pb2_grpc.PrefillStub(pch)
             decode = worker_pb2_grpc.DecodeStub(dch)

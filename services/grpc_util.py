@@ -127,6 +127,26 @@ def internal_channel(address: str, token: str | None, options=()) -> grpc.aio.Ch
     return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
 
 
+class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._pair = (AUTH_KEY, f"Bearer {token}")
+
+    def _details(self, details):  # grpc's sync call details are a namedtuple
+        return details._replace(metadata=[*(details.metadata or ()), self._pair])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
+def internal_sync_channel(address: str, token: str | None, options=()) -> grpc.Channel:
+    """A blocking channel to a worker API that sends ``token`` with every call (tools, benches)."""
+    channel = grpc.insecure_channel(address, options=list(options))
+    return grpc.intercept_channel(channel, _SyncToken(token)) if token else channel
+
+
 def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """Metadata for a synchronous call to an internal API (``stub.Method(req, metadata=...)``)."""
     return ((AUTH_KEY, f"Bearer {token}"),) if token else ()

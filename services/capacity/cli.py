@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from services.capacity.hardware import DEFAULT_PROFILE
+from services.registry import mask_url
 from services.capacity.models import DTYPE_BYTES
 
 DTYPES = sorted(DTYPE_BYTES)
@@ -97,5 +98,5 @@ def plan_cli(args) -> int:
         _need(args, "redis_url")
         from services.capacity.published import publish
         publish(args.redis_url, args.key_prefix, result)
-        print(f"published the recommendation to {args.redis_url}", file=sys.stderr)
+        print(f"published the recommendation to {mask_url(args.redis_url)}", file=sys.stderr)
     return 0
