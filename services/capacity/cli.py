@@ -14,7 +14,6 @@ import argparse
 import sys
 
 from services.capacity.hardware import DEFAULT_PROFILE
-from services.registry import mask_url
 from services.capacity.models import DTYPE_BYTES
 
 DTYPES = sorted(DTYPE_BYTES)
@@ -97,6 +96,7 @@ def plan_cli(args) -> int:
     if args.publish:
         _need(args, "redis_url")
         from services.capacity.published import publish
+        from services.registry import mask_url
         publish(args.redis_url, args.key_prefix, result)
         print(f"published the recommendation to {mask_url(args.redis_url)}", file=sys.stderr)
     return 0
