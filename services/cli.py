@@ -126,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--planner", action="store_true",
                        help="also run the planner: it starts and drains instances of each pool")
     _add_planner_flags(serve)
+    _add_expert_flags(serve)                  # passed to every decode instance
     for pool, axes in (("prefill", ("tp", "cp")), ("decode", ("tp", "pp", "ep"))):
         for axis in axes:
             serve.add_argument(f"--{pool}-{axis}", type=int, default=1,
@@ -289,6 +290,13 @@ def _layout_flags(layout) -> list[str]:
     return [f"--{a}={getattr(layout, a)}" for a in ("tp", "pp", "cp", "ep") if getattr(layout, a) != 1]
 
 
+def _expert_flags(args) -> list[str]:
+    """The decode instances' expert-balancing flags of ``cleave serve`` (see _add_expert_flags)."""
+    return [f"--redundant-experts={args.redundant_experts}", f"--expert-stats-interval={args.expert_stats_interval}",
+            f"--expert-window={args.expert_window}", f"--rebalance-interval={args.rebalance_interval}",
+            f"--rebalance-threshold={args.rebalance_threshold}"]
+
+
 def _run_serve(args) -> int:
     from services.launcher import StackConfig, run_stack
     prefill, decode = pool_layouts(args)
@@ -298,7 +306,7 @@ def _run_serve(args) -> int:
                       model=args.model,
                       prefill_instances=args.prefill_instances, decode_instances=args.decode_instances,
                       worker_args=tuple(worker), prefill_args=tuple(_layout_flags(prefill)),
-                      decode_args=tuple(_layout_flags(decode)), ready_timeout_s=args.ready_timeout,
+                      decode_args=tuple(_layout_flags(decode) + _expert_flags(args)), ready_timeout_s=args.ready_timeout,
                       log_level=args.log_level, planner=_planner_config(args) if args.planner else None)
     return run_stack(cfg)
 
