@@ -12,7 +12,7 @@ Run: ``python bench/capacity.py [--profile FILE] [--calibrate] [--repeats 3] [--
    decode = ``PipelineRunner.generate`` over 8 sequences, the decode rounds' time divided by
    their count (micro-batched when PP > 1), slowest rank.
 3. Prints each case's error ``(predicted - measured) / measured``, the median and the worst
-   absolute error.
+   absolute error; first, the wall time of issue 14's "done when" ``cleave plan`` command.
 """
 from __future__ import annotations
 
@@ -40,6 +40,21 @@ CASES = [
     ("smollm2", "prefill", 1, 1, 1, 1, 128), ("smollm2", "prefill", 3, 1, 1, 1, 128),
     ("smollm2", "decode", 1, 1, 1, 1, 0), ("smollm2", "decode", 1, 2, 1, 1, 0),
 ]
+
+
+DONE_WHEN = ["plan", "--model", "llama-3.1-70b", "--hardware", "h100", "--gpus", "16", "--prompt", "2048",
+             "--output", "256", "--rate", "10", "--ttft", "1", "--tpot", "0.05"]
+
+
+def _cli_seconds(runs: int = 3) -> float:
+    """Median wall time of issue 14's "done when" command as a fresh process (Python start included)."""
+    import subprocess
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "services.cli", *DONE_WHEN], check=True, capture_output=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _measure(path, phase, layout, plen, repeats) -> float:
@@ -80,6 +95,7 @@ def main() -> None:
     ap.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 cases (slow to load)")
     args = ap.parse_args()
 
+    print(f"`cleave {' '.join(DONE_WHEN)}`: {_cli_seconds():.2f} s (median of 3, a fresh process each)")
     path = os.path.expanduser(args.profile)
     if args.calibrate or not os.path.isfile(path):
         import json

@@ -3,13 +3,20 @@
 What is measured (each the median of several runs, one torch thread per rank as the engine's
 rank processes use, ``engine.parallel``):
 
-- **matmul FLOP/s**: fp32 ``[256, 512] @ [512, 1536]`` (the shape class of a small model's MLP);
-- **memory bandwidth**: ``copy_`` of a 128 MiB fp32 tensor (bytes read + written per second),
-  by one thread and by all cores at once (ranks running together share the memory bus);
+- **matmul FLOP/s**: fp32 ``F.linear`` at ``[256, 512] x [1536, 512]`` and ``[256, 1024] x [1024, 1024]``;
+- **memory bandwidth**: the rate ``F.linear`` streams a 32 MiB weight for 8 rows (decode),
+  capped by ``copy_`` of 128 MiB; and all cores copying at once (ranks running together share
+  the memory bus);
+- **the engine's layer rates**: FLOP/s of a 128-token prefill and weight-streaming bytes/s of
+  an 8-sequence decode step through the engine's own decoder layers (a synthetic hidden-512
+  model, per layer from 2 vs 6 layers, overheads removed); they replace the matmul and copy
+  figures above (kept for the shared-bandwidth ratio);
 - **overheads of the engine** on a micro Llama (hidden 32, random weights, built in memory with
   ``engine.model``): per layer per forward, per sequence per layer (attention runs per
   sequence), and per forward (embedding, final norm, LM head call) — from decode steps of 2 and
   6 layers at 1 and 8 sequences, where the arithmetic is negligible;
+- **a pipeline message**: what a PP2 micro-batched ``PipelineRunner`` round of a micro model
+  costs beyond the same model on one rank, per message on the round's critical path;
 - **collectives over the real gloo backend** for 2..``max_ranks`` ranks, time vs bytes:
   ``all_reduce``, ``all_to_all_single``, and ``send``/``recv`` between two ranks (half a
   round trip), each between barriers, the slowest rank's time.
@@ -42,30 +49,37 @@ def _median_time(fn, reps: int) -> float:
 
 
 def measure_compute() -> dict:
-    """``{"flops": FLOP/s, "mem_bw": bytes/s}`` of one thread, ``mem_bw_all``: all cores copying."""
+    """``flops``: FLOP/s of ``F.linear`` (weights ``[out, in]`` as the engine holds them) at two
+    prefill-like shapes; ``mem_bw``: bytes/s at which ``F.linear`` streams a 32 MiB weight for 8
+    rows (decode's memory-bound case), capped by ``copy_``; ``mem_bw_all``: all cores copying.
+    One thread each, except the last."""
     import torch
+    import torch.nn.functional as F
     torch.set_num_threads(1)
-    a, b = torch.randn(256, 512), torch.randn(512, 1536)
-    t = _median_time(lambda: a @ b, 20)
+    rates = []
+    for m, k, n in ((256, 512, 1536), (256, 1024, 1024)):
+        x, w = torch.randn(m, k), torch.randn(n, k)
+        rates.append(2 * m * k * n / _median_time(lambda: F.linear(x, w), 20))
+    x, w = torch.randn(8, 2048), torch.randn(4096, 2048)
+    stream = w.numel() * 4 / _median_time(lambda: F.linear(x, w), 20)
     src = torch.ones(32 << 20)
     dst = torch.empty_like(src)
-    tm = _median_time(lambda: dst.copy_(src), 7)
+    copy = 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), 7)
     torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    ta = _median_time(lambda: dst.copy_(src), 7)
+    copy_all = 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), 7)
     torch.set_num_threads(1)
-    return {"flops": 2 * 256 * 512 * 1536 / t, "mem_bw": 2 * src.numel() * 4 / tm,
-            "mem_bw_all": 2 * src.numel() * 4 / ta}
+    return {"flops": statistics.mean(rates), "mem_bw": min(stream, copy), "mem_bw_all": copy_all * min(stream, copy) / copy}
 
 
-def _micro_model(layers: int, experts: int = 0):
+def _micro_model(layers: int, experts: int = 0, groups=None, hidden: int = 32, intermediate: int = 64):
     import torch
     from engine.config import CacheConfig, ModelConfig
     from engine.moe import build_model
-    cfg = ModelConfig(architecture="mixtral" if experts else "llama", vocab_size=128, hidden_size=32,
-                      num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
-                      rope_theta=1e4, rms_norm_eps=1e-5, max_position=256, tie_word_embeddings=False,
-                      num_experts=experts, num_experts_per_tok=2 if experts else 0)
-    model = build_model(cfg).eval()
+    cfg = ModelConfig(architecture="mixtral" if experts else "llama", vocab_size=128, hidden_size=hidden,
+                      num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=hidden // 4,
+                      intermediate_size=intermediate, rope_theta=1e4, rms_norm_eps=1e-5, max_position=256,
+                      tie_word_embeddings=False, num_experts=experts, num_experts_per_tok=2 if experts else 0)
+    model = build_model(cfg, groups).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -92,6 +106,31 @@ def _runner_round_time(model) -> float:
     for _ in range(3):
         runner.generate([[5, 6, 7]], 41, stop_at_eos=False)
         runs.append(runner.timings["decode"] / 40)
+    return statistics.median(runs)
+
+
+def _pp_round_rank(groups, seqs: int, new_tokens: int) -> float:
+    """Seconds per decode round of a micro-batched ``PipelineRunner`` on this rank's stage."""
+    model, _ = _micro_model(4, groups=groups)
+    from engine.pipeline import PipelineRunner
+    runner = PipelineRunner(model, groups)
+    prompts = [[5 + i, 6, 7] for i in range(seqs)]
+    runner.generate(prompts, 4, stop_at_eos=False)                  # warm-up
+    runner.generate(prompts, new_tokens, stop_at_eos=False)
+    return runner.timings["decode"] / (new_tokens - 1)
+
+
+def measure_pp_message(seqs: int = 8, new_tokens: int = 33) -> float:
+    """Seconds one PP message (hidden, residual or tokens) adds on the critical path of the
+    engine's ``PipelineRunner``: a micro-batched PP2 round of a 4-layer micro model, less the
+    one-rank round of the same model, over the 3 messages of a round's critical path."""
+    from engine.config import ParallelConfig
+    from engine.parallel import ParallelGroups, spawn_ranks
+    runs = []
+    for _ in range(3):
+        pp = max(spawn_ranks(ParallelConfig(pp=2), _pp_round_rank, seqs, new_tokens, timeout_s=120))
+        one = _pp_round_rank(ParallelGroups.single(), seqs, new_tokens)
+        runs.append(max(0.0, (pp - one) / 3))
     return statistics.median(runs)
 
 
@@ -125,6 +164,26 @@ def measure_overheads_once() -> dict:
             "expert": max(0.0, (t_moe - t[6, 8]) / 6 / touched)}
 
 
+def measure_layer_rates(overhead: dict, hidden: int = 512, intermediate: int = 1536) -> dict:
+    """FLOP/s and weight-streaming bytes/s of the engine's own decoder layer (fp32, one thread)
+    on a mid-size synthetic model: a 128-token prefill (compute bound) and an 8-sequence decode
+    step (memory bound), per layer from 2 vs 6 layers, less the measured overheads."""
+    import torch
+    from engine.batch import ForwardBatch
+    torch.set_num_threads(1)
+    params = 4 * hidden * hidden * 3 // 4 + 3 * hidden * intermediate    # q, o + k, v (2 of 4 heads) + MLP
+    t = {}
+    with torch.inference_mode():
+        for layers in (2, 6):
+            model, kv = _micro_model(layers, hidden=hidden, intermediate=intermediate)
+            pre = ForwardBatch.prefill([[5] * 128], [list(range(8))], 16)
+            dec = ForwardBatch.decode([5] * 8, [15] * 8, [[i] for i in range(8)], 16)
+            t[layers] = (_median_time(lambda: model(pre, kv), 7), _median_time(lambda: model(dec, kv), 15))
+    pre_layer = (t[6][0] - t[2][0]) / 4 - overhead["layer"] - overhead["seq"]
+    dec_layer = (t[6][1] - t[2][1]) / 4 - overhead["layer"] - 8 * overhead["seq"]
+    return {"flops": 2 * 128 * params / max(pre_layer, 1e-6), "mem_bw": params * 4 / max(dec_layer, 1e-6)}
+
+
 def measure_attention(flops: float) -> dict:
     """Seconds per attention score element beyond the FLOPs, of the engine's prefill kernel
     (``kernels.prefill_attention``: causal, fused) and ring-attention block kernel
@@ -156,7 +215,7 @@ def _comm_rank(groups, sizes, reps):
     import torch
     import torch.distributed as dist
     world, rank = dist.get_world_size(), dist.get_rank()
-    a, b = torch.randn(64, 256), torch.randn(256, 256)
+    a, b = torch.randn(128, 512), torch.randn(512, 512)          # ~0.5 ms: a peer sleeps in recv
     work = lambda: a @ b                                          # noqa: E731
 
     def loop(fn, n):
@@ -170,7 +229,7 @@ def _comm_rank(groups, sizes, reps):
     for size in sizes:
         x = torch.ones(size // 4 // world * world)                # all_to_all splits it evenly
         y = torch.empty_like(x)
-        n = 20 if size <= 1 << 17 else 5
+        n = 10 if size <= 1 << 17 else 4
         ops = {"all_reduce": lambda: dist.all_reduce(x), "all_to_all": lambda: dist.all_to_all_single(y, x)}
         if world == 2:
             ops["send_recv"] = (lambda: (dist.send(x, 1), dist.recv(y, 1), work())) if rank == 0 else \
@@ -236,7 +295,11 @@ def calibrate(max_ranks: int = 4) -> Hardware:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     c = measure_compute()
     o = measure_overheads()
+    rates = measure_layer_rates(o)
+    c = {"flops": rates["flops"], "mem_bw": rates["mem_bw"],
+         "mem_bw_all": c["mem_bw_all"] * rates["mem_bw"] / c["mem_bw"]}
     a = measure_attention(c["flops"])
+    pp_message = measure_pp_message()
     measured = measure_collectives(max_ranks)
     big = measured["send_recv"][2][-1]
     return Hardware(
@@ -245,7 +308,7 @@ def calibrate(max_ranks: int = 4) -> Hardware:
         link_bw=big[0] / big[1], link_latency_s=measured["send_recv"][2][0][1], nic_bw=big[0] / big[1],
         nic_latency_s=measured["send_recv"][2][0][1], gpus_per_node=cores, flops_eff=1.0, mem_eff=1.0,
         link_eff=1.0, layer_overhead_s=o["layer"], seq_overhead_s=o["seq"], step_overhead_s=o["step"],
-        expert_overhead_s=o["expert"], score_s=a["score"], ring_score_s=a["ring_score"],
+        expert_overhead_s=o["expert"], score_s=a["score"], ring_score_s=a["ring_score"], pp_message_s=pp_message,
         act_bytes=4, cores=cores, measured=measured,
         source=f"measured by `cleave plan --calibrate` on {platform.node()} ({cores} cores, gloo) "
                f"at {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -257,7 +320,8 @@ def calibration_table(hw: Hardware) -> str:
              f"overhead: {hw.layer_overhead_s * 1e6:.0f} us per layer, {hw.seq_overhead_s * 1e6:.0f} us per "
              f"sequence per layer, {hw.step_overhead_s * 1e6:.0f} us per forward, {hw.expert_overhead_s * 1e6:.0f} us "
              f"per expert per layer; attention {hw.score_s * 1e9:.2f} ns per causal score, "
-             f"ring attention {hw.ring_score_s * 1e9:.2f} ns per masked score",
+             f"ring attention {hw.ring_score_s * 1e9:.2f} ns per masked score; "
+             f"{hw.pp_message_s * 1e3:.2f} ms per pipeline message",
              "op           ranks " + " ".join(f"{n:>10}" for n in SIZES) + "   (bytes -> ms)"]
     for op, by_ranks in hw.measured.items():
         for ranks, pts in sorted(by_ranks.items()):

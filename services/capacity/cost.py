@@ -236,11 +236,12 @@ def _pass(model, hw, lay, opt, step: _Step, decode: bool, m: int) -> Breakdown:
     b.pp_bubble_s = (rounds - m) * stage
     act = micro.tokens * model.hidden * hw.act_bytes
     crowd = _crowding(hw, lay, 2)
-    send, send_nic = (2 * crowd * hw.comm_time("send_recv", act, 2, nic) for nic in (False, True))  # hidden, residual
+    send, send_nic = (2 * crowd * max(hw.pp_message_s, hw.comm_time("send_recv", act, 2, nic))
+                      for nic in (False, True))                    # hidden and residual
     cross = min(_boundaries_crossing(lay, hw), lay.pp - 1)
     b.pp_send_s = (lay.pp - 1 - cross) * send + cross * send_nic
     if decode and lay.pp > 1:                   # the sampled tokens return to the first stage
-        b.pp_send_s += crowd * hw.comm_time("send_recv", 8 * micro.seqs, 2, cross > 0)
+        b.pp_send_s += crowd * max(hw.pp_message_s, hw.comm_time("send_recv", 8 * micro.seqs, 2, cross > 0))
     work = m
     if bound:
         b.compute_s = work * (n * roof + head_s)

@@ -72,6 +72,7 @@ class Hardware:
     expert_overhead_s: float = 0.0    # per expert run per MoE layer (a loop over experts)
     score_s: float = 0.0              # per causal attention score element, beyond its FLOPs
     ring_score_s: float = 0.0         # per score element of the CP ring kernel (full masked blocks)
+    pp_message_s: float = 0.0         # per PP message through the engine's runner (0: send/recv alone)
     measured: dict = field(default_factory=dict)
     source: str = ""
 
