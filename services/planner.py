@@ -227,6 +227,8 @@ class Planner:
         loads = await collect_loads(client, self.prefix, self.cfg.window_s, now)
         replicas = {pool: await asyncio.to_thread(self.backend.replicas, pool) for pool in POOLS}
         decisions, self.state = decide(self.cfg, loads, replicas, self.state, now)
+        from services.capacity.published import add_plan_inputs   # `cleave plan --publish`'s prediction
+        await add_plan_inputs(decisions, client, self.prefix)
         for d in decisions:
             if not d.changes:
                 log.debug("planner: %s stays at %d: %s | inputs %s", d.pool, d.current, d.reason, d.inputs)

@@ -9,7 +9,8 @@ import pytest
 
 from services.capacity.models import BUILTIN as MODELS
 from services.capacity.hardware import BUILTIN as GPUS
-from services.capacity.published import (add_plan_view, expert_imbalance, publish, read_expert_imbalance)
+from services.capacity.published import (add_plan_inputs, add_plan_view, expert_imbalance, publish,
+                                         read_expert_imbalance)
 from services.capacity.search import PlanRequest, plan
 
 
@@ -22,18 +23,23 @@ def test_expert_imbalance_by_hand():
     assert expert_imbalance([], 2) == 1.0
 
 
-def _view(redis_url: str, info):
-    """``info`` after :func:`add_plan_view` with a fresh async client."""
+def _with_client(redis_url: str, fn):
+    """``await fn(client)`` with a fresh async Redis client, closed afterwards."""
     import redis.asyncio as aioredis
 
     async def run():
         client = aioredis.Redis.from_url(redis_url)
         try:
-            await add_plan_view(info, client, "cleave:")
+            return await fn(client)
         finally:
             await client.aclose()
-        return info
     return asyncio.run(run())
+
+
+def _view(redis_url: str, info):
+    """``info`` after :func:`add_plan_view`."""
+    _with_client(redis_url, lambda client: add_plan_view(info, client, "cleave:"))
+    return info
 
 
 @pytest.mark.integration
@@ -63,6 +69,21 @@ def test_published_plan_shows_next_to_measured_latencies(redis_url):
     assert by_pool["decode"].measured_latency_p90_s == pytest.approx(0.028)   # nearest rank: 9th of 10
     assert by_pool["prefill"].measured_latency_p90_s == 0
     assert "llama-3.1-8b on 8 x h100" in info.plan_summary
+
+
+@pytest.mark.integration
+def test_autoscaler_decisions_carry_the_plan(redis_url):
+    from services.planner import Decision
+
+    result = plan(PlanRequest(model=MODELS["llama-3.1-8b"], hardware=GPUS["h100"], gpus=8, prompt=1024,
+                              output=128, rate=20, ttft_s=1.0, tpot_s=0.05))
+    publish(redis_url, "cleave:", result)
+    decisions = [Decision("prefill", 1, 1, "hold"), Decision("decode", 1, 2, "grow")]
+    _with_client(redis_url, lambda client: add_plan_inputs(decisions, client, "cleave:"))
+    rec = result["recommendation"]
+    for d in decisions:
+        assert d.inputs["plan"]["instances"] == rec[d.pool]["instances"]
+        assert d.inputs["plan"]["capacity_rps"] == pytest.approx(rec[d.pool]["capacity_rps"])
 
 
 @pytest.mark.integration

@@ -3,7 +3,9 @@ cost model is wrong; and the expert load a deployment measured, read back into t
 
 Who calls what: ``cleave plan --publish --redis-url URL`` calls :func:`publish`, which stores
 the recommendation as JSON under ``<prefix>plan`` (a STRING, no TTL: it describes the
-deployment until the next plan). The router's ``GetModelInfo`` calls :func:`add_plan_view`,
+deployment until the next plan). The autoscaler (``services.planner.Planner.tick``) logs each
+pool's plan entry with its decision inputs (:func:`add_plan_inputs`). The router's
+``GetModelInfo`` calls :func:`add_plan_view`,
 which fills ``ModelInfo.capacity`` (fields 30-39): per pool the planned layout and instance
 count, the predicted capacity per instance (requests/s) and latency (TTFT for prefill, TPOT for
 decode), beside the instances registered now and the p90 latency measured by the routers
@@ -52,16 +54,35 @@ def publish(redis_url: str, prefix: str, result: dict) -> None:
         client.close()
 
 
+async def read_plan(client, prefix: str) -> dict:
+    """The published plan (:func:`summary`) via an async Redis client; ``{}`` when there is none
+    or Redis fails (logged)."""
+    try:
+        raw = await client.get(plan_key(prefix))
+        return json.loads(raw) if raw else {}
+    except Exception as exc:      # noqa: BLE001 - the plan is advisory: never fail the caller
+        log.warning("could not read the published capacity plan: %s", exc)
+        return {}
+
+
+async def add_plan_inputs(decisions, client, prefix: str) -> None:
+    """Add the plan's pool entry (layout, instances, predicted capacity per instance and
+    latency) to each autoscaler decision's logged ``inputs`` under ``"plan"``."""
+    plan = await read_plan(client, prefix)
+    for d in decisions:
+        if plan.get(d.pool):
+            d.inputs["plan"] = plan[d.pool]
+
+
 async def add_plan_view(info, client, prefix: str, window_s: float = 300.0) -> None:
     """Fill ``info.capacity`` / ``info.plan_summary`` from the published plan (async Redis
     client); nothing when no plan was published. Redis errors are logged, never raised."""
     from cleave.v1 import inference_pb2
     from services.metrics import percentile, read_latencies
+    plan = await read_plan(client, prefix)
+    if not plan:
+        return
     try:
-        raw = await client.get(plan_key(prefix))
-        if not raw:
-            return
-        plan = json.loads(raw)
         registered = {p.pool: p.instances for p in info.pools}
         for pool, (kind, _) in _LATENCY.items():
             p = plan.get(pool) or {}
