@@ -60,10 +60,6 @@ class Placement:
         if missing:
             raise ValueError(f"placement leaves experts {missing[:5]} without a slot")
 
-    @property
-    def redundant(self) -> int:
-        return self.ep * self.slots - self.num_experts
-
     def rank_experts(self, rank: int) -> tuple[int, ...]:
         """Logical experts in EP rank ``rank``'s slots, in slot order."""
         return self.phys_to_log[rank * self.slots:(rank + 1) * self.slots]
