@@ -314,6 +314,9 @@ def run_stack(cfg: StackConfig) -> int:
               f"(OpenAI API; /metrics) (model {cfg.model or 'SmolLM2-135M-Instruct'}, "
               f"redis {mask_url(stack.redis_url)}, prefill x{cfg.prefill_instances}, decode x{cfg.decode_instances}); "
               f"Ctrl-C stops", flush=True)
+        workers = ", ".join(f"{name} :{port}" for name, port in sorted(stack.metrics_ports.items()))
+        print(f"Cleave metrics: http://{cfg.host}:{stack.http_port}/metrics (router); workers' /metrics on "
+              f"{workers}", flush=True)
         if cfg.planner is not None:
             from services.scaling_local import PlannerThread
             planner = PlannerThread(stack, cfg.planner).start()
