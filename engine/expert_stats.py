@@ -42,20 +42,27 @@ def window_key(prefix: str, model_id: str, t0: int | str) -> str:
 
 
 def read_window(client, prefix: str, model_id: str, num_experts: int, window_s: float,
-                now: float | None = None) -> dict[int, list[int]]:
+                now: float | None = None, interval_s: int = 0) -> dict[int, list[int]]:
     """Routed tokens per expert over the last ``window_s`` seconds, summed over every writer:
     ``{layer: [count per expert]}`` (layers with no bucket are absent). Sync ``redis.Redis``
     client with decoded responses; fields naming an expert outside ``[0, num_experts)`` are
-    ignored."""
+    ignored. With the writers' ``interval_s`` the bucket keys are computed (one HGETALL each,
+    ``window_s / interval_s + 1`` of them); without it (0) they are found with SCAN, which
+    walks the whole keyspace."""
     now = time.time() if now is None else now
-    keys = []
-    for key in client.scan_iter(match=window_key(prefix, model_id, "*"), count=500):
-        try:
-            t0 = int(key.rsplit(":", 1)[1])
-        except ValueError:
-            continue
-        if now - window_s < t0 <= now:
-            keys.append(key)
+    if interval_s:
+        last = int(now) // interval_s * interval_s
+        starts = range(last, int(now - window_s), -interval_s)
+        keys = [window_key(prefix, model_id, t0) for t0 in starts if now - window_s < t0]
+    else:
+        keys = []
+        for key in client.scan_iter(match=window_key(prefix, model_id, "*"), count=500):
+            try:
+                t0 = int(key.rsplit(":", 1)[1])
+            except ValueError:
+                continue
+            if now - window_s < t0 <= now:
+                keys.append(key)
     out: dict[int, list[int]] = {}
     if not keys:
         return out
@@ -63,7 +70,7 @@ def read_window(client, prefix: str, model_id: str, num_experts: int, window_s: 
     for key in keys:
         pipe.hgetall(key)
     for bucket in pipe.execute():
-        for field, value in bucket.items():
+        for field, value in (bucket or {}).items():
             layer, _, expert = field.partition(":")
             if layer.isdigit() and expert.isdigit() and int(expert) < num_experts:
                 out.setdefault(int(layer), [0] * num_experts)[int(expert)] += int(value)

@@ -78,7 +78,8 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
                               list(range(m.num_layers)), cfg.parallel.ep, cfg.redundant_experts,
                               self.instance.apply_placement, window_s=cfg.expert_window_s,
                               rebalance_interval_s=cfg.rebalance_interval_s,
-                              rebalance_threshold=cfg.rebalance_threshold)
+                              rebalance_threshold=cfg.rebalance_threshold,
+                              interval_s=cfg.expert_stats_interval_s)
 
     async def start(self) -> None:
         if self.balancer is not None:        # the pool's placement on every rank before serving

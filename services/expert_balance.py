@@ -5,7 +5,8 @@ Keys (beside DESIGN §7; the windowed buckets are described in ``engine.expert_s
 - ``<prefix>placement:<model>`` — HASH, the pool's current expert placement: ``version``
   (int, +1 per change), ``num_experts``, ``ep``, ``slots`` (per EP rank), ``layers`` (JSON
   ``{layer: [logical expert of each physical slot]}``, see ``engine.eplb``), ``window_s`` (the
-  statistics window it was computed over), ``updated`` (unix seconds), ``reason``,
+  statistics window it was computed over), ``interval_s`` (the writers' bucket length, so
+  readers compute the bucket keys instead of scanning), ``updated`` (unix seconds), ``reason``,
   ``hotspot_before`` / ``hotspot_after`` (mean over layers of the predicted hotspot ratio).
   Written with a compare-and-set on ``version`` (WATCH/MULTI), so concurrent rebalancers
   publish one change per version. A decode instance starts from it (when its ``ep`` and slot
@@ -52,6 +53,7 @@ class PlacementRecord:
     slots: int
     layers: dict[int, Placement]
     window_s: float = 300.0
+    interval_s: int = 0                 # bucket length of the writers; 0 = unknown (readers SCAN)
     reason: str = ""
     hotspot_before: float = 0.0
     hotspot_after: float = 0.0
@@ -60,7 +62,8 @@ class PlacementRecord:
     def to_hash(self) -> dict[str, str]:
         return {"version": str(self.version), "num_experts": str(self.num_experts), "ep": str(self.ep),
                 "slots": str(self.slots), "layers": placements_to_json(self.layers),
-                "window_s": str(self.window_s), "reason": self.reason, "updated": f"{self.updated:.3f}",
+                "window_s": str(self.window_s), "interval_s": str(self.interval_s), "reason": self.reason,
+                "updated": f"{self.updated:.3f}",
                 "hotspot_before": f"{self.hotspot_before:.4f}", "hotspot_after": f"{self.hotspot_after:.4f}"}
 
     @classmethod
@@ -70,7 +73,8 @@ class PlacementRecord:
             e, ep = int(h["num_experts"]), int(h["ep"])
             return cls(version=int(h["version"]), num_experts=e, ep=ep, slots=int(h["slots"]),
                        layers=placements_from_json(h["layers"], e, ep), window_s=float(h.get("window_s", 300)),
-                       reason=h.get("reason", ""), hotspot_before=float(h.get("hotspot_before", 0)),
+                       interval_s=int(h.get("interval_s", 0)), reason=h.get("reason", ""),
+                       hotspot_before=float(h.get("hotspot_before", 0)),
                        hotspot_after=float(h.get("hotspot_after", 0)), updated=float(h.get("updated", 0)))
         except (KeyError, ValueError) as exc:
             raise ValueError(f"malformed placement record: {exc}") from None
@@ -130,14 +134,15 @@ def rebalance(client, prefix: str, model_id: str, window_s: float | None = None,
         raise ValueError(f"no expert placement recorded for model {model_id!r} under "
                          f"{placement_key(prefix, model_id)!r}: start a decode instance of an MoE model first")
     window = record.window_s if window_s is None else window_s
-    loads = read_window(client, prefix, model_id, record.num_experts, window)
+    loads = read_window(client, prefix, model_id, record.num_experts, window, interval_s=record.interval_s)
     new, before, after = propose(record, loads)
     per_layer = {layer: (record.layers[layer].hotspot(loads[layer]), new[layer].hotspot(loads[layer]))
                  for layer in sorted(record.layers) if sum(loads.get(layer, ())) > 0}
     published = False
     if not dry_run and after < before * (1.0 - threshold) and new != record.layers:
         nxt = PlacementRecord(record.version + 1, record.num_experts, record.ep, record.slots, new,
-                              window_s=record.window_s, reason=reason, hotspot_before=before, hotspot_after=after)
+                              window_s=record.window_s, interval_s=record.interval_s, reason=reason,
+                              hotspot_before=before, hotspot_after=after)
         published = publish(client, prefix, model_id, nxt, record.version)
     version = record.version + 1 if published else record.version
     return {"version": version, "published": published, "before": before, "after": after, "layers": per_layer}
@@ -151,7 +156,7 @@ def load_view(client, prefix: str, model_id: str, window_s: float | None = None)
     if record is None:
         return None
     window = record.window_s if window_s is None else window_s
-    loads = read_window(client, prefix, model_id, record.num_experts, window)
+    loads = read_window(client, prefix, model_id, record.num_experts, window, interval_s=record.interval_s)
     layers = {}
     for layer, p in sorted(record.layers.items()):
         experts = loads.get(layer, [0] * record.num_experts)
@@ -169,14 +174,14 @@ class ExpertBalancer:
 
     def __init__(self, client, prefix: str, model_id: str, num_experts: int, num_layers_moe: list[int],
                  ep: int, redundant: int, apply, window_s: float = 300.0, rebalance_interval_s: float = 0.0,
-                 rebalance_threshold: float = 0.1, clock=time.time) -> None:
+                 rebalance_threshold: float = 0.1, clock=time.time, interval_s: int = 0) -> None:
         if rebalance_interval_s < 0 or not 0 <= rebalance_threshold < 1:
             raise ValueError(f"need rebalance_interval_s >= 0 and 0 <= rebalance_threshold < 1, got "
                              f"{rebalance_interval_s} and {rebalance_threshold}")
         self.client, self.prefix, self.model_id, self.apply = client, prefix, model_id, apply
         self.num_experts, self.layers, self.ep = num_experts, list(num_layers_moe), ep
         self.slots = default_placement(num_experts, ep, redundant).slots
-        self.redundant, self.window_s = redundant, window_s
+        self.redundant, self.window_s, self.interval_s = redundant, window_s, interval_s
         self.rebalance_interval_s, self.rebalance_threshold, self.clock = rebalance_interval_s, rebalance_threshold, clock
         self.version = 0                 # the recorded version in force here (0: none)
         self.current: dict[int, Placement] | None = None   # the tables in force
@@ -188,7 +193,7 @@ class ExpertBalancer:
     def _default(self, version: int = 1) -> PlacementRecord:
         p = default_placement(self.num_experts, self.ep, self.redundant)
         return PlacementRecord(version, self.num_experts, self.ep, self.slots, {layer: p for layer in self.layers},
-                               window_s=self.window_s, reason="default")
+                               window_s=self.window_s, interval_s=self.interval_s, reason="default")
 
     def start(self) -> None:
         """Before serving: the recorded placement when it fits this instance, else the default
@@ -226,13 +231,15 @@ class ExpertBalancer:
         record = read_record(self.client, self.prefix, self.model_id)
         if record is None or not record.matches(self.num_experts, self.ep, self.slots):
             return
-        loads = read_window(self.client, self.prefix, self.model_id, self.num_experts, self.window_s)
+        loads = read_window(self.client, self.prefix, self.model_id, self.num_experts, self.window_s,
+                            interval_s=self.interval_s)
         if self.rebalance_interval_s and self.clock() - self._last_rebalance >= self.rebalance_interval_s:
             self._last_rebalance = self.clock()
             new, before, after = propose(record, loads)
             if after < before * (1.0 - self.rebalance_threshold) and new != record.layers:
                 nxt = PlacementRecord(record.version + 1, self.num_experts, self.ep, self.slots, new,
-                                      window_s=self.window_s, reason="periodic", hotspot_before=before,
+                                      window_s=self.window_s, interval_s=self.interval_s, reason="periodic",
+                                      hotspot_before=before,
                                       hotspot_after=after)
                 if publish(self.client, self.prefix, self.model_id, nxt, record.version):
                     log.info("published expert placement version %d: mean hotspot %.3f -> %.3f",

@@ -47,6 +47,8 @@ def test_two_writers_add_up_in_the_window_and_the_cumulative_hash(client):
     a.flush({0: counts((6, 9), (7, 3)), 1: counts((0, 2))})       # cumulative: +4 on expert 6
     assert read_window(client, "cleave:", "m", E, 60, now=now) == {
         0: [0, 0, 4, 0, 0, 0, 10, 3], 1: [2, 0, 0, 0, 0, 0, 0, 0]}
+    assert read_window(client, "cleave:", "m", E, 60, now=now, interval_s=10) == \
+        read_window(client, "cleave:", "m", E, 60, now=now)                   # computed keys == SCAN
     assert client.hgetall("cleave:experts:m:0") == {"6": "10", "7": "3", "2": "4"}
     assert client.hgetall("cleave:experts:m:1") == {"0": "2"}
     t0 = int(now) // 10 * 10
@@ -64,6 +66,7 @@ def test_expired_buckets_vanish_and_are_not_read(client):
     recent.flush({0: counts((3, 2))})
     assert read_window(client, "cleave:", "m", E, 60) == {0: [0, 0, 0, 2, 0, 0, 0, 0]}
     assert read_window(client, "cleave:", "m", E, 60, now=time.time() + 120) == {}   # left the window
+    assert read_window(client, "cleave:", "m", E, 60, interval_s=1) == {0: [0, 0, 0, 2, 0, 0, 0, 0]}
     deadline = time.time() + 10
     while client.keys(window_key("cleave:", "m", "*")) and time.time() < deadline:
         time.sleep(0.2)
@@ -98,7 +101,7 @@ def test_balancer_starts_follows_and_rebalances_past_the_threshold(client):
 
     clock = [1000.0]
     bal = ExpertBalancer(client, "cleave:", "m", E, [0, 1], 2, 2, apply, window_s=60, rebalance_interval_s=5,
-                         rebalance_threshold=0.1, clock=lambda: clock[0])
+                         rebalance_threshold=0.1, clock=lambda: clock[0], interval_s=10)
     bal.start()
     assert bal.version == 1 and applied[-1][0] == default_placement(E, 2, 2)
     assert read_record(client, "cleave:", "m").reason == "default"
