@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StackConfig:
     port: int = 50051
-    http_port: int = 8000                # router's OpenAI API and /metrics (0 = a free port)
+    http_port: int | None = None         # router's OpenAI API and /metrics (0 = a free port);
+                                         # None = 8000, or a free port when ``port`` is 0
     host: str = "127.0.0.1"
     redis_url: str = ""                  # "" = start a private redis-server
     model: str = ""
@@ -70,6 +71,8 @@ class StackConfig:
                                          # many restarts in a row that died within a minute
 
     def __post_init__(self) -> None:
+        if self.http_port is None:  # a stack on a free gRPC port (tests) takes a free HTTP port too
+            object.__setattr__(self, "http_port", 0 if self.port == 0 else 8000)
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
         if not 0 <= self.port <= 65535:

@@ -17,9 +17,9 @@ def _stack(request, **kw):
     return running
 
 
-@pytest.fixture(scope="session")
-def _redis_server():
-    """A private redis-server on a free port, shared by the session's tests."""
+def start_redis(password: str = ""):
+    """A private redis-server on a free port of 127.0.0.1, answering pings; returns (process, url).
+    With ``password``, the server requires it and the URL carries it."""
     import shutil
     import subprocess
     import time
@@ -32,9 +32,10 @@ def _redis_server():
     if exe is None:
         pytest.skip("redis-server is not installed (`make test` installs it; or apt-get install redis-server)")
     port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
+    auth = ["--requirepass", password] if password else []
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             *auth], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://{':' + password + '@' if password else ''}127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
     deadline = time.time() + 20
     while True:
@@ -47,6 +48,13 @@ def _redis_server():
                 raise
             time.sleep(0.05)
     client.close()
+    return proc, url
+
+
+@pytest.fixture(scope="session")
+def _redis_server():
+    """A private redis-server on a free port, shared by the session's tests."""
+    proc, url = start_redis()
     yield url
     proc.terminate()
     proc.wait(timeout=10)

@@ -6,15 +6,10 @@ internal token in its argv.
 """
 from __future__ import annotations
 
-import shutil
-import subprocess
-import time
-
 import psutil
 import pytest
 
-from engine.parallel import free_port
-from tests.conftest import hf_greedy
+from tests.conftest import hf_greedy, start_redis
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -23,14 +18,8 @@ PASSWORD = "pw-9f3c2a"
 
 @pytest.fixture(scope="module")
 def password_redis():
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--requirepass", PASSWORD], stdout=subprocess.DEVNULL)
-    time.sleep(0.3)
-    yield f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
+    proc, url = start_redis(PASSWORD)
+    yield url
     proc.terminate()
     proc.wait(10)
 
