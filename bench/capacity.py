@@ -117,7 +117,7 @@ def main() -> None:
 
     print("\n| model | phase | layout | ranks | predicted ms | measured ms | error |")
     print("|---|---|---|---|---|---|---|")
-    errors = []
+    errors, labels = [], []
     for name, phase, tp, pp, cp, ep, plen in CASES:
         if name == "smollm2" and args.no_smollm2:
             continue
@@ -127,12 +127,13 @@ def main() -> None:
         predicted = _predict(spec, hw, phase, lay, plen)
         err = (predicted - measured) / measured
         errors.append(err)
+        labels.append(f"{name} {phase} {lay.label()}")
         what = f"{phase} ({plen} tok)" if phase == "prefill" else f"decode step ({SEQS} seqs)"
         print(f"| {name} | {what} | {lay.label()} | {lay.gpus} | {predicted * 1e3:.1f} | {measured * 1e3:.1f} | "
               f"{err:+.0%} |", flush=True)
     absolute = [abs(e) for e in errors]
     print(f"\n{len(errors)} cases: median |error| {statistics.median(absolute):.0%}, "
-          f"worst {max(absolute):.0%} ({CASES[absolute.index(max(absolute))][:2]})")
+          f"worst {max(absolute):.0%} ({labels[absolute.index(max(absolute))]})")
 
 
 if __name__ == "__main__":
