@@ -46,6 +46,9 @@ def pool_table(cands: list[dict], pool: str, top: int) -> list[str]:
 def _rec_line(pool: str, r: dict) -> list[str]:
     if not r.get("layout"):
         return [f"{pool}: {r.get('note', 'nothing fits')}"]
+    if not r.get("fits"):
+        return [f"{pool}: no layout fits in memory on these GPUs (the closest: {r['layout']}); "
+                f"add GPUs, use larger ones, or lower --weight-dtype/--kv-dtype"]
     lat = f"TTFT {_ms(r.get('ttft_s'))} ms" if pool == "prefill" else f"TPOT {_ms(r.get('tpot_s'))} ms"
     inst = r.get("instances")
     line = (f"{pool}: {inst if inst is not None else '?'} x {r['layout']} ({r['gpus_per_instance']} GPUs each), "
@@ -81,7 +84,7 @@ def format_table(result: dict, top: int = 12) -> str:
 
 
 def format_json(result: dict) -> str:
-    return json.dumps(result, indent=2, default=float)
+    return json.dumps(result, indent=2, default=float, allow_nan=False)   # strict JSON for other tools
 
 
 def helm_values(result: dict) -> dict:
