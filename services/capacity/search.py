@@ -152,15 +152,20 @@ def _latency(c: dict) -> float:
     return c.get("ttft_s", c.get("tpot_s"))
 
 
+def _overflow(c: dict) -> float:
+    """Orders layouts that do not fit by how far they are from fitting (bytes per GPU)."""
+    return 0.0 if c["fits"] else c["memory_per_gpu_bytes"]
+
+
 def rank_key(c: dict):
-    return (not c["fits"], not c["meets_slo"], not c["deployable"], not c["within_budget"],
+    return (not c["fits"], _overflow(c), not c["meets_slo"], not c["deployable"], not c["within_budget"],
             -c["goodput_tok_s_per_gpu"], _latency(c))
 
 
 def _pick_key(rate_mode: bool):
     if not rate_mode:
         return rank_key
-    return lambda c: (not c["fits"], not c["meets_slo"], not c["deployable"], c["gpus"] or 1 << 30,
+    return lambda c: (not c["fits"], _overflow(c), not c["meets_slo"], not c["deployable"], c["gpus"] or 1 << 30,
                       c["gpus_per_instance"], -c["goodput_tok_s_per_gpu"], _latency(c))
 
 
