@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -42,7 +44,7 @@ def _alive(pid: int) -> bool:
 def _serve(model_dir: str, port: int, *extra: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "--log-level", "WARNING", "serve",
                              "--port", str(port), "--model", model_dir, "--transport", "tcp",
-                             "--kv-cache-mb", "16", "--threads", "1", *extra],
+                             "--kv-cache-mb", "16", "--threads", "1", "--http-port", "0", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.time() + 240
     for line in proc.stdout:
@@ -66,6 +68,10 @@ def test_serve_prints_ready_line_and_a_signal_stops_every_process(tiny_llama_dir
     proc, line = _serve(tiny_llama_dir, port)
     try:
         assert f"127.0.0.1:{port}" in line
+        http = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+        assert http, line
+        with urllib.request.urlopen(f"http://127.0.0.1:{http.group(1)}/health", timeout=10) as resp:
+            assert resp.status == 200  # the OpenAI-compatible API is up beside gRPC
         children = _children(proc.pid)
         assert len(children) == 4  # redis, prefill, decode, router
         _one_request(port)
