@@ -296,3 +296,32 @@ def test_cleave_bench_command_prints_table_and_json(tiny, tmp_path):
     reports = json.loads(out.read_text())
     assert [r["requests_sent"] for r in reports] == [4, 4]
     assert all(r["goodput"]["share"] == 1.0 for r in reports)
+
+
+def test_client_leaving_before_the_first_token_cancels_the_waiting_request(tiny):
+    """A request queued for KV room (nothing sent yet) is cancelled when its client hangs up."""
+    url = urllib.parse.urlsplit(tiny.http_url)
+    metrics = tiny.http_url.removesuffix("/v1") + "/metrics"
+    cancelled = _value(_scrape(metrics), "cleave:request_failures_total", reason="cancelled")
+    big = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    big.request("POST", "/v1/completions", json.dumps({"prompt": [4] * 8, "max_tokens": 300, "stream": True,
+                                                       "ignore_eos": True}), {"Content-Type": "application/json"})
+    resp = big.getresponse()
+    assert resp.readline().startswith(b"data: ")  # decoding, holding most of the KV blocks
+    waiting = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    waiting.request("POST", "/v1/completions", json.dumps({"prompt": [5] * 8, "max_tokens": 150, "ignore_eos": True}),
+                    {"Content-Type": "application/json"})
+    deadline = time.time() + 10
+    while _value(_scrape(metrics), "cleave:num_requests_waiting") != 1 and time.time() < deadline:
+        time.sleep(0.05)
+    assert _value(_scrape(metrics), "cleave:num_requests_waiting") == 1
+    waiting.sock.shutdown(2)
+    waiting.close()
+    while _value(_scrape(metrics), "cleave:request_failures_total", reason="cancelled") != cancelled + 1 \
+            and time.time() < deadline + 10:
+        time.sleep(0.05)
+    after = _scrape(metrics)
+    assert _value(after, "cleave:request_failures_total", reason="cancelled") == cancelled + 1
+    assert _value(after, "cleave:num_requests_waiting") == 0
+    big.sock.shutdown(2)
+    big.close()
