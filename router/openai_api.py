@@ -7,7 +7,9 @@ events ending in ``data: [DONE]``, or one JSON body), ``GET /v1/models``, ``GET 
 
 Each completion request becomes one ``cleave.v1.GenerateRequest``
 (``router.openai_protocol``) run by :meth:`router.core.RouterCore.generate`, the same
-lifecycle as gRPC. Errors raised before the first token are an HTTP status with OpenAI's error
+lifecycle as gRPC. An ``X-Request-Id`` header sets the request id (the Redis key
+``<prefix>req:<id>``; checked like gRPC's ``request_id``); responses carry it back in
+``X-Request-Id`` and in their ``id`` (``cmpl-<id>`` / ``chatcmpl-<id>``). Errors raised before the first token are an HTTP status with OpenAI's error
 body (``services.errors.http_status_of``); an error after the stream began is sent as one
 ``data: {"error": ...}`` event followed by ``data: [DONE]``. A client that disconnects
 (before or after the first token) closes the core's generator: the request is recorded
@@ -99,6 +101,7 @@ def build_app(core) -> FastAPI:
         try:
             check_model(body.model)
             req = chat_request(body) if chat else completion_request(body)
+            req.request_id = request.headers.get("x-request-id", "")  # optional; validated by the core
             if chat and req.sampling.max_tokens == 0:  # not given: the rest of the context
                 ids = await asyncio.to_thread(prompt_ids_of, req, core.codec, core.model)
                 req.sampling.max_tokens = max(1, core.model.max_position - len(ids))

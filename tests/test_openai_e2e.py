@@ -48,10 +48,10 @@ def model(client):
     return client.models.list().data[0].id
 
 
-def _post(stack, path: str, body: dict, timeout: float = 120):
+def _post(stack, path: str, body: dict, timeout: float = 120, headers: dict | None = None):
     """(status, parsed JSON) of a raw POST to ``path`` under ``/v1`` (errors included)."""
     req = urllib.request.Request(stack.http_url + path, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read())
@@ -169,6 +169,17 @@ def test_bad_input_gets_status_and_openai_error_body(tiny, path, body, status, n
         assert set(err) == {"error"} and set(err["error"]) == {"message", "type", "param", "code"}
         assert needle in err["error"]["message"]
     assert _post(tiny, "/completions", dict(prompt=[1, 2], max_tokens=3))[0] == 200
+
+
+def test_request_id_header_is_checked_like_grpc_and_names_the_request(tiny):
+    status, err = _post(tiny, "/completions", dict(prompt="hi", max_tokens=4), headers={"X-Request-Id": "bad id!"})
+    assert status == 400 and "request_id" in err["error"]["message"]
+    status, body = _post(tiny, "/completions", dict(prompt=[1, 2], max_tokens=3), headers={"X-Request-Id": "http-id-1"})
+    assert status == 200 and body["id"] == "cmpl-http-id-1"
+    deadline = time.time() + 5
+    while tiny.redis.hget("cleave:req:http-id-1", "state") != "finished" and time.time() < deadline:
+        time.sleep(0.05)
+    assert tiny.redis.hget("cleave:req:http-id-1", "completion_tokens") == str(body["usage"]["completion_tokens"])
 
 
 def test_openai_client_raises_its_own_error_classes(client, model):
