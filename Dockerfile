@@ -60,7 +60,7 @@ ENV PATH=/opt/cleave/bin:$PATH \
     HOME=/home/cleave
 USER 10001:10001
 WORKDIR /home/cleave
-# router 50051, workers 50060 (the chart's defaults)
-EXPOSE 50051 50060
+# router 50051 (gRPC) and 8000 (OpenAI API, /metrics), workers 50060 and 9090 (/metrics): the chart's defaults
+EXPOSE 50051 8000 50060 9090
 ENTRYPOINT ["cleave"]
 CMD ["--help"]
