@@ -204,3 +204,37 @@ def test_report_figures_and_goodput_from_known_timings():
             Slo.parse(bad)
     with pytest.raises(ValueError, match="exactly one"):
         LoadConfig(concurrency=2, rate=1.0)
+
+
+class _CountingBackend:
+    """Records what was sent and the most requests ever in flight."""
+
+    def __init__(self) -> None:
+        self.sent, self.inflight, self.most = [], 0, 0
+
+    async def send(self, req):
+        import asyncio
+
+        self.inflight += 1
+        self.most = max(self.most, self.inflight)
+        self.sent.append(req)
+        await asyncio.sleep(0.002)
+        self.inflight -= 1
+        return Timing(start=0.0, chunks=[0.001], prompt_tokens=len(req.prompt_ids), output_tokens=1)
+
+
+@pytest.mark.parametrize("load", [LoadConfig(concurrency=3, warmup=2), LoadConfig(rate=2000.0, max_concurrency=2)],
+                         ids=["closed-loop", "poisson-capped"])
+def test_runner_sends_each_request_once_within_its_concurrency(load):
+    import asyncio
+
+    from services.loadgen.runner import run_load
+
+    requests = make_requests(DatasetConfig(num_requests=20, prompt=LengthDist(3), output=LengthDist(2),
+                                           token_range=(1, 50), seed=4))
+    backend = _CountingBackend()
+    timings, seconds = asyncio.run(run_load(backend, requests, load))
+    assert len(timings) == 20 and all(t.ok for t in timings) and seconds > 0
+    measured = backend.sent[load.warmup:]
+    assert sorted(map(id, measured)) == sorted(map(id, requests))  # every request once, warm-up apart
+    assert 1 < backend.most <= (load.concurrency or load.max_concurrency)
