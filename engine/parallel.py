@@ -23,6 +23,7 @@ import datetime
 import io
 import os
 import queue
+import random
 import socket
 import time
 import traceback
@@ -156,6 +157,23 @@ def group_members(layout: ParallelConfig) -> dict[str, list[tuple[int, ...]]]:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free on ``host`` now, chosen below the kernel's ephemeral range, so that
+    no ``bind(port 0)`` by another process (a worker picking its own port) can take it before
+    the caller binds it; falls back to an ephemeral port when none is found."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(64):
+        port = rng.randrange(10000, max(10001, low))
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+                return port
+            except OSError:
+                continue
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -208,7 +208,9 @@ class LocalStack:
                 if dead:
                     raise RuntimeError(f"{dead} exited while the stack was starting (see its log above)")
                 try:
-                    resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    # the Inference service answers only from the router (not from a worker
+                    # that happened to bind the port first)
+                    resp = stub.Check(health_pb2.HealthCheckRequest(service="cleave.v1.Inference"), timeout=1)
                     if resp.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:
