@@ -152,7 +152,9 @@ class RouterCore:
             if count > 1:
                 self.metrics.record("tpot", rid, (now() - t_first) / (count - 1))
         except (asyncio.CancelledError, GeneratorExit):  # the front door's client left
-            if time.time() >= req.deadline - _DEADLINE_SLACK_S:
+            if finish is not None:  # closed after its last delta was handed over: it finished
+                state = "finished"
+            elif time.time() >= req.deadline - _DEADLINE_SLACK_S:
                 state, error, kind = "failed", f"deadline of {timeout:.1f} s exceeded", "deadline_exceeded"
             else:
                 state, error, kind = "cancelled", "client cancelled the request", "cancelled"

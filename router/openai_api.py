@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.openai_protocol import FINISH, ChatRequest, CompletionRequest, Shaper, chat_request, \
     completion_request, error_body
-from router.validate import prompt_ids_of
+from router.validate import check_input_size, prompt_ids_of
 from services.errors import CleaveError, NotFound, http_status_of
 from services.prom import CONTENT_TYPE
 
@@ -103,6 +103,7 @@ def build_app(core) -> FastAPI:
             req = chat_request(body) if chat else completion_request(body)
             req.request_id = request.headers.get("x-request-id", "")  # optional; validated by the core
             if chat and req.sampling.max_tokens == 0:  # not given: the rest of the context
+                check_input_size(req, core.codec, core.model)  # cheap size check before tokenizing
                 ids = await asyncio.to_thread(prompt_ids_of, req, core.codec, core.model)
                 req.sampling.max_tokens = max(1, core.model.max_position - len(ids))
         except CleaveError as exc:
