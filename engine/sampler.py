@@ -98,7 +98,8 @@ def sample_batch(logits: torch.Tensor, cfgs: list[SamplingConfig], indices: list
     request's failure never touches its batch-mates' tokens.
     """
     out: list[int | SamplingError] = [int(t) for t in torch.argmax(logits, dim=-1).tolist()]
-    unsound = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1).tolist()
+    unsound = ((torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1)
+               | ~torch.isfinite(logits).any(dim=-1)).tolist()  # NaN/+inf, or every logit -inf
     for row, (cfg, index) in enumerate(zip(cfgs, indices)):
         if unsound[row] or not cfg.greedy:
             try:
