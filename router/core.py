@@ -113,6 +113,7 @@ class RouterCore:
             self.prom.failed(exc.code.name.lower(), None, 0)
             raise
         timeout = self.cfg.request_timeout_s if timeout_s is None else min(timeout_s, self.cfg.request_timeout_s)
+        missed = f"deadline of {timeout:.1f} s exceeded"  # the error recorded for a missed deadline
         sampling = request.sampling
         req = ValidRequest(rid, ids, sampling, seed_of(sampling), t_arrival + timeout,
                            list(self.model.eos_token_ids))
@@ -155,12 +156,12 @@ class RouterCore:
             if finish is not None:  # closed after its last delta was handed over: it finished
                 state = "finished"
             elif time.time() >= req.deadline - _DEADLINE_SLACK_S:
-                state, error, kind = "failed", f"deadline of {timeout:.1f} s exceeded", "deadline_exceeded"
+                state, error, kind = "failed", missed, "deadline_exceeded"
             else:
                 state, error, kind = "cancelled", "client cancelled the request", "cancelled"
             raise
         except TimeoutError:
-            state, error, kind = "failed", f"deadline of {timeout:.1f} s exceeded", "deadline_exceeded"
+            state, error, kind = "failed", missed, "deadline_exceeded"
             raise DeadlineExceeded(f"request {rid} did not finish within its deadline of "
                                    f"{timeout:.1f} s") from None
         except CleaveError as exc:

@@ -56,10 +56,8 @@ class RequestStore:
         state = fields.get("state")
         if state is not None and state not in STATES:
             raise ValueError(f"unknown request state {state!r}")
-        pending = self._pending.setdefault(request_id, {})
-        if pending.get("state") in TERMINAL and state is not None and state not in TERMINAL:
-            fields = {k: v for k, v in fields.items() if k != "state"}
-        pending.update({k: ("" if v is None else str(v)) for k, v in fields.items()})
+        _merge(self._pending.setdefault(request_id, {}),
+               {k: ("" if v is None else str(v)) for k, v in fields.items()})
         if len(self._pending) > self._max_pending:  # Redis away for long: keep the newest
             oldest = next(iter(self._pending))
             log.warning("dropping unwritten state of request %s: %d requests wait for Redis",
@@ -113,12 +111,7 @@ class RequestStore:
                 log.warning("Redis unavailable: %d request states wait to be written (%s)",
                             len(batch), exc or type(exc).__name__)
             for rid, fields in batch.items():  # newer fields (recorded meanwhile) win
-                merged = dict(fields)
-                newer = self._pending.get(rid, {})
-                if merged.get("state") in TERMINAL and newer.get("state") not in (None, *TERMINAL):
-                    newer = {k: v for k, v in newer.items() if k != "state"}
-                merged.update(newer)
-                self._pending[rid] = merged
+                self._pending[rid] = _merge(dict(fields), self._pending.get(rid, {}))
             return False
 
     async def exists(self, request_id: str) -> bool:
@@ -130,6 +123,15 @@ class RequestStore:
 
     async def get(self, request_id: str) -> dict[str, str]:
         return await self._client.hgetall(self.key(request_id))
+
+
+def _merge(into: dict[str, str], newer: dict[str, str]) -> dict[str, str]:
+    """``into`` updated with ``newer``, except that a terminal state is never replaced by a
+    later non-terminal one (a late ``decoding`` never overwrites ``finished``)."""
+    if into.get("state") in TERMINAL and newer.get("state") not in (None, *TERMINAL):
+        newer = {k: v for k, v in newer.items() if k != "state"}
+    into.update(newer)
+    return into
 
 
 def now() -> float:
