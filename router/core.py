@@ -7,14 +7,14 @@ directory, routing policy, Redis state). A front door turns its wire request int
 * it validates and tokenizes (cheap size checks first; tokenizing runs off the event loop),
   records ``queued``, runs the request (``router.lifecycle.RequestRun``: reserve, prefill,
   transfer, decode, with retries on other workers) and yields ``GenerateResponse`` deltas;
-* it raises a :class:`services.errors.CleaveError` (before the first delta or mid-stream) for
+* it raises a :class:`common.errors.CleaveError` (before the first delta or mid-stream) for
   every failure; the front door maps it to its own status (``status_of`` for gRPC);
 * closing the generator early (``aclose()``) or cancelling the caller's task means the client
   left: the request is recorded ``cancelled`` (or as a missed deadline when its deadline had
   passed), its worker calls are cancelled and its KV blocks freed.
 
 Redis never sits on this path: state and latency samples are queued and written by
-background tasks (``router.state.RequestStore``, ``services.metrics.MetricsWriter``).
+background tasks (``router.state.RequestStore``, ``common.metrics.MetricsWriter``).
 """
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ import grpc
 import redis.asyncio as aioredis
 
 from cleave.v1 import inference_pb2
+from common.config import RouterConfig
+from common.errors import CleaveError, DeadlineExceeded, InvalidRequest, error_for
+from common.metrics import MetricsWriter
+from common.prom import RouterMetrics
 from engine.config import ModelConfig
 from router.lifecycle import RequestRun, ValidRequest
 from router.policy import make_policy
@@ -35,10 +39,6 @@ from router.state import RequestStore, now
 from router.text import IncrementalText, TextCodec
 from router.validate import check_input_size, check_sampling, prompt_ids_of, request_id_of, seed_of
 from router.workers import WorkerDirectory
-from services.config import RouterConfig
-from services.errors import CleaveError, DeadlineExceeded, InvalidRequest, error_for
-from services.metrics import MetricsWriter
-from services.prom import RouterMetrics
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from cleave.v1 import inference_pb2, worker_pb2
+from common.errors import Exhausted, InvalidRequest, Unavailable, is_request_fault
 from router.workers import WorkerHandle
-from services.errors import Exhausted, InvalidRequest, Unavailable, is_request_fault
 
 log = logging.getLogger(__name__)
 

@@ -3,14 +3,14 @@
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming as server-sent
 events ending in ``data: [DONE]``, or one JSON body), ``GET /v1/models``, ``GET /health``
 (200 while each pool has a worker, else 503) and ``GET /metrics`` (Prometheus text,
-``services.prom.RouterMetrics``).
+``common.prom.RouterMetrics``).
 
 Each completion request becomes one ``cleave.v1.GenerateRequest``
 (``router.openai_protocol``) run by :meth:`router.core.RouterCore.generate`, the same
 lifecycle as gRPC. An ``X-Request-Id`` header sets the request id (the Redis key
 ``<prefix>req:<id>``; checked like gRPC's ``request_id``); responses carry it back in
 ``X-Request-Id`` and in their ``id`` (``cmpl-<id>`` / ``chatcmpl-<id>``). Errors raised before the first token are an HTTP status with OpenAI's error
-body (``services.errors.http_status_of``); an error after the stream began is sent as one
+body (``common.errors.http_status_of``); an error after the stream began is sent as one
 ``data: {"error": ...}`` event followed by ``data: [DONE]``. A client that disconnects
 (before or after the first token) closes the core's generator: the request is recorded
 ``cancelled`` and its KV blocks are freed.
@@ -33,11 +33,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from common.errors import CleaveError, NotFound, http_status_of
+from common.prom import CONTENT_TYPE
 from router.openai_protocol import FINISH, ChatRequest, CompletionRequest, Shaper, chat_request, \
     completion_request, error_body
 from router.validate import check_input_size, prompt_ids_of
-from services.errors import CleaveError, NotFound, http_status_of
-from services.prom import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 

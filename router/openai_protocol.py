@@ -11,7 +11,7 @@ Defaults are OpenAI's: ``temperature`` 1, ``top_p`` 1, ``max_tokens`` 16 for com
 chat without ``max_tokens`` / ``max_completion_tokens`` may fill the context.
 
 Errors (:func:`error_body`) have OpenAI's shape ``{"error": {"message", "type", "param",
-"code"}}``; the HTTP status comes from ``services.errors.http_status_of``, the same error
+"code"}}``; the HTTP status comes from ``common.errors.http_status_of``, the same error
 classes that give the gRPC status.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from cleave.v1 import inference_pb2
-from services.errors import InvalidRequest
+from common.errors import InvalidRequest
 
 FINISH = {inference_pb2.FINISH_REASON_STOP: "stop", inference_pb2.FINISH_REASON_LENGTH: "length"}
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions

@@ -8,8 +8,8 @@ prefill and one decode worker are registered.
 
 Per ``Generate`` call: :meth:`router.core.RouterCore.generate` (the one request lifecycle,
 shared with the HTTP front door) yields the deltas; its errors become gRPC statuses here
-(``services.errors.status_of``). Undecodable request bytes get INVALID_ARGUMENT
-(``services.grpc_util.add_service``).
+(``common.errors.status_of``). Undecodable request bytes get INVALID_ARGUMENT
+(``common.grpc_util.add_service``).
 """
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cleave.v1 import inference_pb2, inference_pb2_grpc
+from common.config import RouterConfig
+from common.errors import CleaveError, abort_with
+from common.grpc_util import add_service
+from common.registry import connect_redis
 from engine.loader import load_model_config, load_tokenizer, resolve_model
 from router.core import RouterCore
 from router.openai_api import start_http
 from router.text import TextCodec
-from services.config import RouterConfig
-from services.errors import CleaveError, abort_with
-from services.grpc_util import add_service
-from services.registry import connect_redis
 
 log = logging.getLogger(__name__)
 

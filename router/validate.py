@@ -11,9 +11,9 @@ import secrets
 import uuid
 
 from cleave.v1 import inference_pb2
+from common.errors import InvalidRequest
 from engine.config import ModelConfig
 from router.text import CHAT_ROLES, TextCodec
-from services.errors import InvalidRequest
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # a prompt longer than this many characters per token of context cannot fit, whatever the

@@ -15,8 +15,8 @@ import grpc
 import redis.asyncio as aioredis
 
 from cleave.v1 import worker_pb2_grpc
-from services.grpc_util import internal_channel
-from services.registry import WorkerRecord, read_workers
+from common.grpc_util import internal_channel
+from common.registry import WorkerRecord, read_workers
 
 log = logging.getLogger(__name__)
 

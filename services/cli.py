@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 
-from services.environment import Environment
+from common.environment import Environment
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -201,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _worker_config(args):
     from engine.config import ParallelConfig
-    from services.config import WorkerConfig
+    from common.config import WorkerConfig
     return WorkerConfig(pool=args.pool, model=args.model, host=args.host, port=args.port,
                         redis_url=args.redis_url, key_prefix=args.key_prefix, worker_id=args.worker_id,
                         dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks,
@@ -230,7 +230,7 @@ def _run_worker(args) -> int:
 
 def _run_router(args) -> int:
     from router.server import serve_router
-    from services.config import RouterConfig
+    from common.config import RouterConfig
     cfg = RouterConfig(model=args.model, host=args.host, port=args.port, http_port=args.http_port,
                        redis_url=args.redis_url,
                        key_prefix=args.key_prefix, transfer_timeout_s=args.transfer_timeout,

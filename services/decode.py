@@ -23,13 +23,13 @@ from dataclasses import dataclass
 import grpc
 
 from cleave.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
+from common.errors import Exhausted, InvalidRequest, NotFound, RequestFault, Unavailable, abort_with
+from common.grpc_util import add_service
 from engine.kv_cache import OutOfBlocks
 from engine.sampler import SamplingConfig
 from engine.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, DecodeScheduler, Sequence
 from kvtransfer.handoff import HandoffError
 from services.instance import InstanceError
-from services.errors import Exhausted, InvalidRequest, NotFound, RequestFault, Unavailable, abort_with
-from services.grpc_util import add_service
 from services.worker import WorkerHost
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         """The instance's expert placement (``services.expert_balance``), MoE models only."""
         from services.expert_balance import ExpertBalancer
         from engine.expert_stats import stats_model_id
-        from services.registry import connect_redis
+        from common.registry import connect_redis
         cfg, m = self.host.cfg, self.host.model_config
         client = connect_redis(cfg.redis_url, asynchronous=False) if cfg.redis_url else None
         return ExpertBalancer(client, cfg.key_prefix, stats_model_id(self.host.model_id), m.num_experts,

@@ -268,7 +268,7 @@ def rebalance_cli(args) -> int:
     (printed as one line by the CLI) when Redis is unreachable or nothing is recorded."""
     import redis
 
-    from services.registry import connect_redis
+    from common.registry import connect_redis
 
     client = connect_redis(args.redis_url, asynchronous=False)
     try:
@@ -298,7 +298,7 @@ async def add_expert_view(info, redis_url: str, prefix: str, model_id: str) -> N
 
     from cleave.v1 import inference_pb2
     from engine.expert_stats import stats_model_id
-    from services.registry import connect_redis
+    from common.registry import connect_redis
 
     def read():
         client = connect_redis(redis_url, asynchronous=False)

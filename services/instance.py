@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cleave.v1 import inference_pb2, worker_pb2
+from common.config import WorkerConfig
 from engine.batch import ForwardBatch
 from engine.config import CacheConfig, ModelConfig
 from engine.layout import kv_head_range, layer_range
@@ -39,7 +40,6 @@ from engine.loader import ModelSource, load_model_config, resolve_model
 from engine.parallel import ParallelGroups, join_group, rendezvous_store
 from kvtransfer.handoff import KVReceiver, KVSender, compat_hash
 from kvtransfer.transport import make_transport
-from services.config import WorkerConfig
 from services.parent_guard import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class RankEngine:
                 and g.tp_rank == 0 and g.ep_rank == 0):
             return None
         from engine.expert_stats import ExpertStatsWriter, stats_model_id
-        from services.registry import connect_redis
+        from common.registry import connect_redis
         client = connect_redis(self.cfg.redis_url, asynchronous=False)
         return ExpertStatsWriter(client, stats_model_id(self.source.model_id), self.cfg.key_prefix,
                                  interval_s=self.cfg.expert_stats_interval_s, window_s=self.cfg.expert_window_s)

@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.environment import Environment
+from common.registry import mask_url, split_password
 from engine.parallel import free_port
-from services.environment import Environment
-from services.registry import mask_url, split_password
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 Lifecycle (one planner per deployment; ``cleave planner`` or ``cleave serve --planner``):
 
 1. Every ``interval_s``, :func:`collect_loads` reads each pool's load from Redis: worker
-   records (``services.registry``: queued prefill tokens, free KV blocks, running sequences,
-   draining flags) and the routers' metrics (``services.metrics``: TTFT and TPOT samples of
+   records (``common.registry``: queued prefill tokens, free KV blocks, running sequences,
+   draining flags) and the routers' metrics (``common.metrics``: TTFT and TPOT samples of
    the last ``window_s``, requests waiting for decode KV room).
 2. :func:`decide` — a pure function of config, loads, current replica counts, the planner's
    memory (:class:`PlannerState`) and the time — returns one :class:`Decision` per pool.
@@ -33,8 +33,8 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-from services.metrics import percentile, read_latencies, read_waiting_for_kv
-from services.registry import connect_redis, read_workers
+from common.metrics import percentile, read_latencies, read_waiting_for_kv
+from common.registry import connect_redis, read_workers
 from services.scaling import POOLS
 
 log = logging.getLogger(__name__)

@@ -21,13 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from cleave.v1 import worker_pb2, worker_pb2_grpc
+from common.errors import Cancelled, Exhausted, InvalidRequest, RequestFault, Unavailable, abort_with
+from common.grpc_util import add_service
 from engine.batch import ForwardCancelled
 from engine.kv_cache import OutOfBlocks
 from engine.sampler import SamplingConfig, SamplingError, sample_one
 from kvtransfer.handoff import HandoffError, IncompatiblePeer
 from services.instance import InstanceError
-from services.errors import Cancelled, Exhausted, InvalidRequest, RequestFault, Unavailable, abort_with
-from services.grpc_util import add_service
 from services.worker import WorkerHost
 
 

@@ -6,7 +6,7 @@ Lifecycle of a worker process (``cleave worker prefill|decode``):
    shards, KV caches and transports) and the block allocator shared by all its ranks.
 2. :func:`serve_worker` builds the pool's servicer on the host, binds the gRPC server
    (port 0 = a free port), serves Prometheus ``/metrics`` on ``metrics_port`` when set
-   (``services.prom.WorkerMetrics``), starts the Redis heartbeat so routers find it, and waits.
+   (``common.prom.WorkerMetrics``), starts the Redis heartbeat so routers find it, and waits.
 3. SIGTERM/SIGINT drains: health turns NOT_SERVING and the record is rewritten as
    ``draining`` at once, so routers send nothing new (a request that raced the flag is
    refused with UNAVAILABLE and the router retries it elsewhere). Requests already here run
@@ -32,12 +32,12 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cleave.v1 import worker_pb2
+from common.config import WorkerConfig
+from common.errors import Unavailable
+from common.prom import WorkerMetrics, layout_label
+from common.registry import Heartbeat, WorkerRecord, connect_redis
 from engine.kv_cache import BlockAllocator
-from services.config import WorkerConfig
-from services.errors import Unavailable
 from services.instance import Instance
-from services.prom import WorkerMetrics, layout_label
-from services.registry import Heartbeat, WorkerRecord, connect_redis
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import grpc
 import redis
 
 from cleave.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from common.grpc_util import token_metadata
+from common.registry import read_workers
 from services.launcher import LocalStack, StackConfig
-from services.grpc_util import token_metadata
-from services.registry import read_workers
 
 
 @dataclasses.dataclass

@@ -47,7 +47,7 @@ def test_published_plan_shows_next_to_measured_latencies(redis_url):
     import redis
 
     from cleave.v1 import inference_pb2
-    from services.metrics import latency_key
+    from common.metrics import latency_key
 
     result = plan(PlanRequest(model=MODELS["llama-3.1-8b"], hardware=GPUS["h100"], gpus=8, prompt=1024,
                               output=128, rate=20, ttft_s=1.0, tpot_s=0.05))

@@ -50,7 +50,7 @@ def measured_hotspot(before: worker_pb2.ExpertLoadInfo, after: worker_pb2.Expert
 def test_rebalance_mid_generation_keeps_tokens_and_lowers_the_hotspot(tmp_path):
     from engine.expert_stats import stats_model_id
     from services.cli import main as cli
-    from services.grpc_util import token_metadata
+    from common.grpc_util import token_metadata
     from services.launcher import StackConfig
     from tests.moe_models import make_tiny_mixtral
     from tests.stack import RunningStack, request

@@ -557,7 +557,7 @@ def test_router_and_workers_serve_metrics_and_are_annotated_for_scraping(default
 def test_service_monitor_selects_every_metrics_port_and_the_dashboard_ships(chart):
     import json
 
-    from services.prom import RouterMetrics, WorkerMetrics
+    from common.prom import RouterMetrics, WorkerMetrics
 
     release = Release(render(chart, MONITORED))
     for doc in release.docs:

@@ -13,15 +13,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from cleave.v1 import inference_pb2
+from common.errors import (Cancelled, CleaveError, DeadlineExceeded, Exhausted, InvalidRequest, NotFound,
+                           Unavailable, http_status_of)
+from common.prom import RouterMetrics, WorkerMetrics, layout_label
 from router.openai_api import build_app
 from router.openai_protocol import ChatRequest, CompletionRequest, chat_request, completion_request
-from services.errors import (Cancelled, CleaveError, DeadlineExceeded, Exhausted, InvalidRequest, NotFound,
-                             Unavailable, http_status_of)
 from services.loadgen.backends import Timing
 from services.loadgen.datasets import DatasetConfig, LengthDist, make_requests
 from services.loadgen.report import Slo, summarize, table
 from services.loadgen.runner import LoadConfig
-from services.prom import RouterMetrics, WorkerMetrics, layout_label
 
 pytestmark = pytest.mark.unit
 

@@ -8,9 +8,9 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from services.metrics import MetricsWriter, percentile
+from common.metrics import MetricsWriter, percentile
+from common.registry import Heartbeat, WorkerRecord
 from services.planner import PlannerConfig, PlannerState, PoolLoad, collect_loads, decide
-from services.registry import Heartbeat, WorkerRecord
 
 CFG = PlannerConfig(interval_s=1, window_s=10, prefill_min=1, prefill_max=4, decode_min=1, decode_max=3,
                     ttft_target_s=1.0, queue_target_tokens=1000, tpot_target_s=0.1, kv_high=0.8, kv_low=0.3,

@@ -17,12 +17,12 @@ import pytest
 
 from cleave.v1 import inference_pb2 as pb
 from cleave.v1 import worker_pb2, worker_pb2_grpc
+from common.config import RouterConfig
+from common.errors import InvalidRequest, RequestFault, Unavailable, abort_with
+from common.grpc_util import add_service, internal_channel
 from engine.config import ModelConfig
 from router.lifecycle import RequestRun, RetryableFailure, ValidRequest
 from router.validate import check_input_size, request_id_of
-from services.config import RouterConfig
-from services.errors import InvalidRequest, RequestFault, Unavailable, abort_with
-from services.grpc_util import add_service, internal_channel
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -72,7 +72,7 @@ def test_tokenizing_runs_off_the_event_loop(redis_url):
     """While one prompt is being tokenized, the event loop keeps running other requests' work."""
     from router.core import RouterCore
     from router.text import TextCodec
-    from services.registry import connect_redis
+    from common.registry import connect_redis
 
     started, release = threading.Event(), threading.Event()
 
@@ -254,10 +254,10 @@ def test_request_state_waits_for_redis_and_ends_terminal(redis_url):
 
 def test_reservations_are_bounded_per_caller_and_in_lifetime():
     from engine.kv_cache import BlockAllocator
-    from services.config import WorkerConfig
+    from common.config import WorkerConfig
     from services.decode import DecodeService
-    from services.errors import Exhausted
-    from services.prom import WorkerMetrics
+    from common.errors import Exhausted
+    from common.prom import WorkerMetrics
 
     cfg = WorkerConfig(pool="decode", block_size=4, max_reservations_per_caller=2, max_reservation_s=60)
     instance = types.SimpleNamespace(expect=lambda *a: None, cancel=lambda *a: None, landing_ranks=lambda: [])

@@ -8,14 +8,14 @@ import math
 import pytest
 
 from cleave.v1 import inference_pb2 as pb
+from common.config import RouterConfig, WorkerConfig
+from common.errors import InvalidRequest
+from common.registry import WorkerRecord
 from engine.config import ModelConfig, ParallelConfig
 from router.policy import LeastLoadPolicy, make_policy
 from router.text import IncrementalText, TextCodec
 from router.validate import check_sampling, prompt_ids_of, request_id_of, seed_of
 from router.workers import WorkerHandle
-from services.config import RouterConfig, WorkerConfig
-from services.errors import InvalidRequest
-from services.registry import WorkerRecord
 from tests.models import EOS_ID, write_byte_tokenizer
 
 pytestmark = pytest.mark.unit
@@ -258,7 +258,7 @@ def test_rank_prefill_least_queued_tokens():
         make_policy("random")
 
 
-# ---- services/config.py ----------------------------------------------------------------------
+# ---- common/config.py ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(pool="both"), r"pool must be one of \('prefill', 'decode'\), got 'both'"),
@@ -311,7 +311,7 @@ def test_configs_defaults_are_valid():
         ParallelConfig(tp=0)
 
 
-# ---- services/registry.py --------------------------------------------------------------------
+# ---- common/registry.py --------------------------------------------------------------------
 
 def test_worker_record_hash_round_trip():
     record = WorkerRecord(pool="decode", worker_id="decode-1", address="10.0.0.1:5000", incarnation="abc",

@@ -96,7 +96,7 @@ def plan_cli(args) -> int:
     if args.publish:
         _need(args, "redis_url")
         from services.capacity.published import publish
-        from services.registry import mask_url
+        from common.registry import mask_url
         publish(args.redis_url, args.key_prefix, result)
         print(f"published the recommendation to {mask_url(args.redis_url)}", file=sys.stderr)
     return 0

@@ -9,7 +9,7 @@ pool's plan entry with its decision inputs (:func:`add_plan_inputs`). The router
 which fills ``ModelInfo.capacity`` (fields 30-39): per pool the planned layout and instance
 count, the predicted capacity per instance (requests/s) and latency (TTFT for prefill, TPOT for
 decode), beside the instances registered now and the p90 latency measured by the routers
-over the last ``window_s`` (``services.metrics``).
+over the last ``window_s`` (``common.metrics``).
 
 ``cleave plan --redis-url URL`` (MoE models, no ``--expert-imbalance``) calls
 :func:`read_expert_imbalance` on the decode leaders' expert counters
@@ -78,7 +78,7 @@ async def add_plan_view(info, client, prefix: str, window_s: float = 300.0) -> N
     """Fill ``info.capacity`` / ``info.plan_summary`` from the published plan (async Redis
     client); nothing when no plan was published. Redis errors are logged, never raised."""
     from cleave.v1 import inference_pb2
-    from services.metrics import percentile, read_latencies
+    from common.metrics import percentile, read_latencies
     plan = await read_plan(client, prefix)
     if not plan:
         return

@@ -119,7 +119,7 @@ def mask_url(url: str) -> str:
 def connect_redis(url: str, asynchronous: bool = True):
     """A Redis client for ``url`` (decoded responses), with the password from
     ``CLEAVE_REDIS_PASSWORD`` when that is set and the URL carries none."""
-    from services.environment import Environment
+    from common.environment import Environment
     password = Environment.read().redis_password or None
     # bounded waits: a frozen Redis (SIGSTOP, a partition) fails a command in seconds
     kw = dict(decode_responses=True, password=password, socket_timeout=5.0, socket_connect_timeout=5.0,

@@ -8,7 +8,7 @@
 
 Samples older than the window are trimmed by the writer, so the sets stay small. Pool load
 that workers already publish in their registry records (queued prefill tokens, free KV
-blocks, running sequences; see ``services.registry``) is not repeated here. Writes are best
+blocks, running sequences; see ``common.registry``) is not repeated here. Writes are best
 effort: a Redis outage never fails a request.
 """
 from __future__ import annotations

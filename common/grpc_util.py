@@ -9,7 +9,7 @@
   adds the token to every call.
 
 The token is the deployment's shared secret for internal APIs (``CLEAVE_INTERNAL_TOKEN``,
-see ``services.environment``): ``make run`` generates one per run, the Helm chart keeps it
+see ``common.environment``): ``make run`` generates one per run, the Helm chart keeps it
 in a Secret. Health and the public ``cleave.v1.Inference`` API take no token.
 """
 from __future__ import annotations
