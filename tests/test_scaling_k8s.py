@@ -25,6 +25,9 @@ import services.scaling_k8s as scaling_k8s
 NS = "serving"
 DEPLOY = "apps/v1/deployments"
 STS = "apps/v1/statefulsets"
+LWS = "leaderworkerset.x-k8s.io/v1/leaderworkersets"
+KIND_OF = {DEPLOY: ("apps/v1", "Deployment"), STS: ("apps/v1", "StatefulSet"),
+           LWS: ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet")}
 WORKLOADS = {"prefill": "deployment/cleave-prefill", "decode": "deployment/cleave-decode"}
 
 
@@ -49,9 +52,9 @@ class KMockThread:
         self._thread.join(10)
 
     def seed(self, resource: str, name: str, replicas: int, namespace: str = NS):
-        kind = "Deployment" if resource == DEPLOY else "StatefulSet"
+        api_version, kind = KIND_OF[resource]
         self.km.objects[resource, namespace, name] = {
-            "apiVersion": "apps/v1", "kind": kind,
+            "apiVersion": api_version, "kind": kind,
             "metadata": {"name": name, "namespace": namespace, "labels": {"app": name}},
             "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}}},
             "status": {"replicas": replicas},
@@ -83,6 +86,7 @@ def k8s():
     server.seed(DEPLOY, "cleave-decode", 4)
     server.seed(DEPLOY, "unrelated", 7)
     server.seed(STS, "cleave-prefill-sts", 1)
+    server.seed(LWS, "cleave-decode-lws", 2)
     yield server
     server.stop()
 
@@ -136,6 +140,30 @@ def test_statefulset_workloads_use_the_statefulset_scale_path(k8s):
     assert json.loads(k8s.requests()[-1].body) == {"spec": {"replicas": 0}}
     assert k8s.stored_replicas(STS, "cleave-prefill-sts") == 0
     assert k8s.stored_replicas(DEPLOY, "cleave-prefill") == 2
+    backend.close()
+
+
+@pytest.mark.integration
+def test_leaderworkerset_workloads_use_the_custom_resource_scale_path(k8s):
+    """A pool whose instances span nodes is a LeaderWorkerSet (the chart's nodesPerInstance > 1):
+    its scale subresource lives under the CRD's group, and a custom resource takes a JSON merge
+    patch (the API server refuses strategic merge patches on custom resources)."""
+    backend = _backend(k8s, {"prefill": "deployment/cleave-prefill", "decode": "leaderworkerset/cleave-decode-lws"})
+    assert backend.replicas("decode") == 2
+    backend.scale("decode", 3)
+    path = f"/apis/leaderworkerset.x-k8s.io/v1/namespaces/{NS}/leaderworkersets/cleave-decode-lws/scale"
+    assert [(r.method.value, r.url.path) for r in k8s.requests()] == [("GET", path), ("PATCH", path)]
+    patch = k8s.requests()[-1]
+    assert patch.headers["Content-Type"] == "application/merge-patch+json"
+    assert json.loads(patch.body) == {"spec": {"replicas": 3}}
+    assert k8s.stored_replicas(LWS, "cleave-decode-lws") == 3
+    assert backend.replicas("decode") == 3
+    assert k8s.stored_replicas(DEPLOY, "cleave-decode") == 4  # the Deployment of the same pool name: untouched
+    k8s.km[kmock.name("cleave-decode-lws")].override << kmock.KubernetesError(
+        status=403, reason="Forbidden", message="cannot patch resource leaderworkersets/scale")
+    with pytest.raises(ScalingError, match=r"leaderworkerset 'cleave-decode-lws'.*get and patch on "
+                                           r"leaderworkersets/scale \(apiGroup leaderworkerset.x-k8s.io\)"):
+        backend.scale("decode", 1)
     backend.close()
 
 
@@ -210,6 +238,8 @@ def test_kubeconfig_is_loaded_when_no_client_is_given(k8s, tmp_path):
 
 @pytest.mark.unit
 def test_config_validation_quotes_the_bad_values():
+    assert KubernetesConfig(workloads={"prefill": "leaderworkerset/p", "decode": "deployment/d"}).workloads[
+        "prefill"] == "leaderworkerset/p"
     with pytest.raises(ValueError, match="'replicaset/x'"):
         KubernetesConfig(workloads={"prefill": "replicaset/x", "decode": "deployment/d"})
     with pytest.raises(ValueError, match="'deployment'"):
