@@ -93,6 +93,16 @@ app.kubernetes.io/part-of: cleave
 {{- end }}
 {{- end }}
 
+{{/* Nodes (pods) one instance spans: nodesPerInstance, 1 when unset. Arg: (dict "root" $ "pool" P). */}}
+{{- define "cleave.nodes" -}}
+{{- int (default 1 (index .root.Values .pool).nodesPerInstance) }}
+{{- end }}
+
+{{/* Ranks each node (pod) of an instance runs: the ranks over the nodes (validate.yaml checks they divide). */}}
+{{- define "cleave.ranksPerNode" -}}
+{{- div (include "cleave.ranks" . | int) (max 1 (include "cleave.nodes" . | int)) }}
+{{- end }}
+
 {{- define "cleave.terminationGrace" -}}
 {{- $pool := index .root.Values .pool }}
 {{- if gt (int $pool.terminationGracePeriodSeconds) 0 }}
@@ -106,14 +116,7 @@ app.kubernetes.io/part-of: cleave
 
 {{/* Environment of every Cleave container: the shared ConfigMap and the Redis password. */}}
 {{- define "cleave.env" -}}
-{{- $cm := include "cleave.configMapName" . }}
-{{- range $var := list "CLEAVE_REDIS_URL" "CLEAVE_KEY_PREFIX" "CLEAVE_MODEL" "CLEAVE_TRANSPORT" "CLEAVE_LOG_LEVEL" }}
-- name: {{ $var }}
-  valueFrom:
-    configMapKeyRef:
-      name: {{ $cm }}
-      key: {{ $var }}
-{{- end }}
+{{- include "cleave.configEnv" . }}
 {{- if .Values.redis.auth.enabled }}
 - name: CLEAVE_REDIS_PASSWORD
   valueFrom:
@@ -127,6 +130,19 @@ app.kubernetes.io/part-of: cleave
     secretKeyRef:
       name: {{ include "cleave.internalSecretName" . }}
       key: {{ .Values.internalAuth.existingSecretKey }}
+{{- end }}
+{{- end }}
+
+{{/* The shared ConfigMap's settings alone: what the rank pods of a multi-node instance read
+(they talk to neither Redis nor the internal APIs, so they get no secret). */}}
+{{- define "cleave.configEnv" -}}
+{{- $cm := include "cleave.configMapName" . }}
+{{- range $var := list "CLEAVE_REDIS_URL" "CLEAVE_KEY_PREFIX" "CLEAVE_MODEL" "CLEAVE_TRANSPORT" "CLEAVE_LOG_LEVEL" }}
+- name: {{ $var }}
+  valueFrom:
+    configMapKeyRef:
+      name: {{ $cm }}
+      key: {{ $var }}
 {{- end }}
 {{- end }}
 
