@@ -10,6 +10,11 @@ Per ``Generate`` call: :meth:`router.core.RouterCore.generate` (the one request 
 shared with the HTTP front door) yields the deltas; its errors become gRPC statuses here
 (``common.errors.status_of``). Undecodable request bytes get INVALID_ARGUMENT
 (``common.grpc_util.add_service``).
+
+``GetModelInfo`` answers :meth:`RouterCore.model_info` filled further by the *views* the
+caller passes to :func:`serve_router` (each an :data:`InfoView`, awaited in order); the
+deployable router (``services.cli``) passes the MoE expert load and the published capacity
+plan (``services.router_views``). The router itself imports nothing from ``services``.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from typing import Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,12 +40,17 @@ from router.text import TextCodec
 
 log = logging.getLogger(__name__)
 
+# Adds operator views to a ``GetModelInfo`` answer in place: awaited with (info, core) on
+# every call; must not raise for a Redis outage (log and leave the fields empty instead).
+InfoView = Callable[[inference_pb2.ModelInfo, RouterCore], Awaitable[None]]
+
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     """The gRPC front door: a thin adapter over :meth:`RouterCore.generate`."""
 
-    def __init__(self, core: RouterCore) -> None:
+    def __init__(self, core: RouterCore, views: Sequence[InfoView] = ()) -> None:
         self.core = core
+        self.views = tuple(views)
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context):
         try:
@@ -53,11 +64,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def GetModelInfo(self, request, context) -> inference_pb2.ModelInfo:
         info = self.core.model_info()
-        if self.core.model.num_experts:             # MoE: the decode pool's expert load view
-            from services.expert_balance import add_expert_view
-            await add_expert_view(info, self.core.cfg.redis_url, self.core.cfg.key_prefix, self.core.model_id)
-        from services.capacity.published import add_plan_view   # the published plan beside measurements
-        await add_plan_view(info, self.core.client, self.core.cfg.key_prefix)
+        for view in self.views:
+            await view(info, self.core)
         return info
 
 
@@ -76,9 +84,10 @@ async def _track_health(core: RouterCore, servicer) -> None:
         await asyncio.sleep(core.cfg.discovery_s)
 
 
-async def build_router(cfg: RouterConfig):
-    """Load the tokenizer and model shape, start discovery, bind the gRPC server and the
-    OpenAI-compatible HTTP API (``router.openai_api``); returns (grpc server, core, grpc port, http server)."""
+async def build_router(cfg: RouterConfig, views: Sequence[InfoView] = ()):
+    """Load the tokenizer and model shape, start discovery, bind the gRPC server (its
+    ``GetModelInfo`` filled by ``views``) and the OpenAI-compatible HTTP API
+    (``router.openai_api``); returns (grpc server, core, grpc port, http server)."""
     source = resolve_model(cfg.model)
     model, tokenizer = await asyncio.to_thread(lambda: (load_model_config(source), load_tokenizer(source)))
     client = connect_redis(cfg.redis_url)
@@ -88,7 +97,7 @@ async def build_router(cfg: RouterConfig):
     core = RouterCore(cfg, source.model_id, model, codec, client)
     await core.start()
     server = grpc.aio.server()
-    add_service(server, InferenceServicer(core), inference_pb2.DESCRIPTOR.services_by_name["Inference"])
+    add_service(server, InferenceServicer(core, views), inference_pb2.DESCRIPTOR.services_by_name["Inference"])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
@@ -111,8 +120,10 @@ async def build_router(cfg: RouterConfig):
     return server, core, port, http
 
 
-async def serve_router(cfg: RouterConfig, ready=None) -> None:
-    server, core, port, http = await build_router(cfg)
+async def serve_router(cfg: RouterConfig, ready=None, views: Sequence[InfoView] = ()) -> None:
+    """Run the router until SIGTERM/SIGINT; ``ready(address)`` is called once it listens,
+    ``views`` fill ``GetModelInfo`` (see :data:`InfoView`)."""
+    server, core, port, http = await build_router(cfg, views)
     log.info("router listening on %s:%d (gRPC) and http://%s:%d/v1 (OpenAI API, /metrics)", cfg.host, port,
              cfg.host, http.port)
     if ready is not None:

@@ -229,14 +229,15 @@ def _run_worker(args) -> int:
 
 
 def _run_router(args) -> int:
-    from router.server import serve_router
     from common.config import RouterConfig
+    from router.server import serve_router
+    from services.router_views import MODEL_INFO_VIEWS
     cfg = RouterConfig(model=args.model, host=args.host, port=args.port, http_port=args.http_port,
                        redis_url=args.redis_url,
                        key_prefix=args.key_prefix, transfer_timeout_s=args.transfer_timeout,
                        request_timeout_s=args.request_timeout, admission_wait_s=args.admission_wait,
                        max_queued=args.max_queued, internal_token=Environment.read().internal_token)
-    asyncio.run(serve_router(cfg))
+    asyncio.run(serve_router(cfg, views=MODEL_INFO_VIEWS))
     return 0
 
 

@@ -21,7 +21,8 @@ on every rank before serving, :meth:`~ExpertBalancer.tick` (once a second) follo
 through the instance's command channel — so every rank switches at the same step boundary —
 publishes the load view and, every ``rebalance_interval_s``, publishes a new placement when
 the predicted hotspot ratio drops by more than ``rebalance_threshold``. ``cleave rebalance``
-calls :func:`rebalance` on demand; the router's ``GetModelInfo`` calls :func:`load_view`.
+calls :func:`rebalance` on demand; the router's ``GetModelInfo`` calls :func:`load_view` (through
+``services.router_views``).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Who calls what: ``cleave plan --publish --redis-url URL`` calls :func:`publish`,
 the recommendation as JSON under ``<prefix>plan`` (a STRING, no TTL: it describes the
 deployment until the next plan). The autoscaler (``services.planner.Planner.tick``) logs each
 pool's plan entry with its decision inputs (:func:`add_plan_inputs`). The router's
-``GetModelInfo`` calls :func:`add_plan_view`,
+``GetModelInfo`` calls :func:`add_plan_view` (through ``services.router_views``),
 which fills ``ModelInfo.capacity`` (fields 30-39): per pool the planned layout and instance
 count, the predicted capacity per instance (requests/s) and latency (TTFT for prefill, TPOT for
 decode), beside the instances registered now and the p90 latency measured by the routers
