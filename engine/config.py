@@ -1,17 +1,22 @@
 """Configuration dataclasses for the engine: the model's shape and the KV cache.
 
 Each dataclass validates itself on construction and raises ``ValueError`` quoting the
-offending values. Loaders (``engine.loader``) build :class:`ModelConfig` from a GGUF file or
-a Hugging Face directory; services build :class:`CacheConfig` from their flags.
+offending values. Loaders (``engine.source``) build :class:`ModelConfig` from a GGUF file or
+a Hugging Face directory; services build :class:`CacheConfig` from their flags. Importing this
+module does not import torch (the router reads a :class:`ModelConfig` without it); only
+:attr:`ModelConfig.torch_dtype` does.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# weight / activation / KV dtype name (the torch attribute of the same name) -> bytes per element
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -45,8 +50,8 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
@@ -55,12 +60,12 @@ class ModelConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        import torch
+        return getattr(torch, self.dtype)
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V for one token across all layers."""
-        elem = torch.tensor([], dtype=self.torch_dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES[self.dtype]
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

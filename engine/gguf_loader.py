@@ -1,8 +1,10 @@
 """GGUF files (llama.cpp format): model config and weights under Hugging Face names.
 
-Called by ``engine.loader`` only. One :class:`gguf.GGUFReader` (memory-mapped, ~3.5 s for
-SmolLM2 because the tokenizer lives in its metadata) serves both the config and the weights;
-tensors are dequantized one at a time, on demand, so a rank can read only what it wants.
+Called by ``engine.source`` (the config) and ``engine.loader`` (the weights) only. One
+:class:`gguf.GGUFReader` (memory-mapped, ~3.5 s for SmolLM2 because the tokenizer lives in its
+metadata) serves both the config and the weights; tensors are dequantized one at a time, on
+demand, so a rank can read only what it wants. Reading the config needs no torch (the router
+does it); only reading weights imports it.
 
 GGUF quirks handled here:
 - tensor dims are listed innermost-first; the reader's ``data`` array is already in numpy
@@ -18,12 +20,14 @@ GGUF quirks handled here:
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
-import torch
 
 from engine.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 _PERMUTED_ROPE_ARCHS = ("llama",)
 SUPPORTED_ARCHS = ("llama", "qwen2")
@@ -103,6 +107,7 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 def iter_reader_weights(reader, config: ModelConfig,
                         want: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor in config.dtype)``; ``want(hf_name)`` False skips the read."""
+    import torch
     from gguf.quants import dequantize
     arch = _field(reader, "general.architecture")
     for t in reader.tensors:

@@ -3,19 +3,22 @@
 Model types: llama, mistral, qwen2 (dense) and mixtral (``architecture="mixtral"``,
 ``num_experts`` / ``num_experts_per_tok`` from ``num_local_experts`` / ``num_experts_per_tok``).
 
-Called by ``engine.loader`` only. Weights are read lazily, tensor by tensor, with
-``safetensors.safe_open``; ``want(name)`` skips tensors a rank does not need (a TP rank will
-later read only its rows/columns through ``get_slice``).
+Called by ``engine.source`` (the config) and ``engine.loader`` (the weights) only. Weights are
+read lazily, tensor by tensor, with ``safetensors.safe_open``; ``want(name)`` skips tensors a
+rank does not need (a TP rank will later read only its rows/columns through ``get_slice``).
+Reading the config needs no torch (the router does it); the weights come as torch tensors
+(``safetensors``' ``pt`` framework).
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from engine.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")
 

@@ -33,7 +33,7 @@ from common.config import RouterConfig
 from common.errors import CleaveError, abort_with
 from common.grpc_util import add_service
 from common.registry import connect_redis
-from engine.loader import load_model_config, load_tokenizer, resolve_model
+from engine.source import load_model_config, load_tokenizer, resolve_model
 from router.core import RouterCore
 from router.openai_api import start_http
 from router.text import TextCodec

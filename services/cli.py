@@ -278,7 +278,7 @@ def pool_layouts(args):
 
 def check_layouts(model_spec: str, layouts) -> None:
     """Raise ValueError quoting the values when a layout cannot split the model."""
-    from engine.loader import load_model_config, resolve_model
+    from engine.source import load_model_config, resolve_model
     model = load_model_config(resolve_model(model_spec))
     for name, layout in layouts:
         try:

@@ -95,6 +95,54 @@ def test_no_plan_leaves_model_info_alone(redis_url):
 
 
 @pytest.mark.integration
+def test_the_deployable_routers_model_info_carries_the_plan(redis_url, tiny_llama_dir):
+    """``cleave router`` passes ``services.router_views`` to the router; a router built without
+    views answers the model and pools alone (the router imports nothing from ``services``)."""
+    from cleave.v1 import inference_pb2
+    from common.config import RouterConfig
+    from common.registry import connect_redis
+    from engine.source import load_model_config, load_tokenizer, resolve_model
+    from router.core import RouterCore
+    from router.server import InferenceServicer
+    from router.text import TextCodec
+    from services.router_views import MODEL_INFO_VIEWS
+
+    publish(redis_url, "cleave:", plan(PlanRequest(model=MODELS["llama-3.1-8b"], hardware=GPUS["h100"], gpus=8,
+                                                   prompt=1024, output=128, rate=20, ttft_s=1.0, tpot_s=0.05)))
+    source = resolve_model(tiny_llama_dir)
+    model, codec = load_model_config(source), TextCodec(load_tokenizer(source))
+
+    async def info(views):
+        core = RouterCore(RouterConfig(redis_url=redis_url), source.model_id, model, codec, connect_redis(redis_url))
+        try:
+            return await InferenceServicer(core, views).GetModelInfo(inference_pb2.GetModelInfoRequest(), None)
+        finally:
+            await core.client.aclose()
+
+    bare, served = asyncio.run(info(())), asyncio.run(info(MODEL_INFO_VIEWS))
+    assert not bare.capacity and not bare.plan_summary
+    assert served.model_id == bare.model_id and served.vocab_size == model.vocab_size
+    assert {c.pool for c in served.capacity} == {"prefill", "decode"}
+    assert "llama-3.1-8b on 8 x h100" in served.plan_summary
+
+
+@pytest.mark.unit
+def test_cleave_router_serves_the_operator_views(monkeypatch):
+    """``cleave router`` (and ``cleave serve``, which runs it) hands the views to the router."""
+    import router.server
+    from services import cli
+    from services.router_views import MODEL_INFO_VIEWS
+
+    seen = {}
+
+    async def serve_router(cfg, ready=None, views=()):
+        seen["views"] = views
+    monkeypatch.setattr(router.server, "serve_router", serve_router)
+    assert cli._run_router(cli._parser().parse_args(["router", "--redis-url", "redis://127.0.0.1:1/0"])) == 0
+    assert seen["views"] == MODEL_INFO_VIEWS
+
+
+@pytest.mark.integration
 def test_calibration_measures_gloo_collectives_for_two_ranks():
     from services.capacity.calibrate import SIZES, measure_collectives
     measured = measure_collectives(2, reps=1)
