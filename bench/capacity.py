@@ -59,7 +59,7 @@ def _cli_seconds(runs: int = 3) -> float:
 
 def _measure(path, phase, layout, plen, repeats) -> float:
     from bench.parallel import _decode_rank, _prefill_rank
-    from engine.parallel import spawn_ranks
+    from engine.runtime.spawn import spawn_ranks
     if phase == "prefill":
         prompt = [(7 * i + 3) % 250 for i in range(plen)]
         res = spawn_ranks(layout, _prefill_rank, path, prompt, repeats, timeout_s=600)

@@ -49,10 +49,10 @@ def _rank(groups, path: str, seqs: int, steps: int, redundant: int) -> dict:
     from engine.batch import ForwardBatch
     from engine.config import CacheConfig
     from engine.eplb import balance, default_placement
-    from engine.offline import load_model_shard
+    from engine.loader import load_model
 
     torch.set_num_threads(1)
-    config, model = load_model_shard(groups, path)
+    config, model = load_model(path, groups=groups)
     moe_s = _time_moe(model, dist)
     ep, e = groups.ep.size, config.num_experts
     model.apply_placement({layer: default_placement(e, ep, redundant) for layer in model.moe_blocks()})
@@ -124,7 +124,7 @@ def _time_moe(model, dist) -> dict:
 
 def run(args) -> None:
     from engine.config import ParallelConfig
-    from engine.parallel import spawn_ranks
+    from engine.runtime.spawn import spawn_ranks
     from tests.moe_models import make_tiny_mixtral
 
     tmp = tempfile.mkdtemp(prefix="cleave-eplb-")

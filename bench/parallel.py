@@ -99,10 +99,10 @@ def _prefill_rank(groups, path, prompt, repeats):
 
     from engine.batch import ForwardBatch
     from engine.config import CacheConfig
-    from engine.offline import load_model_shard
+    from engine.loader import load_model
 
     _install_comm_timers()
-    _, model = load_model_shard(groups, path)
+    _, model = load_model(path, groups=groups)
     bs = 16
     table = list(range(-(-len(prompt) // bs)))
     cp = groups.cp.size
@@ -135,11 +135,11 @@ def _prefill_rank(groups, path, prompt, repeats):
 
 
 def _decode_rank(groups, path, prompts, new_tokens, micro):
-    from engine.offline import load_model_shard
+    from engine.loader import load_model
     from engine.pipeline import PipelineRunner
 
     _install_comm_timers()
-    _, model = load_model_shard(groups, path)
+    _, model = load_model(path, groups=groups)
     runner = PipelineRunner(model, groups, micro_batching=micro)
     _reset_comm()
     tokens, _ = runner.generate(prompts, new_tokens, stop_at_eos=False)
@@ -156,7 +156,7 @@ def _pairs(spec: str) -> list[tuple[int, int]]:
 def main() -> None:
     from engine.config import ParallelConfig
     from engine.loader import resolve_model
-    from engine.parallel import spawn_ranks
+    from engine.runtime.spawn import spawn_ranks
     from tests.models import make_tiny_llama
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

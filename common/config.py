@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.config import ParallelConfig
 
@@ -36,7 +37,9 @@ class WorkerConfig:
     redis_url: str = ""                # where to register; "" = do not register (tests)
     key_prefix: str = "cleave:"
     worker_id: str = ""                # "" = "<pool>-<host>-<port>"
-    dtype: str = "float32"
+    dtype: str = "auto"                # auto = bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"               # auto | cuda | cpu (engine.runtime.device)
+    cuda_graphs: bool = True           # decode steps from CUDA graphs (CUDA only)
     block_size: int = 16
     num_blocks: int = 0                # 0 = derive from kv_cache_bytes
     kv_cache_bytes: int = 1 << 30
@@ -58,6 +61,9 @@ class WorkerConfig:
     rebalance_interval_s: float = 0.0  # 0 = never rebalance on its own; else check this often
     rebalance_threshold: float = 0.1   # publish when the predicted hotspot ratio drops by more than this fraction
     internal_token: str = field(default="", repr=False)  # required from callers (CLEAVE_INTERNAL_TOKEN)
+    # where the instance's ranks meet: an engine.runtime.config.Rendezvous; None = every rank
+    # spawned on this host, rendezvous on a free port of --host
+    rendezvous: Any = None
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:

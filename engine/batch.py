@@ -29,6 +29,9 @@ class ForwardBatch:
     # decode only: the paged context of each sequence (the current token included)
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, padded with 0
     context_lens: torch.Tensor | None = None  # [B] int32
+    # decode only: a bound on every context_lens entry known on the host (CUDA graphs set it so
+    # the attention kernel reads nothing back); None = the kernel finds the longest itself
+    max_context_len: int | None = None
     # a threading.Event set when nobody wants the result any more (a prefill whose client left):
     # the model stops between layers and raises ForwardCancelled. One-process passes only: every
     # rank of a multi-rank pass would have to agree on the layer to stop at.
@@ -37,6 +40,14 @@ class ForwardBatch:
     @property
     def num_seqs(self) -> int:
         return int(self.logits_indices.numel())
+
+    def to(self, device: torch.device) -> "ForwardBatch":
+        """This batch with its tensors on ``device`` (the same object when already there)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                 for k, v in vars(self).items()}
+        return ForwardBatch(**moved)
 
     @staticmethod
     def prefill(prompts: list[list[int]], block_tables: list[list[int]], block_size: int) -> "ForwardBatch":
@@ -103,3 +114,18 @@ class ForwardBatch:
             block_tables=table,
             context_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32),
         )
+
+
+def offline_block_tables(config, prompts: list[list[int]], max_new_tokens: int,
+                         block_size: int) -> tuple[int, list[list[int]]]:
+    """Validate an offline run and give each prompt its own contiguous blocks:
+    ``(blocks per sequence, block table per prompt)``. Shared by the single-rank and pipeline runners."""
+    if not prompts or any(not p for p in prompts):
+        raise ValueError(f"need at least one prompt and no empty prompts, got lengths {[len(p) for p in prompts]}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    if longest > config.max_position:
+        raise ValueError(f"prompt + new tokens = {longest} exceeds max_position={config.max_position}")
+    per_seq = -(-longest // block_size)
+    return per_seq, [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.distributed as dist
 
 from engine.eplb import Placement
 
@@ -75,13 +74,13 @@ def apply_placement(blocks: dict, placements: dict[int, Placement]) -> dict:
             tag = layer * block.num_experts + e
             if src == me:
                 msg = _pack(block.gate_up_proj[old_local[e]], block.down_proj[old_local[e]])
-                pending.append(dist.isend(msg, group.ranks[dst], group=group.group, tag=tag))
+                pending.append(group.isend(msg, dst, tag))
                 sent += msg.numel() * msg.element_size()
                 moved += 1
             elif dst == me:
                 msg = torch.empty(gate_up[0].numel() + down[0].numel(), dtype=gate_up.dtype,
                                   device=gate_up.device)
-                pending.append(dist.irecv(msg, group.ranks[src], group=group.group, tag=tag))
+                pending.append(group.irecv(msg, src, tag))
                 landed.append((msg, e, gate_up, down, new.rank_experts(me)))
                 received += msg.numel() * msg.element_size()
                 moved += 1

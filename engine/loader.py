@@ -1,7 +1,7 @@
 """Model sources: resolve a spec, then read its config, weights, tokenizer and reference model.
 
 Callers: services and the offline API call :func:`resolve_model` on the ``--model`` flag, then
-:func:`load_model` (config + loaded :class:`LlamaForCausalLM`) and :func:`load_tokenizer`;
+:func:`load_model` (config + loaded model or one rank's shard, on a device) and :func:`load_tokenizer`;
 tests and the bench also call :func:`load_reference_model` (Hugging Face ``transformers`` on
 the same weights, the correctness oracle). Format details live in ``engine.gguf_loader`` and
 ``engine.hf_loader``.
@@ -30,14 +30,23 @@ def iter_weights(source: ModelSource, config: ModelConfig, want: Callable[[str],
     return hf_loader.iter_dir_weights(source.path, config, want)
 
 
-def load_model(spec_or_source: str | ModelSource, dtype: str = "float32"):
-    """``(ModelConfig, LlamaForCausalLM)`` with weights loaded, in eval mode, on CPU."""
-    from engine.model import LlamaForCausalLM
+def load_model(spec_or_source: str | ModelSource, dtype: str = "float32", device: str | torch.device = "cpu",
+               groups=None):
+    """``(ModelConfig, model)`` in eval mode on ``device``: the whole model (``groups=None``) or
+    one rank's shard (``groups``: its :class:`~engine.parallel.ParallelGroups`), dense Llama or
+    Mixtral (``engine.moe.build_model``). Only the rank's tensors are read, one at a time, and
+    each is copied straight into its (sliced) parameter on ``device``. The one loader: offline
+    runs, tests, benches and every serving rank (``engine.runtime.rank``) call it.
+
+    Raises ``ValueError`` (quoting the values) when the layout cannot split the model or the
+    checkpoint does not match it, ``FileNotFoundError`` for missing files."""
+    from engine.moe import build_model
     source = _as_source(spec_or_source)
     reader = gguf_loader.open_reader(source.path) if source.kind == "gguf" else None
     config = load_model_config(source, reader).replace(dtype=dtype)
-    model = LlamaForCausalLM(config)
-    model.load_weights(iter_weights(source, config, reader=reader))
+    with torch.device(device):                       # parameters and buffers are made there
+        model = build_model(config, groups)
+    model.load_weights(iter_weights(source, config, want=model.wants, reader=reader))
     return config, model.eval()
 
 

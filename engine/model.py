@@ -85,7 +85,8 @@ class LlamaAttention(nn.Module):
         elif batch.is_prefill:
             o = prefill_attention(q, k, v, batch.cu_seqlens, self.scale)
         else:
-            o = paged_decode_attention(q, kv_layer, batch.block_tables, batch.context_lens, self.scale)
+            o = paged_decode_attention(q, kv_layer, batch.block_tables, batch.context_lens, self.scale,
+                                       batch.max_context_len)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
 

@@ -11,28 +11,18 @@ So TP ranks of a stage are adjacent, a prefill instance (pp = ep = 1) has
 ``rank = cp_rank * tp + tp_rank`` and a dense decode instance (cp = ep = 1)
 ``rank = pp_rank * tp + tp_rank`` (as ``engine.layout`` and the KV handoff assume).
 
-:func:`spawn_ranks` starts one process per rank joined by ``torch.distributed`` (gloo on CPU,
-NCCL when asked), rendezvous on a free port, and runs a function on each with its
-:class:`ParallelGroups`. If any rank dies or fails, the others are terminated and the call
-raises, within a bounded time: an instance never hangs on a lost rank.
+The process groups are made by the rank runtime (``engine.runtime``: rendezvous, spawning,
+executors) once every rank joined ``torch.distributed``; this module only names them.
 """
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import io
-import os
-import queue
 import random
 import socket
-import time
-import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from engine.config import ParallelConfig
 
@@ -67,8 +57,18 @@ class Group:
         dist.send(t.contiguous(), self.ranks[to], group=self.group)
 
     def recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        """Point-to-point receive from group rank ``src`` into ``t``; returns ``t``."""
         dist.recv(t, self.ranks[src], group=self.group)
         return t
+
+    def isend(self, t: torch.Tensor, to: int, tag: int = 0):
+        """Non-blocking send to group rank ``to``; returns a work handle (``wait()``/``is_completed()``).
+        Keep ``t`` alive until the handle completes."""
+        return dist.isend(t, self.ranks[to], group=self.group, tag=tag)
+
+    def irecv(self, t: torch.Tensor, src: int, tag: int = 0):
+        """Non-blocking receive from group rank ``src`` into ``t``; returns a work handle."""
+        return dist.irecv(t, self.ranks[src], group=self.group, tag=tag)
 
     @staticmethod
     def solo(rank: int = 0) -> "Group":
@@ -177,93 +177,3 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def rendezvous_store(host: str, world: int, timeout_s: float = 600.0):
-    """(a master ``TCPStore``, its port): the rendezvous of one group, listening on ``host`` only
-    (never every interface) on a free port. Keep the store alive while the group runs."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
-    sock.listen(128)
-    port = sock.getsockname()[1]
-    store = dist.TCPStore(host, port, world, True, datetime.timedelta(seconds=timeout_s),
-                          wait_for_workers=False, master_listen_fd=sock.detach(), use_libuv=True)
-    return store, port
-
-
-def join_group(rank: int, world: int, host: str, port: int, store=None, backend: str = "gloo",
-               timeout_s: float = 600.0) -> None:
-    """Join the default process group through the store at host:port (``store``: the master
-    store when this process serves it, see :func:`rendezvous_store`)."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    timeout = datetime.timedelta(seconds=timeout_s)
-    if store is None:
-        store = dist.TCPStore(host, port, world, False, timeout)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-
-
-class RankFailure(RuntimeError):
-    """A rank of an instance died or raised; the instance was torn down."""
-
-
-def _rank_main(rank: int, layout: ParallelConfig, port: int, backend: str, fn: Callable,
-               args: tuple, results, timeout_s: float) -> None:
-    torch.set_num_threads(1)
-    try:
-        join_group(rank, layout.world_size, "127.0.0.1", port, backend=backend, timeout_s=timeout_s)
-        groups = ParallelGroups.build(layout, rank)
-        # bytes, not tensors: a queued tensor is shared through a file descriptor that breaks
-        # when this process exits before the parent reads it
-        buf = io.BytesIO()
-        torch.save(fn(groups, *args), buf)
-        results.put((rank, "ok", buf.getvalue()))
-    except BaseException as exc:  # report, never hang the parent
-        results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def spawn_ranks(layout: ParallelConfig, fn: Callable, *args, backend: str = "gloo",
-                timeout_s: float = 300.0) -> list[Any]:
-    """Run ``fn(groups, *args)`` on every rank of ``layout``; returns the results by rank.
-
-    ``fn`` must be picklable (a module-level function). Raises :class:`RankFailure` if a rank
-    raises, dies, or the whole run exceeds ``timeout_s``; every rank process is gone by then.
-    """
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    store, port = rendezvous_store("127.0.0.1", layout.world_size, timeout_s)  # lives until we return
-    procs = [ctx.Process(target=_rank_main, args=(r, layout, port, backend, fn, args, results, timeout_s),
-                         daemon=True) for r in range(layout.world_size)]
-    for p in procs:
-        p.start()
-    out: dict[int, Any] = {}
-    deadline = time.time() + timeout_s
-    try:
-        while len(out) < len(procs):
-            try:
-                rank, status, value = results.get(timeout=0.5)
-            except queue.Empty:
-                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in out]
-                if dead:
-                    raise RankFailure(f"rank {dead[0]} of layout {dataclasses.asdict(layout)} died "
-                                      f"(exit code {procs[dead[0]].exitcode})") from None
-                if time.time() > deadline:
-                    raise RankFailure(f"layout {dataclasses.asdict(layout)} did not finish within "
-                                      f"{timeout_s:.0f} s") from None
-                continue
-            if status == "error":
-                raise RankFailure(f"rank {rank} failed: {value}")
-            out[rank] = torch.load(io.BytesIO(value), weights_only=False)
-        return [out[r] for r in range(len(procs))]
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
-            if p.is_alive():
-                p.kill()

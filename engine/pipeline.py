@@ -26,18 +26,19 @@ posted in the order the sender sends (messages between two ranks are FIFO), so n
 waits can form.
 
 Block tables: a trivial per-call allocator (sequence ``j`` owns blocks
-``[j*per_seq, (j+1)*per_seq)``), as in ``engine.offline.greedy_generate``.
+``[j*per_seq, (j+1)*per_seq)``, ``engine.batch.offline_block_tables``). Each micro-batch step is
+the runtime's one stage step (``engine.runtime.rank.stage_step``) with non-blocking sends.
 """
 from __future__ import annotations
 
 import time
 
 import torch
-import torch.distributed as dist
 
-from engine.batch import ForwardBatch
+from engine.batch import ForwardBatch, offline_block_tables
 from engine.config import CacheConfig
 from engine.parallel import Group, ParallelGroups
+from engine.runtime.rank import stage_step
 
 
 def split_micro_batches(num_seqs: int, m: int) -> list[list[int]]:
@@ -58,7 +59,7 @@ class _Sender:
     def send(self, t: torch.Tensor, to: int) -> None:
         t = t.contiguous()
         self.pending = [(w, x) for w, x in self.pending if not w.is_completed()]
-        self.pending.append((dist.isend(t, self.group.ranks[to], group=self.group.group), t))
+        self.pending.append((self.group.isend(t, to), t))
 
     def flush(self) -> None:
         for w, _ in self.pending:
@@ -95,10 +96,11 @@ class PipelineRunner:
         last-position prefill logits only on last-stage ranks (None elsewhere).
         """
         cfg = self.config
-        from engine.offline import offline_block_tables
         bs = self.block_size
         per_seq, self.tables = offline_block_tables(cfg, prompts, max_new_tokens, bs)
-        self.kv = self.model.allocate_kv_cache(CacheConfig(block_size=bs, num_blocks=per_seq * len(prompts)))
+        self.device = next(self.model.parameters()).device
+        self.kv = self.model.allocate_kv_cache(CacheConfig(block_size=bs, num_blocks=per_seq * len(prompts)),
+                                               device=self.device)
         eos = set(cfg.eos_token_ids) if stop_at_eos else set()
         micro = split_micro_batches(len(prompts), self.m)
         out: list[list[int]] = [[] for _ in prompts]
@@ -149,25 +151,13 @@ class PipelineRunner:
                                    [self.tables[j] for j in live], self.block_size)
 
     def _stage_step(self, batch: ForwardBatch):
-        """This stage's share of one micro-batch step: recv, compute, send on (see module doc)."""
-        hidden = None
-        if not self.groups.is_first_stage:
-            shape = (batch.input_ids.shape[0], self.config.hidden_size)
-            h = torch.empty(shape, dtype=self.config.torch_dtype)
-            r = torch.empty(shape, dtype=self.config.torch_dtype)
-            src, t0 = self.pp.rank - 1, time.perf_counter()
-            hidden = (self.pp.recv(h, src), self.pp.recv(r, src))
-            self.timings["recv"] += time.perf_counter() - t0
-        result = self.model(batch, self.kv, hidden)
-        if not self.groups.is_last_stage:
-            h, r = result
-            self.sender.send(h, self.pp.rank + 1)
-            self.sender.send(r, self.pp.rank + 1)
-        return result
+        """This stage's share of one micro-batch step (see module doc): the runtime's stage step."""
+        return stage_step(self.model, self.groups, self.kv, batch.to(self.device), send=self.sender.send,
+                          timings=self.timings)
 
     def _take_tokens(self, live: list[int], out, done, eos, max_new_tokens) -> None:
         t0 = time.perf_counter()
-        toks = self.pp.recv(torch.empty(len(live), dtype=torch.long), self.pp.size - 1)
+        toks = self.pp.recv(torch.empty(len(live), dtype=torch.long, device=self.device), self.pp.size - 1)
         self.timings["recv"] += time.perf_counter() - t0
         self._record(live, toks.tolist(), out, done, eos, max_new_tokens)
 

@@ -110,8 +110,9 @@ def prefill_attention_lse(q, k, v, cu_seqlens, scale, causal=True, cu_seqlens_k=
     return _pick("prefill_attention_lse", q)(q, k, v, cu_seqlens, scale, causal, cu_seqlens_k)
 
 
-def paged_decode_attention(q, kv_layer, block_tables, context_lens, scale):
-    return _pick("paged_decode_attention", q)(q, kv_layer, block_tables, context_lens, scale)
+def paged_decode_attention(q, kv_layer, block_tables, context_lens, scale, max_context_len=None):
+    return _pick("paged_decode_attention", q)(q, kv_layer, block_tables, context_lens, scale,
+                                              max_context_len)
 
 
 def kv_pack(kv_cache, block_table, token_start, token_end, layer_start, layer_end, head_start,

@@ -105,11 +105,14 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
 
 
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                           context_lens: torch.Tensor, scale: float,
+                           max_context_len: int | None = None) -> torch.Tensor:
     """One query token per sequence ``q [B, H, D]`` against its paged context; out ``[B, H, D]``.
 
     Sequence ``b`` reads its first ``context_lens[b]`` tokens through ``block_tables[b]``
-    (the current token's K/V must already be stored).
+    (the current token's K/V must already be stored). ``max_context_len``: a bound on every
+    ``context_lens[b]`` known to the caller, which lets a device kernel skip reading the
+    lengths back to the host (CUDA graph capture); the reference reads them anyway.
     """
     if q.shape[0] != block_tables.shape[0] or q.shape[0] != context_lens.shape[0]:
         raise ValueError(f"batch of q {tuple(q.shape)}, block_tables {tuple(block_tables.shape)} "

@@ -34,7 +34,6 @@ nothing (``kernels.merge_attention`` turns its ``exp(-inf - -inf)`` NaN weight i
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from kernels.attention import merge_attention
 
@@ -78,12 +77,13 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
 
 def _exchange_positions(positions: torch.Tensor, cp_group) -> list[torch.Tensor]:
     """Every rank's key positions (exact sizes), by group rank: two all_gathers."""
-    sizes = cp_group.all_gather(torch.tensor([positions.numel()], dtype=torch.int64))
+    dev = positions.device                                   # NCCL groups move device tensors only
+    sizes = cp_group.all_gather(torch.tensor([positions.numel()], dtype=torch.int64, device=dev))
     counts = [int(c) for c in torch.cat(sizes).tolist()]
-    padded = torch.zeros(max(counts), dtype=torch.int64)
-    padded[: positions.numel()] = positions.to(torch.int64).cpu()
+    padded = torch.zeros(max(counts), dtype=torch.int64, device=dev)
+    padded[: positions.numel()] = positions.to(torch.int64)
     gathered = cp_group.all_gather(padded)
-    return [g[:c].to(positions.device) for g, c in zip(gathered, counts)]
+    return [g[:c] for g, c in zip(gathered, counts)]
 
 
 def ring_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -102,7 +102,7 @@ def ring_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         out, _ = masked_block_attention(q, k, v, positions, positions, scale)
         return out.to(q.dtype)
     key_pos = _exchange_positions(positions, cp_group)
-    nxt, prv = cp_group.ranks[(me + 1) % n], cp_group.ranks[(me - 1) % n]
+    nxt, prv = (me + 1) % n, (me - 1) % n                 # group ranks
     block = torch.stack((k, v)).contiguous()                 # [2, T, KVH, D]: one message per step
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
@@ -111,11 +111,11 @@ def ring_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         pending, incoming = [], None
         if step < n - 1:
             if block.shape[1] > 0:                           # every rank knows every block's size
-                pending.append(dist.isend(block, nxt, group=cp_group.group))
+                pending.append(cp_group.isend(block, nxt))
             size = key_pos[(src - 1) % n].numel()
             incoming = block.new_empty((2, size, *block.shape[2:]))
             if size > 0:
-                pending.append(dist.irecv(incoming, prv, group=cp_group.group))
+                pending.append(cp_group.irecv(incoming, prv))
         o_s, lse_s = masked_block_attention(q, block[0], block[1], positions, key_pos[src], scale)
         out, lse = merge_attention(out, lse, o_s, lse_s)
         for work in pending:

@@ -245,9 +245,12 @@ def _num_splits(q: torch.Tensor, kv_heads: int, longest: int, block_n: int) -> i
 
 def paged_decode_attention_splits(q: torch.Tensor, kv_layer: torch.Tensor,
                                   block_tables: torch.Tensor, context_lens: torch.Tensor,
-                                  scale: float, num_splits: int | None = None) -> torch.Tensor:
+                                  scale: float, num_splits: int | None = None,
+                                  max_context_len: int | None = None) -> torch.Tensor:
     """:func:`paged_decode_attention` with the number of KV splits chosen by the caller (tests
-    and the bench force several); ``None`` picks it with :func:`_num_splits`."""
+    and the bench force several); ``None`` picks it with :func:`_num_splits`. With
+    ``max_context_len`` the lengths are not read back (no host sync: CUDA-graph capturable),
+    and not checked: the caller vouches for ``1 <= context_lens <= max_context_len``."""
     if q.shape[0] != block_tables.shape[0] or q.shape[0] != context_lens.shape[0]:
         raise ValueError(f"batch of q {tuple(q.shape)}, block_tables {tuple(block_tables.shape)} "
                          f"and context_lens {tuple(context_lens.shape)} disagree")
@@ -257,7 +260,7 @@ def paged_decode_attention_splits(q: torch.Tensor, kv_layer: torch.Tensor,
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    lo, hi = (int(x) for x in torch.aminmax(context_lens))
+    lo, hi = (1, max_context_len) if max_context_len else (int(x) for x in torch.aminmax(context_lens))
     if lo <= 0 or hi > block_tables.shape[1] * page:
         bad = [(i, n) for i, n in enumerate(context_lens.tolist())
                if n <= 0 or n > block_tables.shape[1] * page][0]
@@ -289,7 +292,9 @@ def paged_decode_attention_splits(q: torch.Tensor, kv_layer: torch.Tensor,
 
 
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                           context_lens: torch.Tensor, scale: float,
+                           max_context_len: int | None = None) -> torch.Tensor:
     """Same contract as ``kernels.attention.paged_decode_attention`` (FlashDecoding: the
     context is split in up to 64 pieces, each piece's partial result merged by its lse)."""
-    return paged_decode_attention_splits(q, kv_layer, block_tables, context_lens, scale)
+    return paged_decode_attention_splits(q, kv_layer, block_tables, context_lens, scale,
+                                         max_context_len=max_context_len)

@@ -37,6 +37,7 @@ os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 import ucxx._lib.libucxx as ucx_api  # noqa: E402  (after the env default above)
 from ucxx._lib.arr import Array  # noqa: E402
 
+from engine.runtime.net import interface_of  # noqa: E402
 from kvtransfer.transfer_base import Handle, byte_view, check_message, closed_error  # noqa: E402
 from kvtransfer.transport import KVTransport, Transfer, TransferState  # noqa: E402
 
@@ -45,36 +46,6 @@ SWEEP_S = 0.02           # deadline sweep / unexpected-message check period
 IDLE_WAIT_S = 0.05       # how long an idle thread blocks on its command queue
 SPINS_BEFORE_SLEEP = 200  # busy progress loops with no progress before napping
 NAP_S = 0.0002
-
-
-def interface_of(host: str) -> str:
-    """The name of the local network interface that owns IP address ``host`` ("" for a wildcard
-    or empty host; a name is resolved first). Raises ValueError when no interface owns it."""
-    import ipaddress
-    import socket
-
-    import psutil
-
-    if host in ("", "0.0.0.0", "::", "*"):
-        return ""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        ip = ipaddress.ip_address(socket.gethostbyname(host))
-    if ip.is_loopback:
-        ip = ipaddress.ip_address("127.0.0.1") if ip.version == 4 else ip
-    for name, addrs in psutil.net_if_addrs().items():
-        for a in addrs:
-            try:
-                if ipaddress.ip_address(a.address.split("%")[0]) == ip:
-                    return name
-            except ValueError:
-                continue
-    if ip.is_loopback:  # 127.0.0.2 etc. live on the loopback device
-        return next((n for n, addrs in psutil.net_if_addrs().items()
-                     if any(a.address == "127.0.0.1" for a in addrs)), "")
-    raise ValueError(f"no local network interface has the address {host!r}; pass the address "
-                     f"this host serves on (--host)")
 
 
 class _InFlight:

@@ -1,7 +1,8 @@
 """The ``cleave`` command: serve the local stack, run one service, or talk to a router.
 
     cleave serve [--port 50051] [--model M] [--redis-url URL]      # the local stack (make run)
-    cleave worker prefill|decode --redis-url URL [--model M]        # one instance
+    cleave worker prefill|decode --redis-url URL [--model M]        # one instance (its rank 0)
+    cleave rank prefill|decode --master-addr A --master-port P ...  # its ranks on another host
     cleave router --redis-url URL [--port 50051] [--model M]        # the front door
     cleave planner --redis-url URL --prefill-workload deployment/P --decode-workload deployment/D
                                                                     # scale pools on Kubernetes
@@ -47,7 +48,6 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-checksum", action="store_true", help="skip the CRC32 of KV messages")
     p.add_argument("--max-batch", type=int, default=64, help="decode: running sequences per step")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="on SIGTERM, seconds to let running requests finish before exiting")
     p.add_argument("--max-reservation", type=float, default=900.0,
@@ -57,6 +57,8 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
     for axis in ("tp", "pp", "cp", "ep"):
         p.add_argument(f"--{axis}", type=int, default=1, help=f"{axis.upper()} degree of the instance")
     _add_expert_flags(p)
+    from services.rank import add_runtime_flags
+    add_runtime_flags(p)
 
 
 def _add_expert_flags(p: argparse.ArgumentParser) -> None:
@@ -137,6 +139,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_model(worker)
     _add_worker_flags(worker)
 
+    rank = sub.add_parser("rank", help="run ranks of an instance whose rank 0 (cleave worker) is "
+                                       "elsewhere: they join its rendezvous (multi-host instances)")
+    rank.add_argument("pool", choices=["prefill", "decode"])
+    _add_model(rank)
+    _add_worker_flags(rank)
+
     router = sub.add_parser("router", help="run the public router")
     _add_model(router)
     router.add_argument("--port", type=int, default=50051, help="public gRPC port")
@@ -200,11 +208,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _worker_config(args):
-    from engine.config import ParallelConfig
     from common.config import WorkerConfig
+    from engine.config import ParallelConfig
+    from services.rank import rendezvous_from
     return WorkerConfig(pool=args.pool, model=args.model, host=args.host, port=args.port,
                         redis_url=args.redis_url, key_prefix=args.key_prefix, worker_id=args.worker_id,
-                        dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks,
+                        block_size=args.block_size, num_blocks=args.num_blocks,
                         kv_cache_bytes=args.kv_cache_mb << 20, transport=args.transport,
                         checksum=not args.no_checksum, max_batch=args.max_batch, threads=args.threads,
                         drain_timeout_s=args.drain_timeout,
@@ -214,11 +223,15 @@ def _worker_config(args):
                         redundant_experts=args.redundant_experts, expert_stats_interval_s=args.expert_stats_interval,
                         expert_window_s=args.expert_window, rebalance_interval_s=args.rebalance_interval,
                         rebalance_threshold=args.rebalance_threshold,
-                        internal_token=Environment.read().internal_token)
+                        internal_token=Environment.read().internal_token,
+                        device=args.device, dtype=args.dtype, cuda_graphs=args.cuda_graphs,
+                        rendezvous=rendezvous_from(args))
 
 
 def _run_worker(args) -> int:
-    cfg = _worker_config(args)  # its layout is checked against the model by services.instance
+    cfg = _worker_config(args)  # its layout is checked against the model by engine.runtime
+    from engine.runtime.device import resolve_device
+    resolve_device(cfg.device)  # --device cuda without CUDA: a clear error before anything starts
     if cfg.pool == "decode":
         from services.decode import DecodeService as service, add_to_server
     else:
@@ -226,6 +239,15 @@ def _run_worker(args) -> int:
     from services.worker import serve_worker
     asyncio.run(serve_worker(cfg, service, add_to_server))
     return 0
+
+
+def _run_rank(args) -> int:
+    from services.rank import run_rank
+    from services.worker import runtime_config
+    from engine.runtime.device import resolve_device
+    cfg = runtime_config(_worker_config(args))
+    resolve_device(cfg.device)
+    return run_rank(cfg)
 
 
 def _run_router(args) -> int:
@@ -299,7 +321,8 @@ def _expert_flags(args) -> list[str]:
 
 
 def _run_serve(args) -> int:
-    from services.launcher import StackConfig, run_stack
+    from services.launcher import StackConfig
+    from services.serve import run_stack
     prefill, decode = pool_layouts(args)
     check_layouts(args.model, [("prefill", prefill), ("decode", decode)])
     worker = ["--transport", args.transport, "--kv-cache-mb", str(args.kv_cache_mb), "--threads", str(args.threads)]
@@ -340,11 +363,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from services.loadgen.cli import run as run_bench
             return run_bench(args, Environment.read().address)
-        return {"serve": _run_serve, "worker": _run_worker, "router": _run_router,
+        return {"serve": _run_serve, "worker": _run_worker, "rank": _run_rank, "router": _run_router,
                 "planner": _run_planner}[args.command](args)
-    except ValueError as exc:
+    except ValueError as exc:   # flags, and a --device this machine does not have
         print(f"cleave {args.command}: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if type(exc).__name__ != "RendezvousTimeout":
+            raise
+        print(f"cleave {args.command}: {exc}", file=sys.stderr)   # names the ranks that never came
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -29,7 +29,7 @@ from engine.kv_cache import OutOfBlocks
 from engine.sampler import SamplingConfig
 from engine.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, DecodeScheduler, Sequence
 from kvtransfer.handoff import HandoffError
-from services.instance import InstanceError
+from engine.runtime.executor import InstanceError
 from services.worker import WorkerHost
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
     def __init__(self, host: WorkerHost) -> None:
         self.host = host
         cfg = host.cfg
-        self.instance = host.instance
+        self.instance = host.executor
         self.scheduler = DecodeScheduler(host.forward, cfg.block_size, cfg.max_batch)
         self._reservations: dict[str, Reservation] = {}
         self._lock = threading.Lock()
@@ -101,7 +101,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
                 steps = self.scheduler.steps
                 try:
                     await asyncio.to_thread(self.instance.flush_stats)
-                except InstanceError as exc:
+                except Exception as exc:  # a rank's error, as raised there
                     log.warning("expert stats flush failed: %s", exc)
             try:
                 await asyncio.to_thread(self.balancer.tick)
@@ -270,7 +270,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             return
         try:
             pairs = await asyncio.to_thread(self.instance.rank_pairs)
-        except InstanceError as exc:
+        except Exception as exc:  # a rank's error, as raised there
             await abort_with(context, Unavailable(str(exc)))
             return
         b = self.balancer
@@ -310,7 +310,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             self._reservations.pop(transfer_id, None)
         try:
             self.instance.cancel(transfer_id)
-        except InstanceError as exc:
+        except Exception as exc:  # a rank's error, as raised there
             log.warning("cancelling %s: %s", transfer_id, exc)
         self.host.allocator.free(transfer_id)
 

@@ -8,20 +8,10 @@ parent is still ``PID`` (it may have died in between), and execs the real comman
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import sys
 
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Ask the kernel to SIGTERM this process when its parent dies (kept across execve)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: the parent's own shutdown still stops its children
+from engine.runtime.lifetime import die_with_parent
 
 
 def main(argv: list[str]) -> int:

@@ -27,7 +27,7 @@ from engine.batch import ForwardCancelled
 from engine.kv_cache import OutOfBlocks
 from engine.sampler import SamplingConfig, SamplingError, sample_one
 from kvtransfer.handoff import HandoffError, IncompatiblePeer
-from services.instance import InstanceError
+from engine.runtime.executor import InstanceError
 from services.worker import WorkerHost
 
 
@@ -83,7 +83,7 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
                 t0 = time.perf_counter()
                 try:
                     sent = await loop.run_in_executor(
-                        self._transfers, self.host.instance.push, request.landing,
+                        self._transfers, self.host.executor.push, request.landing,
                         self.host.allocator.blocks_of(owner), cancelled, request.transfer_timeout_s)
                 except Exception:
                     self.host.metrics.transfer_failed()
@@ -96,9 +96,8 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
             raise
         except IncompatiblePeer as exc:
             await abort_with(context, IncompatibleLanding(str(exc)))
-        except InstanceError as exc:  # a multi-rank push: the ranks' errors, as text
-            kind = IncompatibleLanding if "IncompatiblePeer" in str(exc) else Unavailable
-            await abort_with(context, kind(f"KV push failed: {exc}"))
+        except InstanceError as exc:  # the instance is down, or a rank's error could not be carried
+            await abort_with(context, Unavailable(f"KV push failed: {exc}"))
         except HandoffError as exc:
             await abort_with(context, Unavailable(f"KV push failed: {exc}"))
         except Exception as exc:
@@ -136,7 +135,7 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
     def _check_landing(self, landing) -> None:
         """Refuse a landing this instance can never serve before any work (or byte) is spent."""
         try:
-            self.host.instance.engine.sender.check(landing)
+            self.host.executor.check_landing(landing)
         except IncompatiblePeer as exc:
             raise IncompatibleLanding(f"{self.host.worker_id}: {exc}") from None
         if landing.deadline_unix <= time.time():
@@ -158,7 +157,7 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
         try:
             t0 = time.perf_counter()
             try:
-                logits = self.host.instance.prefill(tokens, blocks, cancelled)
+                logits = self.host.executor.prefill(tokens, blocks, cancelled)
             except ForwardCancelled:
                 raise Cancelled(f"request {request.request_id} was aborted during its prefill") from None
             try:

@@ -2,8 +2,9 @@
 
 Lifecycle of a worker process (``cleave worker prefill|decode``):
 
-1. :class:`WorkerHost` builds the instance (``services.instance``: its ranks, their model
-   shards, KV caches and transports) and the block allocator shared by all its ranks.
+1. :class:`WorkerHost` builds the instance's executor (``engine.runtime``: its ranks, their
+   model shards, KV caches and transports, on this host or joined from others) and the block
+   allocator shared by all its ranks.
 2. :func:`serve_worker` builds the pool's servicer on the host, binds the gRPC server
    (port 0 = a free port), serves Prometheus ``/metrics`` on ``metrics_port`` when set
    (``common.prom.WorkerMetrics``), starts the Redis heartbeat so routers find it, and waits.
@@ -37,26 +38,42 @@ from common.errors import Unavailable
 from common.prom import WorkerMetrics, layout_label
 from common.registry import Heartbeat, WorkerRecord, connect_redis
 from engine.kv_cache import BlockAllocator
-from services.instance import Instance
+from engine.runtime.config import ExpertStats, Rendezvous, RuntimeConfig
+from engine.runtime.executor import Executor, make_executor
 
 log = logging.getLogger(__name__)
 
 
-class WorkerHost:
-    """The engine state of one instance (see ``services.instance``), shared by its servicer and heartbeat."""
+def runtime_config(cfg: WorkerConfig) -> RuntimeConfig:
+    """The engine runtime's view of a worker's flags (model, layout, device, KV cache, transport)."""
+    stats = None
+    if cfg.pool == "decode" and cfg.redis_url:
+        stats = ExpertStats(cfg.redis_url, cfg.key_prefix, cfg.expert_stats_interval_s, cfg.expert_window_s)
+    return RuntimeConfig(model=cfg.model, parallel=cfg.parallel, device=cfg.device, dtype=cfg.dtype,
+                         block_size=cfg.block_size, num_blocks=cfg.num_blocks,
+                         kv_cache_bytes=cfg.kv_cache_bytes, transport=cfg.transport, checksum=cfg.checksum,
+                         host=cfg.host, threads=cfg.threads, cuda_graphs=cfg.cuda_graphs,
+                         max_batch=cfg.max_batch, expert_stats=stats,
+                         rendezvous=cfg.rendezvous or Rendezvous())
 
-    def __init__(self, cfg: WorkerConfig) -> None:
+
+class WorkerHost:
+    """The engine state of one instance (an ``engine.runtime`` executor), shared by its
+    servicer and heartbeat. ``make_executor``: how to build it from a ``RuntimeConfig``
+    (tests pass ``engine.runtime.fake.FakeExecutor``)."""
+
+    def __init__(self, cfg: WorkerConfig, make: Callable[..., Executor] = make_executor) -> None:
         self.cfg = cfg
         self.failed: str | None = None            # set when a rank died: the service stops
         self.on_failure: Callable[[str], None] = lambda msg: None
-        self.instance = Instance(cfg, on_failure=self._rank_failed)
-        self.source = self.instance.engine.source
+        self.executor = make(runtime_config(cfg), on_failure=self._rank_failed)
+        self.source = self.executor.source
         self.model_id = self.source.model_id
-        self.model_config = self.instance.model_config
-        self.allocator = BlockAllocator(self.instance.num_blocks, cfg.block_size)
-        self.compat = self.instance.engine.compat
+        self.model_config = self.executor.model_config
+        self.allocator = BlockAllocator(self.executor.num_blocks, cfg.block_size)
+        self.compat = self.executor.compat
         self.incarnation = uuid.uuid4().hex
-        self.layout = self.instance.engine.layout
+        self.layout = self.executor.layout
         self.address = ""  # host:port, set once the server is bound
         self.health = None  # the gRPC health servicer, set once the server is bound
         self.load_fn: Callable[[], dict] = lambda: {}
@@ -80,7 +97,7 @@ class WorkerHost:
         return self.cfg.worker_id or f"{self.cfg.pool}-{self.address.replace(':', '-')}"
 
     def forward(self, batch) -> torch.Tensor:
-        return self.instance.forward(batch)
+        return self.executor.forward(batch)
 
     def info(self, running: int, waiting: int, queued_tokens: int = 0) -> worker_pb2.WorkerInfo:
         return worker_pb2.WorkerInfo(
@@ -158,7 +175,7 @@ async def serve_worker(cfg: WorkerConfig, make_servicer: Callable[[WorkerHost], 
     await server.stop(grace=5)
     await servicer.stop()
     host.metrics.close()
-    host.instance.close()
+    host.executor.close()
     if host.failed:
         raise SystemExit(1)
 

@@ -19,7 +19,8 @@ from engine.config import ParallelConfig
 from engine.layout import cp_token_ranges, kv_head_range
 from engine.loader import iter_weights, load_model_config, load_reference_model, resolve_model
 from engine.model import LlamaForCausalLM
-from engine.parallel import ParallelGroups, spawn_ranks
+from engine.parallel import ParallelGroups
+from engine.runtime.spawn import spawn_ranks
 from tests.test_engine_parity import assert_logits_close, reference_last_logits
 
 BLOCK_SIZE = 8

@@ -143,9 +143,10 @@ def _rank_switch(groups, path, prompts, n, tables):
     every layer to ``tables[k]`` before decode step ``k + 2``."""
     from engine.batch import ForwardBatch
     from engine.config import CacheConfig
-    from engine.offline import load_model_shard, offline_block_tables
+    from engine.batch import offline_block_tables
+    from engine.loader import load_model
 
-    config, model = load_model_shard(groups, path)
+    config, model = load_model(path, groups=groups)
     local = config.replace(num_kv_heads=model.num_local_kv_heads)
     per_seq, blocks = offline_block_tables(local, prompts, n, 8)
     kv = model.allocate_kv_cache(CacheConfig(block_size=8, num_blocks=per_seq * len(prompts)))
@@ -174,7 +175,7 @@ def _rank_switch(groups, path, prompts, n, tables):
 ], ids=["ep2", "ep4"])
 def test_live_switch_keeps_greedy_tokens(skewed, ep, tables):
     from engine.config import ParallelConfig
-    from engine.parallel import spawn_ranks
+    from engine.runtime.spawn import spawn_ranks
 
     path, prompts, want_tokens = skewed
     results = spawn_ranks(ParallelConfig(ep=ep), _rank_switch, path, prompts, 16, tables, timeout_s=240)

@@ -19,7 +19,7 @@ from engine.config import ModelConfig, ParallelConfig
 from engine.expert_stats import ExpertStatsWriter
 from engine.moe import MixtralForCausalLM, MoEBlock
 from engine.offline import greedy_generate
-from engine.parallel import spawn_ranks
+from engine.runtime.spawn import spawn_ranks
 from kernels.moe_permute import moe_permute, moe_unpermute
 from tests.test_engine_parity import prefill_last_logits, reference_greedy
 

@@ -1,6 +1,6 @@
 """Tensor and pipeline parallel engine (gloo ranks on CPU) vs Hugging Face ``transformers``.
 
-Each layout runs in one spawn of ``engine.parallel.spawn_ranks``: every rank loads its shard
+Each layout runs in one spawn of ``engine.runtime.spawn.spawn_ranks``: every rank loads its shard
 (TP slice of its stage's layers), runs prefill + greedy decode through
 ``engine.pipeline.PipelineRunner`` and returns its tokens and (last stage) last-position
 prefill logits. Checked against ``transformers`` on the same weights: logits within
@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from engine.config import ModelConfig, ParallelConfig
-from engine.parallel import Group, ParallelGroups, RankFailure, spawn_ranks
+from engine.parallel import Group, ParallelGroups
+from engine.runtime.spawn import RankFailure, spawn_ranks
 from engine.pipeline import split_micro_batches
 from tests.models import make_tiny_llama
 
@@ -39,10 +40,10 @@ MODELS = {
 
 def _rank_modes(groups, path, prompts, max_new_tokens, modes):
     """On one rank: load the shard once, generate once per micro-batching flag in ``modes``."""
-    from engine.offline import load_model_shard
+    from engine.loader import load_model
     from engine.pipeline import PipelineRunner
 
-    _, model = load_model_shard(groups, path)
+    _, model = load_model(path, groups=groups)
     out = []
     for micro in modes:
         runner = PipelineRunner(model, groups, block_size=8, micro_batching=micro)

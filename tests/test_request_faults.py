@@ -253,18 +253,17 @@ def test_request_state_waits_for_redis_and_ends_terminal(redis_url):
 # ---- decode reservations: bounded per caller and in lifetime ------------------------------------
 
 def test_reservations_are_bounded_per_caller_and_in_lifetime():
-    from engine.kv_cache import BlockAllocator
-    from common.config import WorkerConfig
-    from services.decode import DecodeService
-    from common.errors import Exhausted
-    from common.prom import WorkerMetrics
+    import functools
 
-    cfg = WorkerConfig(pool="decode", block_size=4, max_reservations_per_caller=2, max_reservation_s=60)
-    instance = types.SimpleNamespace(expect=lambda *a: None, cancel=lambda *a: None, landing_ranks=lambda: [])
-    host = types.SimpleNamespace(cfg=cfg, instance=instance, forward=None, model_config=MODEL,
-                                 allocator=BlockAllocator(100, 4), check_accepting=lambda: None,
-                                 layout=pb.Layout(tp=1, pp=1, cp=1, ep=1), compat="c", incarnation="i",
-                                 worker_id="d0", metrics=WorkerMetrics("decode", lambda: "d0", "tp1"))
+    from common.config import WorkerConfig
+    from common.errors import Exhausted
+    from engine.runtime.fake import FakeExecutor
+    from services.decode import DecodeService
+    from services.worker import WorkerHost
+
+    cfg = WorkerConfig(pool="decode", block_size=4, num_blocks=100, transport="tcp", max_reservations_per_caller=2,
+                       max_reservation_s=60)
+    host = WorkerHost(cfg, make=functools.partial(FakeExecutor, model_config=MODEL))
     service = DecodeService(host)
     far = time.time() + 10_000
 
@@ -280,3 +279,4 @@ def test_reservations_are_bounded_per_caller_and_in_lifetime():
     reserve("ipv4:10.0.0.2")                                  # another caller is not affected
     service._release(first.transfer_id)
     reserve("ipv4:10.0.0.1")                                  # room again once one is gone
+    host.executor.close()

@@ -13,7 +13,8 @@ import torch
 
 from engine.config import ParallelConfig
 from engine.layout import cp_token_ranges
-from engine.parallel import ParallelGroups, Group, spawn_ranks
+from engine.parallel import ParallelGroups, Group
+from engine.runtime.spawn import spawn_ranks
 from kernels import prefill_attention
 from kernels.ring_attention import masked_block_attention, ring_prefill_attention
 

@@ -125,7 +125,8 @@ def measure_pp_message(seqs: int = 8, new_tokens: int = 33) -> float:
     engine's ``PipelineRunner``: a micro-batched PP2 round of a 4-layer micro model, less the
     one-rank round of the same model, over the 3 messages of a round's critical path."""
     from engine.config import ParallelConfig
-    from engine.parallel import ParallelGroups, spawn_ranks
+    from engine.parallel import ParallelGroups
+    from engine.runtime.spawn import spawn_ranks
     runs = []
     for _ in range(3):
         pp = max(spawn_ranks(ParallelConfig(pp=2), _pp_round_rank, seqs, new_tokens, timeout_s=120))
@@ -263,7 +264,7 @@ def measure_collectives(max_ranks: int, reps: int = 3) -> dict:
     """``{op: {ranks: [[bytes, seconds], ...]}}`` over gloo: the slowest rank's median, fitted
     to a line per op and rank count (:func:`fit_alpha_beta`)."""
     from engine.config import ParallelConfig
-    from engine.parallel import RankFailure, spawn_ranks
+    from engine.runtime.spawn import RankFailure, spawn_ranks
     measured: dict = {"all_reduce": {}, "all_to_all": {}, "send_recv": {}}
     for ranks in range(2, max_ranks + 1):
         try:
