@@ -8,9 +8,9 @@ Lifecycle:
    router on the requested ports (gRPC on ``port``, the OpenAI API and ``/metrics`` on ``http_port``).
 3. Wait until the router's gRPC health check says SERVING (a worker of each pool is
    registered), then print one line saying where it listens.
-4. With a planner (``cleave serve --planner``), a thread runs ``services.planner`` against
-   :class:`services.scaling_local.LocalBackend`, which adds workers through
-   :meth:`LocalStack.add_worker` and retires them through :meth:`LocalStack.retire_worker`
+4. With a planner (``cleave serve --planner``: ``services.serve.run_stack``), a thread runs
+   ``services.planner`` against :class:`services.scaling_local.LocalBackend`, which adds workers
+   through :meth:`LocalStack.add_worker` and retires them through :meth:`LocalStack.retire_worker`
    (SIGTERM: the worker drains, then exits; a retired worker exiting is not a failure).
 5. Supervise (:meth:`LocalStack.supervise`, every 0.2 s): a worker that dies unasked is logged
    and restarted with exponential backoff (1 s doubling to 30 s; reset once it has run for a
@@ -43,7 +43,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.environment import Environment
-from common.registry import mask_url, split_password
+from common.registry import split_password
 from engine.parallel import free_port
 
 log = logging.getLogger(__name__)
@@ -295,54 +295,3 @@ class LocalStack:
                     p.wait()
         with self._lock:
             self.procs.clear()
-
-
-def run_stack(cfg: StackConfig) -> int:
-    """Foreground ``cleave serve``: start, print the ready line, supervise, stop on a signal."""
-    stack = LocalStack(cfg)
-    stopping = False
-    started = False
-    planner = None
-
-    def on_signal(signum, frame):
-        nonlocal stopping
-        stopping = True
-        if not started:
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        address = stack.start()
-        started = True
-        print(f"Cleave ready: router listening on {address} (gRPC) and http://{cfg.host}:{stack.http_port}/v1 "
-              f"(OpenAI API; /metrics) (model {cfg.model or 'SmolLM2-135M-Instruct'}, "
-              f"redis {mask_url(stack.redis_url)}, prefill x{cfg.prefill_instances}, decode x{cfg.decode_instances}); "
-              f"Ctrl-C stops", flush=True)
-        workers = ", ".join(f"{name} :{port}" for name, port in sorted(stack.metrics_ports.items()))
-        print(f"Cleave metrics: http://{cfg.host}:{stack.http_port}/metrics (router); workers' /metrics on "
-              f"{workers}", flush=True)
-        if cfg.planner is not None:
-            from services.scaling_local import PlannerThread
-            planner = PlannerThread(stack, cfg.planner).start()
-            print(f"Cleave planner: scaling prefill within [{cfg.planner.prefill_min}, "
-                  f"{cfg.planner.prefill_max}] and decode within [{cfg.planner.decode_min}, "
-                  f"{cfg.planner.decode_max}] instances", flush=True)
-        while not stopping:
-            fatal = stack.supervise()
-            if fatal:
-                log.error("%s; stopping the stack", fatal)
-                return 1
-            time.sleep(0.2)
-        return 0
-    except KeyboardInterrupt:
-        return 130
-    except RuntimeError as exc:
-        if not stopping:
-            print(f"cleave serve: {exc}", file=sys.stderr)
-            return 1
-        return 0
-    finally:
-        if planner is not None:
-            planner.stop()
-        stack.stop()

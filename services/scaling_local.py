@@ -1,6 +1,6 @@
 """The local scaling backend: pools of ``cleave worker`` processes of one ``LocalStack``.
 
-``cleave serve --planner`` (``services.launcher.run_stack``) starts a :class:`PlannerThread`
+``cleave serve --planner`` (``services.serve.run_stack``) starts a :class:`PlannerThread`
 once the stack is ready. The thread runs ``services.planner.Planner`` on its own event loop
 with a :class:`LocalBackend`, which
 

@@ -19,7 +19,8 @@ rank processes use, ``engine.parallel``):
   costs beyond the same model on one rank, per message on the round's critical path;
 - **collectives over the real gloo backend** for 2..``max_ranks`` ranks, time vs bytes:
   ``all_reduce``, ``all_to_all_single``, and ``send``/``recv`` between two ranks (half a
-  round trip), each between barriers, the slowest rank's time.
+  round trip), each between barriers, the slowest rank's time (timed on each rank by
+  ``engine.comm_timing``).
 
 The profile's "GPU" is one core: ``gpus_per_node`` = cores, memory = RAM / cores, and layouts
 with more ranks than cores share them (``Hardware.oversubscription``).
@@ -205,48 +206,6 @@ def measure_attention(flops: float) -> dict:
             "ring_score": max(0.0, (tr - 4 * d * full / flops) / full)}
 
 
-def _comm_rank(groups, sizes, reps):
-    """One rank: seconds each op adds when interleaved with compute (as in a forward), by size.
-
-    Each of ``N`` iterations runs a small matmul then the op; the op's cost is the loop time
-    less ``N`` matmuls (measured with every rank computing at once), so waiting for a peer that
-    was scheduled late counts, as it does in the engine. ``send_recv`` is a ping-pong between
-    ranks 0 and 1 (compute, send, receive): half the time less the compute per hop.
-    """
-    import torch
-    import torch.distributed as dist
-    world, rank = dist.get_world_size(), dist.get_rank()
-    a, b = torch.randn(128, 512), torch.randn(512, 512)          # ~0.5 ms: a peer sleeps in recv
-    work = lambda: a @ b                                          # noqa: E731
-
-    def loop(fn, n):
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return time.perf_counter() - t0
-
-    out = {"all_reduce": [], "all_to_all": [], "send_recv": []}
-    for size in sizes:
-        x = torch.ones(size // 4 // world * world)                # all_to_all splits it evenly
-        y = torch.empty_like(x)
-        n = 10 if size <= 1 << 17 else 4
-        ops = {"all_reduce": lambda: dist.all_reduce(x), "all_to_all": lambda: dist.all_to_all_single(y, x)}
-        if world == 2:
-            ops["send_recv"] = (lambda: (dist.send(x, 1), dist.recv(y, 1), work())) if rank == 0 else \
-                (lambda: (dist.recv(y, 0), work(), dist.send(x, 0)))
-        for name, op in ops.items():
-            times = []
-            for _ in range(reps):
-                base = loop(work, n)
-                if name == "send_recv":
-                    times.append(max(0.0, (loop(op, n) - 2 * base) / (2 * n)))
-                else:
-                    times.append(max(0.0, (loop(lambda: (work(), op()), n) - base) / n))
-            out[name].append([size, statistics.median(times)])
-    return out
-
-
 def fit_alpha_beta(points: list) -> list:
     """Least-squares ``t = a + b * bytes`` (a, b >= 0) through noisy ``[[bytes, seconds], ...]``,
     returned as points at the same sizes: a small gloo message can take longer than a larger one
@@ -263,14 +222,15 @@ def fit_alpha_beta(points: list) -> list:
 def measure_collectives(max_ranks: int, reps: int = 3) -> dict:
     """``{op: {ranks: [[bytes, seconds], ...]}}`` over gloo: the slowest rank's median, fitted
     to a line per op and rank count (:func:`fit_alpha_beta`)."""
+    from engine.comm_timing import time_collectives
     from engine.config import ParallelConfig
     from engine.runtime.spawn import RankFailure, spawn_ranks
     measured: dict = {"all_reduce": {}, "all_to_all": {}, "send_recv": {}}
     for ranks in range(2, max_ranks + 1):
         try:
-            res = spawn_ranks(ParallelConfig(tp=ranks), _comm_rank, SIZES, reps, timeout_s=90)
+            res = spawn_ranks(ParallelConfig(tp=ranks), time_collectives, SIZES, reps, timeout_s=90)
         except RankFailure:      # e.g. the free port was taken before rank 0 bound it: once more
-            res = spawn_ranks(ParallelConfig(tp=ranks), _comm_rank, SIZES, reps, timeout_s=90)
+            res = spawn_ranks(ParallelConfig(tp=ranks), time_collectives, SIZES, reps, timeout_s=90)
         for op in measured:
             if res[0][op]:
                 raw = [[n, max(r[op][i][1] for r in res)] for i, (n, _) in enumerate(res[0][op])]
