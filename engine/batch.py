@@ -41,6 +41,21 @@ class ForwardBatch:
     def num_seqs(self) -> int:
         return int(self.logits_indices.numel())
 
+    def split(self, m: int) -> list["ForwardBatch"]:
+        """A decode batch cut into ``m`` consecutive near-equal micro-batches (sequence order
+        kept: concatenating their logits gives this batch's). Raises ``ValueError`` for a
+        prefill batch or ``m`` outside ``1..num_seqs``."""
+        if self.is_prefill or not 1 <= m <= self.num_seqs:
+            raise ValueError(f"can split a decode batch of {self.num_seqs} sequences into 1..{self.num_seqs} "
+                             f"micro-batches, got prefill={self.is_prefill} m={m}")
+        bounds = [self.num_seqs * k // m for k in range(m + 1)]
+        return [ForwardBatch(input_ids=self.input_ids[a:b], positions=self.positions[a:b],
+                             slot_mapping=self.slot_mapping[a:b],
+                             logits_indices=torch.arange(b - a, device=self.logits_indices.device),
+                             is_prefill=False, block_tables=self.block_tables[a:b],
+                             context_lens=self.context_lens[a:b], max_context_len=self.max_context_len)
+                for a, b in zip(bounds, bounds[1:])]
+
     def to(self, device: torch.device) -> "ForwardBatch":
         """This batch with its tensors on ``device`` (the same object when already there)."""
         if self.input_ids.device == torch.device(device):

@@ -75,6 +75,23 @@ class Group:
         return Group((rank,), 0)
 
 
+class AsyncSender:
+    """Non-blocking point-to-point sends over a group, kept alive until completed."""
+
+    def __init__(self, group: Group):
+        self.group, self.pending = group, []
+
+    def send(self, t: torch.Tensor, to: int) -> None:
+        t = t.contiguous()
+        self.pending = [(w, x) for w, x in self.pending if not w.is_completed()]
+        self.pending.append((self.group.isend(t, to), t))
+
+    def flush(self) -> None:
+        for w, _ in self.pending:
+            w.wait()
+        self.pending = []
+
+
 @dataclass(frozen=True)
 class ParallelGroups:
     """Where this rank sits in its instance and the groups it talks to."""

@@ -37,7 +37,7 @@ import torch
 
 from engine.batch import ForwardBatch, offline_block_tables
 from engine.config import CacheConfig
-from engine.parallel import Group, ParallelGroups
+from engine.parallel import AsyncSender, ParallelGroups
 from engine.runtime.rank import stage_step
 
 
@@ -48,23 +48,6 @@ def split_micro_batches(num_seqs: int, m: int) -> list[list[int]]:
     m = min(m, num_seqs)
     bounds = [num_seqs * k // m for k in range(m + 1)]
     return [list(range(bounds[k], bounds[k + 1])) for k in range(m)]
-
-
-class _Sender:
-    """Non-blocking point-to-point sends over a group, kept alive until completed."""
-
-    def __init__(self, group: Group):
-        self.group, self.pending = group, []
-
-    def send(self, t: torch.Tensor, to: int) -> None:
-        t = t.contiguous()
-        self.pending = [(w, x) for w, x in self.pending if not w.is_completed()]
-        self.pending.append((self.group.isend(t, to), t))
-
-    def flush(self) -> None:
-        for w, _ in self.pending:
-            w.wait()
-        self.pending = []
 
 
 class PipelineRunner:
@@ -82,7 +65,7 @@ class PipelineRunner:
         if self.m < 1:
             raise ValueError(f"num_micro_batches must be >= 1, got {num_micro_batches}")
         self.pp = groups.pp
-        self.sender = _Sender(self.pp)
+        self.sender = AsyncSender(self.pp)
         # seconds of the last generate(): "total", "decode" (rounds after the prefill) and
         # "recv" (waiting on activations/tokens from other stages; for the bench)
         self.timings: dict[str, float] = {}

@@ -31,6 +31,7 @@ import pickle
 import threading
 import time
 import traceback
+import uuid
 from typing import Callable
 
 import torch
@@ -45,6 +46,7 @@ from engine.runtime.device import backend_for, rank_device, resolve_device
 from engine.runtime.rank import RankRunner
 from engine.runtime.rendezvous import CONFIG_KEY, Liveness, connect_store, fetch, join, publish, serve_store
 from engine.runtime.spawn import start_rank, stop_processes
+from kvtransfer.handoff import HandoffError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +118,15 @@ class Executor:
         return self._all(fn, *args)
 
     def forward(self, batch) -> torch.Tensor:
-        """Logits ``[num_seqs, vocab]`` fp32 on the CPU of ``batch`` (from the rank that owns them)."""
+        """Logits ``[num_seqs, vocab]`` fp32 on the CPU of ``batch`` (from the rank that owns them).
+
+        With pipeline stages, a decode batch runs as ``min(pp, num_seqs)`` micro-batches in one
+        call (:meth:`RankRunner.forward_micro`): while a later stage works on micro-batch ``i``,
+        the stage before it works on ``i + 1``, so every stage computes during the step."""
+        pp = self.cfg.parallel.pp
+        if pp > 1 and not batch.is_prefill and batch.num_seqs > 1:
+            parts = batch.split(min(pp, batch.num_seqs))
+            return next(r for r in self._all(RankRunner.forward_micro, parts) if r is not None)
         return next(r for r in self._all(RankRunner.forward, batch) if r is not None)
 
     def prefill(self, prompt: list[int], blocks: list[int], cancelled=None) -> torch.Tensor:
@@ -136,8 +146,26 @@ class Executor:
 
     def push(self, landing: worker_pb2.LandingDescriptor, blocks: list[int], cancelled=None,
              timeout: float = 0.0) -> int:
-        """Every rank sends its pieces of the prompt's KV; returns the total bytes."""
-        return sum(self._all(RankRunner.push, landing.SerializeToString(), list(blocks), timeout))
+        """Every rank sends its pieces of the prompt's KV; returns the total bytes. The pushes
+        run in the ranks' background threads: the control channel is held only to start and
+        poll them, so other calls (the next prefill) run meanwhile. ``cancelled`` (a
+        ``threading.Event``) stops every rank's push; a rank's error is re-raised here."""
+        push_id = uuid.uuid4().hex
+        self._all(RankRunner.start_push, push_id, landing.SerializeToString(), list(blocks), timeout)
+        try:
+            while True:
+                sent = self._all(RankRunner.push_result, push_id)
+                if all(n is not None for n in sent):
+                    return sum(sent)
+                if cancelled is not None and cancelled.is_set():
+                    raise HandoffError(f"transfer {landing.transfer_id} cancelled")
+                time.sleep(0.005)
+        except BaseException:
+            try:
+                self._all(RankRunner.abort_push, push_id)
+            except Exception as exc:      # the instance is down: its pushes are gone with it
+                log.debug("aborting push %s: %s", push_id, exc)
+            raise
 
     def check_landing(self, landing: worker_pb2.LandingDescriptor) -> None:
         """Raise (``kvtransfer.handoff.IncompatiblePeer`` etc.) before any KV is computed for a

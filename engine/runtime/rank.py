@@ -17,7 +17,9 @@ batch write there.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -27,7 +29,7 @@ from engine.batch import ForwardBatch
 from engine.config import CacheConfig
 from engine.layout import kv_head_range, layer_range
 from engine.loader import load_model, resolve_model
-from engine.parallel import ParallelGroups
+from engine.parallel import AsyncSender, ParallelGroups
 from engine.runtime.config import RuntimeConfig
 from engine.runtime.cuda_graphs import DecodeGraphs
 from engine.runtime.device import resolve_dtype
@@ -38,7 +40,8 @@ log = logging.getLogger(__name__)
 
 
 def stage_step(model, groups: ParallelGroups, kv_cache: torch.Tensor, batch: ForwardBatch,
-               send: Callable | None = None, graphs: DecodeGraphs | None = None, timings: dict | None = None):
+               send: Callable | None = None, graphs: DecodeGraphs | None = None, timings: dict | None = None,
+               probe=None):
     """This stage's share of one step over ``batch`` (already on the cache's device).
 
     A later stage first receives ``(hidden, residual)`` ``[T, hidden_size]`` from the previous
@@ -46,7 +49,8 @@ def stage_step(model, groups: ParallelGroups, kv_cache: torch.Tensor, batch: For
     blocking ``groups.pp.send``). Returns the last stage's fp32 logits
     ``[len(batch.logits_indices), vocab]``, else ``(hidden, residual)``. ``graphs`` replays
     decode batches from CUDA graphs when it covers them. ``timings["recv"]`` accumulates the
-    seconds spent waiting on the previous stage."""
+    seconds spent waiting on the previous stage; ``probe`` (an :class:`OverlapProbe`) brackets
+    the compute."""
     hidden = None
     if not groups.is_first_stage:
         cfg, src = model.config, groups.pp_rank - 1
@@ -56,14 +60,38 @@ def stage_step(model, groups: ParallelGroups, kv_cache: torch.Tensor, batch: For
                        for _ in range(2))
         if timings is not None:
             timings["recv"] = timings.get("recv", 0.0) + time.perf_counter() - t0
+    if probe is not None:
+        probe.enter()
     out = graphs.run(batch, hidden) if graphs is not None else None
     if out is None:
         out = model(batch, kv_cache, hidden)
+    if probe is not None:
+        probe.leave()
     if not groups.is_last_stage:
         send = send or groups.pp.send
         send(out[0], groups.pp_rank + 1)
         send(out[1], groups.pp_rank + 1)
     return out
+
+
+class OverlapProbe:
+    """Counts pipeline overlap as an order of events, not a time (tests).
+
+    Every stage bumps ``cleave/started/<stage>`` in the rendezvous store when it starts
+    computing a (micro-)batch. When stage ``s > 0`` finishes one, it reads how many stage
+    ``s - 1`` has started: more than ``s`` has finished means the previous stage was already
+    computing a later micro-batch while this one computed: one ``overlaps``."""
+
+    def __init__(self, store, stage: int) -> None:
+        self.store, self.stage, self.finished, self.overlaps = store, stage, 0, 0
+
+    def enter(self) -> None:
+        self.store.add(f"cleave/started/{self.stage}", 1)
+
+    def leave(self) -> None:
+        self.finished += 1
+        if self.stage > 0 and self.store.add(f"cleave/started/{self.stage - 1}", 0) > self.finished:
+            self.overlaps += 1
 
 
 class RankRunner:
@@ -99,6 +127,10 @@ class RankRunner:
         self.sender = KVSender(self.transport, m, self.compat, self.layout, rank=groups.rank,
                                head_offset=self.heads[0], checksum=cfg.checksum)
         self.stats = self._stats_writer()
+        self._pushes: dict[str, tuple] = {}
+        self.micro_batches = 0           # micro-batches run by forward_micro (for tests and benches)
+        self.probe = None                # an OverlapProbe while a test counts stage overlap
+        self._push_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"rank{groups.rank}-push")
 
     def _stats_writer(self):
         """Decode MoE stage leaders (tp_rank = ep_rank = 0) write expert counts to Redis."""
@@ -121,6 +153,22 @@ class RankRunner:
         out = stage_step(self.model, g, self.kv_cache, batch.to(self.device), graphs=self.graphs)
         if g.is_last_stage and g.tp_rank == 0 and g.ep_rank == 0 and out.shape[0]:
             return out.cpu()
+        return None
+
+    @torch.inference_mode()
+    def forward_micro(self, batches: list[ForwardBatch]):
+        """One step over consecutive micro-batches of a decode batch: each is received, computed
+        and sent on without waiting for the next stage (non-blocking sends), so the stages work
+        on different micro-batches at once. Returns the concatenated logits (CPU) on the rank
+        that owns them, else None. ``self.micro_batches`` counts the micro-batches run."""
+        g, sender, outs = self.groups, AsyncSender(self.groups.pp), []
+        for b in batches:
+            outs.append(stage_step(self.model, g, self.kv_cache, b.to(self.device), send=sender.send,
+                                   graphs=self.graphs, probe=self.probe))
+            self.micro_batches += 1
+        sender.flush()
+        if g.is_last_stage and g.tp_rank == 0 and g.ep_rank == 0:
+            return torch.cat(outs).cpu()
         return None
 
     def prefill_batch(self, prompt: list[int], blocks: list[int]) -> ForwardBatch:
@@ -150,6 +198,27 @@ class RankRunner:
         return self.sender.push(worker_pb2.LandingDescriptor.FromString(landing), self.kv_cache, blocks,
                                 cancelled, timeout)
 
+    def start_push(self, push_id: str, landing: bytes, blocks: list[int], timeout: float) -> None:
+        """Start :meth:`push` in this rank's background thread and return at once (the control
+        channel stays free for other calls while the KV moves); poll :meth:`push_result`."""
+        stop = threading.Event()
+        self._pushes[push_id] = (self._push_pool.submit(self.push, landing, blocks, timeout, stop), stop)
+
+    def push_result(self, push_id: str) -> int | None:
+        """Bytes sent by a finished push (forgotten afterwards), None while it runs; raises the
+        push's own error (``HandoffError`` ...)."""
+        future, _ = self._pushes[push_id]
+        if not future.done():
+            return None
+        del self._pushes[push_id]
+        return future.result()
+
+    def abort_push(self, push_id: str) -> None:
+        """Stop a running push at its next poll and forget it (no-op when unknown)."""
+        entry = self._pushes.pop(push_id, None)
+        if entry is not None:
+            entry[1].set()
+
     def address(self) -> bytes:
         return self.transport.address()
 
@@ -171,4 +240,7 @@ class RankRunner:
         return self.model.rank_pairs() if self.model_config.num_experts else {}
 
     def close(self) -> None:
+        for push_id in list(self._pushes):
+            self.abort_push(push_id)
+        self._push_pool.shutdown(wait=True)
         self.transport.close()
