@@ -50,6 +50,7 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                    240.0, 480.0, 960.0, 1920.0, 7680.0)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -165,6 +166,9 @@ class WorkerMetrics:
                                        registry=self.registry)
         self._transfer_failures = Counter("cleave:kv_transfer_failures", "KV transfers that failed", names,
                                           registry=self.registry)
+        self._step_s = Histogram("cleave:decode_step_seconds",
+                                 "Engine time of one decode step: forward over the running batch and sampling (s)",
+                                 names, buckets=STEP_BUCKETS, registry=self.registry)
         self.gauges = _Sampled(self.labels)
         self.registry.register(self.gauges)
         self._server = None
@@ -177,6 +181,10 @@ class WorkerMetrics:
         self._transfer_s.labels(**lbl).observe(seconds)
         if nbytes:
             self._transfer_bytes.labels(**lbl).inc(nbytes)
+
+    def decode_step(self, seconds: float, batch_size: int) -> None:
+        """One decode step's engine time (served TPOT minus this is what the hops add)."""
+        self._step_s.labels(**self.labels()).observe(seconds)
 
     def transfer_failed(self) -> None:
         self._transfer_failures.labels(**self.labels()).inc()

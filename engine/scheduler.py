@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -61,10 +62,13 @@ class DecodeScheduler:
     """The decode step loop of one instance (rank 0 drives it)."""
 
     def __init__(self, step_fn: Callable[[ForwardBatch], torch.Tensor], block_size: int,
-                 max_batch: int = 64) -> None:
+                 max_batch: int = 64, on_step: Callable[[float, int], None] | None = None) -> None:
+        """``on_step(seconds, batch_size)`` is called after each step's forward and sampling
+        (the engine's share of TPOT; ``services.decode`` feeds it to ``/metrics``)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self._step_fn = step_fn
+        self._on_step = on_step
         self.block_size = block_size
         self.max_batch = max_batch
         self._incoming: queue.Queue[Sequence] = queue.Queue()
@@ -159,8 +163,11 @@ class DecodeScheduler:
 
     def _step(self) -> None:
         seqs = list(self._running.values())
+        t0 = time.perf_counter()
         try:
             tokens = self._forward_and_sample(seqs)
+            if self._on_step is not None:
+                self._on_step(time.perf_counter() - t0, len(seqs))
         except Exception as exc:
             if len(seqs) == 1:
                 self._finish(seqs[0], FINISH_ERROR, error=f"decode step failed: {exc}")

@@ -57,13 +57,31 @@ class IncrementalText:
         self.ids: list[int] = []
         self.emitted = ""        # text already sent to the client
         self.stopped = False     # a stop string was found; no more text
+        # incremental decoding (as in vLLM's detokenizer): text of ids[:_read] is _stable; only
+        # ids[_prefix:] are decoded per call, and _prefix_text (ids[_prefix:_read]) is cut off the
+        # front, so a decoder that treats a window's first token specially (a leading space)
+        # still gives the full decode's text. Each call costs O(new tokens), not O(all tokens).
+        self._stable, self._prefix, self._read, self._prefix_text = "", 0, 0, ""
+
+    def _text(self) -> str:
+        """The decoded text of all ids so far (equal to decoding them at once)."""
+        window = self._codec.decode(self.ids[self._prefix:])
+        if not window.startswith(self._prefix_text):    # not prefix-stable here: decode it all
+            full = self._codec.decode(self.ids)
+            window, self._prefix, self._prefix_text, self._stable = full, 0, "", ""
+        full = self._stable + window[len(self._prefix_text):]
+        if full and not full.endswith("\ufffd"):       # a complete character: advance the window
+            self._stable = full
+            self._prefix, self._read = self._read, len(self.ids)
+            self._prefix_text = self._codec.decode(self.ids[self._prefix:self._read])
+        return full
 
     def add(self, new_ids: list[int], final: bool = False) -> str:
         """Append tokens; return the text to send now ("" when held back or after a stop)."""
         if self.stopped:
             return ""
         self.ids.extend(new_ids)
-        full = self._codec.decode(self.ids)
+        full = self._text()
         if self._stop:
             cut = min((i for i in (full.find(s, max(0, len(self.emitted) - len(s) + 1))
                                    for s in self._stop) if i >= 0), default=-1)

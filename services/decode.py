@@ -53,7 +53,8 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         self.host = host
         cfg = host.cfg
         self.instance = host.executor
-        self.scheduler = DecodeScheduler(host.forward, cfg.block_size, cfg.max_batch)
+        self.scheduler = DecodeScheduler(host.forward, cfg.block_size, cfg.max_batch,
+                                         on_step=host.metrics.decode_step)
         self._reservations: dict[str, Reservation] = {}
         self._lock = threading.Lock()
         self._reaper: asyncio.Task | None = None
