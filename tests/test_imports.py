@@ -17,10 +17,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("common", "engine", "kernels", "kvtransfer", "router", "services")
-# torch.distributed users outside engine/ that the rank-runtime move of issue 11 removes
-RUNTIME_MOVE_PENDING = {"services/instance.py", "kernels/ring_attention.py"}
-# the engine circle issue 11 breaks (engine.offline imports the pipeline runner, which imported back)
-ENGINE_CIRCLE = {"engine.offline", "engine.pipeline"}
 
 
 def _modules() -> dict[str, Path]:
@@ -131,17 +127,12 @@ def test_only_the_engine_imports_torch_distributed():
     offenders = sorted(_rel(path) for module, path in _modules().items() if module.split(".")[0] != "engine"
                        and any(n == "torch.distributed" or n.startswith("torch.distributed.")
                                for n in _imported(path, module)))
-    if offenders and set(offenders) <= RUNTIME_MOVE_PENDING:
-        pytest.xfail(f"until the runtime move lands: {offenders}")
     assert offenders == [], "only engine/ drives torch.distributed; call an engine function instead"
 
 
 @pytest.mark.unit
 def test_the_packages_import_each_other_without_cycles():
-    cycles = sorted(sorted(c) for c in _cycles(_graph()))
-    if cycles == [sorted(ENGINE_CIRCLE)]:
-        pytest.xfail("until the runtime move lands: engine.offline <-> engine.pipeline")
-    assert cycles == []
+    assert sorted(sorted(c) for c in _cycles(_graph())) == []
 
 
 @pytest.mark.integration
