@@ -46,7 +46,8 @@ class WorkerConfig:
     transport: str = "ucx"             # KV transport: ucx, tcp or fake
     checksum: bool = True              # CRC32 on every KV message
     max_batch: int = 64                # decode: running sequences per step
-    threads: int = 0                   # torch intra-op threads; 0 = torch's default
+    threads: int = 0                   # torch intra-op threads per rank; 0 = one per core given (else torch's default)
+    cpus: tuple = ()                   # cores for this instance's ranks on this host; () = unpinned
     heartbeat_s: float = 1.0
     ttl_s: float = 5.0                 # registry record expires this long after the last beat
     reservation_grace_s: float = 10.0  # decode: unused reservations freed this long past their deadline

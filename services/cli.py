@@ -123,7 +123,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--decode-instances", type=int, default=1)
     serve.add_argument("--transport", default="ucx", choices=["ucx", "tcp", "fake"])
     serve.add_argument("--kv-cache-mb", type=int, default=1024)
-    serve.add_argument("--threads", type=int, default=0)
+    serve.add_argument("--threads", type=int, default=0,
+                       help="torch threads per worker rank (0 = one per core it is given)")
+    serve.add_argument("--cpus", default="", help="cores the stack may use, e.g. 0-7 (default: all this "
+                       "process may use); split between the workers in proportion to their ranks, with a "
+                       "spare core for the router when there is one")
+    serve.add_argument("--pin-cores", action=argparse.BooleanOptionalAction, default=True,
+                       help="give each worker its own cores (--no-pin-cores: let them share every core)")
     serve.add_argument("--ready-timeout", type=float, default=300.0)
     serve.add_argument("--planner", action="store_true",
                        help="also run the planner: it starts and drains instances of each pool")
@@ -210,6 +216,7 @@ def _parser() -> argparse.ArgumentParser:
 def _worker_config(args):
     from common.config import WorkerConfig
     from engine.config import ParallelConfig
+    from engine.runtime.cores import parse_cpus
     from services.rank import rendezvous_from
     return WorkerConfig(pool=args.pool, model=args.model, host=args.host, port=args.port,
                         redis_url=args.redis_url, key_prefix=args.key_prefix, worker_id=args.worker_id,
@@ -225,13 +232,14 @@ def _worker_config(args):
                         rebalance_threshold=args.rebalance_threshold,
                         internal_token=Environment.read().internal_token,
                         device=args.device, dtype=args.dtype, cuda_graphs=args.cuda_graphs,
+                        cpus=parse_cpus(args.cpus),
                         rendezvous=rendezvous_from(args))
 
 
 def _run_worker(args) -> int:
-    cfg = _worker_config(args)  # its layout is checked against the model by engine.runtime
     from engine.runtime.device import resolve_device
-    resolve_device(cfg.device)  # --device cuda without CUDA: a clear error before anything starts
+    resolve_device(args.device)  # --device cuda without CUDA: a clear error before anything starts
+    cfg = _worker_config(args)  # its layout is checked against the model by engine.runtime
     if cfg.pool == "decode":
         from services.decode import DecodeService as service, add_to_server
     else:
@@ -242,12 +250,11 @@ def _run_worker(args) -> int:
 
 
 def _run_rank(args) -> int:
+    from engine.runtime.device import resolve_device
     from services.rank import run_rank
     from services.worker import runtime_config
-    from engine.runtime.device import resolve_device
-    cfg = runtime_config(_worker_config(args))
-    resolve_device(cfg.device)
-    return run_rank(cfg)
+    resolve_device(args.device)  # --device cuda without CUDA: a clear error before anything else
+    return run_rank(runtime_config(_worker_config(args)))
 
 
 def _run_router(args) -> int:
@@ -321,6 +328,7 @@ def _expert_flags(args) -> list[str]:
 
 
 def _run_serve(args) -> int:
+    from engine.runtime.cores import parse_cpus
     from services.launcher import StackConfig
     from services.serve import run_stack
     prefill, decode = pool_layouts(args)
@@ -331,7 +339,8 @@ def _run_serve(args) -> int:
                       prefill_instances=args.prefill_instances, decode_instances=args.decode_instances,
                       worker_args=tuple(worker), prefill_args=tuple(_layout_flags(prefill)),
                       decode_args=tuple(_layout_flags(decode) + _expert_flags(args)), ready_timeout_s=args.ready_timeout,
-                      log_level=args.log_level, planner=_planner_config(args) if args.planner else None)
+                      log_level=args.log_level, planner=_planner_config(args) if args.planner else None,
+                      cpus=parse_cpus(args.cpus), pin_cores=args.pin_cores)
     return run_stack(cfg)
 
 

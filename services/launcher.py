@@ -45,6 +45,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.environment import Environment
 from common.registry import split_password
 from engine.parallel import free_port
+from engine.runtime.cores import available, format_cpus, split
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class StackConfig:
     planner: object = None               # a services.planner.PlannerConfig: run the planner too
     max_restarts: int = 3                # a pool with no live instance ends the stack after this
                                          # many restarts in a row that died within a minute
+    cpus: tuple[int, ...] = ()           # cores the stack may use; () = every core this process may use
+    pin_cores: bool = True               # give each worker its own cores (--cpus) and the router a spare one
 
     def __post_init__(self) -> None:
         if self.http_port is None:  # a stack on a free gRPC port (tests) takes a free HTTP port too
@@ -107,6 +110,8 @@ class LocalStack:
         self._restart: dict[str, tuple[float, float]] = {}  # dead name -> (restart at, backoff)
         self._crashes: dict[str, int] = {"prefill": 0, "decode": 0}  # quick deaths in a row
         self._started: dict[str, float] = {}
+        self.cores: dict[str, tuple[int, ...]] = {}    # name -> cores it was given (see plan_cores)
+        self._pool_cores: dict[str, tuple[int, ...]] = {}
 
     def _spawn(self, name: str, argv: list[str], quiet: bool = False) -> subprocess.Popen:
         env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n", PYTHONUNBUFFERED="1",
@@ -130,9 +135,41 @@ class LocalStack:
             name = f"{pool}-{self._count[pool]}"
             self._count[pool] += 1
         self.metrics_ports[name] = port = free_port(cfg.host)
-        self._spawn(name, self._cli("worker", pool, *self._common, "--metrics-port", str(port),
+        cores = self.cores.setdefault(name, self._pool_cores.get(pool, ()))  # planner's extras share the pool's
+        pinned = ["--cpus", format_cpus(cores)] if cores else []
+        self._spawn(name, self._cli("worker", pool, *self._common, "--metrics-port", str(port), *pinned,
                                     *cfg.worker_args, *extra))
         return name
+
+    def plan_cores(self) -> dict[str, tuple[int, ...]]:
+        """Give each initial worker instance its own cores, in proportion to its ranks, and the
+        router (with Redis) a core of its own when one is left over (``engine.runtime.cores.split``).
+        Raises ``ValueError`` when ``--threads`` asks for more threads than a rank gets cores."""
+        cfg = self.cfg
+        if not cfg.pin_cores:
+            return {}
+        cores = cfg.cpus or available()
+        names = [f"prefill-{i}" for i in range(cfg.prefill_instances)] + \
+                [f"decode-{i}" for i in range(cfg.decode_instances)]
+        worlds = {"prefill": _world(cfg.worker_args + cfg.prefill_args),
+                  "decode": _world(cfg.worker_args + cfg.decode_args)}
+        weights = [worlds[n.split("-")[0]] for n in names]
+        compute = cores[:-1] if len(cores) > sum(weights) else cores   # a spare core for the router
+        plan = dict(zip(names, split(compute, weights)))
+        if compute != cores:
+            plan["router"] = cores[-1:]
+        threads = _flag(cfg.worker_args, "--threads")
+        for name, share in plan.items():
+            ranks = worlds.get(name.split("-")[0], 1)
+            if name != "router" and threads and int(threads) * ranks > len(share):
+                raise ValueError(f"--threads {threads} for each of the {ranks} rank(s) of {name} needs "
+                                 f"{int(threads) * ranks} cores, but the split of {len(cores)} cores "
+                                 f"({format_cpus(cores)}) gives it {len(share)}: lower --threads (0 = one "
+                                 f"per core) or run fewer instances")
+        for pool in ("prefill", "decode"):
+            self._pool_cores[pool] = tuple(sorted({c for n, s in plan.items() if n.startswith(pool) for c in s}))
+        self.cores = plan
+        return plan
 
     def workers(self, pool: str) -> list[str]:
         """Names of the instances of ``pool`` not asked to stop (running, or dead and about to
@@ -180,12 +217,15 @@ class LocalStack:
         if self.http_port == 0:
             self.http_port = free_port(cfg.host)
         self._common = common = ["--model", cfg.model, "--redis-url", self.redis_url, "--host", cfg.host]
+        self.plan_cores()
         for _ in range(cfg.prefill_instances):
             self.add_worker("prefill")
         for _ in range(cfg.decode_instances):
             self.add_worker("decode")
-        self._spawn("router", self._cli("router", *common, "--port", str(self.router_port), "--http-port",
-                                        str(self.http_port), *cfg.router_args))
+        router = self._spawn("router", self._cli("router", *common, "--port", str(self.router_port),
+                                                 "--http-port", str(self.http_port), *cfg.router_args))
+        if self.cores.get("router"):          # off the workers' cores (its threads inherit this)
+            os.sched_setaffinity(router.pid, self.cores["router"])
         address = f"{cfg.host}:{self.router_port}"
         self._wait_ready(address)
         return address
@@ -295,3 +335,20 @@ class LocalStack:
                     p.wait()
         with self._lock:
             self.procs.clear()
+
+
+def _flag(args: tuple[str, ...], name: str) -> str | None:
+    """The value of ``name`` in ``args`` (``--x=v`` or ``--x v``; the last one wins), else None."""
+    value = None
+    for i, a in enumerate(args):
+        if a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+        elif a == name and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
+def _world(args: tuple[str, ...]) -> int:
+    """Ranks of an instance started with ``args`` (pp * cp * max(tp, ep))."""
+    tp, pp, cp, ep = (int(_flag(args, f"--{a}") or 1) for a in ("tp", "pp", "cp", "ep"))
+    return pp * cp * max(tp, ep)

@@ -32,6 +32,9 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
                    help="model and KV cache dtype: auto = bfloat16 on CUDA, float32 on CPU (exact)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="replay decode steps from CUDA graphs captured per batch-size bucket (CUDA only)")
+    p.add_argument("--cpus", default="",
+                   help="cores for this command's ranks, e.g. 0-3 (split evenly between them; each rank "
+                        "pins to its share and runs one torch thread per core); empty = not pinned")
     p.add_argument("--master-addr", default=None,
                    help="rank 0's rendezvous address (env MASTER_ADDR; default: rank 0's --host)")
     p.add_argument("--master-port", type=int, default=None,

@@ -50,6 +50,7 @@ def run_stack(cfg: StackConfig) -> int:
         workers = ", ".join(f"{name} :{port}" for name, port in sorted(stack.metrics_ports.items()))
         print(f"Cleave metrics: http://{cfg.host}:{stack.http_port}/metrics (router); workers' /metrics on "
               f"{workers}", flush=True)
+        print(f"Cleave cores: {describe_cores(stack.cores)}", flush=True)
         if cfg.planner is not None:
             planner = PlannerThread(stack, cfg.planner).start()
             print(f"Cleave planner: scaling prefill within [{cfg.planner.prefill_min}, "
@@ -73,3 +74,13 @@ def run_stack(cfg: StackConfig) -> int:
         if planner is not None:
             planner.stop()
         stack.stop()
+
+
+def describe_cores(plan: dict) -> str:
+    """The core split of the ready line, e.g. ``prefill-0 0, decode-0 1, router shared``."""
+    from engine.runtime.cores import format_cpus
+    if not plan:
+        return "not pinned (--no-pin-cores)"
+    parts = [f"{name} {format_cpus(cores)}" for name, cores in plan.items() if name != "router"]
+    router = format_cpus(plan["router"]) if "router" in plan else "shared (no spare core)"
+    return ", ".join(parts) + f", router and Redis {router}; one torch thread per core"

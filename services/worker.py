@@ -52,7 +52,7 @@ def runtime_config(cfg: WorkerConfig) -> RuntimeConfig:
     return RuntimeConfig(model=cfg.model, parallel=cfg.parallel, device=cfg.device, dtype=cfg.dtype,
                          block_size=cfg.block_size, num_blocks=cfg.num_blocks,
                          kv_cache_bytes=cfg.kv_cache_bytes, transport=cfg.transport, checksum=cfg.checksum,
-                         host=cfg.host, threads=cfg.threads, cuda_graphs=cfg.cuda_graphs,
+                         host=cfg.host, threads=cfg.threads, cpus=tuple(cfg.cpus), cuda_graphs=cfg.cuda_graphs,
                          max_batch=cfg.max_batch, expert_stats=stats,
                          rendezvous=cfg.rendezvous or Rendezvous())
 

@@ -102,7 +102,8 @@ class RuntimeConfig:
     transport: str = "ucx"
     checksum: bool = True
     host: str = "127.0.0.1"            # this rank's address: KV transport, gloo/NCCL interface
-    threads: int = 0                   # torch intra-op threads; 0 = torch's default
+    threads: int = 0                   # torch intra-op threads per rank; 0 = one per core given, else torch's default
+    cpus: tuple[int, ...] = ()         # cores of this host for its ranks (split between them); () = unpinned
     cuda_graphs: bool = True           # decode steps replayed from CUDA graphs (CUDA only)
     max_batch: int = 64                # largest decode batch (sizes the CUDA graph buckets)
     expert_stats: ExpertStats | None = None
@@ -117,15 +118,20 @@ class RuntimeConfig:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.threads < 0 or self.max_batch < 1:
             raise ValueError(f"need threads >= 0 and max_batch >= 1, got {self.threads} and {self.max_batch}")
+        local = len(self.rendezvous.local_ranks(self.world_size))
+        if self.cpus and self.threads * local > len(self.cpus):
+            raise ValueError(f"{self.threads} threads for each of {local} rank(s) on this host need "
+                             f"{self.threads * local} cores, but --cpus gives {len(self.cpus)}: lower "
+                             f"--threads (0 = one per core) or give more cores")
 
     @property
     def world_size(self) -> int:
         return self.parallel.world_size
 
     def for_rank_host(self, local: "RuntimeConfig") -> "RuntimeConfig":
-        """Rank 0's config with this host's own fields (address, device, threads, rendezvous)."""
+        """Rank 0's config with this host's own fields (address, device, threads, cores, rendezvous)."""
         return dataclasses.replace(self, host=local.host, device=local.device, threads=local.threads,
-                                   rendezvous=local.rendezvous)
+                                   cpus=local.cpus, rendezvous=local.rendezvous)
 
     def mismatch(self, other: "RuntimeConfig") -> list[str]:
         """Instance-wide fields where ``other`` (a rank's own flags) differs from this (rank 0's)."""

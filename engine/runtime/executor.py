@@ -269,7 +269,7 @@ def rank_main(rank: int, local_index: int, own: RuntimeConfig, master: tuple[str
     try:
         groups = ParallelGroups.build(cfg.parallel, rank)
         try:
-            runner = RankRunner(cfg, groups, device)
+            runner = RankRunner(cfg, groups, device, local_index)
             built = ("ok", None)
         except Exception as exc:
             built = _failure(exc)

@@ -30,6 +30,7 @@ from engine.config import CacheConfig
 from engine.layout import kv_head_range, layer_range
 from engine.loader import load_model, resolve_model
 from engine.parallel import AsyncSender, ParallelGroups
+from engine.runtime import cores
 from engine.runtime.config import RuntimeConfig
 from engine.runtime.cuda_graphs import DecodeGraphs
 from engine.runtime.device import resolve_dtype
@@ -97,13 +98,16 @@ class OverlapProbe:
 class RankRunner:
     """Model shard, KV cache, transport and handoff endpoints of one rank.
 
-    ``device``: this rank's own ``torch.device`` (``cuda:<local rank>`` or CPU). Raises what
-    the loader raises (``ValueError`` for a layout that cannot split the model)."""
+    ``device``: this rank's own ``torch.device`` (``cuda:<local rank>`` or CPU);
+    ``local_index``: its index among this host's ranks (which share of ``cfg.cpus`` it pins to).
+    Raises what the loader raises (``ValueError`` for a layout that cannot split the model)."""
 
-    def __init__(self, cfg: RuntimeConfig, groups: ParallelGroups, device: torch.device) -> None:
+    def __init__(self, cfg: RuntimeConfig, groups: ParallelGroups, device: torch.device,
+                 local_index: int = 0) -> None:
         self.cfg, self.groups, self.device = cfg, groups, device
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        local = cfg.rendezvous.local_ranks(cfg.world_size)
+        self.cores = cores.split(cfg.cpus, [1] * len(local))[local_index] if cfg.cpus else ()
+        cores.pin(self.cores, cfg.threads)                  # this rank's share of the host's cores
         if device.type == "cuda":
             torch.cuda.set_device(device)
         self.source = resolve_model(cfg.model)
