@@ -55,7 +55,7 @@ class FakeTransport(KVTransport):
         return self._address
 
     def post_recv(self, tag: int, buffer: torch.Tensor, deadline: float) -> Transfer:
-        check_message(tag, buffer, deadline)
+        check_message(self, tag, buffer, deadline)
         handle = Handle("recv", tag, deadline, on_cancel=self._forget_recv)
         with self._fabric.lock:
             if self._closed:
@@ -68,7 +68,7 @@ class FakeTransport(KVTransport):
         return handle
 
     def send(self, peer: bytes, tag: int, buffer: torch.Tensor, deadline: float) -> Transfer:
-        check_message(tag, buffer, deadline)
+        check_message(self, tag, buffer, deadline)
         with self._fabric.lock:
             target = self._fabric.transports.get(peer)
             on_cancel = None if target is None else target._forget_send

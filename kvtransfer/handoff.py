@@ -15,15 +15,23 @@ Call order:
 
 Each message is the packed piece followed by a 16-byte trailer: magic, protocol version and
 an optional CRC32 of the payload.
+
+The KV cache may live on any device. Pieces are packed and scattered on the cache's device
+(``kernels.kv_pack`` / ``kv_unpack`` pick the Triton kernels on CUDA); the message itself goes
+through the cache's memory when the transport can move it (UCX with CUDA), else through a
+pinned host buffer (``kvtransfer.staging``; each sender and receiver logs once which). The CRC
+is computed where the payload is (``kvtransfer.crc``, equal to ``zlib.crc32``), so the bytes on
+the wire, the trailer included, are the same on every path and a CUDA prefill instance can hand
+off to a CPU decode instance and back.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import struct
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -32,8 +40,12 @@ from cleave.v1 import inference_pb2, worker_pb2
 from engine.config import ModelConfig
 from engine.layout import cp_token_ranges, kv_head_range, layer_range
 from kernels import kv_pack, kv_unpack
+from kvtransfer.crc import crc32
 from kvtransfer.plan import DestRank, Piece, SourceRank, plan_pieces
+from kvtransfer.staging import MessagePath
 from kvtransfer.transport import KVTransport, TransferState
+
+log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 _MAGIC = 0x564B4C43  # "CLKV"
@@ -91,10 +103,17 @@ def _piece_elems(piece: Piece, head_dim: int) -> int:
             * (piece.heads[1] - piece.heads[0]) * head_dim)
 
 
-def _trailer(payload: torch.Tensor, checksum: bool) -> torch.Tensor:
-    crc = zlib.crc32(payload.view(torch.uint8).numpy()) if checksum else 0
-    return torch.frombuffer(bytearray(_TRAILER.pack(_MAGIC, PROTOCOL_VERSION, crc, int(checksum))),
-                            dtype=torch.uint8)
+def _piece_shape(piece: Piece, head_dim: int) -> tuple[int, int, int, int, int]:
+    return (piece.layers[1] - piece.layers[0], 2, piece.tokens[1] - piece.tokens[0],
+            piece.heads[1] - piece.heads[0], head_dim)
+
+
+def _write_trailer(message: torch.Tensor, checksum: bool) -> None:
+    """Fill the last 16 bytes of ``message`` (on any device) from its payload."""
+    crc = crc32(message[:-_TRAILER.size]) if checksum else 0
+    trailer = torch.frombuffer(bytearray(_TRAILER.pack(_MAGIC, PROTOCOL_VERSION, crc, int(checksum))),
+                               dtype=torch.uint8)
+    message[-_TRAILER.size:].copy_(trailer)
 
 
 @dataclass
@@ -116,7 +135,9 @@ class KVReceiver:
 
     def __init__(self, transport: KVTransport, kv_cache: torch.Tensor, model: ModelConfig,
                  layout: inference_pb2.Layout, rank: int = 0, layer_offset: int = 0,
-                 head_offset: int = 0) -> None:
+                 head_offset: int = 0, force_staging: bool = False) -> None:
+        """``force_staging``: receive into host buffers even when the transport could write
+        the cache's device memory (tests; a fallback when device transfers misbehave)."""
         self.transport = transport
         self.kv_cache = kv_cache
         self.model = model
@@ -126,6 +147,8 @@ class KVReceiver:
         self.head_offset = head_offset    # first global KV head stored in kv_cache[..., 0, :]
         self._expected: dict[str, _Expected] = {}
         self._lock = threading.Lock()
+        self.path = MessagePath(transport, kv_cache.device, force_staging)
+        log.info("KV handoff (decode rank %d): %s", rank, self.path.describe())
 
     def expect(self, transfer_id: str, source: inference_pb2.Layout, blocks: list[int],
                num_tokens: int, deadline: float) -> int:
@@ -135,8 +158,8 @@ class KVReceiver:
         for index, piece in enumerate(plan):
             if piece.dst != self.rank:
                 continue
-            buf = torch.empty(_piece_elems(piece, self.model.head_dim) * self.kv_cache.element_size()
-                              + _TRAILER.size, dtype=torch.uint8)
+            buf = self.path.alloc(_piece_elems(piece, self.model.head_dim) * self.kv_cache.element_size()
+                                  + _TRAILER.size)
             handle = self.transport.post_recv(piece_tag(transfer_id, index), buf, deadline)
             posted.append((piece, handle, buf))
         with self._lock:
@@ -182,15 +205,15 @@ class KVReceiver:
 
     def _scatter(self, transfer_id: str, piece: Piece, buf: torch.Tensor, blocks: list[int]) -> None:
         payload, trailer = buf[:-_TRAILER.size], buf[-_TRAILER.size:]
-        magic, version, crc, has_crc = _TRAILER.unpack(trailer.numpy().tobytes())
+        magic, version, crc, has_crc = _TRAILER.unpack(trailer.cpu().numpy().tobytes())
         if magic != _MAGIC or version != PROTOCOL_VERSION:
             raise HandoffError(f"transfer {transfer_id}: bad message trailer (magic {magic:#x}, "
                                f"protocol {version}, expected {PROTOCOL_VERSION})")
-        if has_crc and zlib.crc32(payload.numpy()) != crc:
+        if has_crc and crc32(payload) != crc:
             raise HandoffError(f"transfer {transfer_id}: checksum mismatch on piece {piece}")
-        shape = (piece.layers[1] - piece.layers[0], 2, piece.tokens[1] - piece.tokens[0],
-                 piece.heads[1] - piece.heads[0], self.model.head_dim)
-        data = payload.view(self.kv_cache.dtype).view(shape)
+        data = payload.view(self.kv_cache.dtype).view(_piece_shape(piece, self.model.head_dim))
+        if data.device != self.kv_cache.device:
+            data = self.path.to_device(data)
         kv_unpack(data, self.kv_cache, blocks, piece.tokens[0],
                   piece.layers[0] - self.layer_offset, piece.heads[0] - self.head_offset)
 
@@ -216,7 +239,9 @@ class KVSender:
 
     def __init__(self, transport: KVTransport, model: ModelConfig, compat: str,
                  layout: inference_pb2.Layout, rank: int = 0, head_offset: int = 0,
-                 checksum: bool = True) -> None:
+                 checksum: bool = True, force_staging: bool = False) -> None:
+        """``force_staging``: send from host buffers even when the transport could read the
+        cache's device memory (tests; a fallback when device transfers misbehave)."""
         self.transport = transport
         self.model = model
         self.compat = compat
@@ -224,6 +249,17 @@ class KVSender:
         self.rank = rank
         self.head_offset = head_offset
         self.checksum = checksum
+        self.force_staging = force_staging
+        self._paths: dict[torch.device, MessagePath] = {}   # per cache device, logged once
+
+    def path(self, device: torch.device | str) -> MessagePath:
+        """The :class:`MessagePath` of a KV cache on ``device`` (made, and logged, on first use)."""
+        device = torch.device(device)
+        path = self._paths.get(device)
+        if path is None:
+            path = self._paths[device] = MessagePath(self.transport, device, self.force_staging)
+            log.info("KV handoff (prefill rank %d): %s", self.rank, path.describe())
+        return path
 
     def check(self, landing: worker_pb2.LandingDescriptor) -> None:
         """Raise IncompatiblePeer when this instance can never fill ``landing`` (checked before
@@ -251,17 +287,14 @@ class KVSender:
             raise HandoffError(f"transfer {landing.transfer_id}: deadline passed before sending")
         addresses = {r.rank: r.transport_address for r in landing.ranks}
         plan = transfer_plan(self.layout, landing.layout, self.model, landing.num_prompt_tokens)
+        path = self.path(kv_cache.device)
         handles, sent = [], 0
         for index, piece in enumerate(plan):
             if piece.src != self.rank:
                 continue
-            packed = kv_pack(kv_cache, blocks, piece.tokens[0], piece.tokens[1], piece.layers[0],
-                             piece.layers[1], piece.heads[0] - self.head_offset,
-                             piece.heads[1] - self.head_offset)
-            payload = packed.contiguous().view(-1).view(torch.uint8)
-            message = torch.cat([payload, _trailer(payload, landing.checksum and self.checksum)])
             if piece.dst not in addresses:
                 raise HandoffError(f"landing descriptor has no address for decode rank {piece.dst}")
+            message = self._message(path, kv_cache, blocks, piece, landing.checksum and self.checksum)
             handles.append((piece, self.transport.send(addresses[piece.dst], piece_tag(landing.transfer_id, index),
                                                        message, deadline), message))
             sent += message.numel()
@@ -278,3 +311,21 @@ class KVSender:
                 raise HandoffError(f"sending KV piece {piece} of transfer {landing.transfer_id} "
                                    f"failed: {handle.error} (deadline {deadline:.3f})")
         return sent
+
+    def _message(self, path: MessagePath, kv_cache: torch.Tensor, blocks: list[int], piece: Piece,
+                 checksum: bool) -> torch.Tensor:
+        """Pack ``piece`` of ``kv_cache`` into a message (payload + trailer) where ``path`` puts
+        messages, ready for the transport to read."""
+        shape = _piece_shape(piece, self.model.head_dim)
+        nbytes = _piece_elems(piece, self.model.head_dim) * kv_cache.element_size()
+        message = path.alloc(nbytes + _TRAILER.size)
+        ranges = (piece.tokens[0], piece.tokens[1], piece.layers[0], piece.layers[1],
+                  piece.heads[0] - self.head_offset, piece.heads[1] - self.head_offset)
+        payload = message[:nbytes].view(kv_cache.dtype).view(shape)
+        if path.direct:
+            kv_pack(kv_cache, blocks, *ranges, out=payload)
+        else:
+            path.to_host(kv_pack(kv_cache, blocks, *ranges), payload)
+        _write_trailer(message, checksum)
+        path.ready(message)
+        return message

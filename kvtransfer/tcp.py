@@ -84,7 +84,7 @@ class TCPTransport(KVTransport):
         return self._closed
 
     def post_recv(self, tag: int, buffer: torch.Tensor, deadline: float) -> Transfer:
-        check_message(tag, buffer, deadline)
+        check_message(self, tag, buffer, deadline)
         handle = Handle("recv", tag, deadline, on_cancel=self._forget_recv)
         with self._lock:
             if self._closed:
@@ -109,7 +109,7 @@ class TCPTransport(KVTransport):
         return handle
 
     def send(self, peer: bytes, tag: int, buffer: torch.Tensor, deadline: float) -> Transfer:
-        check_message(tag, buffer, deadline)
+        check_message(self, tag, buffer, deadline)
         parse_address(peer)
         handle = Handle("send", tag, deadline)
         with self._lock:

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from kvtransfer.transport import Transfer, TransferState
+from kvtransfer.transport import KVTransport, Transfer, TransferState
 
 MAX_TAG = (1 << 64) - 1
 
@@ -96,14 +96,17 @@ class Handle(Transfer):
         return self._error
 
 
-def check_message(tag: int, buffer: torch.Tensor, deadline: float) -> None:
-    """ValueError quoting the offending value for a bad tag, buffer or deadline."""
+def check_message(transport: KVTransport, tag: int, buffer: torch.Tensor, deadline: float) -> None:
+    """ValueError quoting the offending value for a bad tag, buffer or deadline, or a buffer
+    on a device ``transport`` cannot move (:meth:`KVTransport.supports_device`)."""
     if isinstance(tag, bool) or not isinstance(tag, int) or not 0 <= tag <= MAX_TAG:
         raise ValueError(f"tag must be an int in [0, 2**64), got {tag!r}")
     if not isinstance(buffer, torch.Tensor):
         raise ValueError(f"buffer must be a torch.Tensor, got {type(buffer).__name__}")
-    if buffer.device.type != "cpu":
-        raise ValueError(f"buffer must be a CPU tensor for now, got device {buffer.device}")
+    if not transport.supports_device(buffer.device):
+        raise ValueError(f"the {transport.name} transport cannot move memory on {buffer.device}: "
+                         f"pass a host (CPU) buffer (kvtransfer.handoff stages device memory "
+                         f"through pinned host memory)")
     if not buffer.is_contiguous():
         raise ValueError(f"buffer must be contiguous, got shape {tuple(buffer.shape)} "
                          f"strides {buffer.stride()}")

@@ -12,7 +12,12 @@ Who calls what (DESIGN §4):
   ``DONE`` or ``FAILED``: the transport fails it when ``deadline`` (unix seconds) passes, when
   ``abort()`` is called, or when the peer cannot be reached.
 
-Buffers are contiguous CPU (or, later, CUDA) torch tensors of any dtype; only their bytes move.
+Buffers are contiguous torch tensors of any dtype; only their bytes move. Every backend moves
+host (CPU) memory; :meth:`KVTransport.supports_device` says whether it can also send from and
+receive into another device's memory (``ucx`` built with CUDA: CUDA IPC on one host, RDMA
+across hosts). ``kvtransfer.handoff`` asks it once per KV cache and otherwise stages device
+memory through pinned host buffers.
+
 The backends: ``ucx`` (``ucxx``, worker-address endpoints so shared memory is used on one
 host), ``tcp`` (plain sockets, no extra dependency) and ``fake`` (in-process, for unit tests,
 needs a shared :class:`~kvtransfer.fake.FakeFabric` passed as ``fabric=``).
@@ -77,6 +82,13 @@ class KVTransport(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Fail every pending transfer and release resources. Idempotent."""
+
+    def supports_device(self, device: torch.device | str) -> bool:
+        """Whether :meth:`send` / :meth:`post_recv` take buffers on ``device`` as they are.
+
+        Host memory always; the default says host memory only, and :meth:`send` /
+        :meth:`post_recv` raise ``ValueError`` for a buffer on a device this returns False for."""
+        return torch.device(device).type == "cpu"
 
 
 _BACKENDS = {

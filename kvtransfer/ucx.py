@@ -21,6 +21,11 @@ completes handles and sweeps deadlines.
   no per-request cancel. An aborted or expired handle therefore FAILS at once, but its UCX
   request stays in flight (its buffer kept alive here) until UCX completes it or the transport
   closes; a peer posting that tag later still receives the bytes.
+* Device memory: when this UCX build has CUDA transports (``cuda_copy``, ``cuda_ipc``: the
+  context's resources, :func:`cuda_transports`) and its ``TLS`` allows them,
+  :meth:`UCXTransport.supports_device` is True for CUDA devices and CUDA tensors are handed to
+  UCX as they are (``__cuda_array_interface__``): CUDA IPC on one host, RDMA across hosts. The
+  caller must have finished writing a send buffer (synchronised its stream) before ``send``.
 """
 from __future__ import annotations
 
@@ -46,6 +51,35 @@ SWEEP_S = 0.02           # deadline sweep / unexpected-message check period
 IDLE_WAIT_S = 0.05       # how long an idle thread blocks on its command queue
 SPINS_BEFORE_SLEEP = 200  # busy progress loops with no progress before napping
 NAP_S = 0.0002
+
+
+def cuda_transports(context_info: str) -> list[str]:
+    """Names of the CUDA transports (``cuda_copy/cuda``, ``cuda_ipc/cuda0``...) among the
+    resources of a UCX context, from its printed info (``UCXContext.info``). Empty when UCX was
+    built without CUDA, its CUDA module could not load (no driver), or ``UCX_TLS`` excludes them.
+    (ucxx's own ``cuda_support`` only reflects ``UCX_TLS``.)"""
+    found = []
+    for line in context_info.splitlines():
+        if "resource" in line and "--" in line:
+            name = line.rsplit("--", 1)[1].strip()
+            if name.startswith("cuda"):
+                found.append(name)
+    return found
+
+
+def _ucx_view(buffer: torch.Tensor):
+    """What UCX is given for a checked buffer: a zero-copy uint8 numpy view of host memory, or
+    the flat uint8 CUDA tensor itself (ucxx reads its ``__cuda_array_interface__``)."""
+    if buffer.device.type == "cpu":
+        return byte_view(buffer)
+    return buffer.reshape(-1).view(torch.uint8)
+
+
+def _bind_cuda(view) -> None:
+    """Make a CUDA buffer's device current on the calling (progress) thread: UCX's CUDA
+    transports work in the thread's current CUDA context. No-op for host memory."""
+    if isinstance(view, torch.Tensor) and view.is_cuda:
+        torch.cuda.set_device(view.device)
 
 
 class _InFlight:
@@ -77,6 +111,7 @@ class UCXTransport(KVTransport):
                                            feature_flags=(ucx_api.Feature.TAG,))
         self._worker = ucx_api.UCXWorker(self._context)
         self._address = ADDRESS_PREFIX + self._worker.address.tobytes()
+        self._cuda = bool(self._context.cuda_support) and bool(cuda_transports(self._context.info))
         self._lock = threading.Lock()           # guards _closed, _pending, _posted_tags
         self._closed = False
         self._pending: set[Handle] = set()
@@ -94,22 +129,26 @@ class UCXTransport(KVTransport):
     def address(self) -> bytes:
         return self._address
 
+    def supports_device(self, device: torch.device | str) -> bool:
+        kind = torch.device(device).type
+        return kind == "cpu" or (kind == "cuda" and self._cuda)
+
     def post_recv(self, tag: int, buffer: torch.Tensor, deadline: float) -> Transfer:
-        check_message(tag, buffer, deadline)
+        check_message(self, tag, buffer, deadline)
         handle = Handle("recv", tag, deadline, on_cancel=self._on_cancel)
         if self._admit(handle, tag):
-            view = byte_view(buffer)
-            self._commands.put(lambda: self._posted.__setitem__(tag, (handle, view)))
+            view = _ucx_view(buffer)
+            self._commands.put(lambda: self._post(tag, handle, view))
         return handle
 
     def send(self, peer: bytes, tag: int, buffer: torch.Tensor, deadline: float) -> Transfer:
-        check_message(tag, buffer, deadline)
+        check_message(self, tag, buffer, deadline)
         if not isinstance(peer, bytes) or not peer.startswith(ADDRESS_PREFIX):
             raise ValueError(f"ucx peer address must start with {ADDRESS_PREFIX!r}, "
                              f"got {peer[:32]!r}")
         handle = Handle("send", tag, deadline)
         if self._admit(handle, None):
-            view = byte_view(buffer)
+            view = _ucx_view(buffer)
             self._commands.put(lambda: self._submit_send(handle, peer, view))
         return handle
 
@@ -185,9 +224,14 @@ class UCXTransport(KVTransport):
                 return True
         return False
 
-    def _submit_send(self, handle: Handle, peer: bytes, view: np.ndarray) -> None:
+    def _post(self, tag: int, handle: Handle, view) -> None:
+        _bind_cuda(view)
+        self._posted[tag] = (handle, view)
+
+    def _submit_send(self, handle: Handle, peer: bytes, view) -> None:
         if handle.poll() is not TransferState.PENDING:
             return
+        _bind_cuda(view)
         try:
             endpoint = self._endpoints.get(peer)
             if endpoint is None:

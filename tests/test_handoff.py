@@ -39,6 +39,7 @@ class RecordingTransport(KVTransport):
 
     def __init__(self, inner: KVTransport, tamper=None) -> None:
         self.inner = inner
+        self.name = inner.name
         self.tamper = tamper
         self.sends = 0
 
@@ -47,6 +48,9 @@ class RecordingTransport(KVTransport):
 
     def post_recv(self, tag, buffer, deadline):
         return self.inner.post_recv(tag, buffer, deadline)
+
+    def supports_device(self, device):
+        return self.inner.supports_device(device)
 
     def send(self, peer, tag, buffer, deadline):
         self.sends += 1
