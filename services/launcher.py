@@ -158,14 +158,14 @@ class LocalStack:
         plan = dict(zip(names, split(compute, weights)))
         if compute != cores:
             plan["router"] = cores[-1:]
-        threads = _flag(cfg.worker_args, "--threads")
+        threads = int(_flag(cfg.worker_args, "--threads") or 0)
         for name, share in plan.items():
             ranks = worlds.get(name.split("-")[0], 1)
-            if name != "router" and threads and int(threads) * ranks > len(share):
-                raise ValueError(f"--threads {threads} for each of the {ranks} rank(s) of {name} needs "
-                                 f"{int(threads) * ranks} cores, but the split of {len(cores)} cores "
-                                 f"({format_cpus(cores)}) gives it {len(share)}: lower --threads (0 = one "
-                                 f"per core) or run fewer instances")
+            per_rank = max(1, len(share) // ranks)        # ranks share cores when there are fewer
+            if name != "router" and threads > per_rank:
+                raise ValueError(f"--threads {threads} per rank, but the split of {len(cores)} cores "
+                                 f"({format_cpus(cores)}) gives each of the {ranks} rank(s) of {name} "
+                                 f"{per_rank}: lower --threads (0 = one per core) or run fewer instances")
         for pool in ("prefill", "decode"):
             self._pool_cores[pool] = tuple(sorted({c for n, s in plan.items() if n.startswith(pool) for c in s}))
         self.cores = plan

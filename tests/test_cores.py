@@ -56,10 +56,13 @@ def test_more_threads_than_cores_is_refused_clearly():
     from engine.config import ParallelConfig
     from engine.runtime.config import RuntimeConfig
 
-    with pytest.raises(ValueError, match=r"--threads 2 .* needs 2 cores.*gives it 1"):
+    with pytest.raises(ValueError, match=r"--threads 2 per rank.*rank\(s\) of prefill-0 1"):
         _stack(cpus=(0, 1), worker_args=("--threads", "2")).plan_cores()
-    with pytest.raises(ValueError, match="need 4 cores, but --cpus gives 2"):
+    with pytest.raises(ValueError, match=r"each of the 2 rank\(s\) on this host gets 1 core"):
         RuntimeConfig(threads=2, cpus=(0, 1), parallel=ParallelConfig(tp=2))
+    # more ranks than cores: they share, one thread each (what a 4-rank instance on 2 cores does)
+    assert _stack(cpus=(0, 1), worker_args=("--threads", "1"), decode_args=("--tp=4",)).plan_cores()
+    RuntimeConfig(threads=1, cpus=(0,), parallel=ParallelConfig(tp=4))
 
 
 @pytest.mark.e2e

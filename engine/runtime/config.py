@@ -119,9 +119,10 @@ class RuntimeConfig:
         if self.threads < 0 or self.max_batch < 1:
             raise ValueError(f"need threads >= 0 and max_batch >= 1, got {self.threads} and {self.max_batch}")
         local = len(self.rendezvous.local_ranks(self.world_size))
-        if self.cpus and self.threads * local > len(self.cpus):
-            raise ValueError(f"{self.threads} threads for each of {local} rank(s) on this host need "
-                             f"{self.threads * local} cores, but --cpus gives {len(self.cpus)}: lower "
+        per_rank = max(1, len(self.cpus) // local)        # ranks share cores when there are fewer
+        if self.cpus and self.threads > per_rank:
+            raise ValueError(f"{self.threads} torch threads per rank, but each of the {local} rank(s) on "
+                             f"this host gets {per_rank} core(s) of the {len(self.cpus)} in --cpus: lower "
                              f"--threads (0 = one per core) or give more cores")
 
     @property
