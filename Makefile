@@ -60,3 +60,9 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info protos/cleave/v1/*_pb2*.py protos/cleave/v1/*_pb2*.pyi
+
+# The prepared GPU check (README "GPU check"): the machine's own python3, never the venv.
+# Fill bench/gpu_check/carry/ first, where a registry is reachable: bench/gpu_check/prepare.py.
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) bench/gpu_check/run.py
