@@ -5,9 +5,11 @@ Lifecycle of a worker process (``cleave worker prefill|decode``):
 1. :class:`WorkerHost` builds the instance's executor (``engine.runtime``: its ranks, their
    model shards, KV caches and transports, on this host or joined from others) and the block
    allocator shared by all its ranks.
-2. :func:`serve_worker` builds the pool's servicer on the host, binds the gRPC server
-   (port 0 = a free port), serves Prometheus ``/metrics`` on ``metrics_port`` when set
-   (``common.prom.WorkerMetrics``), starts the Redis heartbeat so routers find it, and waits.
+2. :func:`serve_worker` starts it (:func:`start_worker`: builds the pool's servicer on the
+   host, binds the gRPC server (port 0 = a free port), serves Prometheus ``/metrics`` on
+   ``metrics_port`` when set (``common.prom.WorkerMetrics``), starts the Redis heartbeat so
+   routers find it) and waits. In-process test stacks (``tests/fake_stack.py``) call
+   :func:`start_worker` and :meth:`RunningWorker.stop` themselves.
 3. SIGTERM/SIGINT drains: health turns NOT_SERVING and the record is rewritten as
    ``draining`` at once, so routers send nothing new (a request that raced the flag is
    refused with UNAVAILABLE and the router retries it elsewhere). Requests already here run
@@ -137,22 +139,54 @@ async def start_worker_server(host: WorkerHost, add_servicer: Callable[[grpc.aio
     return server, port
 
 
-async def serve_worker(cfg: WorkerConfig, make_servicer: Callable[[WorkerHost], object],
-                       add_fn: Callable, ready: Callable[[str], None] | None = None) -> None:
-    """Run one worker process until SIGTERM/SIGINT or a rank dies (see the module docstring)."""
-    host = await asyncio.to_thread(WorkerHost, cfg)
+class RunningWorker:
+    """A worker whose gRPC server, servicer, metrics and heartbeat run (:func:`start_worker`);
+    :meth:`stop` takes them down in order. ``heartbeat`` is None without a Redis URL."""
+
+    def __init__(self, host: WorkerHost, servicer, server: grpc.aio.Server, client=None,
+                 heartbeat: Heartbeat | None = None, beat_task: asyncio.Task | None = None) -> None:
+        self.host, self.servicer, self.server = host, servicer, server
+        self.heartbeat = heartbeat
+        self._client, self._beat_task = client, beat_task
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Leave the registry, stop the server (``grace`` seconds for running calls), the
+        servicer, metrics and the instance's ranks."""
+        if self._beat_task is not None:
+            self._beat_task.cancel()
+            await self.heartbeat.deregister()  # leave the routing set first
+            await self._client.aclose()
+        await self.server.stop(grace=grace)
+        await self.servicer.stop()
+        self.host.metrics.close()
+        self.host.executor.close()
+
+
+async def start_worker(host: WorkerHost, make_servicer: Callable[[WorkerHost], object],
+                       add_fn: Callable) -> RunningWorker:
+    """Serve ``host``: build its servicer, bind and start the gRPC server, serve metrics when
+    ``metrics_port`` is set and register in Redis when ``redis_url`` is (first beat written
+    before returning). Called by :func:`serve_worker` and by in-process test stacks."""
+    cfg = host.cfg
     servicer = make_servicer(host)
     server, _ = await start_worker_server(host, lambda s: add_fn(servicer, s))
     await servicer.start()
     if cfg.metrics_port:
         port = host.metrics.serve(cfg.host, cfg.metrics_port)
         log.info("%s worker metrics on http://%s:%d/metrics", cfg.pool, cfg.host, port)
-    client = connect_redis(cfg.redis_url) if cfg.redis_url else None
-    beat_task = heartbeat = None
-    if client is not None:
-        heartbeat = Heartbeat(client, cfg.key_prefix, host.record, cfg.heartbeat_s, cfg.ttl_s)
-        await heartbeat.beat()
-        beat_task = asyncio.create_task(heartbeat.run())
+    if not cfg.redis_url:
+        return RunningWorker(host, servicer, server)
+    client = connect_redis(cfg.redis_url)
+    heartbeat = Heartbeat(client, cfg.key_prefix, host.record, cfg.heartbeat_s, cfg.ttl_s)
+    await heartbeat.beat()
+    return RunningWorker(host, servicer, server, client, heartbeat, asyncio.create_task(heartbeat.run()))
+
+
+async def serve_worker(cfg: WorkerConfig, make_servicer: Callable[[WorkerHost], object],
+                       add_fn: Callable, ready: Callable[[str], None] | None = None) -> None:
+    """Run one worker process until SIGTERM/SIGINT or a rank dies (see the module docstring)."""
+    host = await asyncio.to_thread(WorkerHost, cfg)
+    worker = await start_worker(host, make_servicer, add_fn)
     log.info("%s worker %s serving %s on %s", cfg.pool, host.worker_id, host.model_id, host.address)
     if ready is not None:
         ready(host.address)
@@ -166,16 +200,9 @@ async def serve_worker(cfg: WorkerConfig, make_servicer: Callable[[WorkerHost], 
     if host.failed:
         log.error("%s worker %s is going down: %s", cfg.pool, host.worker_id, host.failed)
     else:
-        await _drain(host, servicer, heartbeat, stop)
+        await _drain(host, worker.servicer, worker.heartbeat, stop)
     log.info("%s worker %s stopping", cfg.pool, host.worker_id)
-    if beat_task is not None:
-        beat_task.cancel()
-        await heartbeat.deregister()  # leave the routing set first
-        await client.aclose()
-    await server.stop(grace=5)
-    await servicer.stop()
-    host.metrics.close()
-    host.executor.close()
+    await worker.stop(grace=5)
     if host.failed:
         raise SystemExit(1)
 

@@ -1,16 +1,16 @@
 """Fault kinds where one request's input, bad bytes or a slow Redis could hurt others (unit tier).
 
 Each test pins the right value of one input from the fault report (issue 10) and its siblings:
-validation anchoring and sizes, tokenizing off the event loop, counting attempts as made, never
-retrying a failure the worker marks as the request's own, undecodable bytes, the internal-API
-token, and request state that Redis outages neither delay nor lose.
+validation anchoring and sizes, tokenizing off the event loop, undecodable bytes, the
+internal-API token, and request state that Redis outages neither delay nor lose. Counting
+attempts as made and never retrying a failure the worker marks as the request's own are tested
+on real workers in tests/test_router_fake.py.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-import types
 
 import grpc
 import pytest
@@ -18,10 +18,9 @@ import pytest
 from cleave.v1 import inference_pb2 as pb
 from cleave.v1 import worker_pb2, worker_pb2_grpc
 from common.config import RouterConfig
-from common.errors import InvalidRequest, RequestFault, Unavailable, abort_with
-from common.grpc_util import add_service, internal_channel
+from common.errors import InvalidRequest
+from common.grpc_util import add_service
 from engine.config import ModelConfig
-from router.lifecycle import RequestRun, RetryableFailure, ValidRequest
 from router.validate import check_input_size, request_id_of
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
@@ -102,38 +101,11 @@ def test_tokenizing_runs_off_the_event_loop(redis_url):
     assert asyncio.run(main()) == [1, 2]
 
 
-# ---- retries ----------------------------------------------------------------------------------
+# ---- bad bytes and the internal token ----------------------------------------------------------
 
-def _run(max_attempts=3) -> RequestRun:
-    core = types.SimpleNamespace(cfg=RouterConfig(max_attempts=max_attempts))
-    return RequestRun(core, ValidRequest("r1", [1, 2], pb.SamplingParams(max_tokens=4), 0, time.time() + 30))
-
-
-def test_attempts_are_counted_as_made():
-    run = _run(max_attempts=3)
-
-    async def failing():
-        raise RetryableFailure("worker went away")
-        yield  # pragma: no cover
-
-    run._attempt = failing
-
-    async def consume():
-        async for _ in run.tokens():
-            pass
-
-    with pytest.raises(Unavailable, match="failed after 3 attempts"):
-        asyncio.run(consume())
-    assert run.attempts == 3
-
-
-class FaultyPrefill(worker_pb2_grpc.PrefillServicer):
-    def __init__(self, exc):
-        self.exc = exc
-
-    async def Prefill(self, request, context):
-        await abort_with(context, self.exc)
-        yield  # pragma: no cover
+class InfoOnly(worker_pb2_grpc.PrefillServicer):
+    async def Info(self, request, context):
+        return worker_pb2.WorkerInfo(free_blocks=7)
 
 
 async def _serve(servicer, token=None):
@@ -142,41 +114,6 @@ async def _serve(servicer, token=None):
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, f"127.0.0.1:{port}"
-
-
-@pytest.mark.parametrize("exc,retried", [
-    (RequestFault("sampling produced NaN for this request"), False),
-    (Unavailable("worker draining"), True),
-])
-def test_a_request_fault_is_not_retried_on_another_worker(exc, retried):
-    async def main():
-        server, address = await _serve(FaultyPrefill(exc))
-        channel = internal_channel(address, None)
-        worker = types.SimpleNamespace(key="prefill/p0")
-        run = _run()
-        call = worker_pb2_grpc.PrefillStub(channel).Prefill(worker_pb2.PrefillRequest(request_id="r1"))
-        try:
-            async for _ in run._rpc(worker, call):
-                pass
-        except RetryableFailure:
-            return True, run._excluded
-        except grpc.aio.AioRpcError as err:
-            return False, err.code()
-        finally:
-            await channel.close()
-            await server.stop(None)
-
-    was_retried, detail = asyncio.run(main())
-    assert was_retried is retried
-    if not retried:
-        assert detail == grpc.StatusCode.INTERNAL
-
-
-# ---- bad bytes and the internal token ----------------------------------------------------------
-
-class InfoOnly(worker_pb2_grpc.PrefillServicer):
-    async def Info(self, request, context):
-        return worker_pb2.WorkerInfo(free_blocks=7)
 
 
 def _raw_call(address, method, payload, metadata=()):
