@@ -221,6 +221,8 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
                 tokens = [t for t, _ in items if t is not None]
                 reason = next((r for _, r in items if r is not None), None)
                 if reason in (FINISH_ABORT, FINISH_ERROR):
+                    if tokens:  # made before the failure: the router keeps them and resumes after
+                        yield worker_pb2.DecodeChunk(token_ids=tokens)
                     kind = RequestFault if seq.fault == "request" else Unavailable
                     await abort_with(context, kind(f"decode of {transfer_id} on "
                                                    f"{self.host.worker_id} ended: {seq.error or 'aborted'}"))

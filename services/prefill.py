@@ -97,7 +97,7 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
         except IncompatiblePeer as exc:
             await abort_with(context, IncompatibleLanding(str(exc)))
         except InstanceError as exc:  # the instance is down, or a rank's error could not be carried
-            await abort_with(context, Unavailable(f"KV push failed: {exc}"))
+            await abort_with(context, Unavailable(f"prefill instance {self.host.worker_id} failed: {exc}"))
         except HandoffError as exc:
             await abort_with(context, Unavailable(f"KV push failed: {exc}"))
         except Exception as exc:
