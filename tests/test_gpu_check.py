@@ -63,7 +63,9 @@ def test_a_python_without_torch_is_no_gpu_either():
 def test_make_target_uses_the_given_python_and_never_the_venv():
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    dry = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}  # under `make test`
+    dry = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30, env=env)
     assert dry.returncode == 0
     assert dry.stdout.strip() == "python3 bench/gpu_check/run.py"
 

@@ -160,12 +160,11 @@ class Executor:
                 if cancelled is not None and cancelled.is_set():
                     raise HandoffError(f"transfer {landing.transfer_id} cancelled")
                 time.sleep(0.005)
-        except BaseException:
-            try:
-                self._all(RankRunner.abort_push, push_id)
-            except Exception as exc:      # the instance is down: its pushes are gone with it
-                log.debug("aborting push %s: %s", push_id, exc)
-            raise
+        finally:
+            try:                                  # forget it everywhere (stopping it if it still runs)
+                self._all(RankRunner.end_push, push_id)
+            except Exception as exc:              # the instance is down: its pushes are gone with it
+                log.debug("ending push %s: %s", push_id, exc)
 
     def check_landing(self, landing: worker_pb2.LandingDescriptor) -> None:
         """Raise (``kvtransfer.handoff.IncompatiblePeer`` etc.) before any KV is computed for a

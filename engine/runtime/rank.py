@@ -209,16 +209,13 @@ class RankRunner:
         self._pushes[push_id] = (self._push_pool.submit(self.push, landing, blocks, timeout, stop), stop)
 
     def push_result(self, push_id: str) -> int | None:
-        """Bytes sent by a finished push (forgotten afterwards), None while it runs; raises the
-        push's own error (``HandoffError`` ...)."""
+        """Bytes sent by a finished push, None while it runs; raises the push's own error
+        (``HandoffError`` ...). The executor ends every push with :meth:`end_push`."""
         future, _ = self._pushes[push_id]
-        if not future.done():
-            return None
-        del self._pushes[push_id]
-        return future.result()
+        return future.result() if future.done() else None
 
-    def abort_push(self, push_id: str) -> None:
-        """Stop a running push at its next poll and forget it (no-op when unknown)."""
+    def end_push(self, push_id: str) -> None:
+        """Stop a push at its next poll if it still runs, and forget it (no-op when unknown)."""
         entry = self._pushes.pop(push_id, None)
         if entry is not None:
             entry[1].set()
@@ -245,6 +242,6 @@ class RankRunner:
 
     def close(self) -> None:
         for push_id in list(self._pushes):
-            self.abort_push(push_id)
+            self.end_push(push_id)
         self._push_pool.shutdown(wait=True)
         self.transport.close()
