@@ -21,7 +21,8 @@ help:
 	@echo "                                               # OpenAI API + /metrics on http://127.0.0.1:HTTP_PORT"
 	@echo "make test                                       # the test suite (slow tier excluded)"
 	@echo "make test-all                                   # every tier"
-	@echo "make bench                                      # serving benchmark vs transformers"
+	@echo "make bench                                      # serving benchmark: Cleave vs transformers and llama.cpp"
+	@echo "make gpu-check                                  # the prepared one-GPU check (says so and exits 0 without a GPU)"
 
 $(STAMP): pyproject.toml requirements.txt $(wildcard protos/cleave/v1/*.proto)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -84,8 +84,11 @@ def run_cleave(args, source, vocab, weights_dtype, flag, slo, out) -> None:
         router = stack.start()
         out["cores"] = {name: list(cores) for name, cores in getattr(stack, "cores", {}).items()}
         for c in args.levels:
-            out["rows"][(f"Cleave {weights_dtype}", c)] = bench_stack(
-                stack, args.backend, vocab, c, args.tokens, args.prompt_tokens, slo)
+            s0, n0 = serving_extras.decode_step_totals(stack)
+            row = bench_stack(stack, args.backend, vocab, c, args.tokens, args.prompt_tokens, slo)
+            s1, n1 = serving_extras.decode_step_totals(stack)
+            row["step"] = (s1 - s0) / max(1, n1 - n0)          # the engine's share of TPOT at this load
+            out["rows"][(f"Cleave {weights_dtype}", c)] = row
         if args.handoff_tokens and "handoff" not in out:
             out["handoff"] = serving_extras.handoff(stack, router, args.handoff_tokens)
         kv_per_token = load_model_config(source).kv_bytes_per_token()
@@ -207,6 +210,12 @@ def print_extras(args, dtypes, out) -> None:
               f"({args.threads} threads) {out['step'][wd] * 1e3:.1f} ms = {out['step'][wd] / floors[0]:.2f}x its floor "
               f"{floors[0] * 1e3:.1f} ms; served TPOT ({out['decode_threads']} core(s)) {served * 1e3:.1f} ms = "
               f"{served / floors[1]:.2f}x its floor {floors[1] * 1e3:.1f} ms")
+    for wd in dtypes:
+        hops = [(c, r["tpot"], r["step"]) for (name, c), r in out["rows"].items()
+                if name == f"Cleave {wd}" and "step" in r]
+        if hops:
+            print(f"{wd} TPOT = engine decode step + hops (decode -> router -> client, scheduling): " + "; ".join(
+                f"{c} stream(s) {t * 1e3:.1f} = {s * 1e3:.1f} + {(t - s) * 1e3:.1f} ms" for c, t, s in hops))
     h = out.get("handoff")
     if h:
         print(f"KV handoff, {h['prompt_tokens']}-token prompt over {args.transport}: {h['transfer_bytes'] / MiB:.1f} MiB "

@@ -80,3 +80,21 @@ def worker_memory(stack, kv_bytes_per_token: int, weights: int | None) -> list[d
         rows.append(dict(name=name, pid=proc.pid, rss=rss, procs=len(procs), weights=weights,
                          kv=info.total_blocks * info.block_size * kv_bytes_per_token))
     return rows
+
+
+def decode_step_totals(stack) -> tuple[float, int]:
+    """``(seconds, steps)`` of engine decode steps so far, summed over the stack's decode workers
+    (their ``cleave:decode_step_seconds`` histogram on ``/metrics``)."""
+    import urllib.request
+
+    total, count = 0.0, 0
+    for name, port in stack.metrics_ports.items():
+        if not name.startswith("decode"):
+            continue
+        text = urllib.request.urlopen(f"http://{stack.cfg.host}:{port}/metrics", timeout=5).read().decode()
+        for line in text.splitlines():
+            if line.startswith("cleave:decode_step_seconds_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("cleave:decode_step_seconds_count"):
+                count += int(float(line.rsplit(" ", 1)[1]))
+    return total, count
