@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import ParallelConfig
+from engine.config import WEIGHTS_DTYPES, ParallelConfig
 
 POOLS = ("prefill", "decode")
 TRANSPORTS = ("ucx", "tcp", "fake")
@@ -38,6 +38,7 @@ class WorkerConfig:
     key_prefix: str = "cleave:"
     worker_id: str = ""                # "" = "<pool>-<host>-<port>"
     dtype: str = "auto"                # auto = bfloat16 on CUDA, float32 on CPU
+    weights_dtype: str = "fp32"        # --weights-dtype: fp32 (exact) | bf16 | int8 | int4 (engine.quant)
     device: str = "auto"               # auto | cuda | cpu (engine.runtime.device)
     cuda_graphs: bool = True           # decode steps from CUDA graphs (CUDA only)
     block_size: int = 16
@@ -76,6 +77,8 @@ class WorkerConfig:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.weights_dtype not in WEIGHTS_DTYPES:
+            raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {self.weights_dtype!r}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
         if not 0 < self.heartbeat_s < self.ttl_s:

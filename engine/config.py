@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 # weight / activation / KV dtype name (the torch attribute of the same name) -> bytes per element
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# --weights-dtype values (engine.quant holds the weights; listed here so the router needs no torch)
+WEIGHTS_DTYPES = ("fp32", "bf16", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class ModelConfig:
     dtype: str = "float32"
     num_experts: int = 0          # Mixtral-style MoE: experts per layer (0 = dense MLP)
     num_experts_per_tok: int = 0  # top-k experts each token is routed to
+    weights_dtype: str = "fp32"   # how linear/embedding weights are held (engine.quant): fp32 = in
+                                  # dtype (exact), bf16, int8, int4 (weight-only; MoE experts stay in dtype)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -52,6 +56,8 @@ class ModelConfig:
                              f"num_kv_heads={self.num_kv_heads}")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
+        if self.weights_dtype not in WEIGHTS_DTYPES:
+            raise ValueError(f"weights_dtype={self.weights_dtype!r} is not one of {WEIGHTS_DTYPES}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:

@@ -12,6 +12,9 @@ GGUF quirks handled here:
 - llama.cpp's converter permutes the rows of ``attn_q`` / ``attn_k`` for its interleaved
   rope (architecture "llama" only, Mistral included; Qwen2 is stored as is); we undo it;
 - a missing ``output.weight`` means the LM head is tied to ``token_embd``;
+- served with ``weights_dtype`` int8 or int4, 2-D tensors stored as Q8_0, Q4_0, Q4_1 or Q4_K
+  come as ``engine.quant.GroupQuant`` (the file's own codes and scales, ``engine.gguf_blocks``)
+  instead of fp32; the layers re-quantize them only where their kernel's layout differs;
 - Mixtral is architecture "llama" with ``llama.expert_count`` / ``llama.expert_used_count``
   (-> ``ModelConfig.architecture="mixtral"``, ``num_experts``, ``num_experts_per_tok``); its
   router is ``ffn_gate_inp`` and its experts are stacked ``ffn_{gate,up,down}_exps``
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import numpy as np
 
 from engine.config import ModelConfig
+from engine.gguf_blocks import BLOCK_TYPES, decode
 
 if TYPE_CHECKING:
     import torch
@@ -104,15 +108,33 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _group_quant(t, arch: str, name: str, config: ModelConfig):
+    """One block-quantized 2-D tensor as ``GroupQuant`` (q/k rows un-permuted like the floats)."""
+    import torch
+
+    from engine.quant import GroupQuant
+    parts = decode(t.data, t.tensor_type.name, int(t.shape[0]))
+    if arch in _PERMUTED_ROPE_ARCHS and (".q_proj." in name or ".k_proj." in name):
+        heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
+        parts = [None if p is None else unpermute_rope(p, heads) for p in parts]
+    return GroupQuant(*(None if p is None else torch.from_numpy(np.ascontiguousarray(p)) for p in parts))
+
+
 def iter_reader_weights(reader, config: ModelConfig,
                         want: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, tensor in config.dtype)``; ``want(hf_name)`` False skips the read."""
+    """Yield ``(hf_name, tensor in config.dtype)``; ``want(hf_name)`` False skips the read.
+    With ``config.weights_dtype`` int8 / int4, block-quantized 2-D tensors come as
+    ``engine.quant.GroupQuant`` (see the module doc)."""
     import torch
     from gguf.quants import dequantize
     arch = _field(reader, "general.architecture")
+    blocks = config.weights_dtype in ("int8", "int4")
     for t in reader.tensors:
         name = hf_name(t.name)
         if want is not None and not want(name):
+            continue
+        if blocks and len(t.shape) == 2 and t.tensor_type.name in BLOCK_TYPES:
+            yield name, _group_quant(t, arch, name, config)
             continue
         w = dequantize(t.data, t.tensor_type)
         w = w.reshape([int(d) for d in reversed(t.shape)])

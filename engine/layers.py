@@ -24,16 +24,23 @@ every layer holds the whole matrix and runs exactly the single-rank maths.
 - :class:`RMSNorm` weights are replicated.
 
 Parameters are created empty (no random init): a model is always loaded from a checkpoint.
+The linear layers and the embedding hold their weight in the ``weights`` mode of
+``engine.quant`` (``--weights-dtype``: fp32 = the model dtype, exact; bf16, int8, int4):
+each full checkpoint tensor is first put in that form (``prepare``), then sliced, then stored.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from engine.quant import GroupQuant, WeightStore
 
 
 def load_param(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
-    """Copy a tensor into ``param``; shapes must match exactly."""
+    """Copy a tensor (a :class:`~engine.quant.GroupQuant` is dequantized) into ``param``;
+    shapes must match exactly."""
+    if isinstance(loaded, GroupQuant):
+        loaded = loaded.dequantize()
     if param.shape != loaded.shape:
         raise ValueError(f"{what}: checkpoint shape {tuple(loaded.shape)} does not match "
                          f"parameter shape {tuple(param.shape)}")
@@ -53,7 +60,7 @@ def _empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
-class MergedColumnLinear(nn.Module):
+class MergedColumnLinear(nn.Module, WeightStore):
     """``y = x W_r^T (+ b_r)``: the rank's rows of several column-parallel logical shards.
 
     ``output_sizes[i]`` is this rank's width ``n_i`` of logical shard ``i`` (e.g.
@@ -61,10 +68,12 @@ class MergedColumnLinear(nn.Module):
     ``full_sizes[i]`` the checkpoint tensor's rows and ``shard_offsets[i]`` the first of them
     this rank holds (defaults: the whole tensor, i.e. one rank). ``load_shard(i, leaf, t)``
     copies ``t[off_i : off_i + n_i]`` into the rank's rows ``[sum(n_<i), sum(n_<=i))``.
+    ``weights``: how the weight is held (``engine.quant``); the bias stays in ``dtype``.
     """
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool, dtype: torch.dtype,
-                 full_sizes: list[int] | None = None, shard_offsets: list[int] | None = None):
+                 full_sizes: list[int] | None = None, shard_offsets: list[int] | None = None,
+                 weights: str = "fp32"):
         super().__init__()
         self.output_sizes = list(output_sizes)
         self.full_sizes = list(full_sizes or output_sizes)
@@ -73,34 +82,38 @@ class MergedColumnLinear(nn.Module):
             if not 0 <= off <= off + n <= full:
                 raise ValueError(f"shard rows [{off}, {off + n}) do not fit a {full}-row tensor")
         self.offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
-        self.weight = _empty_param(sum(output_sizes), input_size, dtype=dtype)
+        self.init_weight(sum(output_sizes), input_size, dtype, weights)
         self.bias = _empty_param(sum(output_sizes), dtype=dtype) if bias else None
 
     def load_shard(self, index: int, name: str, tensor: torch.Tensor) -> None:
         """Copy this rank's rows of logical shard ``index`` (``name``: "weight" | "bias")."""
-        param = self.weight if name == "weight" else self.bias
-        if param is None:
+        if name == "bias" and self.bias is None:
             raise ValueError(f"checkpoint has a {name} for a layer built without one")
-        n = self.output_sizes[index]
-        part = _narrow(tensor, 0, self.shard_offsets[index], n, self.full_sizes[index],
-                       f"shard {index} {name}")
-        lo = self.offsets[index]
-        load_param(param[lo: lo + n], part, f"shard {index} {name}")
+        n, lo, what = self.output_sizes[index], self.offsets[index], f"shard {index} {name}"
+        if name == "weight":
+            tensor = self.prepare(tensor)
+        part = _narrow(tensor, 0, self.shard_offsets[index], n, self.full_sizes[index], what)
+        if name == "weight":
+            self.store_rows(lo, part, what)
+        else:
+            load_param(self.bias[lo: lo + n], part, what)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
-class RowLinear(nn.Module):
+class RowLinear(nn.Module, WeightStore):
     """``y = all_reduce_tp(x_r W_r^T)``, no bias (Llama family); see the module doc.
 
     ``input_size`` is this rank's slice ``n`` of the full input ``full_input`` (default: all
     of it), starting at column ``input_offset`` of the checkpoint weight ``[out, full_input]``.
     ``tp`` is the ``engine.parallel.Group`` to sum over (None: one rank, no communication).
+    ``weights``: how the weight is held (``engine.quant``); quantized in groups of columns, the
+    rank's columns must start and end on a group boundary (else ``load`` raises ``ValueError``).
     """
 
     def __init__(self, input_size: int, output_size: int, dtype: torch.dtype, tp=None,
-                 full_input: int | None = None, input_offset: int = 0):
+                 full_input: int | None = None, input_offset: int = 0, weights: str = "fp32"):
         super().__init__()
         self.tp = tp
         self.full_input = full_input or input_size
@@ -108,31 +121,42 @@ class RowLinear(nn.Module):
         if not 0 <= input_offset <= input_offset + input_size <= self.full_input:
             raise ValueError(f"input columns [{input_offset}, {input_offset + input_size}) do not "
                              f"fit {self.full_input}")
-        self.weight = _empty_param(output_size, input_size, dtype=dtype)
+        self.init_weight(output_size, input_size, dtype, weights)
 
     def load(self, name: str, tensor: torch.Tensor) -> None:
         """Copy this rank's columns ``[input_offset, input_offset + n)`` of the full weight."""
         if name != "weight":
             raise ValueError(f"checkpoint has a {name} for a row-parallel layer built without one")
-        part = _narrow(tensor, 1, self.input_offset, self.weight.shape[1], self.full_input, name)
-        load_param(self.weight, part, name)
+        part = _narrow(self.prepare(tensor), 1, self.input_offset, self.in_features, self.full_input, name)
+        self.store_rows(0, part, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.matmul(x)
         if self.tp is not None and self.tp.size > 1:
             self.tp.all_reduce(y)
         return y
 
 
-class Embedding(nn.Module):
-    """Token embedding table ``[vocab, hidden]`` (replicated); also the LM head's weight."""
+class Embedding(nn.Module, WeightStore):
+    """Token embedding table ``[vocab, hidden]`` (replicated); also the LM head's weight
+    (:meth:`project`). ``weights`` int4 holds the table as int8 (see ``engine.quant``)."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype):
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, weights: str = "fp32"):
         super().__init__()
-        self.weight = _empty_param(vocab_size, hidden_size, dtype=dtype)
+        self.init_weight(vocab_size, hidden_size, dtype, "int8" if weights == "int4" else weights)
+
+    def load(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy the whole table (``name`` must be "weight")."""
+        if name != "weight":
+            raise ValueError(f"checkpoint has a {name} for an embedding table")
+        self.store_rows(0, self.prepare(tensor), name)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        return self.lookup(ids)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """LM head: ``h [T, hidden] -> logits [T, vocab] = h W^T`` in ``h``'s dtype."""
+        return self.matmul(h)
 
 
 class RMSNorm(nn.Module):

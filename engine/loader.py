@@ -31,19 +31,24 @@ def iter_weights(source: ModelSource, config: ModelConfig, want: Callable[[str],
 
 
 def load_model(spec_or_source: str | ModelSource, dtype: str = "float32", device: str | torch.device = "cpu",
-               groups=None):
+               groups=None, weights_dtype: str = "fp32"):
     """``(ModelConfig, model)`` in eval mode on ``device``: the whole model (``groups=None``) or
     one rank's shard (``groups``: its :class:`~engine.parallel.ParallelGroups`), dense Llama or
     Mixtral (``engine.moe.build_model``). Only the rank's tensors are read, one at a time, and
     each is copied straight into its (sliced) parameter on ``device``. The one loader: offline
     runs, tests, benches and every serving rank (``engine.runtime.rank``) call it.
+    ``weights_dtype`` (``--weights-dtype``): how the linear and embedding weights are held,
+    ``engine.quant`` (fp32 = in ``dtype``, the exact path; bf16; int8; int4, CPU only).
 
-    Raises ``ValueError`` (quoting the values) when the layout cannot split the model or the
-    checkpoint does not match it, ``FileNotFoundError`` for missing files."""
+    Raises ``ValueError`` (quoting the values) when the layout cannot split the model (or its
+    quantized weights), the checkpoint does not match it or int4 is asked off the CPU;
+    ``FileNotFoundError`` for missing files."""
     from engine.moe import build_model
+    if weights_dtype == "int4" and torch.device(device).type != "cpu":
+        raise ValueError(f"--weights-dtype int4 uses torch's CPU int4 kernel; on {device} use int8 or bf16")
     source = _as_source(spec_or_source)
     reader = gguf_loader.open_reader(source.path) if source.kind == "gguf" else None
-    config = load_model_config(source, reader).replace(dtype=dtype)
+    config = load_model_config(source, reader).replace(dtype=dtype, weights_dtype=weights_dtype)
     with torch.device(device):                       # parameters and buffers are made there
         model = build_model(config, groups)
     model.load_weights(iter_weights(source, config, want=model.wants, reader=reader))

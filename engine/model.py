@@ -63,12 +63,13 @@ class LlamaAttention(nn.Module):
         self.cp = groups.cp
         q, kv = self.num_heads * d, self.num_kv_heads * d
         q_off = tp.rank * q
+        w = config.weights_dtype
         self.qkv_proj = MergedColumnLinear(
             config.hidden_size, [q, kv, kv], config.attention_bias, config.torch_dtype,
             full_sizes=[config.num_heads * d, config.num_kv_heads * d, config.num_kv_heads * d],
-            shard_offsets=[q_off, kv_lo * d, kv_lo * d])
+            shard_offsets=[q_off, kv_lo * d, kv_lo * d], weights=w)
         self.o_proj = RowLinear(q, config.hidden_size, config.torch_dtype, tp=tp,
-                                full_input=config.num_heads * d, input_offset=q_off)
+                                full_input=config.num_heads * d, input_offset=q_off, weights=w)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv_layer: torch.Tensor,
                 rope: torch.Tensor) -> torch.Tensor:
@@ -101,10 +102,11 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"tp={tp.size} does not divide intermediate_size={config.intermediate_size}")
         i = config.intermediate_size // tp.size
         full, off = config.intermediate_size, tp.rank * i
+        w = config.weights_dtype
         self.gate_up_proj = MergedColumnLinear(config.hidden_size, [i, i], False, config.torch_dtype,
-                                               full_sizes=[full, full], shard_offsets=[off, off])
+                                               full_sizes=[full, full], shard_offsets=[off, off], weights=w)
         self.down_proj = RowLinear(i, config.hidden_size, config.torch_dtype, tp=tp,
-                                   full_input=full, input_offset=off)
+                                   full_input=full, input_offset=off, weights=w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -143,7 +145,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         dt = config.torch_dtype
         self.layer_start, self.layer_end = layer_range(groups.pp_rank, groups.pp.size, config.num_layers)
-        self.embed_tokens = (Embedding(config.vocab_size, config.hidden_size, dt)
+        self.embed_tokens = (Embedding(config.vocab_size, config.hidden_size, dt, config.weights_dtype)
                              if groups.is_first_stage else None)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, groups, mlp_factory(config, groups, i))
@@ -176,7 +178,8 @@ class LlamaForCausalLM(nn.Module):
         elif config.tie_word_embeddings and groups.is_first_stage:
             self.lm_head = self.model.embed_tokens          # shares the one weight
         else:                                                # own head, or the tied table on a later stage
-            self.lm_head = Embedding(config.vocab_size, config.hidden_size, config.torch_dtype)
+            self.lm_head = Embedding(config.vocab_size, config.hidden_size, config.torch_dtype,
+                                     config.weights_dtype)
         rope = build_rope_cache(config.head_dim, config.max_position, config.rope_theta)
         self.register_buffer("rope_cache", rope, persistent=False)
 
@@ -217,7 +220,7 @@ class LlamaForCausalLM(nn.Module):
         idx = batch.logits_indices                            # norm is per row: select first
         norm = self.model.norm
         h, _ = rms_norm(h[idx], norm.weight, norm.eps, residual[idx])
-        return torch.nn.functional.linear(h, self.lm_head.weight).float()
+        return self.lm_head.project(h).float()
 
     # ---- weights ----------------------------------------------------------------------------
     def wants(self, name: str) -> bool:

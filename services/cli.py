@@ -231,7 +231,8 @@ def _worker_config(args):
                         expert_window_s=args.expert_window, rebalance_interval_s=args.rebalance_interval,
                         rebalance_threshold=args.rebalance_threshold,
                         internal_token=Environment.read().internal_token,
-                        device=args.device, dtype=args.dtype, cuda_graphs=args.cuda_graphs,
+                        device=args.device, dtype=args.dtype, weights_dtype=args.weights_dtype,
+                        cuda_graphs=args.cuda_graphs,
                         cpus=parse_cpus(args.cpus),
                         rendezvous=rendezvous_from(args))
 

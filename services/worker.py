@@ -52,6 +52,7 @@ def runtime_config(cfg: WorkerConfig) -> RuntimeConfig:
     if cfg.pool == "decode" and cfg.redis_url:
         stats = ExpertStats(cfg.redis_url, cfg.key_prefix, cfg.expert_stats_interval_s, cfg.expert_window_s)
     return RuntimeConfig(model=cfg.model, parallel=cfg.parallel, device=cfg.device, dtype=cfg.dtype,
+                         weights_dtype=cfg.weights_dtype,
                          block_size=cfg.block_size, num_blocks=cfg.num_blocks,
                          kv_cache_bytes=cfg.kv_cache_bytes, transport=cfg.transport, checksum=cfg.checksum,
                          host=cfg.host, threads=cfg.threads, cpus=tuple(cfg.cpus), cuda_graphs=cfg.cuda_graphs,

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from engine.config import ParallelConfig
+from engine.config import WEIGHTS_DTYPES, ParallelConfig
 from engine.runtime.device import DEVICES, DTYPE_NAMES
 
 TRANSPORTS = ("ucx", "tcp", "fake")
@@ -96,6 +96,7 @@ class RuntimeConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "auto"               # auto | cuda | cpu
     dtype: str = "auto"                # auto = bfloat16 on CUDA, float32 on CPU
+    weights_dtype: str = "fp32"        # how weights are held (engine.quant): fp32 (in dtype, exact) | bf16 | int8 | int4
     block_size: int = 16
     num_blocks: int = 0                # 0 = derive from kv_cache_bytes
     kv_cache_bytes: int = 1 << 30
@@ -114,6 +115,8 @@ class RuntimeConfig:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
+        if self.weights_dtype not in WEIGHTS_DTYPES:
+            raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {self.weights_dtype!r}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.threads < 0 or self.max_batch < 1:
@@ -136,6 +139,6 @@ class RuntimeConfig:
 
     def mismatch(self, other: "RuntimeConfig") -> list[str]:
         """Instance-wide fields where ``other`` (a rank's own flags) differs from this (rank 0's)."""
-        keys = ("model", "parallel", "dtype", "block_size", "transport")
+        keys = ("model", "parallel", "dtype", "weights_dtype", "block_size", "transport")
         return [f"{k}: rank 0 has {getattr(self, k)!r}, this rank {getattr(other, k)!r}"
                 for k in keys if getattr(self, k) != getattr(other, k)]

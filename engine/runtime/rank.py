@@ -112,7 +112,8 @@ class RankRunner:
             torch.cuda.set_device(device)
         self.source = resolve_model(cfg.model)
         dtype = resolve_dtype(cfg.dtype, device)
-        self.model_config, self.model = load_model(self.source, dtype, device, groups)
+        self.model_config, self.model = load_model(self.source, dtype, device, groups,
+                                                   weights_dtype=cfg.weights_dtype)
         m, p = self.model_config, cfg.parallel
         self.heads = kv_head_range(groups.tp_rank, p.tp, m.num_kv_heads)
         self.layers = layer_range(groups.pp_rank, p.pp, m.num_layers)
