@@ -8,13 +8,19 @@ Call order:
 2. Each prefill rank, after running the prompt, calls :meth:`KVSender.push` with the landing
    descriptor: it checks the compatibility hash and the deadline *before any byte moves*,
    packs each of its pieces contiguous and sends it straight to the decode rank that needs it.
-3. Decode waits with :meth:`KVReceiver.wait`, which verifies and scatters every piece into
-   the reserved blocks; only then is the sequence admitted to the running batch.
+3. Decode waits with :meth:`KVReceiver.wait` (or polls :meth:`KVReceiver.try_land`), which
+   verifies and scatters every piece into the reserved blocks as soon as it has landed, in
+   whatever order the pieces land; only when all are in is the sequence admitted to the running
+   batch. Nothing is written into the blocks before the decode service asks, and a piece whose
+   checksum fails is never written.
 4. :meth:`KVReceiver.cancel` (abort, deadline, failure) fails outstanding receives; the
    decode service frees the blocks.
 
 Each message is the packed piece followed by a 16-byte trailer: magic, protocol version and
-an optional CRC32 of the payload.
+an optional CRC32 of the payload (``kvtransfer.message``). A sender packs piece ``i + 1`` while
+piece ``i`` is in flight: every piece of a push is sent before the first is waited on. Message
+buffers on the host come from a pool of the path (``kvtransfer.staging``) and go back to it
+once their transfer is done, so a push does not pay fresh pages for every message.
 
 The KV cache may live on any device. Pieces are packed and scattered on the cache's device
 (``kernels.kv_pack`` / ``kv_unpack`` pick the Triton kernels on CUDA); the message itself goes
@@ -29,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,17 +44,18 @@ import torch
 from cleave.v1 import inference_pb2, worker_pb2
 from engine.config import ModelConfig
 from engine.layout import cp_token_ranges, kv_head_range, layer_range
-from kernels import kv_pack, kv_unpack
-from kvtransfer.crc import crc32
+from kernels import kv_unpack
+from kvtransfer.message import (PROTOCOL_VERSION, TRAILER, CorruptMessage, HandoffTimes, build_message,
+                                message_nbytes, open_message, piece_shape)
 from kvtransfer.plan import DestRank, Piece, SourceRank, plan_pieces
-from kvtransfer.staging import MessagePath
-from kvtransfer.transport import KVTransport, TransferState
+from kvtransfer.staging import POOL_BYTES, MessagePath
+from kvtransfer.transport import KVTransport, Transfer, TransferState
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
-_MAGIC = 0x564B4C43  # "CLKV"
-_TRAILER = struct.Struct("<IIII")  # magic, version, crc32, has_crc
+_TRAILER = TRAILER   # the wire format lives in kvtransfer.message; these names stay importable here
+__all__ = ["PROTOCOL_VERSION", "HandoffError", "NotLandedYet", "IncompatiblePeer", "HandoffTimes",
+           "KVReceiver", "KVSender", "compat_hash", "piece_tag", "transfer_plan"]
 
 
 class HandoffError(RuntimeError):
@@ -98,46 +104,31 @@ def transfer_plan(source: inference_pb2.Layout, dest: inference_pb2.Layout, mode
     return plan_pieces(sources, dests)
 
 
-def _piece_elems(piece: Piece, head_dim: int) -> int:
-    return ((piece.layers[1] - piece.layers[0]) * 2 * (piece.tokens[1] - piece.tokens[0])
-            * (piece.heads[1] - piece.heads[0]) * head_dim)
-
-
-def _piece_shape(piece: Piece, head_dim: int) -> tuple[int, int, int, int, int]:
-    return (piece.layers[1] - piece.layers[0], 2, piece.tokens[1] - piece.tokens[0],
-            piece.heads[1] - piece.heads[0], head_dim)
-
-
-def _write_trailer(message: torch.Tensor, checksum: bool) -> None:
-    """Fill the last 16 bytes of ``message`` (on any device) from its payload."""
-    crc = crc32(message[:-_TRAILER.size]) if checksum else 0
-    trailer = torch.frombuffer(bytearray(_TRAILER.pack(_MAGIC, PROTOCOL_VERSION, crc, int(checksum))),
-                               dtype=torch.uint8)
-    message[-_TRAILER.size:].copy_(trailer)
-
-
 @dataclass
 class _Expected:
-    pieces: list[tuple[Piece, object, torch.Tensor]]  # (piece, Transfer, message buffer)
+    pieces: list[tuple[Piece, Transfer, torch.Tensor]]  # (piece, Transfer, message buffer)
     blocks: list[int]
     deadline: float
-    landed: bool = False
     cancelled: bool = False
+    error: str | None = None                      # why the transfer failed, raised again on each call
     scattered: set = field(default_factory=set)   # indices of pieces already in the blocks
-    # held while scattering into the blocks; cancel() takes it, so once cancel returns no
+    times: HandoffTimes = field(default_factory=HandoffTimes)
+    # held while landing pieces into the blocks; cancel() takes it, so once cancel returns no
     # write into the (about to be freed) blocks is in progress or can start
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class KVReceiver:
-    """Decode-rank side. The decode service calls expect() at Reserve, wait() before admitting
-    the sequence, and cancel() on abort. ``rank`` and ``layout`` place this rank in its instance."""
+    """Decode-rank side. The decode service calls expect() at Reserve, wait() or try_land() before
+    admitting the sequence, and cancel() on abort. ``rank`` and ``layout`` place this rank in its
+    instance."""
 
     def __init__(self, transport: KVTransport, kv_cache: torch.Tensor, model: ModelConfig,
                  layout: inference_pb2.Layout, rank: int = 0, layer_offset: int = 0,
-                 head_offset: int = 0, force_staging: bool = False) -> None:
+                 head_offset: int = 0, force_staging: bool = False, pool_bytes: int = POOL_BYTES) -> None:
         """``force_staging``: receive into host buffers even when the transport could write
-        the cache's device memory (tests; a fallback when device transfers misbehave)."""
+        the cache's device memory (tests; a fallback when device transfers misbehave).
+        ``pool_bytes``: idle host message memory kept for reuse (``kvtransfer.staging``)."""
         self.transport = transport
         self.kv_cache = kv_cache
         self.model = model
@@ -147,7 +138,7 @@ class KVReceiver:
         self.head_offset = head_offset    # first global KV head stored in kv_cache[..., 0, :]
         self._expected: dict[str, _Expected] = {}
         self._lock = threading.Lock()
-        self.path = MessagePath(transport, kv_cache.device, force_staging)
+        self.path = MessagePath(transport, kv_cache.device, force_staging, pool_bytes)
         log.info("KV handoff (decode rank %d): %s", rank, self.path.describe())
 
     def expect(self, transfer_id: str, source: inference_pb2.Layout, blocks: list[int],
@@ -158,8 +149,7 @@ class KVReceiver:
         for index, piece in enumerate(plan):
             if piece.dst != self.rank:
                 continue
-            buf = self.path.alloc(_piece_elems(piece, self.model.head_dim) * self.kv_cache.element_size()
-                                  + _TRAILER.size)
+            buf = self.path.alloc(message_nbytes(piece, self.model.head_dim, self.kv_cache.element_size()))
             handle = self.transport.post_recv(piece_tag(transfer_id, index), buf, deadline)
             posted.append((piece, handle, buf))
         with self._lock:
@@ -167,55 +157,88 @@ class KVReceiver:
         return len(posted)
 
     def wait(self, transfer_id: str, timeout: float | None = None) -> None:
-        """Block until every piece landed, then verify and scatter into the blocks.
+        """Block until every piece landed, verifying and scattering each into the blocks as it
+        lands (in any order). ``timeout`` (seconds) bounds the wait below the deadline.
 
-        Raises HandoffError when a piece failed, is corrupt, or the deadline passed."""
+        Raises NotLandedYet when ``timeout`` ran out first (the receives stay posted), and
+        HandoffError when a piece failed, is corrupt, or the deadline passed."""
+        exp = self._get(transfer_id)
+        stop = exp.deadline if timeout is None else min(exp.deadline, time.time() + timeout)
+        while True:
+            waiting_on = self._land_ready(transfer_id, exp)
+            if waiting_on is None:
+                return
+            left = stop - time.time()
+            if left <= 0:
+                if time.time() < exp.deadline:
+                    raise NotLandedYet(f"transfer {transfer_id} has not landed yet (wait timed out; "
+                                       f"the transfer stays posted until its deadline)")
+                if self._land_ready(transfer_id, exp) is None:   # the handles see the deadline now
+                    return
+                raise HandoffError(f"KV piece {exp.pieces[waiting_on][0]} of transfer {transfer_id}: "
+                                   f"not landed within its deadline")
+            exp.pieces[waiting_on][1].wait(left)
+
+    def try_land(self, transfer_id: str) -> bool:
+        """Non-blocking :meth:`wait`: lands every piece that is in, True once all are; False while
+        some are pending; raises on failure."""
+        return self._land_ready(transfer_id, self._get(transfer_id)) is None
+
+    def times(self, transfer_id: str) -> HandoffTimes | None:
+        """Verify and scatter times of an expected transfer so far (None when unknown)."""
+        with self._lock:
+            exp = self._expected.get(transfer_id)
+        return None if exp is None else HandoffTimes(**vars(exp.times))
+
+    def _get(self, transfer_id: str) -> _Expected:
         with self._lock:
             exp = self._expected.get(transfer_id)
         if exp is None:
             raise HandoffError(f"no transfer {transfer_id!r} expected on decode rank {self.rank}")
-        if exp.landed:
-            return
-        stop = exp.deadline if timeout is None else min(exp.deadline, time.time() + timeout)
-        for index, (piece, handle, buf) in enumerate(exp.pieces):
-            if index in exp.scattered:
-                continue
-            state = handle.wait(max(0.0, stop - time.time()))
-            if state is TransferState.PENDING and time.time() < exp.deadline:
-                raise NotLandedYet(f"transfer {transfer_id} has not landed yet (wait timed out; "
-                                   f"the transfer stays posted until its deadline)")
-            if state is not TransferState.DONE:
-                handle.abort()
-                reason = handle.error or f"not landed within its deadline (state {state.value})"
-                raise HandoffError(f"KV piece {piece} of transfer {transfer_id}: {reason}")
-            with exp.lock:
-                if exp.cancelled:
-                    raise HandoffError(f"transfer {transfer_id} was cancelled")
-                self._scatter(transfer_id, piece, buf, exp.blocks)
+        return exp
+
+    def _land_ready(self, transfer_id: str, exp: _Expected) -> int | None:
+        """Verify and scatter every piece that has landed and is not in the blocks yet; returns
+        the index of a piece still pending, or None once all are in. Raises HandoffError."""
+        with exp.lock:
+            if exp.cancelled:
+                raise HandoffError(f"transfer {transfer_id} was cancelled")
+            if exp.error is not None:
+                raise HandoffError(exp.error)
+            pending = None
+            for index, (piece, handle, buf) in enumerate(exp.pieces):
+                if index in exp.scattered:
+                    continue
+                state = handle.poll()
+                if state is TransferState.PENDING:
+                    pending = index if pending is None else pending
+                    continue
+                if state is not TransferState.DONE:
+                    handle.abort()
+                    reason = handle.error or f"not landed within its deadline (state {state.value})"
+                    exp.error = f"KV piece {piece} of transfer {transfer_id}: {reason}"
+                    raise HandoffError(exp.error)
+                try:
+                    self._scatter(piece, buf, exp)
+                except CorruptMessage as exc:
+                    exp.error = f"transfer {transfer_id}: {exc} on piece {piece}"
+                    raise HandoffError(exp.error) from None
+                finally:
+                    self.path.release(buf)   # the transport is done with it either way
                 exp.scattered.add(index)
-        exp.landed = True
+            return pending
 
-    def try_land(self, transfer_id: str) -> bool:
-        """Non-blocking :meth:`wait`: True once landed, False while pending; raises on failure."""
-        try:
-            self.wait(transfer_id, timeout=0)
-            return True
-        except NotLandedYet:
-            return False
-
-    def _scatter(self, transfer_id: str, piece: Piece, buf: torch.Tensor, blocks: list[int]) -> None:
-        payload, trailer = buf[:-_TRAILER.size], buf[-_TRAILER.size:]
-        magic, version, crc, has_crc = _TRAILER.unpack(trailer.cpu().numpy().tobytes())
-        if magic != _MAGIC or version != PROTOCOL_VERSION:
-            raise HandoffError(f"transfer {transfer_id}: bad message trailer (magic {magic:#x}, "
-                               f"protocol {version}, expected {PROTOCOL_VERSION})")
-        if has_crc and crc32(payload) != crc:
-            raise HandoffError(f"transfer {transfer_id}: checksum mismatch on piece {piece}")
-        data = payload.view(self.kv_cache.dtype).view(_piece_shape(piece, self.model.head_dim))
+    def _scatter(self, piece: Piece, buf: torch.Tensor, exp: _Expected) -> None:
+        payload = open_message(buf, exp.times)
+        t0 = time.perf_counter()
+        data = payload.view(self.kv_cache.dtype).view(piece_shape(piece, self.model.head_dim))
         if data.device != self.kv_cache.device:
             data = self.path.to_device(data)
-        kv_unpack(data, self.kv_cache, blocks, piece.tokens[0],
+        kv_unpack(data, self.kv_cache, exp.blocks, piece.tokens[0],
                   piece.layers[0] - self.layer_offset, piece.heads[0] - self.head_offset)
+        exp.times.scatter_s += time.perf_counter() - t0
+        exp.times.pieces += 1
+        exp.times.bytes += buf.numel()
 
     def cancel(self, transfer_id: str) -> bool:
         """Fail outstanding receives of a transfer and forget it (idempotent)."""
@@ -239,9 +262,10 @@ class KVSender:
 
     def __init__(self, transport: KVTransport, model: ModelConfig, compat: str,
                  layout: inference_pb2.Layout, rank: int = 0, head_offset: int = 0,
-                 checksum: bool = True, force_staging: bool = False) -> None:
+                 checksum: bool = True, force_staging: bool = False, pool_bytes: int = POOL_BYTES) -> None:
         """``force_staging``: send from host buffers even when the transport could read the
-        cache's device memory (tests; a fallback when device transfers misbehave)."""
+        cache's device memory (tests; a fallback when device transfers misbehave).
+        ``pool_bytes``: idle host message memory kept for reuse (``kvtransfer.staging``)."""
         self.transport = transport
         self.model = model
         self.compat = compat
@@ -250,15 +274,19 @@ class KVSender:
         self.head_offset = head_offset
         self.checksum = checksum
         self.force_staging = force_staging
+        self.pool_bytes = pool_bytes
         self._paths: dict[torch.device, MessagePath] = {}   # per cache device, logged once
+        self._paths_lock = threading.Lock()                 # pushes run in several threads
 
     def path(self, device: torch.device | str) -> MessagePath:
         """The :class:`MessagePath` of a KV cache on ``device`` (made, and logged, on first use)."""
         device = torch.device(device)
-        path = self._paths.get(device)
-        if path is None:
-            path = self._paths[device] = MessagePath(self.transport, device, self.force_staging)
-            log.info("KV handoff (prefill rank %d): %s", self.rank, path.describe())
+        with self._paths_lock:
+            path = self._paths.get(device)
+            if path is None:
+                path = self._paths[device] = MessagePath(self.transport, device, self.force_staging,
+                                                              self.pool_bytes)
+                log.info("KV handoff (prefill rank %d): %s", self.rank, path.describe())
         return path
 
     def check(self, landing: worker_pb2.LandingDescriptor) -> None:
@@ -276,11 +304,14 @@ class KVSender:
 
     def push(self, landing: worker_pb2.LandingDescriptor, kv_cache: torch.Tensor,
              blocks: list[int], cancelled: threading.Event | None = None,
-             timeout: float = 0.0) -> int:
+             timeout: float = 0.0, times: HandoffTimes | None = None) -> int:
         """Send this rank's pieces; returns bytes sent. Raises HandoffError / IncompatiblePeer.
 
-        The sends must finish by the landing deadline and, when ``timeout`` > 0, within
-        ``timeout`` seconds from now."""
+        Each piece is packed and sent before the next is packed, and all are in flight before
+        the first is waited on. The sends must finish by the landing deadline and, when
+        ``timeout`` > 0, within ``timeout`` seconds from now. ``times``, when given, gets the
+        time per stage added (``bench/handoff_breakdown.py``)."""
+        start = time.perf_counter()
         deadline = landing.deadline_unix if timeout <= 0 else min(landing.deadline_unix, time.time() + timeout)
         self.check(landing)
         if time.time() >= deadline:
@@ -288,17 +319,19 @@ class KVSender:
         addresses = {r.rank: r.transport_address for r in landing.ranks}
         plan = transfer_plan(self.layout, landing.layout, self.model, landing.num_prompt_tokens)
         path = self.path(kv_cache.device)
-        handles, sent = [], 0
+        checksum = landing.checksum and self.checksum
+        handles, sent, first_send = [], 0, None
         for index, piece in enumerate(plan):
             if piece.src != self.rank:
                 continue
             if piece.dst not in addresses:
                 raise HandoffError(f"landing descriptor has no address for decode rank {piece.dst}")
-            message = self._message(path, kv_cache, blocks, piece, landing.checksum and self.checksum)
+            message = build_message(path, kv_cache, blocks, piece, self.head_offset, checksum, times)
+            first_send = time.perf_counter() if first_send is None else first_send
             handles.append((piece, self.transport.send(addresses[piece.dst], piece_tag(landing.transfer_id, index),
                                                        message, deadline), message))
             sent += message.numel()
-        for piece, handle, _ in handles:
+        for piece, handle, message in handles:
             while handle.poll() is TransferState.PENDING:
                 if cancelled is not None and cancelled.is_set():
                     for _, h, _ in handles:
@@ -310,22 +343,9 @@ class KVSender:
                     h.abort()
                 raise HandoffError(f"sending KV piece {piece} of transfer {landing.transfer_id} "
                                    f"failed: {handle.error} (deadline {deadline:.3f})")
+            path.release(message)     # done: the transport no longer reads it
+        if times is not None:
+            end = time.perf_counter()
+            times.send_s += end - (first_send or end)
+            times.total_s += end - start
         return sent
-
-    def _message(self, path: MessagePath, kv_cache: torch.Tensor, blocks: list[int], piece: Piece,
-                 checksum: bool) -> torch.Tensor:
-        """Pack ``piece`` of ``kv_cache`` into a message (payload + trailer) where ``path`` puts
-        messages, ready for the transport to read."""
-        shape = _piece_shape(piece, self.model.head_dim)
-        nbytes = _piece_elems(piece, self.model.head_dim) * kv_cache.element_size()
-        message = path.alloc(nbytes + _TRAILER.size)
-        ranges = (piece.tokens[0], piece.tokens[1], piece.layers[0], piece.layers[1],
-                  piece.heads[0] - self.head_offset, piece.heads[1] - self.head_offset)
-        payload = message[:nbytes].view(kv_cache.dtype).view(shape)
-        if path.direct:
-            kv_pack(kv_cache, blocks, *ranges, out=payload)
-        else:
-            path.to_host(kv_pack(kv_cache, blocks, *ranges), payload)
-        _write_trailer(message, checksum)
-        path.ready(message)
-        return message

@@ -19,12 +19,72 @@ is decided once and logged once:
 
 The bytes on the wire are the same on both paths (payload then trailer), which is what lets a
 CUDA prefill pool hand off to a CPU decode pool and back.
+
+Plain host messages (a CPU cache) come from a :class:`HostBufferPool` of the path: a fresh
+buffer of tens of MiB costs a page fault per 4 KiB on first touch (here 2-3x the time of the
+copy itself), so buffers given back with :meth:`MessagePath.release` are reused. Device and
+pinned buffers come from torch's own caching allocators.
 """
 from __future__ import annotations
+
+import threading
+import weakref
 
 import torch
 
 from kvtransfer.transport import KVTransport
+
+MiB = 1 << 20
+POOL_BYTES = 256 * MiB      # idle host message memory a path keeps for reuse, at most
+_ROUND = MiB                # pooled buffers are sized in whole MiB, so similar messages share
+
+
+class HostBufferPool:
+    """Reusable uint8 host buffers. :meth:`take` hands out the first ``nbytes`` of a pooled buffer
+    (the smallest that fits without wasting more than its request plus 1 MiB) or of a new one;
+    :meth:`give_back` returns it once nothing reads or writes it any more (its transfer is DONE;
+    a failed or aborted transfer's buffer is never given back, the transport may still use it).
+    Keeps at most ``max_bytes`` of idle buffers, dropping the oldest. Thread-safe."""
+
+    def __init__(self, max_bytes: int = POOL_BYTES) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._idle: list[torch.Tensor] = []          # oldest first
+        # data_ptr of a handed-out view -> its buffer, weakly: a buffer never given back (its
+        # transfer failed) is freed with the last view the transport holds, not kept here
+        self._lent: dict[int, weakref.ref] = {}
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            fits = [b for b in self._idle if nbytes <= b.numel() <= 2 * nbytes + _ROUND]
+            buf = min(fits, key=torch.Tensor.numel) if fits else None
+            if buf is not None:
+                self._idle = [b for b in self._idle if b is not buf]
+        if buf is None:
+            buf = torch.empty(-(-max(nbytes, 1) // _ROUND) * _ROUND, dtype=torch.uint8)
+        view = buf[:nbytes]
+        with self._lock:
+            if len(self._lent) > 64:
+                self._lent = {p: r for p, r in self._lent.items() if r() is not None}
+            self._lent[view.data_ptr()] = weakref.ref(buf)
+        return view
+
+    def give_back(self, view: torch.Tensor) -> None:
+        """Return a buffer :meth:`take` handed out (anything else is ignored)."""
+        with self._lock:
+            ref = self._lent.pop(view.data_ptr(), None)
+            buf = None if ref is None else ref()
+            if buf is None:
+                return
+            self._idle.append(buf)
+            while self._idle and sum(b.numel() for b in self._idle) > self.max_bytes:
+                self._idle.pop(0)
+
+    def idle_bytes(self) -> int:
+        with self._lock:
+            return sum(b.numel() for b in self._idle)
 
 
 class MessagePath:
@@ -33,7 +93,8 @@ class MessagePath:
     Raises ``ValueError`` for a device torch does not know."""
 
     def __init__(self, transport: KVTransport, device: torch.device | str,
-                 force_staging: bool = False) -> None:
+                 force_staging: bool = False, pool_bytes: int = POOL_BYTES) -> None:
+        """``pool_bytes``: idle host message memory kept for reuse (plain host messages only)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -41,6 +102,7 @@ class MessagePath:
         self.direct = not force_staging and transport.supports_device(self.device)
         self.forced = force_staging
         self._side: torch.cuda.Stream | None = None   # created on first staged CUDA copy
+        self.pool = HostBufferPool(pool_bytes) if self.device.type == "cpu" else None
 
     @property
     def on_host(self) -> bool:
@@ -60,10 +122,20 @@ class MessagePath:
         return f"staged through {kind} ({self.device} <-> host) {over}: {why}"
 
     def alloc(self, nbytes: int) -> torch.Tensor:
-        """An uninitialised uint8 message buffer of ``nbytes``, where this path's messages live."""
+        """An uninitialised uint8 message buffer of ``nbytes``, where this path's messages live.
+        Give it back with :meth:`release` once its transfer is done."""
+        if self.pool is not None:
+            return self.pool.take(nbytes)
         if not self.on_host:
             return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+
+    def release(self, message: torch.Tensor) -> None:
+        """``message`` (from :meth:`alloc`) is no longer used by anyone: pooled for reuse when it
+        is a plain host buffer, else left to torch's allocators. Call only once its transfer
+        is DONE (never for a failed or aborted one: the transport may still touch it)."""
+        if self.pool is not None:
+            self.pool.give_back(message)
 
     def to_host(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy ``src`` (on this device, written by work on the current stream) into the host

@@ -299,13 +299,16 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         return self.host.info(running=self.scheduler.num_running, waiting=waiting)
 
     async def _landed(self, transfer_id: str, deadline: float) -> None:
-        """Poll every rank until the KV landed (never blocking the command channel)."""
-        delay = 0.002
+        """Poll every rank until the KV landed (never blocking the command channel). Each poll
+        verifies and scatters whatever pieces have landed since the last one. The router calls
+        Decode once the prefill side reports the push done, so the first poll usually lands it
+        all; later polls come 1 ms apart, backing off to 5 ms."""
+        delay = 0.001
         while not await asyncio.to_thread(self.instance.try_land, transfer_id):
             if time.time() > deadline + 1.0:
                 raise HandoffError(f"transfer {transfer_id} did not land by its deadline")
             await asyncio.sleep(delay)
-            delay = min(0.02, delay * 2)
+            delay = min(0.005, delay * 2)
 
     def _release(self, transfer_id: str) -> None:
         """Cancel the receives and free the blocks of a reservation; safe to call twice."""
