@@ -6,7 +6,9 @@ logic): for a CUDA tensor the Triton twin registered in ``_TRITON`` (``kernels/t
 for anything else the plain-PyTorch reference in ``_REFERENCE`` (``kernels.ops``,
 ``kernels.attention``, ``kernels.kv_copy``, ``kernels.moe_permute``), which is also the
 correctness oracle the Triton kernels are tested against. Both have the same signatures,
-return values and in-place effects.
+return values and in-place effects. One exception: CPU paged decode attention is the batched
+``kernels.attention.paged_decode_attention`` (one call for the whole batch); its per-sequence
+loop, ``paged_decode_attention_reference``, is the oracle that both are tested against.
 
 ``_TRITON`` names each twin as ``"module:function"`` and the module is imported on the first
 call with a CUDA tensor, never at ``import kernels``: importing this package stays cheap and

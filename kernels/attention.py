@@ -12,7 +12,10 @@ GQA: query head ``h`` reads kv head ``h // (H // KVH)``)::
     slot_mapping [T]: flat slot = block * block_size + slot_in_block (negative: skip)
 
 The prefill and decode paths use ``scaled_dot_product_attention`` with ``enable_gqa`` exactly as
-``transformers`` does on CPU, which is what makes greedy tokens match it bit for bit.
+``transformers`` does on CPU, which is what makes greedy tokens match it bit for bit. Paged
+decode runs the whole batch in one SDPA call (a few when the lengths differ widely or the
+batch's K/V is large); :func:`paged_decode_attention_reference` keeps the one call per
+sequence, the oracle.
 """
 from __future__ import annotations
 
@@ -104,6 +107,101 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
     return out, lse
 
 
+# A batched decode call pads every sequence of a group to the group's longest context. A
+# shorter sequence joins a group while the padded tokens stay within DECODE_PAD_RATIO times the
+# real ones plus DECODE_PAD_TOKENS (a short batch stays one call: a call costs about as much as
+# a few hundred tokens), and while the gathered K/V stays within DECODE_GATHER_BYTES (one
+# sequence alone may exceed it, as in the per-sequence reference). That budget bounds the
+# transient memory and keeps the gathered K/V in cache for SDPA to read: on 2 cores (4 MiB L2)
+# 16 MiB was the fastest of 1..256 MiB at 64 x 1024-2048 tokens (bench/cpu_attention.py).
+DECODE_PAD_RATIO = 1.5
+DECODE_PAD_TOKENS = 256
+DECODE_GATHER_BYTES = 16 << 20
+
+
+def _decode_lengths(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor) -> list[int]:
+    """Check the decode arguments (``ValueError`` naming the culprit); return the lengths."""
+    if q.shape[0] != block_tables.shape[0] or q.shape[0] != context_lens.shape[0]:
+        raise ValueError(f"batch of q {tuple(q.shape)}, block_tables {tuple(block_tables.shape)} "
+                         f"and context_lens {tuple(context_lens.shape)} disagree")
+    _check_gqa(q, kv_layer[0, 0])
+    lens, cap = context_lens.tolist(), block_tables.shape[1] * kv_layer.shape[2]
+    for b, n in enumerate(lens):
+        if n <= 0 or n > cap:
+            raise ValueError(f"context_lens[{b}]={n} is outside 1..{cap}")
+    return lens
+
+
+def paged_decode_attention_reference(q: torch.Tensor, kv_layer: torch.Tensor,
+                                     block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                     scale: float, max_context_len: int | None = None
+                                     ) -> torch.Tensor:
+    """The oracle for every paged decode kernel: one SDPA call per sequence over its gathered
+    context. Same contract as :func:`paged_decode_attention`; tests compare the batched CPU
+    version and the Triton kernel against it."""
+    lens = _decode_lengths(q, kv_layer, block_tables, context_lens)
+    block_size = kv_layer.shape[2]
+    out = torch.empty_like(q)
+    for b, n in enumerate(lens):
+        blocks = block_tables[b, : (n + block_size - 1) // block_size].long()
+        ctx = kv_layer[:, blocks].flatten(1, 2)[:, :n]                  # [2, n, KVH, D]
+        ks, vs = (ctx[i].transpose(0, 1).unsqueeze(0).to(q.dtype) for i in (0, 1))
+        o = F.scaled_dot_product_attention(q[b][None, :, None], ks, vs, scale=scale, enable_gqa=True)
+        out[b] = o[0, :, 0]
+    return out
+
+
+def decode_groups(lens: list[int], token_bytes: int) -> list[list[int]]:
+    """Split batch rows into groups that one padded call serves (see ``DECODE_PAD_RATIO``):
+    rows sorted longest first, each group padded to its first row's length. ``token_bytes``:
+    K+V bytes of one context token. Returns row indices per group, every row exactly once."""
+    groups: list[list[int]] = []
+    real = 0
+    for b in sorted(range(len(lens)), key=lambda i: -lens[i]):
+        if groups:
+            padded = (len(groups[-1]) + 1) * lens[groups[-1][0]]
+            if (padded <= DECODE_PAD_RATIO * (real + lens[b]) + DECODE_PAD_TOKENS
+                    and padded * token_bytes <= DECODE_GATHER_BYTES):
+                groups[-1].append(b)
+                real += lens[b]
+                continue
+        groups.append([b])
+        real = lens[b]
+    return groups
+
+
+def _decode_group(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                  context_lens: torch.Tensor, longest: int, ragged: bool, scale: float
+                  ) -> torch.Tensor:
+    """One SDPA call for ``G`` sequences padded to ``longest`` tokens: ``q [G, H, D]`` -> out.
+
+    Equal lengths (``ragged`` false): each sequence's whole blocks, one ``index_select`` of
+    block rows for K and one for V, cut at ``longest``; no mask. Ragged: one ``index_select``
+    of token rows, the slots past a sequence's length repeating its last token (so only its
+    own stored K/V is read, never a stale slot or a padding block id) and masked.
+    """
+    block_size, kv_heads, dim = kv_layer.shape[2:]
+    width = -(-longest // block_size)
+    blocks = block_tables[:, :width].long()                                          # [G, W]
+    mask = None
+    if ragged:
+        rows = (blocks[:, :, None] * block_size
+                + torch.arange(block_size, device=q.device)).flatten(1)[:, :longest]  # [G, L]
+        mask = torch.arange(longest, device=q.device) < context_lens[:, None]      # [G, L]
+        rows = torch.where(mask, rows, rows.gather(1, context_lens.long()[:, None] - 1))
+        mask = mask[:, None, None, :]
+        row_tokens = 1
+    else:
+        rows, row_tokens = blocks, block_size
+    k, v = (kv_layer[i].reshape(-1, row_tokens * kv_heads * dim).index_select(0, rows.flatten())
+            .view(rows.shape[0], -1, kv_heads, dim)[:, :longest].transpose(1, 2).to(q.dtype)
+            for i in (0, 1))                                                  # [G, KVH, L, D]
+    o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=scale,
+                                       enable_gqa=True)
+    return o[:, :, 0]
+
+
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float,
                            max_context_len: int | None = None) -> torch.Tensor:
@@ -112,20 +210,26 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     Sequence ``b`` reads its first ``context_lens[b]`` tokens through ``block_tables[b]``
     (the current token's K/V must already be stored). ``max_context_len``: a bound on every
     ``context_lens[b]`` known to the caller, which lets a device kernel skip reading the
-    lengths back to the host (CUDA graph capture); the reference reads them anyway.
+    lengths back to the host (CUDA graph capture); here the lengths are read anyway.
+
+    The CPU path (``kernels`` dispatches CPU tensors here): the batch in a few length groups
+    (:func:`decode_groups`; one group when the lengths are close), each one K/V gather
+    (``index_select`` of block or token rows) and one SDPA call, no per-sequence loop. Equal to
+    :func:`paged_decode_attention_reference` within rounding (padding changes the reduction
+    blocking); bit for bit when a group has no padding, as for a single sequence.
     """
-    if q.shape[0] != block_tables.shape[0] or q.shape[0] != context_lens.shape[0]:
-        raise ValueError(f"batch of q {tuple(q.shape)}, block_tables {tuple(block_tables.shape)} "
-                         f"and context_lens {tuple(context_lens.shape)} disagree")
-    _check_gqa(q, kv_layer[0, 0])
-    block_size = kv_layer.shape[2]
+    lens = _decode_lengths(q, kv_layer, block_tables, context_lens)
+    if not lens:
+        return torch.empty_like(q)
+    token_bytes = 2 * kv_layer[0, 0, 0].numel() * kv_layer.element_size()
+    groups = decode_groups(lens, token_bytes)
+    if len(groups) == 1:
+        return _decode_group(q, kv_layer, block_tables, context_lens, max(lens),
+                             min(lens) != max(lens), scale)
     out = torch.empty_like(q)
-    for b, n in enumerate(context_lens.tolist()):
-        if n <= 0 or n > block_tables.shape[1] * block_size:
-            raise ValueError(f"context_lens[{b}]={n} is outside 1..{block_tables.shape[1] * block_size}")
-        blocks = block_tables[b, : (n + block_size - 1) // block_size].long()
-        ctx = kv_layer[:, blocks].flatten(1, 2)[:, :n]                  # [2, n, KVH, D]
-        ks, vs = (ctx[i].transpose(0, 1).unsqueeze(0).to(q.dtype) for i in (0, 1))
-        o = F.scaled_dot_product_attention(q[b][None, :, None], ks, vs, scale=scale, enable_gqa=True)
-        out[b] = o[0, :, 0]
+    for rows in groups:
+        idx = torch.tensor(rows, device=q.device)
+        ragged = lens[rows[-1]] != lens[rows[0]]
+        out[idx] = _decode_group(q[idx], kv_layer, block_tables[idx], context_lens[idx],
+                                 lens[rows[0]], ragged, scale)
     return out

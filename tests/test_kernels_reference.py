@@ -88,8 +88,11 @@ def test_store_kv_writes_slots_and_skips_negative():
         kernels.store_kv(k, v, kv_layer, torch.tensor([0, 1]))
 
 
+@pytest.mark.parametrize("decode", [kernels.paged_decode_attention,
+                                    attn_ref.paged_decode_attention_reference],
+                         ids=["batched", "per-sequence"])
 @pytest.mark.parametrize("h,kvh", [(4, 4), (9, 3), (8, 1)])
-def test_paged_decode_attention_matches_naive(h, kvh):
+def test_paged_decode_attention_matches_naive(h, kvh, decode):
     block_size, d, lens = 4, 16, [1, 4, 7, 13]
     g = torch.Generator().manual_seed(3)
     kv_layer = torch.randn(2, 16, block_size, kvh, d, generator=g)
@@ -100,8 +103,8 @@ def test_paged_decode_attention_matches_naive(h, kvh):
         tables.append(perm[at: at + nb] + [0] * (4 - nb))
         at += nb
     q = torch.randn(len(lens), h, d, generator=g)
-    out = kernels.paged_decode_attention(q, kv_layer, torch.tensor(tables, dtype=torch.int32),
-                                         torch.tensor(lens, dtype=torch.int32), 0.25)
+    out = decode(q, kv_layer, torch.tensor(tables, dtype=torch.int32),
+                 torch.tensor(lens, dtype=torch.int32), 0.25)
     for b, n in enumerate(lens):
         ctx = kv_layer[:, tables[b]].flatten(1, 2)[:, :n]
         want, _ = naive_attention(q[b: b + 1], ctx[0], ctx[1], 0.25)

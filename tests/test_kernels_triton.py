@@ -229,7 +229,7 @@ DECODE = [pytest.param([1, 37, 100, 64], 16, 1, id="1-split"),
 @pytest.mark.parametrize("lengths,d,splits", DECODE)
 def test_paged_decode_attention(device, dtype, h, kvh, page, lengths, d, splits):
     q, kv, tables, lens = paged(lengths, h, kvh, d, page, dtype, device)
-    want = attn_ref.paged_decode_attention(q, kv, tables, lens, d ** -0.5)
+    want = attn_ref.paged_decode_attention_reference(q, kv, tables, lens, d ** -0.5)
     close(T_ATTN.paged_decode_attention_splits(q, kv, tables, lens, d ** -0.5, splits), want, dtype)
     if splits == 1:      # the public entry point with its own split count
         close(T_ATTN.paged_decode_attention(q, kv, tables, lens, d ** -0.5), want, dtype)
