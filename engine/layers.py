@@ -128,7 +128,7 @@ class RowLinear(nn.Module, WeightStore):
         if name != "weight":
             raise ValueError(f"checkpoint has a {name} for a row-parallel layer built without one")
         part = _narrow(self.prepare(tensor), 1, self.input_offset, self.in_features, self.full_input, name)
-        self.store_rows(0, part, name)
+        self.store_all(part, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x)
@@ -149,7 +149,7 @@ class Embedding(nn.Module, WeightStore):
         """Copy the whole table (``name`` must be "weight")."""
         if name != "weight":
             raise ValueError(f"checkpoint has a {name} for an embedding table")
-        self.store_rows(0, self.prepare(tensor), name)
+        self.store_all(self.prepare(tensor), name)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lookup(ids)

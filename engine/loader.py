@@ -38,14 +38,15 @@ def load_model(spec_or_source: str | ModelSource, dtype: str = "float32", device
     each is copied straight into its (sliced) parameter on ``device``. The one loader: offline
     runs, tests, benches and every serving rank (``engine.runtime.rank``) call it.
     ``weights_dtype`` (``--weights-dtype``): how the linear and embedding weights are held,
-    ``engine.quant`` (fp32 = in ``dtype``, the exact path; bf16; int8; int4, CPU only).
+    ``engine.quant`` (fp32 = in ``dtype``, the exact path; bf16; int8 and int4, CPU only).
 
     Raises ``ValueError`` (quoting the values) when the layout cannot split the model (or its
-    quantized weights), the checkpoint does not match it or int4 is asked off the CPU;
+    quantized weights), the checkpoint does not match it or int8/int4 is asked off the CPU;
     ``FileNotFoundError`` for missing files."""
     from engine.moe import build_model
-    if weights_dtype == "int4" and torch.device(device).type != "cpu":
-        raise ValueError(f"--weights-dtype int4 uses torch's CPU int4 kernel; on {device} use int8 or bf16")
+    if weights_dtype in ("int8", "int4") and torch.device(device).type != "cpu":
+        raise ValueError(f"--weights-dtype {weights_dtype} runs torch's CPU {weights_dtype} kernels (not "
+                         f"validated on {device}); use bf16 or fp32 there")
     source = _as_source(spec_or_source)
     reader = gguf_loader.open_reader(source.path) if source.kind == "gguf" else None
     config = load_model_config(source, reader).replace(dtype=dtype, weights_dtype=weights_dtype)

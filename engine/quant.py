@@ -13,14 +13,16 @@ The modes, for a weight ``W [N, K]`` (``y = x W^T``):
 - ``fp32``: ``W`` in the model dtype, ``F.linear``: the exact path every parity test checks.
 - ``bf16``: ``W`` in bfloat16; ``x`` is cast to bf16 for the matmul and ``y`` back.
 - ``int8``: weight-only int8, one scale per output row: ``W[n] = q[n] * s[n]``, ``q`` int8,
-  ``s`` bf16; ``torch._weight_int8pack_mm`` on bf16 activations. GGUF blocks (per-32 scales)
+  ``s`` bf16; ``torch._weight_int8pack_mm`` on bf16 activations (CPU only: ``load_model``
+  refuses int8 and int4 on CUDA, where these paths have not been validated). GGUF blocks (per-32 scales)
   are re-quantized per row from their dequantized values (torch has no grouped int8 kernel).
 - ``int4``: weight-only 4-bit, asymmetric per group of 32 columns:
   ``W[n, k] = (q - 8) * s[g, n] + z[g, n]`` with ``g = k // 32``, ``q`` in 0..15;
   ``torch._weight_int4pack_mm_for_cpu`` (CPU only) on bf16 activations. Q4_0, Q4_1 and Q4_K
   blocks map onto it exactly (``z = offset + 8 s``; only the bf16 rounding of ``s``, ``z``
   is added); other sources are quantized min/max per group. The ``Embedding`` (token table,
-  and the LM head it also is) stays int8 in this mode: 4 bits cost the head too much.
+  and the LM head it also is) stays int8 in this mode, as llama.cpp's Q4 files keep it Q8_0
+  (int4 lookups would need their own unpacking; the head would gain ~0.2 ms per step).
 
 Why bf16 activations: with fp32 activations torch 2.13's CPU int8/int4 kernels take a
 reference path 10-40x slower than ``F.linear``. Kernel limits, checked in ``init_weight``
@@ -124,7 +126,8 @@ def quantize_int8_rows(t, scale_dtype: torch.dtype = torch.float32) -> GroupQuan
 def quantize_int4_groups(t, group: int = INT4_GROUP) -> GroupQuant:
     """4-bit codes 0..15 with a min/max affine map per ``group`` columns; a :class:`GroupQuant`
     that already has 4-bit codes in such groups (GGUF Q4_0/Q4_1/Q4_K) is returned as is."""
-    if isinstance(t, GroupQuant) and t.codes.dtype == torch.uint8 and t.group == group:
+    if isinstance(t, GroupQuant) and t.codes.dtype == torch.uint8 and t.group == group \
+            and t.offset is not None:
         return t
     w = dense(t).float()
     n, k = w.shape
@@ -156,7 +159,8 @@ class WeightStore:
             self.weight = nn.Parameter(torch.empty(rows, cols, dtype=dt), requires_grad=False)
         elif weights == "int8":
             if cols % 16:
-                raise ValueError(f"int8 weights need in_features divisible by 16 (torch's kernel), got {cols}")
+                raise ValueError(f"int8 weights need in_features divisible by 16 (torch's kernel), "
+                                 f"got {cols}")
             self.weight = nn.Parameter(torch.empty(rows, cols, dtype=torch.int8), requires_grad=False)
             self.register_buffer("weight_scale", torch.empty(rows, dtype=KERNEL_DTYPE))
         else:
@@ -177,6 +181,13 @@ class WeightStore:
             return quantize_int4_groups(tensor)
         return dense(tensor)
 
+    def store_all(self, part, what: str) -> None:
+        """:meth:`store_rows` of the whole weight: ``part`` must have all ``N`` rows."""
+        if part.shape[0] != self.out_features:
+            raise ValueError(f"{what}: checkpoint shape {tuple(part.shape)} does not match the "
+                             f"[{self.out_features}, {self.in_features}] weight")
+        self.store_rows(0, part, what)
+
     def store_rows(self, lo: int, part, what: str) -> None:
         """Copy ``part`` (``[n, K]``, from :meth:`prepare` then sliced) into rows ``[lo, lo + n)``;
         int4 packs the weight once every row has been stored."""
@@ -196,9 +207,9 @@ class WeightStore:
     def _stage_int4(self, lo: int, part: GroupQuant) -> None:
         if self._stage is None:
             rows, groups = self.weight.shape[0], self.in_features // INT4_GROUP
-            zeros = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device="cpu")  # noqa: E731
-            self._stage = GroupQuant(zeros(rows, self.in_features, dtype=torch.int32),
-                                     zeros(rows, groups), zeros(rows, groups))
+            cpu = dict(device="cpu")
+            self._stage = GroupQuant(torch.zeros(rows, self.in_features, dtype=torch.int32, **cpu),
+                                     torch.zeros(rows, groups, **cpu), torch.zeros(rows, groups, **cpu))
         n, s = part.shape[0], self._stage
         s.codes[lo: lo + n] = part.codes.to(torch.int32).cpu()
         s.scale[lo: lo + n] = part.scale.cpu()

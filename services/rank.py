@@ -33,7 +33,7 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-dtype", default="fp32", choices=["fp32", "bf16", "int8", "int4"],
                    help="how the linear and embedding weights are held: fp32 = in --dtype (exact, the "
                         "default); bf16; int8 / int4 = weight-only quantized (GGUF Q8_0/Q4_0/Q4_1/Q4_K "
-                        "codes used as they are where the kernel takes them; int4 CPU only). Not "
+                        "codes used as they are where the kernel takes them; CPU only). Not "
                         "token-exact: see bench/quant.py for agreement and perplexity")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="replay decode steps from CUDA graphs captured per batch-size bucket (CUDA only)")
