@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench import baselines, serving_extras  # noqa: E402
+from bench import baselines, quant, serving_extras  # noqa: E402
 from engine.loader import load_model, load_model_config, load_reference_model, load_tokenizer, resolve_model  # noqa: E402
 from services.launcher import LocalStack, StackConfig  # noqa: E402
 from services.loadgen.cli import bench  # noqa: E402
@@ -128,7 +128,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(source)
-    notes, out = [], {"rows": {}, "memory": {}, "weights": {}, "step": {}, "cores": {}}
+    notes, out = [], {"rows": {}, "memory": {}, "weights": {}, "step": {}, "cores": {}, "quality": {}}
     flag = serving_extras.worker_flag("--weights-dtype")
     dtypes = args.dtypes
     if not flag:
@@ -142,6 +142,7 @@ def main() -> int:
             notes.append(f"engine.loader.load_model cannot load {wd} weights: no {wd} weight bytes / step figure")
             continue
         config, model = loaded
+        out["quality"][wd] = quant.score_text(model, config, quant.text_tokens(tokenizer))   # (top-1, nll)
         out["weights"][wd] = baselines.weight_bytes(model)
         prompt = baselines.prompt_ids(tokenizer, 0, args.prompt_tokens)
         out["step"][wd] = baselines.engine_decode_step(model, config, prompt, args.tokens)
@@ -164,8 +165,22 @@ def main() -> int:
         notes.append(why)
     print_table(args, source, dtypes, out, notes)
     print_extras(args, dtypes, out)
+    print_quality(out)
     print_ratios(args, dtypes, out)
     return 0
+
+
+def print_quality(out) -> None:
+    """What other weight dtypes cost in quality: teacher-forced top-1 agreement with the fp32
+    engine and perplexity on bench/data's held-out text (``bench/quant.py``)."""
+    quality = out["quality"]
+    if "fp32" not in quality or len(quality) < 2:
+        return
+    ref_top1 = quality["fp32"][0]
+    print(f"\nquality on {os.path.basename(quant.TEXT)} ({ref_top1.numel()} positions, teacher-forced):")
+    for wd, (top1, nll) in quality.items():
+        print(f"  {wd}: top-1 agreement with fp32 {(top1 == ref_top1).float().mean().item():.1%}, "
+              f"perplexity {nll.mean().exp().item():.2f}")
 
 
 def print_table(args, source, dtypes, out, notes) -> None:

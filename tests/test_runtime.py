@@ -153,10 +153,14 @@ def test_pipeline_decode_runs_micro_batches_that_overlap(tiny_llama_dir):
     prompts = [[5, 17, 33, 2, 101, 7], [9, 64, 3], [12, 250, 8, 8, 1], [30, 2, 7, 11, 4, 4, 4, 9, 1]]
     tables = [[4 * i, 4 * i + 1] for i in range(len(prompts))]
 
-    def run(ex):
-        first = ex.forward(ForwardBatch.prefill(prompts, tables, 8)).argmax(-1).tolist()
+    def run(ex, steps=4):
+        """Prefill, then ``steps`` greedy decode steps; the last step's logits."""
+        toks = ex.forward(ForwardBatch.prefill(prompts, tables, 8)).argmax(-1).tolist()
         pos = [len(p) for p in prompts]
-        return ex.forward(ForwardBatch.decode(first, pos, tables, 8))
+        for k in range(steps):
+            logits = ex.forward(ForwardBatch.decode(toks, [p + k for p in pos], tables, 8))
+            toks = logits.argmax(-1).tolist()
+        return logits
 
     with InProcessExecutor(base) as one:
         want = run(one)
@@ -165,5 +169,8 @@ def test_pipeline_decode_runs_micro_batches_that_overlap(tiny_llama_dir):
         got = run(ex)
         counts = ex.run_on_ranks(_probe_counts)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert [c["micro"] for c in counts] == [2, 2]            # the decode step ran as 2 micro-batches
-    assert counts[1]["overlaps"] >= 1                         # stage 1 worked while stage 0 ran ahead
+    assert [c["micro"] for c in counts] == [8, 8]            # each of 4 decode steps ran as 2 micro-batches
+    # stage 1 computed a micro-batch while stage 0 already computed the next one: by construction
+    # (non-blocking sends) in every step; asked of at least one step, as a loaded machine can
+    # deschedule stage 0 between its send and its next micro-batch
+    assert counts[1]["overlaps"] >= 1
