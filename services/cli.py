@@ -128,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cpus", default="", help="cores the stack may use, e.g. 0-7 (default: all this "
                        "process may use); split between the workers in proportion to their ranks, with a "
                        "spare core for the router when there is one")
+    serve.add_argument("--weights-dtype", default="fp32", choices=["fp32", "bf16", "int8", "int4"],
+                       help="how every worker holds its weights: fp32 (exact, the default), bf16, or int8/int4 "
+                            "weight-only quantized (measured, not exact: see make bench)")
     serve.add_argument("--pin-cores", action=argparse.BooleanOptionalAction, default=True,
                        help="give each worker its own cores (--no-pin-cores: let them share every core)")
     serve.add_argument("--ready-timeout", type=float, default=300.0)
@@ -334,7 +337,8 @@ def _run_serve(args) -> int:
     from services.serve import run_stack
     prefill, decode = pool_layouts(args)
     check_layouts(args.model, [("prefill", prefill), ("decode", decode)])
-    worker = ["--transport", args.transport, "--kv-cache-mb", str(args.kv_cache_mb), "--threads", str(args.threads)]
+    worker = ["--transport", args.transport, "--kv-cache-mb", str(args.kv_cache_mb), "--threads", str(args.threads),
+              "--weights-dtype", args.weights_dtype]
     cfg = StackConfig(port=args.port, http_port=args.http_port, host=args.host, redis_url=args.redis_url,
                       model=args.model,
                       prefill_instances=args.prefill_instances, decode_instances=args.decode_instances,
