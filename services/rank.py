@@ -71,7 +71,7 @@ def rendezvous_from(args, single_rank_default: bool = False):
 def run_rank(own) -> int:
     """Run this host's ranks of an instance (``own``: a ``RuntimeConfig`` from this command's
     flags) until rank 0 stops them; returns the worst exit code."""
-    from engine.runtime.executor import rank_main
+    from engine.runtime.executor import rank_main, rank_process
     from engine.runtime.spawn import start_rank
 
     rdv = own.rendezvous
@@ -87,7 +87,7 @@ def run_rank(own) -> int:
     if len(ranks) == 1:
         _outlive_sigterm()
         return rank_main(ranks[0], max(rdv.local_rank, 0), own, master, strict=True)
-    procs = [start_rank(_rank_process, r, i, own, master) for i, r in enumerate(ranks)]
+    procs = [start_rank(rank_process, r, i, own, master, True) for i, r in enumerate(ranks)]
     _outlive_sigterm()          # after the spawn: the children keep the default disposition
     for p in procs:
         p.join()
@@ -101,7 +101,3 @@ def _outlive_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log.info("SIGTERM is ignored: these ranks leave when rank 0 stops the instance or goes away")
 
-
-def _rank_process(rank: int, local_index: int, own, master) -> None:
-    from engine.runtime.executor import rank_main
-    raise SystemExit(rank_main(rank, local_index, own, master, strict=True))

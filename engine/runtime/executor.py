@@ -220,12 +220,17 @@ class Executor:
 class InProcessExecutor(Executor):
     """One rank in this process (see the module docstring)."""
 
-    def __init__(self, cfg: RuntimeConfig, on_failure: Callable[[str], None] | None = None) -> None:
+    def __init__(self, cfg: RuntimeConfig, on_failure: Callable[[str], None] | None = None,
+                 runner=None) -> None:
+        """``runner``: the rank to drive (``engine.runtime.fake`` passes its own); default a
+        ``RankRunner`` of ``cfg`` on this process's device."""
         self.world = 1
         self._lock = threading.Lock()
         self._closed = False
-        device = rank_device(resolve_device(cfg.device), max(cfg.rendezvous.local_rank, 0))
-        self.runner = RankRunner(cfg, ParallelGroups.single(), device)
+        if runner is None:
+            device = rank_device(resolve_device(cfg.device), max(cfg.rendezvous.local_rank, 0))
+            runner = RankRunner(cfg, ParallelGroups.single(), device)
+        self.runner = runner
         self._setup(cfg)
 
     def _all(self, fn: Callable, *args) -> list:
@@ -291,8 +296,12 @@ def rank_main(rank: int, local_index: int, own: RuntimeConfig, master: tuple[str
             dist.destroy_process_group()
 
 
-def _spawned_rank(rank: int, local_index: int, cfg: RuntimeConfig, master: tuple[str, int]) -> None:
-    raise SystemExit(rank_main(rank, local_index, cfg, master, strict=False))
+def rank_process(rank: int, local_index: int, cfg: RuntimeConfig, master: tuple[str, int],
+                 strict: bool = False) -> None:
+    """The target of a rank process (``engine.runtime.spawn.start_rank``): :func:`rank_main`,
+    its return value as the exit code. Rank 0 spawns its host's ranks with it; ``cleave rank``
+    its own (``strict``)."""
+    raise SystemExit(rank_main(rank, local_index, cfg, master, strict))
 
 
 class _RankGroupExecutor(Executor):
@@ -319,7 +328,7 @@ class _RankGroupExecutor(Executor):
         self._store, port = serve_store(addr, rdv.master_port, self.world, rdv.timeout_s)
         publish(self._store, CONFIG_KEY, cfg)
         self._spawned = [r for r in local if r]
-        self._procs = [start_rank(_spawned_rank, r, i, cfg, (addr, port)) for i, r in enumerate(local) if r]
+        self._procs = [start_rank(rank_process, r, i, cfg, (addr, port)) for i, r in enumerate(local) if r]
         try:
             self._ctrl = join(0, self.world, self._store, backend_for(device), rdv.timeout_s, cfg.host,
                               where=f"{addr}:{port}")

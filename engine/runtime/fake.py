@@ -13,8 +13,6 @@ forward raises it (a broken worker) until it is cleared.
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from cleave.v1 import inference_pb2
@@ -23,7 +21,7 @@ from engine.config import CacheConfig, ModelConfig
 from engine.kv_cache import allocate_kv_cache
 from engine.loader import ModelSource
 from engine.runtime.config import RuntimeConfig
-from engine.runtime.executor import Executor
+from engine.runtime.executor import InProcessExecutor
 from kvtransfer.handoff import KVReceiver, KVSender, compat_hash
 from kvtransfer.transport import make_transport
 
@@ -48,7 +46,7 @@ class _FakeRunner:
         self.transport.close()
 
 
-class FakeExecutor(Executor):
+class FakeExecutor(InProcessExecutor):
     """Executor over the fake model (see the module docstring). ``transport``: a KV transport
     (default: the config's, on its host); ``model_config``: the shape (vocab, layers, heads)."""
 
@@ -57,16 +55,10 @@ class FakeExecutor(Executor):
         if cfg.world_size != 1:
             raise ValueError(f"FakeExecutor runs one rank, got layout {cfg.parallel}")
         model = (model_config or tiny_config()).replace(dtype="float32")
-        self.world = 1
         self.fault: Exception | None = None
         self.forwards = 0                       # forward passes run (prefill and decode)
-        self._lock = threading.Lock()
-        self.runner = _FakeRunner(cfg, model, model_id, transport or make_transport(cfg.transport, host=cfg.host))
-        self._setup(cfg)
-
-    def _all(self, fn, *args) -> list:
-        with self._lock:
-            return [fn(self.runner, *args)]
+        transport = transport or make_transport(cfg.transport, host=cfg.host)
+        super().__init__(cfg, on_failure, runner=_FakeRunner(cfg, model, model_id, transport))
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         with self._lock:
@@ -92,9 +84,6 @@ class FakeExecutor(Executor):
 
     def prefill(self, prompt, blocks, cancelled=None) -> torch.Tensor:
         return self.forward(ForwardBatch.prefill([list(prompt)], [list(blocks)], self.cfg.block_size))
-
-    def push(self, landing, blocks, cancelled=None, timeout: float = 0.0) -> int:
-        return self.runner.sender.push(landing, self.runner.kv_cache, list(blocks), cancelled, timeout)
 
     @staticmethod
     def expected(prompt: list[int], max_tokens: int, vocab: int) -> list[int]:

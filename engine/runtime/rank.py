@@ -149,16 +149,19 @@ class RankRunner:
         return ExpertStatsWriter(client, stats_model_id(self.source.model_id), where.key_prefix,
                                  interval_s=where.interval_s, window_s=where.window_s)
 
+    @property
+    def owns_logits(self) -> bool:
+        """Whether this rank hands the logits to rank 0 (last stage, first TP and EP rank)."""
+        g = self.groups
+        return g.is_last_stage and g.tp_rank == 0 and g.ep_rank == 0
+
     # ---- the methods an executor calls on every rank ------------------------------------------
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch):
         """This stage's part of one step. Returns the logits (CPU, fp32) on the rank that owns
         them (last stage, first TP and EP rank), else None."""
-        g = self.groups
-        out = stage_step(self.model, g, self.kv_cache, batch.to(self.device), graphs=self.graphs)
-        if g.is_last_stage and g.tp_rank == 0 and g.ep_rank == 0 and out.shape[0]:
-            return out.cpu()
-        return None
+        out = stage_step(self.model, self.groups, self.kv_cache, batch.to(self.device), graphs=self.graphs)
+        return out.cpu() if self.owns_logits and out.shape[0] else None
 
     @torch.inference_mode()
     def forward_micro(self, batches: list[ForwardBatch]):
@@ -172,9 +175,7 @@ class RankRunner:
                                    graphs=self.graphs, probe=self.probe))
             self.micro_batches += 1
         sender.flush()
-        if g.is_last_stage and g.tp_rank == 0 and g.ep_rank == 0:
-            return torch.cat(outs).cpu()
-        return None
+        return torch.cat(outs).cpu() if self.owns_logits else None
 
     def prefill_batch(self, prompt: list[int], blocks: list[int]) -> ForwardBatch:
         """This rank's prefill batch: the whole prompt, or its CP chunks (``prefill_cp``)."""
