@@ -84,7 +84,7 @@ def worker_memory(stack, kv_bytes_per_token: int, weights: int | None) -> list[d
 
 def decode_step_totals(stack) -> tuple[float, int]:
     """``(seconds, steps)`` of engine decode steps so far, summed over the stack's decode workers
-    (their ``cleave:decode_step_seconds`` histogram on ``/metrics``)."""
+    (their ``cleave_decode_step_seconds`` histogram on ``/metrics``)."""
     import urllib.request
 
     total, count = 0.0, 0
@@ -93,8 +93,8 @@ def decode_step_totals(stack) -> tuple[float, int]:
             continue
         text = urllib.request.urlopen(f"http://{stack.cfg.host}:{port}/metrics", timeout=5).read().decode()
         for line in text.splitlines():
-            if line.startswith("cleave:decode_step_seconds_sum"):
+            if line.startswith("cleave_decode_step_seconds_sum"):
                 total += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("cleave:decode_step_seconds_count"):
+            elif line.startswith("cleave_decode_step_seconds_count"):
                 count += int(float(line.rsplit(" ", 1)[1]))
     return total, count

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the router and the workers (``prometheus_client``), named ``cleave:*``.
+"""Prometheus metrics of the router and the workers (``prometheus_client``), named ``cleave_*``.
 
 Names follow what operators' dashboards and load tools already know (vLLM's ``vllm:*`` set):
 histograms in seconds or tokens, counters ending in ``_total``. Each process owns one
@@ -9,28 +9,28 @@ Router (``RouterMetrics``, label ``model_name``; scraped at ``/metrics`` of its 
 
 | metric | type | what |
 | --- | --- | --- |
-| ``cleave:time_to_first_token_seconds`` | histogram | arrival at the router to the first token sent |
-| ``cleave:inter_token_latency_seconds`` | histogram | gap between output tokens (a message of k tokens after a gap g counts k samples of g/k) |
-| ``cleave:e2e_request_latency_seconds`` | histogram | arrival to the last token, finished requests |
-| ``cleave:request_queue_time_seconds`` | histogram | arrival until a decode instance reserved KV room (admission wait) |
-| ``cleave:request_prompt_tokens`` / ``cleave:request_generation_tokens`` | histogram | tokens per finished request |
-| ``cleave:request_success_total{finish_reason}`` | counter | finished requests, ``stop`` or ``length`` |
-| ``cleave:request_failures_total{reason}`` | counter | failed or cancelled requests by error kind (``invalid_request``, ``exhausted``, ``unavailable``, ``deadline_exceeded``, ``cancelled``, ...) |
-| ``cleave:request_migrations_total`` | counter | attempts retried on another worker (attempts - 1 per request) |
-| ``cleave:num_requests_running`` / ``cleave:num_requests_waiting`` | gauge | in flight / waiting for KV room, now |
+| ``cleave_time_to_first_token_seconds`` | histogram | arrival at the router to the first token sent |
+| ``cleave_inter_token_latency_seconds`` | histogram | gap between output tokens (a message of k tokens after a gap g counts k samples of g/k) |
+| ``cleave_e2e_request_latency_seconds`` | histogram | arrival to the last token, finished requests |
+| ``cleave_request_queue_time_seconds`` | histogram | arrival until a decode instance reserved KV room (admission wait) |
+| ``cleave_request_prompt_tokens`` / ``cleave_request_generation_tokens`` | histogram | tokens per finished request |
+| ``cleave_request_success_total{finish_reason}`` | counter | finished requests, ``stop`` or ``length`` |
+| ``cleave_request_failures_total{reason}`` | counter | failed or cancelled requests by error kind (``invalid_request``, ``exhausted``, ``unavailable``, ``deadline_exceeded``, ``cancelled``, ...) |
+| ``cleave_request_migrations_total`` | counter | attempts retried on another worker (attempts - 1 per request) |
+| ``cleave_num_requests_running`` / ``cleave_num_requests_waiting`` | gauge | in flight / waiting for KV room, now |
 
 Workers (``WorkerMetrics``, labels ``pool``, ``worker_id``, ``layout`` such as ``tp1-pp2-cp1-ep1``;
 served on ``--metrics-port``):
 
 | metric | type | what |
 | --- | --- | --- |
-| ``cleave:kv_cache_usage_perc`` | gauge | used share of the instance's KV blocks, 0..1 (1 = full) |
-| ``cleave:kv_transfer_seconds`` | histogram | prefill: one KV push; decode: reservation to landed |
-| ``cleave:kv_transfer_bytes_total`` | counter | KV bytes pushed (prefill) |
-| ``cleave:kv_transfer_failures_total`` | counter | pushes (prefill) or landings (decode) that failed |
-| ``cleave:prefill_queue_tokens`` | gauge | prompt tokens queued or running on a prefill instance |
-| ``cleave:batch_size`` | gauge | sequences in the running decode batch |
-| ``cleave:expert_hotspot_ratio{layer}`` | gauge | MoE decode: the hottest EP rank's routed tokens / the mean over EP ranks (1 = balanced) |
+| ``cleave_kv_cache_usage_perc`` | gauge | used share of the instance's KV blocks, 0..1 (1 = full) |
+| ``cleave_kv_transfer_seconds`` | histogram | prefill: one KV push; decode: reservation to landed |
+| ``cleave_kv_transfer_bytes_total`` | counter | KV bytes pushed (prefill) |
+| ``cleave_kv_transfer_failures_total`` | counter | pushes (prefill) or landings (decode) that failed |
+| ``cleave_prefill_queue_tokens`` | gauge | prompt tokens queued or running on a prefill instance |
+| ``cleave_batch_size`` | gauge | sequences in the running decode batch |
+| ``cleave_expert_hotspot_ratio{layer}`` | gauge | MoE decode: the hottest EP rank's routed tokens / the mean over EP ranks (1 = balanced) |
 
 No metric carries a request id (unbounded label values would grow the registry forever).
 """
@@ -94,22 +94,22 @@ class RouterMetrics:
         def hist(name, doc, buckets):
             return Histogram(name, doc, lbl, buckets=buckets, registry=self.registry).labels(model_name)
 
-        self.ttft = hist("cleave:time_to_first_token_seconds", "Time to first token (s)", TTFT_BUCKETS)
-        self.itl = hist("cleave:inter_token_latency_seconds", "Inter-token latency (s)", ITL_BUCKETS)
-        self.e2e = hist("cleave:e2e_request_latency_seconds", "End-to-end request latency (s)", REQUEST_BUCKETS)
-        self.queue = hist("cleave:request_queue_time_seconds", "Time waiting for KV room (s)", REQUEST_BUCKETS)
-        self.prompt_tokens = hist("cleave:request_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS)
-        self.generation_tokens = hist("cleave:request_generation_tokens", "Generated tokens per request",
+        self.ttft = hist("cleave_time_to_first_token_seconds", "Time to first token (s)", TTFT_BUCKETS)
+        self.itl = hist("cleave_inter_token_latency_seconds", "Inter-token latency (s)", ITL_BUCKETS)
+        self.e2e = hist("cleave_e2e_request_latency_seconds", "End-to-end request latency (s)", REQUEST_BUCKETS)
+        self.queue = hist("cleave_request_queue_time_seconds", "Time waiting for KV room (s)", REQUEST_BUCKETS)
+        self.prompt_tokens = hist("cleave_request_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS)
+        self.generation_tokens = hist("cleave_request_generation_tokens", "Generated tokens per request",
                                       TOKEN_BUCKETS)
-        self.success = Counter("cleave:request_success", "Finished requests", lbl + ["finish_reason"],
+        self.success = Counter("cleave_request_success", "Finished requests", lbl + ["finish_reason"],
                                registry=self.registry)
-        self.failures = Counter("cleave:request_failures", "Failed or cancelled requests", lbl + ["reason"],
+        self.failures = Counter("cleave_request_failures", "Failed or cancelled requests", lbl + ["reason"],
                                 registry=self.registry)
-        self.migrations = Counter("cleave:request_migrations", "Attempts retried on another worker", lbl,
+        self.migrations = Counter("cleave_request_migrations", "Attempts retried on another worker", lbl,
                                   registry=self.registry).labels(model_name)
         gauges = _Sampled(lambda: {"model_name": model_name})
-        gauges.add("cleave:num_requests_running", "Requests in flight past admission", running)
-        gauges.add("cleave:num_requests_waiting", "Requests waiting for KV room", waiting)
+        gauges.add("cleave_num_requests_running", "Requests in flight past admission", running)
+        gauges.add("cleave_num_requests_waiting", "Requests waiting for KV room", waiting)
         self.registry.register(gauges)
 
     def first_token(self, seconds: float) -> None:
@@ -160,13 +160,13 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         self._pool, self._worker_id, self._layout = pool, worker_id, layout
         names = ["pool", "worker_id", "layout"]
-        self._transfer_s = Histogram("cleave:kv_transfer_seconds", "KV transfer time (s)", names,
+        self._transfer_s = Histogram("cleave_kv_transfer_seconds", "KV transfer time (s)", names,
                                      buckets=TRANSFER_BUCKETS, registry=self.registry)
-        self._transfer_bytes = Counter("cleave:kv_transfer_bytes", "KV bytes pushed", names,
+        self._transfer_bytes = Counter("cleave_kv_transfer_bytes", "KV bytes pushed", names,
                                        registry=self.registry)
-        self._transfer_failures = Counter("cleave:kv_transfer_failures", "KV transfers that failed", names,
+        self._transfer_failures = Counter("cleave_kv_transfer_failures", "KV transfers that failed", names,
                                           registry=self.registry)
-        self._step_s = Histogram("cleave:decode_step_seconds",
+        self._step_s = Histogram("cleave_decode_step_seconds",
                                  "Engine time of one decode step: forward over the running batch and sampling (s)",
                                  names, buckets=STEP_BUCKETS, registry=self.registry)
         self.gauges = _Sampled(self.labels)

@@ -61,11 +61,11 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         self._stats_task: asyncio.Task | None = None
         self.balancer = self._balancer() if host.model_config.num_experts else None
         if self.balancer is not None:
-            host.metrics.gauges.add("cleave:expert_hotspot_ratio{layer}",
+            host.metrics.gauges.add("cleave_expert_hotspot_ratio{layer}",
                                     "Hottest EP rank's routed tokens / mean over EP ranks (1 = balanced)",
                                     lambda: self.balancer.hotspots)
         host.load_fn = lambda: self._info()
-        host.metrics.gauges.add("cleave:batch_size", "Sequences in the running decode batch",
+        host.metrics.gauges.add("cleave_batch_size", "Sequences in the running decode batch",
                                 lambda: self.scheduler.num_running)
 
     def _balancer(self):

@@ -48,7 +48,7 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
         self._running = 0
         self._lock = threading.Lock()
         host.load_fn = lambda: self._info()
-        host.metrics.gauges.add("cleave:prefill_queue_tokens", "Prompt tokens queued or running",
+        host.metrics.gauges.add("cleave_prefill_queue_tokens", "Prompt tokens queued or running",
                                 lambda: self._queued_tokens)
 
     async def start(self) -> None:

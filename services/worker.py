@@ -82,7 +82,7 @@ class WorkerHost:
         self.load_fn: Callable[[], dict] = lambda: {}
         self.draining = False  # set when asked to stop: no new requests are accepted
         self.metrics = WorkerMetrics(cfg.pool, lambda: self.worker_id, layout_label(self.layout))
-        self.metrics.gauges.add("cleave:kv_cache_usage_perc", "Used share of the KV blocks (0..1)",
+        self.metrics.gauges.add("cleave_kv_cache_usage_perc", "Used share of the KV blocks (0..1)",
                                 lambda: 1.0 - self.allocator.free_blocks / max(1, self.allocator.total))
 
     def check_accepting(self) -> None:

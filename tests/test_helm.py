@@ -577,14 +577,14 @@ def test_service_monitor_selects_every_metrics_port_and_the_dashboard_ships(char
         names = {p["name"] for p in svc["spec"]["ports"]} & ports
         pod_ports = {p["name"] for p in release.container(component)["ports"]}
         assert len(names) == 1 and names <= pod_ports
-    # every cleave:* series the dashboard queries exists in the router's or the workers' registry
+    # every cleave_* series the dashboard queries exists in the router's or the workers' registry
     board = json.loads(release.get("ConfigMap", "dashboard")["data"]["cleave.json"])
     assert release.get("ConfigMap", "dashboard")["metadata"]["labels"]["grafana_dashboard"] == "1"
-    queried = {m for p in board["panels"] for t in p["targets"] for m in re.findall(r"cleave:[a-z0-9_]+", t["expr"])}
+    queried = {m for p in board["panels"] for t in p["targets"] for m in re.findall(r"cleave_[a-z0-9_]+", t["expr"])}
     worker = WorkerMetrics("decode", lambda: "w", "tp1-pp1-cp1-ep1")
-    for name in ("cleave:prefill_queue_tokens", "cleave:batch_size", "cleave:kv_cache_usage_perc"):
+    for name in ("cleave_prefill_queue_tokens", "cleave_batch_size", "cleave_kv_cache_usage_perc"):
         worker.gauges.add(name, "", lambda: 0)
-    worker.gauges.add("cleave:expert_hotspot_ratio{layer}", "", lambda: {0: 1.0})
+    worker.gauges.add("cleave_expert_hotspot_ratio{layer}", "", lambda: {0: 1.0})
     worker.transfer(0.1, 1)
     worker.transfer_failed()
     router = RouterMetrics("m", lambda: 0, lambda: 0)

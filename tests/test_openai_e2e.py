@@ -234,31 +234,31 @@ def test_metrics_move_by_exactly_the_requests_made(tiny, client, model):
 
     def delta(name, **labels):
         return _value(after, name, **labels) - _value(before, name, **labels)
-    assert delta("cleave:request_success_total", finish_reason="length") == 3
-    assert delta("cleave:request_failures_total", reason="invalid_argument") == 1
-    assert delta("cleave:time_to_first_token_seconds_count") == 3
-    assert delta("cleave:e2e_request_latency_seconds_count") == 3
-    assert delta("cleave:request_queue_time_seconds_count") == 3
-    assert delta("cleave:request_prompt_tokens_sum") == len(PROMPT_IDS) + 3 + 2
-    assert delta("cleave:request_generation_tokens_sum") == 5 + 7 + 4
-    assert delta("cleave:inter_token_latency_seconds_count") == (5 - 1) + (7 - 1) + (4 - 1)
-    assert delta("cleave:request_migrations_total") == 0
-    assert _value(after, "cleave:num_requests_running") == 0 and _value(after, "cleave:num_requests_waiting") == 0
+    assert delta("cleave_request_success_total", finish_reason="length") == 3
+    assert delta("cleave_request_failures_total", reason="invalid_argument") == 1
+    assert delta("cleave_time_to_first_token_seconds_count") == 3
+    assert delta("cleave_e2e_request_latency_seconds_count") == 3
+    assert delta("cleave_request_queue_time_seconds_count") == 3
+    assert delta("cleave_request_prompt_tokens_sum") == len(PROMPT_IDS) + 3 + 2
+    assert delta("cleave_request_generation_tokens_sum") == 5 + 7 + 4
+    assert delta("cleave_inter_token_latency_seconds_count") == (5 - 1) + (7 - 1) + (4 - 1)
+    assert delta("cleave_request_migrations_total") == 0
+    assert _value(after, "cleave_num_requests_running") == 0 and _value(after, "cleave_num_requests_waiting") == 0
     assert not any("request_id" in dict(lbl) for _, lbl in after)
     for name in workers:
         pool = name.split("-")[0]
         got = wafter[name]
-        labels = {dict(lbl)["pool"] for (n, lbl) in got if n.startswith("cleave:kv_cache_usage_perc")}
+        labels = {dict(lbl)["pool"] for (n, lbl) in got if n.startswith("cleave_kv_cache_usage_perc")}
         assert labels == {pool}
-        assert 0 <= _value(got, "cleave:kv_cache_usage_perc") <= 1
-        transfers = _value(got, "cleave:kv_transfer_seconds_count") - _value(wbefore[name], "cleave:kv_transfer_seconds_count")
+        assert 0 <= _value(got, "cleave_kv_cache_usage_perc") <= 1
+        transfers = _value(got, "cleave_kv_transfer_seconds_count") - _value(wbefore[name], "cleave_kv_transfer_seconds_count")
         assert transfers == 3, name  # three requests reached prefill, each pushed once and landed once
         if pool == "prefill":
-            assert _value(got, "cleave:kv_transfer_bytes_total") > _value(wbefore[name], "cleave:kv_transfer_bytes_total")
-            assert any(n == "cleave:prefill_queue_tokens" for n, _ in got)
-            assert _value(got, "cleave:prefill_queue_tokens") == 0
+            assert _value(got, "cleave_kv_transfer_bytes_total") > _value(wbefore[name], "cleave_kv_transfer_bytes_total")
+            assert any(n == "cleave_prefill_queue_tokens" for n, _ in got)
+            assert _value(got, "cleave_prefill_queue_tokens") == 0
         else:
-            assert any(n == "cleave:batch_size" for n, _ in got) and _value(got, "cleave:batch_size") == 0
+            assert any(n == "cleave_batch_size" for n, _ in got) and _value(got, "cleave_batch_size") == 0
 
 
 def test_cleave_bench_reports_what_it_sent_and_goodput_follows_the_slo(tiny):
@@ -313,7 +313,7 @@ def test_client_leaving_before_the_first_token_cancels_the_waiting_request(tiny)
     """A request queued for KV room (nothing sent yet) is cancelled when its client hangs up."""
     url = urllib.parse.urlsplit(tiny.http_url)
     metrics = tiny.http_url.removesuffix("/v1") + "/metrics"
-    cancelled = _value(_scrape(metrics), "cleave:request_failures_total", reason="cancelled")
+    cancelled = _value(_scrape(metrics), "cleave_request_failures_total", reason="cancelled")
     big = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
     big.request("POST", "/v1/completions", json.dumps({"prompt": [4] * 8, "max_tokens": 300, "stream": True,
                                                        "ignore_eos": True}), {"Content-Type": "application/json"})
@@ -323,16 +323,16 @@ def test_client_leaving_before_the_first_token_cancels_the_waiting_request(tiny)
     waiting.request("POST", "/v1/completions", json.dumps({"prompt": [5] * 8, "max_tokens": 150, "ignore_eos": True}),
                     {"Content-Type": "application/json"})
     deadline = time.time() + 10
-    while _value(_scrape(metrics), "cleave:num_requests_waiting") != 1 and time.time() < deadline:
+    while _value(_scrape(metrics), "cleave_num_requests_waiting") != 1 and time.time() < deadline:
         time.sleep(0.05)
-    assert _value(_scrape(metrics), "cleave:num_requests_waiting") == 1
+    assert _value(_scrape(metrics), "cleave_num_requests_waiting") == 1
     waiting.sock.shutdown(2)
     waiting.close()
-    while _value(_scrape(metrics), "cleave:request_failures_total", reason="cancelled") != cancelled + 1 \
+    while _value(_scrape(metrics), "cleave_request_failures_total", reason="cancelled") != cancelled + 1 \
             and time.time() < deadline + 10:
         time.sleep(0.05)
     after = _scrape(metrics)
-    assert _value(after, "cleave:request_failures_total", reason="cancelled") == cancelled + 1
-    assert _value(after, "cleave:num_requests_waiting") == 0
+    assert _value(after, "cleave_request_failures_total", reason="cancelled") == cancelled + 1
+    assert _value(after, "cleave_num_requests_waiting") == 0
     big.sock.shutdown(2)
     big.close()

@@ -149,29 +149,29 @@ def test_router_metrics_exposition():
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families(m.exposition().decode()) for s in fam.samples}
     get = lambda name, **lbl: samples[(name, tuple(sorted({"model_name": "m", **lbl}.items())))]  # noqa: E731
-    assert get("cleave:inter_token_latency_seconds_count") == 3
-    assert get("cleave:inter_token_latency_seconds_sum") == pytest.approx(0.03)
-    assert get("cleave:request_success_total", finish_reason="stop") == 1
-    assert get("cleave:request_failures_total", reason="unavailable") == 1
-    assert get("cleave:request_migrations_total") == 1
-    assert get("cleave:request_prompt_tokens_sum") == 10
-    assert (get("cleave:num_requests_running"), get("cleave:num_requests_waiting")) == (2, 1)
+    assert get("cleave_inter_token_latency_seconds_count") == 3
+    assert get("cleave_inter_token_latency_seconds_sum") == pytest.approx(0.03)
+    assert get("cleave_request_success_total", finish_reason="stop") == 1
+    assert get("cleave_request_failures_total", reason="unavailable") == 1
+    assert get("cleave_request_migrations_total") == 1
+    assert get("cleave_request_prompt_tokens_sum") == 10
+    assert (get("cleave_num_requests_running"), get("cleave_num_requests_waiting")) == (2, 1)
 
 
 def test_worker_metrics_labels_and_sampled_gauges():
     wid = ["?"]
     m = WorkerMetrics("prefill", lambda: wid[0], layout_label({"tp": 2, "pp": 1, "cp": 1, "ep": 1}))
-    m.gauges.add("cleave:prefill_queue_tokens", "q", lambda: 7)
-    m.gauges.add("cleave:expert_hotspot_ratio{layer}", "h", lambda: {0: 1.5, 1: 1.0})
+    m.gauges.add("cleave_prefill_queue_tokens", "q", lambda: 7)
+    m.gauges.add("cleave_expert_hotspot_ratio{layer}", "h", lambda: {0: 1.5, 1: 1.0})
     wid[0] = "prefill-a"
     m.transfer(0.01, 1000)
     m.transfer_failed()
     fams = {f.name: f for f in text_string_to_metric_families(
         __import__("prometheus_client").generate_latest(m.registry).decode())}
     labels = {"pool": "prefill", "worker_id": "prefill-a", "layout": "tp2-pp1-cp1-ep1"}
-    assert fams["cleave:prefill_queue_tokens"].samples[0].labels == labels
-    assert {s.labels["layer"]: s.value for s in fams["cleave:expert_hotspot_ratio"].samples} == {"0": 1.5, "1": 1.0}
-    assert [s.value for s in fams["cleave:kv_transfer_bytes"].samples if s.name.endswith("_total")] == [1000]
+    assert fams["cleave_prefill_queue_tokens"].samples[0].labels == labels
+    assert {s.labels["layer"]: s.value for s in fams["cleave_expert_hotspot_ratio"].samples} == {"0": 1.5, "1": 1.0}
+    assert [s.value for s in fams["cleave_kv_transfer_bytes"].samples if s.name.endswith("_total")] == [1000]
 
 
 def test_datasets_are_deterministic_with_lengths_from_their_distribution():
