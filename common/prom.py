@@ -1,9 +1,11 @@
 """Prometheus metrics of the router and the workers (``prometheus_client``), named ``cleave_*``.
 
-Names follow what operators' dashboards and load tools already know (vLLM's ``vllm:*`` set):
-histograms in seconds or tokens, counters ending in ``_total``. Each process owns one
-:class:`prometheus_client.CollectorRegistry` (no module-global registry, so tests and several
-cores in one process never share counters).
+Names follow what operators' dashboards and load tools already know (vLLM's set, with ``_`` for
+its ``:``: Prometheus reserves ``:`` for recording rules, and ``promtool check metrics`` flags it):
+histograms in seconds or tokens, counters ending in ``_total``. Each ``RouterMetrics`` and
+``WorkerMetrics`` owns one :class:`Registry` (no module-global registry, so tests and several
+cores in one process never share counters), which exports no ``_created`` series (see
+:class:`Registry`).
 
 Router (``RouterMetrics``, label ``model_name``; scraped at ``/metrics`` of its HTTP port):
 
@@ -16,6 +18,7 @@ Router (``RouterMetrics``, label ``model_name``; scraped at ``/metrics`` of its 
 | ``cleave_request_prompt_tokens`` / ``cleave_request_generation_tokens`` | histogram | tokens per finished request |
 | ``cleave_request_success_total{finish_reason}`` | counter | finished requests, ``stop`` or ``length`` |
 | ``cleave_request_failures_total{reason}`` | counter | failed or cancelled requests by error kind (``invalid_request``, ``exhausted``, ``unavailable``, ``deadline_exceeded``, ``cancelled``, ...) |
+| ``cleave_http_internal_errors_total`` | counter | HTTP requests answered 500 ``internal_error`` (an unexpected exception) |
 | ``cleave_request_migrations_total`` | counter | attempts retried on another worker (attempts - 1 per request) |
 | ``cleave_num_requests_running`` / ``cleave_num_requests_waiting`` | gauge | in flight / waiting for KV room, now |
 
@@ -30,6 +33,7 @@ served on ``--metrics-port``):
 | ``cleave_kv_transfer_failures_total`` | counter | pushes (prefill) or landings (decode) that failed |
 | ``cleave_prefill_queue_tokens`` | gauge | prompt tokens queued or running on a prefill instance |
 | ``cleave_batch_size`` | gauge | sequences in the running decode batch |
+| ``cleave_decode_step_seconds`` | histogram | decode: engine time of one step (forward over the running batch and sampling) |
 | ``cleave_expert_hotspot_ratio{layer}`` | gauge | MoE decode: the hottest EP rank's routed tokens / the mean over EP ranks (1 = balanced) |
 
 No metric carries a request id (unbounded label values would grow the registry forever).
@@ -40,7 +44,7 @@ import threading
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 # bucket edges as vLLM publishes them, so the same dashboards and alerts apply
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -54,6 +58,52 @@ STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 
 TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _without_created(metrics):
+    """``metrics`` with each family's ``<name>_created`` samples left out (copies; the input is
+    not changed)."""
+    for metric in metrics:
+        created = metric.name + "_created"
+        if not any(s.name == created for s in metric.samples):
+            yield metric
+            continue
+        kept = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+        kept.samples = [s for s in metric.samples if s.name != created]
+        yield kept
+
+
+class Registry(CollectorRegistry):
+    """A ``CollectorRegistry`` whose exposition has no ``_created`` series.
+
+    ``prometheus_client`` gives every counter and histogram a ``<name>_created`` sample (its
+    creation time). The classic text format, the one Prometheus scrapes by default, has no place
+    for it, so it comes out as a gauge family of its own, which ``promtool check metrics`` flags
+    and which adds a series per labelled child. The library's own switches are process-global:
+    ``disable_created_metrics()`` flips a module variable for every registry in the process
+    (an embedding application's too), and ``PROMETHEUS_DISABLE_CREATED_SERIES`` is read once,
+    when ``prometheus_client.metrics`` is first imported, so setting it from here would depend on
+    import order and leak into child processes. Leaving the samples out where this registry is
+    collected touches nothing outside it and sets no state: ``collect()`` serves every exposition
+    (the router's ``/metrics`` and the workers' HTTP server, text or OpenMetrics), and
+    ``restricted_registry()`` a worker scrape that asks for ``name[]``.
+    """
+
+    def collect(self):
+        yield from _without_created(super().collect())
+
+    def restricted_registry(self, names):
+        return _WithoutCreated(super().restricted_registry(names))
+
+
+class _WithoutCreated:
+    """A collector's metrics less their ``_created`` samples."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def collect(self):
+        return _without_created(self._inner.collect())
 
 
 class _Sampled:
@@ -87,7 +137,7 @@ class RouterMetrics:
     """The router's request metrics (see the module docstring). One per ``RouterCore``."""
 
     def __init__(self, model_name: str, running: Callable[[], int], waiting: Callable[[], int]) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = Registry()
         self._model = model_name
         lbl = ["model_name"]
 
@@ -107,10 +157,16 @@ class RouterMetrics:
                                 registry=self.registry)
         self.migrations = Counter("cleave_request_migrations", "Attempts retried on another worker", lbl,
                                   registry=self.registry).labels(model_name)
+        self.internal_errors = Counter("cleave_http_internal_errors", "HTTP requests that raised an unexpected "
+                                       "exception (answered 500 internal_error)", lbl,
+                                       registry=self.registry).labels(model_name)
         gauges = _Sampled(lambda: {"model_name": model_name})
         gauges.add("cleave_num_requests_running", "Requests in flight past admission", running)
         gauges.add("cleave_num_requests_waiting", "Requests waiting for KV room", waiting)
         self.registry.register(gauges)
+
+    def internal_error(self) -> None:
+        self.internal_errors.inc()
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -157,7 +213,7 @@ class WorkerMetrics:
     """
 
     def __init__(self, pool: str, worker_id: Callable[[], str], layout: str) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = Registry()
         self._pool, self._worker_id, self._layout = pool, worker_id, layout
         names = ["pool", "worker_id", "layout"]
         self._transfer_s = Histogram("cleave_kv_transfer_seconds", "KV transfer time (s)", names,
