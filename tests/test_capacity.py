@@ -10,8 +10,8 @@ import os
 import pytest
 import yaml
 
-from services.capacity.cost import (CostOptions, Layout, decode_step_time, kv_heads_per_rank, memory_per_gpu,
-                                    prefill_time)
+from services.capacity.cost import CostOptions, Layout, decode_step_time, kv_heads_per_rank, prefill_time
+from services.capacity.memory import memory_per_gpu
 from services.capacity.hardware import BUILTIN as GPUS, Hardware, get_hardware
 from services.capacity.models import BUILTIN as MODELS, ModelSpec, get_model
 from services.cli import main
@@ -61,20 +61,6 @@ def test_one_layer_decode_is_memory_bound_and_reads_the_kv():
     act = 2 * 4 * (8 * 1024 + 2 * 24 * 128 + 3 * 4096)
     assert t.bytes == pytest.approx(params * 2 + kv_read + act)
     assert t.memory_s == pytest.approx((params * 2 + kv_read + act) / 1e11)
-
-
-def test_ring_all_reduce_and_all_to_all_alpha_beta():
-    n = 1e6
-    assert IDEAL.comm_time("all_reduce", n, 4) == pytest.approx(2 * 3 / 4 * n / 1e10 + 2 * 3 * 1e-6)
-    assert IDEAL.comm_time("all_to_all", n, 4) == pytest.approx(3 / 4 * n / 1e10 + 3 * 1e-6)
-    assert IDEAL.comm_time("send_recv", n, 2) == pytest.approx(n / 1e10 + 1e-6)
-    # across a node boundary the NIC's figures apply
-    assert IDEAL.comm_time("all_reduce", n, 16, crosses_node=True) == pytest.approx(2 * 15 / 16 * n / 1e9 + 30 * 1e-5)
-    assert IDEAL.comm_time("all_reduce", n, 1) == 0
-    # a full mesh (MI300X) rings over n-1 links at once, a send uses one
-    mi = GPUS["mi300x"]
-    assert mi.comm_time("all_reduce", n, 8) == pytest.approx(2 * 7 / 8 * n / (7 * 64e9 * 0.8) + 14 * 2e-6)
-    assert mi.comm_time("send_recv", n, 2) == pytest.approx(n / (64e9 * 0.8) + 2e-6)
 
 
 def test_tp_adds_two_all_reduces_per_dense_layer():

@@ -1,9 +1,12 @@
 """Trends the field agrees on, predicted by the capacity planner on datasheet GPU profiles."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from services.capacity.cost import CostOptions, Layout, decode_step_time, memory_per_gpu, prefill_time
+from services.capacity.cost import CostOptions, Layout, decode_step_time, decode_throughput, prefill_time
+from services.capacity.memory import max_decode_batch, memory_per_gpu
 from services.capacity.hardware import BUILTIN as GPUS
 from services.capacity.models import BUILTIN as MODELS
 from services.capacity.search import PlanRequest, plan
@@ -25,31 +28,84 @@ def test_more_tp_lowers_ttft_and_tpot_of_70b_until_communication_dominates():
         assert not times[8].over_parallelised
 
 
-def _max_batch(lay: Layout, ctx: int) -> int:
-    b = 1
-    while memory_per_gpu(L70, H100, lay, BF16, 2 * b * ctx, 2 * b).fits:
-        b *= 2
-    return b
+MOE = MODELS["mixtral-8x7b"]
+PP_CASES = [(L70, Layout(tp=t, pp=p)) for t in (1, 2, 4, 8) for p in (2, 4)] + \
+           [(MOE, Layout(tp=t, pp=p, ep=e)) for t, e in ((1, 2), (2, 2), (1, 4), (4, 4)) for p in (2, 4)]
 
 
-def test_pp_raises_throughput_at_large_batch_through_kv_room_but_not_latency():
-    ctx = 2304
-    tp4, pp2 = Layout(tp=4), Layout(tp=4, pp=2)
-    kv4 = memory_per_gpu(L70, H100, tp4, BF16, 0, 0).kv_room_tokens
-    kv8 = memory_per_gpu(L70, H100, pp2, BF16, 0, 0).kv_room_tokens
-    assert kv8 * 8 > 2 * kv4 * 4                 # half the layers per GPU: > 2x the KV room per instance
-    b4, b8 = _max_batch(tp4, ctx), _max_batch(pp2, ctx)
-    assert b8 > b4
-    thr4 = b4 / decode_step_time(L70, H100, tp4, BF16, b4, ctx).total_s
-    thr8 = b8 / decode_step_time(L70, H100, pp2, BF16, b8, ctx).total_s
-    assert thr8 > thr4
-    # one request's latency: PP adds stages in turn, never lowering TPOT or TTFT; nor does it at any
-    # batch without micro-batches (how a served PP decode instance runs today)
-    assert decode_step_time(L70, H100, pp2, BF16, 1, ctx).total_s >= decode_step_time(L70, H100, tp4, BF16, 1, ctx).total_s
-    one_mb = CostOptions(micro_batches=1)
-    for b in (16, b4):
-        assert decode_step_time(L70, H100, pp2, one_mb, b, ctx).total_s >= decode_step_time(L70, H100, tp4, one_mb, b, ctx).total_s
-    assert prefill_time(L70, H100, pp2, BF16, 1, 2048).total_s >= prefill_time(L70, H100, tp4, BF16, 1, 2048).total_s
+@pytest.mark.parametrize("hw", sorted(GPUS), ids=str)
+def test_pp_never_lowers_the_per_token_latency_at_equal_batch(hw):
+    """A token passes every stage in turn: TPOT(TP x PP) >= TPOT(TP) at the same step batch, for
+    dense and MoE models, however many micro-batches are in flight (they raise throughput)."""
+    hw = GPUS[hw]
+    for model, lay in PP_CASES:
+        assert lay.problem(model) is None
+        flat = Layout(tp=lay.tp, ep=lay.ep)
+        for m in (0, 1, 2, 8):
+            opt = CostOptions(micro_batches=m)
+            for batch in (1, 16, 256):
+                for ctx in (512, 9400):
+                    pp = decode_step_time(model, hw, lay, opt, batch, ctx)
+                    one = decode_step_time(model, hw, flat, opt, batch, ctx)
+                    assert pp.total_s >= one.total_s, (model.name, lay.label(), m, batch, ctx)
+                    assert pp.sequences == batch * (m or lay.pp) and one.sequences == batch
+                    if (m or lay.pp) >= lay.pp:      # every stage busy: more tokens/s, not faster tokens
+                        assert decode_throughput(pp) > decode_throughput(one), (model.name, lay.label(), m, batch)
+
+
+@pytest.mark.parametrize("hw", sorted(GPUS), ids=str)
+def test_pp_raises_throughput_at_large_batch_through_kv_room(hw):
+    """Where KV room limits the TP layout's batch, TP x PP2 holds more sequences (half the layers
+    per GPU) in two micro-batches and makes more tokens/s per instance, at a TPOT no lower."""
+    hw, ctx = GPUS[hw], 2304
+    for tp in (2, 4):
+        flat, pp = Layout(tp=tp), Layout(tp=tp, pp=2)
+        kv_flat = memory_per_gpu(L70, hw, flat, BF16, 0, 0).kv_room_tokens
+        kv_pp = memory_per_gpu(L70, hw, pp, BF16, 0, 0).kv_room_tokens
+        assert kv_pp * pp.gpus > 2 * kv_flat * flat.gpus          # > 2x the KV room per instance
+        b_flat, b_pp = (max_decode_batch(L70, hw, lay, BF16, ctx) for lay in (flat, pp))
+        if not 0 < b_flat < 4096:
+            continue                                              # does not fit / not KV-limited
+        t_flat = decode_step_time(L70, hw, flat, BF16, b_flat, ctx - 100)
+        t_pp = decode_step_time(L70, hw, pp, BF16, b_pp, ctx - 100)
+        assert t_pp.sequences > t_flat.sequences
+        assert decode_throughput(t_pp) > decode_throughput(t_flat)
+        assert decode_step_time(L70, hw, pp, BF16, b_flat, ctx - 100).total_s >= t_flat.total_s
+    assert prefill_time(L70, hw, Layout(tp=4, pp=2), BF16, 1, 2048).total_s >= \
+        prefill_time(L70, hw, Layout(tp=4), BF16, 1, 2048).total_s
+
+
+def test_the_issue_example_pp_decode_is_not_faster_per_token():
+    """405B int4 on MI355X, 9,400-token prompts, batch 256: TP4xPP2's TPOT was 0.56x TP4's."""
+    mi, l405 = GPUS["mi355x"], MODELS["llama-3.1-405b"]
+    int4 = CostOptions(weight_dtype="int4", kv_dtype="int4")
+    ctx = 9400 + 680 / 2
+    tp4, pp2, tp8 = (decode_step_time(l405, mi, lay, int4, 256, ctx) for lay in (Layout(tp=4), Layout(tp=4, pp=2),
+                                                                                 Layout(tp=8)))
+    assert pp2.total_s >= tp4.total_s > tp8.total_s
+    assert decode_throughput(pp2) > 1.9 * decode_throughput(tp4)     # two micro-batches of 256 in flight
+
+
+def _ttfts(model, hw, prompt=16384):
+    return {t: prefill_time(model, hw, Layout(tp=t), BF16, 1, prompt).total_s for t in (1, 2, 4, 8)}
+
+
+@pytest.mark.parametrize("hw", [n for n in sorted(GPUS) if GPUS[n].topology == "mesh"], ids=str)
+def test_on_a_mesh_some_tp_degree_is_slower_than_the_one_below_but_not_on_a_switch(hw):
+    """All-to-all node, batch 1, long prompts: a TP2 all-reduce crosses one link (1/7 of the
+    GPU's bandwidth) and outweighs the halved compute; TP8's spreads over all seven and wins. A
+    switch node with the same per-GPU bandwidth gives a pair all of it: no negative returns."""
+    mesh = GPUS[hw]
+    twin = replace(mesh, topology="switch")                       # same links, same 7 x link per GPU
+    assert twin.gpu_link_bw == mesh.gpu_link_bw
+    worse = []
+    for name in ("llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b"):
+        on_mesh, on_switch = _ttfts(MODELS[name], mesh), _ttfts(MODELS[name], twin)
+        worse += [(name, t) for t in (2, 4, 8) if on_mesh[t] > on_mesh[t // 2]]
+        assert all(on_switch[t] < on_switch[t // 2] for t in (2, 4, 8)), (name, on_switch)
+        assert on_mesh[8] < on_mesh[1] and on_mesh[8] == pytest.approx(on_switch[8])
+    assert ("llama-3.1-8b", 2) in worse, worse
+    assert all(t == 2 for _, t in worse)                          # more GPUs spread over more links
 
 
 def test_tp_across_nodes_is_worse_than_tp_inside_and_pp_across():

@@ -15,7 +15,8 @@ Per decoder layer on one rank (the slowest: largest stage, most expert tokens):
   per expert run (the calibrated CPU profile's Python loops), and per forward;
 - **TP**: two all-reduces of ``tokens * hidden`` activations per dense layer (after attention
   and after the MLP; Megatron-LM, arXiv:1909.08053), one for a MoE layer (experts are not
-  TP-split in Cleave: ``engine/moe.py``), each ``2(T-1)/T`` of the bytes plus latency per step;
+  TP-split in Cleave: ``engine/moe.py``), by the algorithm NCCL/RCCL would pick for the
+  message, group and topology (``services.capacity.collectives``: ring, tree, one-shot);
 - **EP**: dispatch and combine all-to-alls of ``tokens * top_k / EP * hidden`` times the
   imbalance (GShard, arXiv:2006.16668), or, as Cleave's engine does today, one all-reduce of
   ``tokens * hidden`` over the EP group (``ep_exchange="all_reduce"``);
@@ -24,18 +25,23 @@ Per decoder layer on one rank (the slowest: largest stage, most expert tokens):
   (Ring Attention, arXiv:2310.01889);
 - **PP**: two sends (hidden and residual, as ``engine/pipeline.py`` does) per stage boundary
   (a boundary crossing a node uses the NIC), in decode the sampled tokens back to the first
-  stage, and the bubble: a pass of ``m`` micro-batches takes ``(m + PP - 1)`` stage
-  times (GPipe, arXiv:1811.06965); a steady decode round ``max(m, PP)`` stage times;
+  stage. Prefill: a pass of ``m`` micro-batches takes ``(m + PP - 1)`` stage times (GPipe,
+  arXiv:1811.06965). Decode separates latency from throughput: a decode step's ``batch`` is one
+  micro-batch, the sequences that pass the stages together, and ``m`` micro-batches (default
+  ``PP``) are in flight. A sequence's token passes every stage in turn, so its latency (TPOT)
+  is ``PP`` stage times of its micro-batch plus the hand-offs, never less than the same batch
+  on one stage; while one micro-batch is on stage ``s`` the others keep the other stages busy,
+  so the instance makes ``m x batch`` tokens per round: micro-batching raises throughput
+  (and PP the KV room for more micro-batches), not the speed of one token. With ``m > PP`` a
+  sequence also waits while its stages serve the other micro-batches (``pp_bubble_s``);
 - **KV handoff**: the prompt's KV bytes over the NICs of the smaller of the two instances.
 
-Memory per GPU: the stage's weight shards (+ embedding on the first stage, LM head on the
-last), the KV of every cached token of its layers and KV heads (CP ranks keep their own
-tokens), activations of one pass, plus a reserve (share of device memory) that must stay free.
+Memory per GPU is in :mod:`services.capacity.memory`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.layout import layout_problem
 from services.capacity.hardware import Hardware
@@ -120,6 +126,10 @@ class Breakdown:
     over_parallelised: bool = False   # a layer's communication exceeds its compute
     layer_compute_s: float = 0.0
     layer_comm_s: float = 0.0
+    tp_algorithm: str = ""       # the TP all-reduce's algorithm (collectives.best), "" without TP
+    ep_algorithm: str = ""
+    micro_batches: int = 1       # PP micro-batches (decode: in flight, each of the step's batch)
+    sequences: float = 0.0       # sequences one pass / round serves (decode: micro_batches x batch)
 
     @property
     def comm_s(self) -> float:
@@ -156,8 +166,24 @@ class _Step:
     causal_full: bool = False    # CP ring attention (scores full masked blocks where ring_score_s > 0)
 
 
-def _layer(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, s: _Step):
-    """(roofline seconds, is_compute_bound, flops, bytes, overhead s, tp s, ep s, attention s) of one layer."""
+@dataclass(frozen=True)
+class _LayerCost:
+    """One decoder layer on the slowest rank: roofline seconds, FLOPs, bytes, overhead and
+    communication seconds, the attention's share of the roofline, the collectives' algorithms."""
+
+    roof: float
+    compute_bound: bool
+    flops: float
+    bytes: float
+    overhead: float
+    tp_s: float
+    ep_s: float
+    attn_s: float
+    tp_alg: str
+    ep_alg: str
+
+
+def _layer(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, s: _Step) -> _LayerCost:
     wb, kvb, ab = dtype_bytes(opt.weight_dtype), dtype_bytes(opt.kv_dtype), hw.act_bytes
     h, d, t = model.hidden, model.head_dim, lay.tp
     kvh = kv_heads_per_rank(model, t)
@@ -187,17 +213,20 @@ def _layer(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, s: _St
     overhead = (hw.layer_overhead_s + hw.seq_overhead_s * s.seqs + hw.expert_overhead_s * experts) * over
     node = hw.gpus_per_node
     msg = s.tokens * h * ab
-    tp_s = (1 if model.is_moe else 2) * hw.comm_time("all_reduce", msg, t, t > node) * _crowding(hw, lay, t)
-    ep_s = 0.0
+    tp_one, tp_alg = hw.collective("all_reduce", msg, t, t > node)
+    tp_s = (1 if model.is_moe else 2) * tp_one * _crowding(hw, lay, t)
+    ep_s, ep_alg = 0.0, ""
     if lay.ep > 1:
         cross = lay.stage_ranks > node
         if opt.ep_exchange == "all_reduce":
-            ep_s = hw.comm_time("all_reduce", msg, lay.ep, cross)
+            ep_s, ep_alg = hw.collective("all_reduce", msg, lay.ep, cross)
         else:
-            ep_s = 2 * hw.comm_time("all_to_all", msg * model.top_k / lay.ep * opt.expert_imbalance, lay.ep, cross)
+            one, ep_alg = hw.collective("all_to_all", msg * model.top_k / lay.ep * opt.expert_imbalance, lay.ep, cross)
+            ep_s = 2 * one
         ep_s *= _crowding(hw, lay, lay.ep)
     attn_s = (attn_flops / rate_f + scores) * over
-    return roof, flops / rate_f >= nbytes / rate_m, flops, nbytes, overhead, tp_s, ep_s, attn_s
+    return _LayerCost(roof, flops / rate_f >= nbytes / rate_m, flops, nbytes, overhead, tp_s, ep_s, attn_s,
+                      tp_alg, ep_alg)
 
 
 def _crowding(hw: Hardware, lay: Layout, group: int) -> float:
@@ -217,50 +246,92 @@ def _boundaries_crossing(lay: Layout, hw: Hardware) -> int:
                or (s * per_stage) // hw.gpus_per_node != (s * per_stage - 1) // hw.gpus_per_node)
 
 
-def _pass(model, hw, lay, opt, step: _Step, decode: bool, m: int) -> Breakdown:
-    """Breakdown of the pipeline pass of one batch split into ``m`` micro-batches."""
-    micro = _Step(step.tokens / m, step.keys, step.kv_tokens / m, step.seqs / m, step.causal_full)
-    roof, bound, flops, nbytes, ovh, tp_s, ep_s, attn_s = _layer(model, hw, lay, opt, micro)
-    cp_s = 0.0
-    if lay.cp > 1:
-        block = micro.tokens * 2 * kv_heads_per_rank(model, lay.tp) * model.head_dim * hw.act_bytes
-        cp_s = (lay.cp - 1) * max(0.0, hw.comm_time("send_recv", block, 2) - attn_s / lay.cp)
-    n = _stage_layers(model, lay.pp)
-    head_flops = 2 * micro.seqs * model.hidden * model.vocab
-    head_s = max(head_flops / hw.flops_for(opt.weight_dtype),
-                 model.vocab * model.hidden * dtype_bytes(opt.weight_dtype) / hw.mem_rate())
-    head_s = (head_s + hw.step_overhead_s) * hw.oversubscription(lay.gpus)
-    stage = n * (roof + ovh + tp_s + ep_s + cp_s) + head_s
-    b = Breakdown()
-    rounds = max(m, lay.pp) if decode else m + lay.pp - 1
-    b.pp_bubble_s = (rounds - m) * stage
-    act = micro.tokens * model.hidden * hw.act_bytes
+def _head_s(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, seqs: float) -> float:
+    """The LM head over ``seqs`` rows (compute or weight streaming, whichever is slower)."""
+    return max(2 * seqs * model.hidden * model.vocab / hw.flops_for(opt.weight_dtype),
+               model.vocab * model.hidden * dtype_bytes(opt.weight_dtype) / hw.mem_rate()) \
+        * hw.oversubscription(lay.gpus)
+
+
+def _pp_sends(model: ModelSpec, hw: Hardware, lay: Layout, tokens: float, seqs: float, decode: bool) -> float:
+    """Seconds of one micro-batch's hand-offs through every stage boundary: hidden and residual
+    per boundary (over the NIC where it crosses a node), in decode the sampled tokens back."""
+    if lay.pp == 1:
+        return 0.0
+    act = tokens * model.hidden * hw.act_bytes
     crowd = _crowding(hw, lay, 2)
     send, send_nic = (2 * crowd * max(hw.pp_message_s, hw.comm_time("send_recv", act, 2, nic))
                       for nic in (False, True))                    # hidden and residual
     cross = min(_boundaries_crossing(lay, hw), lay.pp - 1)
-    b.pp_send_s = (lay.pp - 1 - cross) * send + cross * send_nic
-    if decode and lay.pp > 1:                   # the sampled tokens return to the first stage
-        b.pp_send_s += crowd * max(hw.pp_message_s, hw.comm_time("send_recv", 8 * micro.seqs, 2, cross > 0))
-    work = m
-    if bound:
-        b.compute_s = work * (n * roof + head_s)
+    out = (lay.pp - 1 - cross) * send + cross * send_nic
+    if decode:                                  # the sampled tokens return to the first stage
+        out += crowd * max(hw.pp_message_s, hw.comm_time("send_recv", 8 * seqs, 2, cross > 0))
+    return out
+
+
+def _fill(b: Breakdown, c: _LayerCost, layers: float, head_s: float, cp_s: float = 0.0) -> Breakdown:
+    """Spread ``layers`` layer times and the LM head over the terms of ``b``."""
+    if c.compute_bound:
+        b.compute_s = layers * c.roof + head_s
     else:
-        b.memory_s = work * n * roof
-        b.compute_s = work * head_s
-    b.overhead_s = work * n * ovh
-    b.tp_s, b.ep_s, b.cp_s = work * n * tp_s, work * n * ep_s, work * n * cp_s
-    b.flops = m * (n * flops + head_flops)
-    b.bytes = m * n * nbytes
-    b.layer_compute_s, b.layer_comm_s = roof, tp_s + ep_s + cp_s
-    b.over_parallelised = b.layer_comm_s > roof
+        b.memory_s, b.compute_s = layers * c.roof, head_s
+    b.overhead_s += layers * c.overhead
+    b.tp_s, b.ep_s, b.cp_s = layers * c.tp_s, layers * c.ep_s, layers * cp_s
+    b.layer_compute_s, b.layer_comm_s = c.roof, c.tp_s + c.ep_s + cp_s
+    b.over_parallelised = b.layer_comm_s > c.roof
+    b.tp_algorithm, b.ep_algorithm = c.tp_alg, c.ep_alg
     return b
 
 
-def _micro(opt: CostOptions, lay: Layout, seqs: int) -> int:
+def _prefill_pass(model, hw, lay, opt, step: _Step, m: int) -> Breakdown:
+    """One prefill pass of ``step`` split into ``m`` micro-batches: ``(m + PP - 1)`` stage times."""
+    micro = _Step(step.tokens / m, step.keys, step.kv_tokens / m, step.seqs / m, step.causal_full)
+    c = _layer(model, hw, lay, opt, micro)
+    cp_s = 0.0
+    if lay.cp > 1:
+        block = micro.tokens * 2 * kv_heads_per_rank(model, lay.tp) * model.head_dim * hw.act_bytes
+        cp_s = (lay.cp - 1) * max(0.0, hw.comm_time("send_recv", block, 2) - c.attn_s / lay.cp)
+    n = _stage_layers(model, lay.pp)
+    head_s = _head_s(model, hw, lay, opt, micro.seqs) + hw.step_overhead_s * hw.oversubscription(lay.gpus)
+    stage = n * (c.roof + c.overhead + c.tp_s + c.ep_s + cp_s) + head_s
+    b = _fill(Breakdown(micro_batches=m, sequences=step.seqs), c, m * n, m * head_s, cp_s)
+    b.pp_bubble_s = (lay.pp - 1) * stage
+    b.pp_send_s = _pp_sends(model, hw, lay, micro.tokens, micro.seqs, False)
+    b.flops = m * (n * c.flops + 2 * micro.seqs * model.hidden * model.vocab)
+    b.bytes = m * n * c.bytes
+    return b
+
+
+def _decode_round(model, hw, lay, opt, step: _Step, m: int) -> Breakdown:
+    """One decode round: ``m`` micro-batches of ``step`` each advance one token (module doc).
+
+    ``total_s`` is one sequence's time per token: ``max(path, m x stage)``, the path being its
+    micro-batch through every stage in turn (``PP`` stages of the largest's layers and per-forward
+    overhead, one LM head, the hand-offs) and ``m x stage`` the busiest stage serving every
+    micro-batch once. The round makes ``sequences = m x batch`` tokens.
+    """
+    c = _layer(model, hw, lay, opt, step)
+    n = _stage_layers(model, lay.pp)
+    over = hw.oversubscription(lay.gpus)
+    fwd, head = hw.step_overhead_s * over, _head_s(model, hw, lay, opt, step.seqs)
+    layers_s = n * (c.roof + c.overhead + c.tp_s + c.ep_s)
+    b = _fill(Breakdown(micro_batches=m, sequences=m * step.seqs), c, lay.pp * n, head)
+    b.overhead_s += lay.pp * fwd
+    b.pp_send_s = _pp_sends(model, hw, lay, step.tokens, step.seqs, True)
+    path = lay.pp * (layers_s + fwd) + head + b.pp_send_s
+    b.pp_bubble_s = max(0.0, m * (layers_s + fwd + head) - path)
+    b.flops = lay.pp * n * c.flops + 2 * step.seqs * model.hidden * model.vocab
+    b.bytes = lay.pp * n * c.bytes
+    return b
+
+
+def _micro(opt: CostOptions, lay: Layout, seqs: int = 0) -> int:
+    """Micro-batches: 1 without PP; else ``opt.micro_batches`` or PP, at most ``seqs`` when > 0
+    (prefill splits its batch; a decode step's batch is one micro-batch of several in flight)."""
     if lay.pp == 1:
         return 1
-    return max(1, min(opt.micro_batches or lay.pp, seqs))
+    m = opt.micro_batches or lay.pp
+    return max(1, min(m, seqs)) if seqs else m
 
 
 def prefill_time(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, batch: int, prompt: int) -> Breakdown:
@@ -268,12 +339,25 @@ def prefill_time(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, 
     tokens = batch * prompt / lay.cp
     ring = lay.cp > 1
     keys = prompt if ring and hw.ring_score_s else (prompt + 1) / 2
-    return _pass(model, hw, lay, opt, _Step(tokens, keys, tokens, batch, ring), False, _micro(opt, lay, batch))
+    return _prefill_pass(model, hw, lay, opt, _Step(tokens, keys, tokens, batch, ring), _micro(opt, lay, batch))
 
 
-def decode_step_time(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, batch: int, context: float) -> Breakdown:
-    """One decode step (round) of ``batch`` sequences attending to ``context`` tokens each."""
-    return _pass(model, hw, lay, opt, _Step(batch, context, batch * context, batch), True, _micro(opt, lay, batch))
+def decode_step_time(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, batch: float,
+                     context: float) -> Breakdown:
+    """One decode step of ``batch`` sequences (one micro-batch) attending to ``context`` tokens
+    each: ``total_s`` is the per-token latency (TPOT) a sequence sees; with PP, ``micro_batches``
+    such steps are in flight and the round makes ``sequences`` tokens (:func:`decode_throughput`)."""
+    return _decode_round(model, hw, lay, opt, _Step(batch, context, batch * context, batch), decode_micro_batches(opt, lay))
+
+
+def decode_micro_batches(opt: CostOptions, lay: Layout) -> int:
+    """Micro-batches a decode instance keeps in flight: 1 without PP, else ``opt.micro_batches`` or PP."""
+    return _micro(opt, lay)
+
+
+def decode_throughput(step: Breakdown) -> float:
+    """Tokens/s of one instance running :func:`decode_step_time`'s round over and over."""
+    return step.sequences / step.total_s if step.total_s else 0.0
 
 
 def kv_handoff_time(model: ModelSpec, hw: Hardware, opt: CostOptions, prompt: int, prefill: Layout, decode: Layout) -> float:
@@ -283,69 +367,6 @@ def kv_handoff_time(model: ModelSpec, hw: Hardware, opt: CostOptions, prompt: in
     if hw.measured.get("send_recv"):
         return hw.comm_time("send_recv", nbytes / links, 2)
     return nbytes / links / (hw.nic_bw * hw.link_eff) + hw.nic_latency_s
-
-
-@dataclass
-class Memory:
-    """Bytes on the fullest GPU of an instance."""
-
-    weights: float
-    kv: float
-    activations: float
-    reserve: float
-    capacity: float
-    stage: int = 0
-    kv_per_token: float = field(default=0.0)   # KV bytes one cached token costs this GPU
-
-    @property
-    def used(self) -> float:
-        return self.weights + self.kv + self.activations
-
-    @property
-    def fits(self) -> bool:
-        return self.used + self.reserve <= self.capacity
-
-    @property
-    def kv_room_tokens(self) -> int:
-        """Cached tokens this GPU could still hold beyond ``kv`` (negative when over)."""
-        free = self.capacity - self.reserve - self.weights - self.activations - self.kv
-        return int(free // self.kv_per_token) if self.kv_per_token else 0
-
-
-def stage_weight_bytes(model: ModelSpec, lay: Layout, opt: CostOptions, stage: int) -> float:
-    """Weight bytes one GPU of pipeline stage ``stage`` holds (engine.layout.layer_range split)."""
-    base, extra = divmod(model.layers, lay.pp)
-    layers = base + (1 if stage < extra else 0)
-    h, d = model.hidden, model.head_dim
-    attn = 2 * h * model.heads * d / lay.tp + 2 * h * kv_heads_per_rank(model, lay.tp) * d
-    if model.is_moe:
-        mlp = model.num_experts / lay.ep * model.expert_params() + h * model.num_experts
-    else:
-        mlp = 3 * h * model.intermediate / lay.tp
-    params = layers * (attn + mlp + 2 * h)
-    if stage == 0:
-        params += model.vocab * h
-    if stage == lay.pp - 1 and (not model.tied_embeddings or lay.pp > 1):
-        params += model.vocab * h + h
-    return params * dtype_bytes(opt.weight_dtype)
-
-
-def memory_per_gpu(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, cached_tokens: float,
-                   pass_tokens: float) -> Memory:
-    """The fullest GPU: weights + KV of ``cached_tokens`` (all sequences) + activations of a
-    ``pass_tokens``-token forward, against ``hw.memory_bytes`` less the reserve."""
-    best = None
-    base, extra = divmod(model.layers, lay.pp)
-    for stage in range(lay.pp):
-        layers = base + (1 if stage < extra else 0)
-        per_tok = 2 * layers * kv_heads_per_rank(model, lay.tp) * model.head_dim * dtype_bytes(opt.kv_dtype) / lay.cp
-        inter = model.intermediate / lay.tp if not model.is_moe else model.top_k * model.moe_intermediate
-        act = pass_tokens / lay.cp * (6 * model.hidden + 3 * inter) * hw.act_bytes
-        mem = Memory(stage_weight_bytes(model, lay, opt, stage), cached_tokens * per_tok, act,
-                     hw.memory_bytes * opt.reserve, hw.memory_bytes, stage, per_tok)
-        if best is None or mem.used > best.used:
-            best = mem
-    return best
 
 
 def ceil_div(a: float, b: float) -> int:

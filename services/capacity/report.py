@@ -1,8 +1,11 @@
 """Print a plan (``services.capacity.search.plan``) as tables or JSON, and write Helm values.
 
-Table columns, per pool: rank; layout; GPUs per instance; instances; batch; TTFT (prefill
-pass) or TPOT (decode step) in ms; tokens/s per instance; goodput tokens/s per GPU at the SLO;
-share of the time in communication; GB per GPU (weights + KV + activations); flags:
+Table columns, per pool: rank; layout; GPUs per instance; instances; batch (prompts per
+prefill pass, sequences per decode step); seqs (sequences in flight: a PP decode instance keeps
+several steps' micro-batches in flight); TTFT (prefill pass) or TPOT (one sequence's time per
+token) in ms; tokens/s per instance; goodput tokens/s per GPU at the SLO; share of the time in
+communication; the TP all-reduce's algorithm (ring, tree, one-shot: ``collectives``); GB per GPU
+(weights + KV + activations); flags:
 ``no-fit`` (memory), ``slo`` (misses the target), ``OP`` (a layer's communication exceeds its
 compute: over-parallelised), ``nd`` (not deployable by Cleave's chart), ``budget`` (instances
 needed exceed ``--gpus``).
@@ -28,16 +31,16 @@ def _ms(v) -> str:
 
 def pool_table(cands: list[dict], pool: str, top: int) -> list[str]:
     lat = "TTFT ms" if pool == "prefill" else "TPOT ms"
-    head = f"{'#':>3} {'layout':<16} {'GPUs':>4} {'inst':>4} {'batch':>5} {lat:>9} {'tok/s':>9} " \
-           f"{'good/GPU':>9} {'comm':>5} {'GB/GPU':>7}  flags"
+    head = f"{'#':>3} {'layout':<16} {'GPUs':>4} {'inst':>4} {'batch':>5} {'seqs':>5} {lat:>9} {'tok/s':>9} " \
+           f"{'good/GPU':>9} {'comm':>5} {'TP alg':>8} {'GB/GPU':>7}  flags"
     rows = [head, "-" * len(head)]
     mine = [c for c in cands if c["pool"] == pool]
     for c in mine[:top]:
         inst = "-" if c["instances"] is None else str(c["instances"])
         rows.append(f"{c['rank']:>3} {c['layout']:<16} {c['gpus_per_instance']:>4} {inst:>4} {c['batch']:>5} "
-                    f"{_ms(c.get('ttft_s', c.get('tpot_s'))):>9} {c['throughput_tok_s']:>9.0f} "
-                    f"{c['goodput_tok_s_per_gpu']:>9.0f} {c['comm_share']:>5.0%} "
-                    f"{c['memory_per_gpu_bytes'] / 1e9:>7.1f}  {_flags(c)}")
+                    f"{c.get('sequences', c['batch']):>5.0f} {_ms(c.get('ttft_s', c.get('tpot_s'))):>9} "
+                    f"{c['throughput_tok_s']:>9.0f} {c['goodput_tok_s_per_gpu']:>9.0f} {c['comm_share']:>5.0%} "
+                    f"{c.get('tp_algorithm') or '-':>8} {c['memory_per_gpu_bytes'] / 1e9:>7.1f}  {_flags(c)}")
     if len(mine) > top:
         rows.append(f"    ... {len(mine) - top} more layouts (--top N, or --format json)")
     return rows
@@ -51,8 +54,10 @@ def _rec_line(pool: str, r: dict) -> list[str]:
                 f"add GPUs, use larger ones, or lower --weight-dtype/--kv-dtype"]
     lat = f"TTFT {_ms(r.get('ttft_s'))} ms" if pool == "prefill" else f"TPOT {_ms(r.get('tpot_s'))} ms"
     inst = r.get("instances")
+    seqs = r.get("sequences") or r["batch"]
+    flight = f" ({seqs:.0f} sequences in flight)" if seqs != r["batch"] else ""
     line = (f"{pool}: {inst if inst is not None else '?'} x {r['layout']} ({r['gpus_per_instance']} GPUs each), "
-            f"batch {r['batch']}, {lat}, {r['throughput_tok_s']:.0f} tok/s per instance")
+            f"batch {r['batch']}{flight}, {lat}, {r['throughput_tok_s']:.0f} tok/s per instance")
     out = [line]
     if r.get("note"):
         out.append(f"  note: {r['note']}")
@@ -100,12 +105,13 @@ def helm_values(result: dict) -> dict:
         "prefill": {"replicaCount": p["instances"] or 1, "layout": {"tp": p["tp"], "cp": p["cp"]},
                     "gpusPerInstance": p["gpus_per_instance"] if gpu else 0},
         "decode": {"replicaCount": d["instances"] or 1, "layout": {"tp": d["tp"], "pp": d["pp"], "ep": d["ep"]},
-                   "gpusPerInstance": d["gpus_per_instance"] if gpu else 0, "maxBatch": d["batch"]},
+                   "gpusPerInstance": d["gpus_per_instance"] if gpu else 0,
+                   "maxBatch": int(d.get("sequences") or d["batch"])},
         "planner": {"prefill": {"minReplicas": 1, "maxReplicas": max(p["instances"] or 1, 1)},
                     "decode": {"minReplicas": 1, "maxReplicas": max(d["instances"] or 1, 1)}},
     }
     if kv_tok:
-        tokens = d["batch"] * (inputs["prompt"] + inputs["output"])
+        tokens = d.get("sequences", d["batch"]) * (inputs["prompt"] + inputs["output"])
         values["decode"]["kvCacheMb"] = int(math.ceil(tokens * kv_tok / MIB))
     if inputs["ttft_s"]:
         values["planner"]["ttftTarget"] = inputs["ttft_s"]

@@ -11,11 +11,14 @@ candidates are costed and shown with ``deployable: false`` and never recommended
 deployable one fits.
 
 - ``--batch B``: each candidate is one instance at batch B (B prompts in one prefill pass; B
-  running sequences in a decode step), including those that do not fit (``fits: false``).
+  sequences in a decode step), including those that do not fit (``fits: false``). A PP decode
+  instance keeps ``micro_batches`` such steps in flight (``sequences`` = micro_batches x B, all
+  of whose KV must fit): ``tpot_s`` is what one sequence waits per token, ``throughput_tok_s``
+  what the instance makes (``services.capacity.cost``).
 - ``--rate R``: each candidate's batch is the largest one that fits its memory and meets the
   SLO — prefill: ``2 * pass + KV handoff <= TTFT`` (a request may wait for the pass in flight,
-  then rides the next one); decode: ``step <= TPOT`` — giving its capacity per instance
-  (prefill ``B / pass``, decode ``B / (output * step)`` requests/s, Little's law); then
+  then rides the next one); decode: ``TPOT <= target`` — giving its capacity per instance
+  (prefill ``B / pass``, decode ``sequences / (output * TPOT)`` requests/s, Little's law); then
   ``instances = ceil(R / capacity)``.
 
 Ranking, per pool: fits, meets the SLO, deployable, within the GPU budget, then goodput per
@@ -29,8 +32,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.capacity.cost import (CostOptions, Layout, ceil_div, decode_step_time, kv_handoff_time,
-                                    memory_per_gpu, prefill_time)
+from services.capacity.cost import (CostOptions, Layout, ceil_div, decode_step_time, decode_throughput,
+                                    kv_handoff_time, prefill_time)
+from services.capacity.memory import memory_per_gpu
 from services.capacity.hardware import Hardware
 from services.capacity.models import ModelSpec, dtype_bytes
 
@@ -91,18 +95,21 @@ def _prefill_at(req: PlanRequest, lay: Layout, batch: int) -> dict:
     t = prefill_time(req.model, req.hardware, lay, req.options, batch, req.prompt)
     mem = memory_per_gpu(req.model, req.hardware, lay, req.options, batch * req.prompt, batch * req.prompt)
     handoff = kv_handoff_time(req.model, req.hardware, req.options, req.prompt, lay, lay)
-    return {"batch": batch, "ttft_s": t.total_s, "kv_handoff_s": handoff, "fits": mem.fits,
-            "throughput_tok_s": batch * req.prompt / t.total_s, "comm_share": t.comm_share,
-            "over_parallelised": t.over_parallelised, "memory_per_gpu_bytes": mem.used,
-            "memory": _mem(mem), "terms": t.as_dict()}
+    return {"batch": batch, "sequences": batch, "ttft_s": t.total_s, "kv_handoff_s": handoff, "fits": mem.fits,
+            "throughput_tok_s": batch * req.prompt / t.total_s, **_shared(t, mem)}
 
 
 def _decode_at(req: PlanRequest, lay: Layout, batch: int) -> dict:
     ctx = req.prompt + req.output / 2
     t = decode_step_time(req.model, req.hardware, lay, req.options, batch, ctx)
-    mem = memory_per_gpu(req.model, req.hardware, lay, req.options, batch * (req.prompt + req.output), batch)
-    return {"batch": batch, "tpot_s": t.total_s, "fits": mem.fits, "throughput_tok_s": batch / t.total_s,
-            "comm_share": t.comm_share, "over_parallelised": t.over_parallelised,
+    mem = memory_per_gpu(req.model, req.hardware, lay, req.options, t.sequences * (req.prompt + req.output), batch)
+    return {"batch": batch, "sequences": t.sequences, "micro_batches": t.micro_batches, "tpot_s": t.total_s,
+            "fits": mem.fits, "throughput_tok_s": decode_throughput(t), **_shared(t, mem)}
+
+
+def _shared(t, mem) -> dict:
+    """The fields both pools' candidates have: communication, memory, every term."""
+    return {"comm_share": t.comm_share, "over_parallelised": t.over_parallelised, "tp_algorithm": t.tp_algorithm,
             "memory_per_gpu_bytes": mem.used, "memory": _mem(mem), "terms": t.as_dict()}
 
 
@@ -196,7 +203,7 @@ def _recommend(req: PlanRequest, pool: str, cands: list[dict]) -> dict:
         return {"pool": pool, "layout": None, "note": "no layout of the model fits these GPUs"}
     best = ordered[0]
     rec = {k: best.get(k) for k in ("tp", "pp", "cp", "ep", "layout", "instances", "gpus", "gpus_per_instance",
-                                    "batch", "ttft_s", "tpot_s", "throughput_tok_s", "capacity_rps",
+                                    "batch", "sequences", "ttft_s", "tpot_s", "throughput_tok_s", "capacity_rps",
                                     "goodput_tok_s_per_gpu", "comm_share", "fits", "meets_slo", "deployable")
            if k in best}
     notes = []
