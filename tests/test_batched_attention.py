@@ -2,7 +2,11 @@
 ``kernels`` dispatches CPU tensors to) against the per-sequence oracle
 ``paged_decode_attention_reference``: ragged and block-unaligned lengths, GQA groups 1/3/8,
 scattered block ids, garbage past each context, fp32 and bf16; its length groups; and that it
-makes one SDPA call for a batch of close lengths instead of one per sequence."""
+makes one SDPA call for a batch of close lengths instead of one per sequence.
+
+The batched and the per-sequence paths are two SDPA calls of different shapes: the vendor
+kernel may block their reductions differently (it does on an AMD EPYC, not on an Intel Xeon
+with AMX), so they agree within ``tests.tolerances``, never bit for bit (issue 19)."""
 from __future__ import annotations
 
 import pytest
@@ -11,15 +15,17 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import attention as attn
+from tests.tolerances import assert_close, attention_length
 
 pytestmark = pytest.mark.unit
 
 BLOCK = 4
-FP32_TOL = dict(atol=1e-6, rtol=1e-5)         # fp32 rounding: SDPA's blocking differs with padding
-BF16_TOL = dict(atol=2 ** -8, rtol=2 ** -7)   # one bf16 ulp of an fp32 result that differs in rounding
 
 
-def paged_batch(lengths, h, kvh, d=16, dtype=torch.float32, width=None, seed=0):
+HEAD_DIM = 16
+
+
+def paged_batch(lengths, h, kvh, d=HEAD_DIM, dtype=torch.float32, width=None, seed=0):
     """``(q, kv_layer, block_tables, context_lens)`` with each sequence's blocks scattered over
     the cache, NaN in every slot no context covers (a stale or never-written slot), and table
     entries past a context that are not block ids (-1, out of range)."""
@@ -46,7 +52,8 @@ def check(lengths, h, kvh, dtype=torch.float32, **kw):
     want = attn.paged_decode_attention_reference(q, kv, tables, lens, 0.25)
     got = kernels.paged_decode_attention(q, kv, tables, lens, 0.25)
     assert not want.isnan().any(), "the oracle read a slot past a context"
-    torch.testing.assert_close(got, want, **(FP32_TOL if dtype == torch.float32 else BF16_TOL))
+    # SDPA accumulates in fp32 whatever the inputs; the results are rounded to ``dtype``
+    assert_close(got, want, k=attention_length(HEAD_DIM, max(lengths)), accumulate=torch.float32)
     return got, want
 
 
@@ -61,18 +68,20 @@ def test_ragged_batch_matches_reference(h, kvh, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, BLOCK - 1, BLOCK, 3 * BLOCK + 2, 200])
-def test_single_sequence_is_bitwise_the_reference(n, dtype):
-    """No padding, no mask: the same SDPA call as the oracle (and as ``transformers``)."""
-    got, want = check([n], 9, 3, dtype)
-    assert torch.equal(got, want)
+def test_single_sequence_matches_the_reference(n, dtype):
+    """No padding, no mask: one SDPA call of the oracle's shape (within rounding: the batched
+    path gathers K/V by block rows, the oracle by a block slice, so the inputs' strides and
+    the kernel's blocking may differ)."""
+    check([n], 9, 3, dtype)
 
 
-def test_equal_lengths_are_bitwise_the_reference():
-    got, want = check([21] * 6, 9, 3)
-    assert torch.equal(got, want)
+def test_equal_lengths_match_the_reference():
+    """Equal lengths: the no-mask path, the whole batch in one SDPA call (issue 19: on an AMD
+    EPYC that call rounds differently from six calls of one sequence)."""
+    check([21] * 6, 9, 3)
 
 
-def test_one_long_context_among_short_ones_is_split_and_exact():
+def test_one_long_context_among_short_ones_is_split_and_matches():
     lengths = [3, 5, 700, 2, 6, 4, 1, 7]
     assert len(attn.decode_groups(lengths, token_bytes=1)) == 2
     check(lengths, 9, 3)

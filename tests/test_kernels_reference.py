@@ -1,5 +1,10 @@
 """Reference kernels (kernels.ops, kernels.attention via the kernels dispatch) vs naive maths
-and vs Hugging Face's own Llama functions."""
+and vs Hugging Face's own Llama functions.
+
+Against the fp64 naive maths and against ``transformers``' rotary (other ops, another table
+shape): within ``tests.tolerances`` for the reduction length. RMSNorm against
+``transformers``' ``LlamaRMSNorm`` stays bit for bit: the same PyTorch ops, in the same order,
+on the same tensors, i.e. the same kernels computing the same thing twice."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +13,7 @@ import torch
 import kernels
 from kernels import attention as attn_ref
 from kernels import ops
+from tests.tolerances import assert_close, attention_length
 
 pytestmark = pytest.mark.unit
 
@@ -42,9 +48,10 @@ def test_prefill_attention_matches_naive(h, kvh):
     out_lse, lse = kernels.prefill_attention_lse(q, k, v, cu, 0.25)
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         want, want_lse = naive_attention(q[a:b], k[a:b], v[a:b], 0.25, causal_offset=0)
-        torch.testing.assert_close(out[a:b].double(), want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(out_lse[a:b].double(), want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(lse[a:b].double(), want_lse, atol=1e-5, rtol=1e-5)
+        k_len = attention_length(16, b - a)
+        assert_close(out[a:b], want, k=k_len)
+        assert_close(out_lse[a:b], want, k=k_len)
+        assert_close(lse[a:b], want_lse, k=k_len)
 
 
 def test_lse_partials_merge_to_full_attention():
@@ -63,8 +70,8 @@ def test_lse_partials_merge_to_full_attention():
     out, lse = kernels.merge_attention(*outs[0], *outs[1])
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         want, want_lse = naive_attention(q[a:b], k[a:b], v[a:b], 0.3)
-        torch.testing.assert_close(out[a:b].double(), want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(lse[a:b].double(), want_lse, atol=1e-5, rtol=1e-5)
+        assert_close(out[a:b], want, k=attention_length(8, b - a) + 2)     # + the merge's sum of two
+        assert_close(lse[a:b], want_lse, k=attention_length(8, b - a) + 2)
 
 
 def test_lse_causal_bottom_right_alignment():
@@ -73,16 +80,16 @@ def test_lse_causal_bottom_right_alignment():
     out, lse = kernels.prefill_attention_lse(q[3:], k, v, torch.tensor([0, 2], dtype=torch.int32), 0.5,
                                              cu_seqlens_k=torch.tensor([0, 5], dtype=torch.int32))
     want, want_lse = naive_attention(q[3:], k, v, 0.5, causal_offset=3)
-    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+    assert_close(out, want, k=attention_length(8, 5))
+    assert_close(lse, want_lse, k=attention_length(8, 5))
 
 
 def test_store_kv_writes_slots_and_skips_negative():
     kv_layer = torch.zeros(2, 4, 4, 2, 3)           # 4 blocks of 4 slots
     k, v = torch.randn(3, 2, 3), torch.randn(3, 2, 3)
     kernels.store_kv(k, v, kv_layer, torch.tensor([13, 2, -1]))
-    torch.testing.assert_close(kv_layer[0, 3, 1], k[0])
-    torch.testing.assert_close(kv_layer[1, 0, 2], v[1])
+    assert torch.equal(kv_layer[0, 3, 1], k[0])     # a store moves the values: bit for bit
+    assert torch.equal(kv_layer[1, 0, 2], v[1])
     assert int((kv_layer != 0).flatten(2).any(-1).sum()) == 4   # 2 tokens x (K, V)
     with pytest.raises(ValueError, match="store_kv shapes"):
         kernels.store_kv(k, v, kv_layer, torch.tensor([0, 1]))
@@ -108,7 +115,7 @@ def test_paged_decode_attention_matches_naive(h, kvh, decode):
     for b, n in enumerate(lens):
         ctx = kv_layer[:, tables[b]].flatten(1, 2)[:, :n]
         want, _ = naive_attention(q[b: b + 1], ctx[0], ctx[1], 0.25)
-        torch.testing.assert_close(out[b: b + 1].double(), want, atol=1e-5, rtol=1e-5)
+        assert_close(out[b: b + 1], want, k=attention_length(d, n))
 
 
 def test_rms_norm_matches_hf_and_fuses_residual():
@@ -117,13 +124,15 @@ def test_rms_norm_matches_hf_and_fuses_residual():
     hf = LlamaRMSNorm(64, eps=1e-5)
     with torch.no_grad():
         hf.weight.copy_(torch.randn(64))
+        # bit for bit: kernels.ops.rms_norm runs LlamaRMSNorm's ops in its order on the same
+        # tensors (the same kernels twice); the residual add is the same single add
         assert torch.equal(kernels.rms_norm(x, hf.weight, 1e-5), hf(x))
         out, new_res = kernels.rms_norm(x, hf.weight, 1e-5, residual=res)
         assert torch.equal(new_res, x + res)
         assert torch.equal(out, hf(x + res))
 
 
-def test_rotary_matches_hf_bitwise():
+def test_rotary_matches_hf():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
     head_dim, theta = 16, 500000.0
@@ -134,13 +143,17 @@ def test_rotary_matches_hf_bitwise():
     want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
     cache = kernels.build_rope_cache(head_dim, 256, theta)
     got_q, got_k = kernels.rotary_embedding(q, k, positions, cache)
-    assert torch.equal(got_q, want_q[0].transpose(0, 1))
-    assert torch.equal(got_k, want_k[0].transpose(0, 1))
+    # two products summed (k=2); not bit for bit: the cos/sin tables are computed in other
+    # shapes here and in transformers, and a vectorized cos and the scalar one at a loop's
+    # tail may differ in the last bit
+    assert_close(got_q, want_q[0].transpose(0, 1), k=2)
+    assert_close(got_k, want_k[0].transpose(0, 1), k=2)
 
 
 def test_silu_and_mul():
     x = torch.randn(3, 10)
-    torch.testing.assert_close(kernels.silu_and_mul(x), torch.nn.functional.silu(x[:, :5]) * x[:, 5:])
+    # bit for bit: kernels.ops.silu_and_mul is these two ops on the same halves
+    assert torch.equal(kernels.silu_and_mul(x), torch.nn.functional.silu(x[:, :5]) * x[:, 5:])
     with pytest.raises(ValueError):
         kernels.silu_and_mul(torch.randn(2, 3))
 
