@@ -221,3 +221,16 @@ def test_local_profile_from_a_file_plans(tmp_path):
     code, out = _run("--model", "smollm2-135m", "--hardware", "local", "--profile", str(prof), "--gpus", "4",
                      "--prompt", "128", "--output", "16", "--batch", "8", "--weight-dtype", "fp32", "--format", "json")
     assert code == 0 and json.loads(out)["recommendation"]["decode"]["tp"] in (1, 3)
+
+
+def test_plan_json_separates_per_token_latency_from_throughput():
+    code, out = _run("--model", "llama-3.1-405b", "--hardware", "mi355x", "--gpus", "8", "--prompt", "9400",
+                     "--output", "680", "--batch", "256", "--weight-dtype", "int4", "--format", "json")
+    assert code == 0
+    dec = {c["layout"]: c for c in json.loads(out)["candidates"] if c["pool"] == "decode"}
+    tp4, pp2 = dec["TP4"], dec["TP4xPP2"]
+    assert (tp4["sequences"], tp4["micro_batches"]) == (256, 1)
+    assert (pp2["sequences"], pp2["micro_batches"]) == (512, 2)
+    assert pp2["tpot_s"] >= tp4["tpot_s"] > dec["TP8"]["tpot_s"]
+    assert pp2["throughput_tok_s"] == pytest.approx(512 / pp2["tpot_s"])
+    assert tp4["tp_algorithm"] in ("ring", "one_shot")

@@ -4,7 +4,12 @@
                 --prompt TOKENS --output TOKENS (--batch B | --rate R) [--ttft SECONDS]
                 [--tpot SECONDS] [--weight-dtype bf16|fp8|int8|int4] [--kv-dtype ...]
                 [--format table|json] [--helm-values FILE]
+    cleave plan sweep --model M (--hardware NAME | --hardware-file FILE.yaml) --vary tp|pp|link-bw|batch|prompt
+                [--values 1,2,4,8] [--tp N --pp N --ep N] [--batch B] [--threshold 0.5] ...
     cleave plan --calibrate [--profile FILE]        # measure this machine -> --hardware local
+
+``--link-bw GB/s`` replaces the profile's per-link bandwidth; ``--hardware-file`` reads a custom
+profile (``services.capacity.hardware_file``).
 
 ``services/cli.py`` registers the subcommand with :func:`add_plan_flags` and runs :func:`plan_cli`.
 """
@@ -20,6 +25,8 @@ DTYPES = sorted(DTYPE_BYTES)
 
 
 def add_plan_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", choices=["sweep"], default=None,
+                   help="sweep: vary one dimension (--vary) and show where returns diminish")
     p.add_argument("--model", default="", help="built-in model (llama-3.1-8b, llama-3.1-70b, llama-3.1-405b, "
                    "mixtral-8x7b, qwen3-30b-a3b, qwen3-235b-a22b, smollm2-135m) or a directory with a config.json")
     p.add_argument("--hardware", default="", help="h100, h200, b200, a100, mi300x, mi325x, mi355x, or local "
@@ -52,6 +59,17 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate", action="store_true", help="measure this machine (matmul, memory, gloo "
                    "collectives for 2-4 ranks) and write --profile")
     p.add_argument("--max-ranks", type=int, default=4, help="--calibrate: largest rank count measured")
+    p.add_argument("--hardware-file", default="", metavar="FILE.yaml", help="a custom hardware profile "
+                   "(keys with units; 'base: mi300x' starts from a built-in one) instead of --hardware")
+    p.add_argument("--link-bw", type=float, default=0.0, metavar="GB/S", help="replace the profile's "
+                   "intra-node bandwidth per link and direction, GB/s")
+    s = p.add_argument_group("sweep")
+    s.add_argument("--vary", default="", help="sweep: tp, pp, link-bw (GB/s per link), batch or prompt")
+    s.add_argument("--values", default="", help="sweep: comma-separated increasing values (default per dimension)")
+    s.add_argument("--threshold", type=float, default=0.5, help="sweep: returns diminish when the elasticity "
+                   "of a benefit to the varied value falls below this (0.5: doubling buys < 1.41x)")
+    for dim in ("tp", "pp", "ep"):
+        s.add_argument(f"--{dim}", type=int, default=1, help=f"sweep: the base layout's {dim.upper()}")
 
 
 def _need(args, *names) -> None:
@@ -60,26 +78,66 @@ def _need(args, *names) -> None:
         raise ValueError(f"missing {', '.join(missing)} (see cleave plan --help)")
 
 
-def build_request(args):
-    """A validated PlanRequest from the flags; ValueError naming what is missing or wrong."""
+def build_hardware(args):
+    """The profile named by --hardware or read from --hardware-file, with --gpus-per-node and
+    --link-bw applied (validated again)."""
+    from services.capacity.hardware import GB, get_hardware, with_overrides
+    if args.link_bw < 0:
+        raise ValueError(f"--link-bw must be positive GB/s, got {args.link_bw:g}")
+    if args.hardware_file:
+        if args.hardware:
+            raise ValueError(f"give --hardware ({args.hardware}) or --hardware-file ({args.hardware_file}), not both")
+        from services.capacity.hardware_file import load_hardware_file
+        return with_overrides(load_hardware_file(args.hardware_file), args.gpus_per_node, args.link_bw * GB)
+    _need(args, "hardware")
+    return get_hardware(args.hardware, args.profile, args.gpus_per_node, args.link_bw * GB)
+
+
+def _options(args, model, hw):
     from services.capacity.cost import CostOptions
-    from services.capacity.hardware import get_hardware
-    from services.capacity.models import get_model
-    from services.capacity.search import PlanRequest
-    _need(args, "model", "hardware", "gpus", "prompt", "output")
-    if not (args.batch or args.rate):
-        raise ValueError("give --batch B or --rate R")
-    model = get_model(args.model)
-    hw = get_hardware(args.hardware, args.profile, args.gpus_per_node)
     imbalance = args.expert_imbalance
     if not imbalance and model.is_moe and args.redis_url:
         from services.capacity.published import read_expert_imbalance
         imbalance = read_expert_imbalance(args.redis_url, args.key_prefix, model.name)
-    opts = CostOptions(weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype or args.weight_dtype,
+    return CostOptions(weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype or args.weight_dtype,
                        micro_batches=args.micro_batches, expert_imbalance=imbalance or 1.2, reserve=args.reserve,
                        ep_exchange="all_reduce" if hw.measured else "all_to_all")
+
+
+def build_request(args):
+    """A validated PlanRequest from the flags; ValueError naming what is missing or wrong."""
+    from services.capacity.models import get_model
+    from services.capacity.search import PlanRequest
+    _need(args, "model", "gpus", "prompt", "output")
+    if not (args.batch or args.rate):
+        raise ValueError("give --batch B or --rate R")
+    model = get_model(args.model)
+    hw = build_hardware(args)
     return PlanRequest(model=model, hardware=hw, gpus=args.gpus, prompt=args.prompt, output=args.output,
-                       batch=args.batch, rate=args.rate, ttft_s=args.ttft, tpot_s=args.tpot, options=opts)
+                       batch=args.batch, rate=args.rate, ttft_s=args.ttft, tpot_s=args.tpot,
+                       options=_options(args, model, hw))
+
+
+def build_sweep(args):
+    """A validated SweepRequest from the flags (``cleave plan sweep``)."""
+    from services.capacity.cost import Layout
+    from services.capacity.models import get_model
+    from services.capacity.sweep import SweepRequest, default_values
+    _need(args, "model", "prompt", "output", "vary")
+    if args.rate:
+        raise ValueError(f"a sweep runs at a batch (--batch, or the largest that fits), not --rate {args.rate:g}")
+    model = get_model(args.model)
+    hw = build_hardware(args)
+    try:
+        values = tuple(float(v) for v in args.values.split(",")) if args.values else None
+    except ValueError:
+        raise ValueError(f"--values must be comma-separated numbers, got {args.values!r}") from None
+    if values is None and args.vary in ("tp", "pp", "link-bw", "batch", "prompt"):
+        values = default_values(args.vary, hw)
+    return SweepRequest(model=model, hardware=hw, vary=args.vary, values=values or (), prompt=args.prompt,
+                        output=args.output, base=Layout(tp=args.tp, pp=args.pp, ep=args.ep), batch=args.batch,
+                        ttft_s=args.ttft, tpot_s=args.tpot, threshold=args.threshold,
+                        options=_options(args, model, hw))
 
 
 def plan_cli(args) -> int:
@@ -87,6 +145,11 @@ def plan_cli(args) -> int:
         from services.capacity.calibrate import calibrate_cli
         return calibrate_cli(args)
     from services.capacity import report
+    if args.action == "sweep":
+        from services.capacity.sweep import format_sweep, sweep
+        result = sweep(build_sweep(args))
+        print(report.format_json(result) if args.format == "json" else format_sweep(result))
+        return 0
     from services.capacity.search import plan
     result = plan(build_request(args))
     print(report.format_json(result) if args.format == "json" else report.format_table(result, args.top))
