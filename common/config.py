@@ -13,6 +13,7 @@ from engine.config import WEIGHTS_DTYPES, ParallelConfig
 
 POOLS = ("prefill", "decode")
 TRANSPORTS = ("ucx", "tcp", "fake")
+MAX_TOP_LOGPROBS = 20  # most likely tokens per position a request may ask for (OpenAI's bound, chat)
 
 
 def _check_port(port: int) -> None:
@@ -115,7 +116,9 @@ class RouterConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "cleave:"
     request_ttl_s: int = 3600          # request hashes expire this long after a terminal state
-    request_timeout_s: float = 600.0   # default deadline when the client sets none
+    # a deadline the operator puts on every request (0 = none: a request without a client
+    # deadline runs until it finishes, its client leaves or it reaches max_tokens)
+    request_timeout_s: float = 0.0
     transfer_timeout_s: float = 30.0   # a KV push must finish within this once prefill is done
     admission_wait_s: float = 10.0     # wait this long for KV room before RESOURCE_EXHAUSTED
     max_queued: int = 256              # requests waiting for KV room before RESOURCE_EXHAUSTED
@@ -131,9 +134,11 @@ class RouterConfig:
         _check_prefix(self.key_prefix)
         if not self.redis_url:
             raise ValueError("the router needs a Redis URL (e.g. redis://127.0.0.1:6379/0)")
-        for name in ("request_timeout_s", "transfer_timeout_s", "discovery_s"):
+        for name in ("transfer_timeout_s", "discovery_s"):
             if not 0 < getattr(self, name) < float("inf"):  # NaN fails every comparison
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not 0 <= self.request_timeout_s < float("inf"):
+            raise ValueError(f"request_timeout_s must be a finite number >= 0 (0 = none), got {self.request_timeout_s}")
         if not 0 <= self.admission_wait_s < float("inf") or self.max_queued < 0:
             raise ValueError(f"admission_wait_s and max_queued must be >= 0, got "
                              f"{self.admission_wait_s} and {self.max_queued}")

@@ -13,6 +13,15 @@ from typing import Any
 import torch
 
 
+@dataclass
+class PrefillResult:
+    """What an executor's prefill gives back: ``logits`` [1, vocab] fp32 of the prompt's last
+    position, and, when asked for, one ``engine.logprobs.TokenLogprob`` per prompt token."""
+
+    logits: torch.Tensor
+    prompt_logprobs: list | None = None
+
+
 class ForwardCancelled(RuntimeError):
     """The pass was stopped between layers because its ``ForwardBatch.cancelled`` was set."""
 
@@ -55,6 +64,12 @@ class ForwardBatch:
                              is_prefill=False, block_tables=self.block_tables[a:b],
                              context_lens=self.context_lens[a:b], max_context_len=self.max_context_len)
                 for a, b in zip(bounds, bounds[1:])]
+
+    def all_logits(self) -> "ForwardBatch":
+        """This prefill batch asking for the logits of every token (prompt logprobs), not only
+        of each sequence's last: rows then follow ``positions``."""
+        self.logits_indices = torch.arange(self.input_ids.shape[0], dtype=torch.long)
+        return self
 
     def to(self, device: torch.device) -> "ForwardBatch":
         """This batch with its tensors on ``device`` (the same object when already there)."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from common.config import MAX_TOP_LOGPROBS
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -22,6 +24,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    logprobs: int = -1  # -1: none; k >= 0: each token's log-probability and the k most likely
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.temperature < float("inf")):
@@ -30,6 +33,8 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not -1 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top logprobs must be in 0..{MAX_TOP_LOGPROBS} (-1 = off), got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -38,7 +43,8 @@ class SamplingConfig:
     @classmethod
     def from_proto(cls, params, seed: int) -> "SamplingConfig":
         top_p = params.top_p if 0.0 < params.top_p < 1.0 else 1.0
-        return cls(temperature=params.temperature, top_p=top_p, top_k=params.top_k, seed=seed)
+        return cls(temperature=params.temperature, top_p=top_p, top_k=params.top_k, seed=seed,
+                   logprobs=params.top_logprobs if params.logprobs else -1)
 
 
 def step_seed(seed: int, index: int) -> int:

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from engine.batch import ForwardBatch
+from engine.logprobs import TokenLogprob, logprobs_of
 from engine.sampler import SamplingConfig, SamplingError, sample_batch
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ class Sequence:
     sampling: SamplingConfig
     eos_token_ids: frozenset[int]
     ignore_eos: bool
-    emit: Callable[[int | None, str | None], None]  # (token, finish_reason) -> None
+    # (token, finish_reason, its TokenLogprob when sampling.logprobs >= 0 else None) -> None
+    emit: Callable[[int | None, str | None, TokenLogprob | None], None]
     release: Callable[[], None] = lambda: None       # frees the blocks; called exactly once
     finished: str | None = field(default=None)
     error: str | None = field(default=None)           # why, when finished == FINISH_ERROR
@@ -165,7 +167,7 @@ class DecodeScheduler:
         seqs = list(self._running.values())
         t0 = time.perf_counter()
         try:
-            tokens = self._forward_and_sample(seqs)
+            tokens, logprobs = self._forward_and_sample(seqs)
             if self._on_step is not None:
                 self._on_step(time.perf_counter() - t0, len(seqs))
         except Exception as exc:
@@ -173,19 +175,22 @@ class DecodeScheduler:
                 self._finish(seqs[0], FINISH_ERROR, error=f"decode step failed: {exc}")
                 return
             log.warning("decode step over %d sequences failed (%s); stepping each alone", len(seqs), exc)
-            tokens, failures = [], 0
+            tokens, logprobs, failures = [], [], 0
             for seq in seqs:
                 try:
-                    tokens.append(self._forward_and_sample([seq])[0])
+                    token, logprob = self._forward_and_sample([seq])
+                    tokens += token
+                    logprobs += logprob
                 except Exception as alone:
                     failures += 1
                     tokens.append(alone)
+                    logprobs.append(None)
             fault = "request" if failures < len(seqs) else "worker"
             for seq, token in zip(seqs, tokens):
                 if isinstance(token, Exception) and not isinstance(token, SamplingError):
                     self._finish(seq, FINISH_ERROR, error=f"decode step failed: {token}", fault=fault)
         self.steps += 1
-        for seq, token in zip(seqs, tokens):
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
             if seq.finished is not None:
                 continue
             if isinstance(token, SamplingError):
@@ -201,7 +206,7 @@ class DecodeScheduler:
             else:
                 reason = None
             try:
-                seq.emit(token, reason)
+                seq.emit(token, reason, logprob)
             except Exception as exc:
                 log.exception("emitting a token of %s failed", seq.seq_id)
                 self._finish(seq, FINISH_ERROR, error=f"emitting a token failed: {exc}")
@@ -209,12 +214,19 @@ class DecodeScheduler:
             if reason is not None:
                 self._finish(seq, reason, emitted=True)
 
-    def _forward_and_sample(self, seqs: list[Sequence]) -> list[int | SamplingError]:
-        """One forward pass over ``seqs`` and a token (or the row's SamplingError) for each."""
+    def _forward_and_sample(self, seqs: list[Sequence]) -> tuple[list, list]:
+        """One forward pass over ``seqs``: a token (or the row's SamplingError) for each, and its
+        ``TokenLogprob`` for the sequences that ask (None for the others)."""
         batch = ForwardBatch.decode([s.last_token for s in seqs], [s.num_cached for s in seqs],
                                     [s.blocks for s in seqs], self.block_size)
         logits = self._step_fn(batch)
-        return sample_batch(logits, [s.sampling for s in seqs], [s.generated for s in seqs])
+        tokens = sample_batch(logits, [s.sampling for s in seqs], [s.generated for s in seqs])
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        for k in {s.sampling.logprobs for s in seqs} - {-1}:  # one call per top-k count asked for
+            rows = [i for i, s in enumerate(seqs) if s.sampling.logprobs == k and isinstance(tokens[i], int)]
+            for i, entry in zip(rows, logprobs_of(logits[rows], [tokens[i] for i in rows], k)):
+                logprobs[i] = entry
+        return tokens, logprobs
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None, emitted: bool = False,
                 fault: str = "worker") -> None:
@@ -228,4 +240,4 @@ class DecodeScheduler:
             seq.release()
         finally:
             if not emitted:
-                seq.emit(None, reason)
+                seq.emit(None, reason, None)

@@ -60,7 +60,7 @@ class RouterCore:
         self.directory = WorkerDirectory(client, cfg.key_prefix, cfg.discovery_s, cfg.internal_token)
         self.policy = make_policy("least-load")
         self.store = RequestStore(client, cfg.key_prefix, cfg.request_ttl_s,
-                                  live_ttl_s=int(cfg.request_timeout_s) + cfg.request_ttl_s)
+                                  live_ttl_s=int(cfg.request_timeout_s) + cfg.request_ttl_s)  # see RouterConfig
         self.metrics = MetricsWriter(client, cfg.key_prefix, uuid.uuid4().hex[:12])
         self.queued = 0                   # requests waiting for decode room
         self.active: set[str] = set()     # request ids in flight on this router
@@ -84,7 +84,12 @@ class RouterCore:
         await self.directory.stop()
         await self.client.aclose()
 
-    async def _admit(self, request: inference_pb2.GenerateRequest) -> tuple[str, list[int]]:
+    def refused(self, exc: CleaveError) -> None:
+        """Count a request refused before it ran (once, whichever front door refused it)."""
+        self.prom.failed(exc.code.name.lower(), None, 0)
+
+    async def _admit(self, request: inference_pb2.GenerateRequest,
+                     fill_max_tokens: bool = False) -> tuple[str, list[int]]:
         """Validate and tokenize; returns (request id, prompt ids). Raises InvalidRequest."""
         rid = request_id_of(request)
         if rid in self.active:
@@ -93,29 +98,37 @@ class RouterCore:
         self.active.add(rid)  # claimed before the first await: a twin arriving meanwhile is refused
         try:
             ids = await asyncio.to_thread(prompt_ids_of, request, self.codec, self.model)
+            if fill_max_tokens and request.sampling.max_tokens == 0:  # not given: the context left
+                request.sampling.max_tokens = max(1, self.model.max_position - len(ids))
             check_sampling(request.sampling, len(ids), self.model)
         except BaseException:
             self.active.discard(rid)
             raise
         return rid, ids
 
-    async def generate(self, request: inference_pb2.GenerateRequest, timeout_s: float | None = None):
+    async def generate(self, request: inference_pb2.GenerateRequest, timeout_s: float | None = None,
+                       fill_max_tokens: bool = False):
         """Run one request; yields ``GenerateResponse`` deltas (see the module docstring).
 
         ``timeout_s``: the client's own deadline in seconds from now (None: none), capped by
-        ``cfg.request_timeout_s``. Raises CleaveError subclasses; DeadlineExceeded when the
-        deadline passes first.
+        ``cfg.request_timeout_s`` when the operator set one; with neither, the request runs until
+        it finishes, its client leaves or it reaches ``max_tokens``. ``fill_max_tokens``: a
+        ``max_tokens`` of 0 means the context left after the prompt (OpenAI chat without
+        ``max_tokens``). Raises CleaveError subclasses; DeadlineExceeded when the deadline
+        passes first.
         """
         t_arrival = now()
         try:
-            rid, ids = await self._admit(request)
+            rid, ids = await self._admit(request, fill_max_tokens)
         except CleaveError as exc:
-            self.prom.failed(exc.code.name.lower(), None, 0)
+            self.refused(exc)
             raise
-        timeout = self.cfg.request_timeout_s if timeout_s is None else min(timeout_s, self.cfg.request_timeout_s)
-        missed = f"deadline of {timeout:.1f} s exceeded"  # the error recorded for a missed deadline
+        limits = [t for t in (timeout_s, self.cfg.request_timeout_s or None) if t is not None]
+        timeout = min(limits) if limits else None
+        missed = f"deadline of {timeout or 0:.1f} s exceeded"  # the error recorded for a missed deadline
         sampling = request.sampling
-        req = ValidRequest(rid, ids, sampling, seed_of(sampling), t_arrival + timeout,
+        req = ValidRequest(rid, ids, sampling, seed_of(sampling),
+                           t_arrival + timeout if timeout is not None else float("inf"),
                            list(self.model.eos_token_ids))
         self.store.update(rid, state="queued", prompt_tokens=len(ids), completion_tokens=0,
                           max_tokens=sampling.max_tokens, t_arrival=t_arrival, attempts=0, error="",
@@ -125,22 +138,25 @@ class RouterCore:
         state, error, finish, count, t_first = "failed", "", None, 0, 0.0
         kind, t_last = "internal", 0.0  # failure kind (a gRPC code name) and last delta's time, for /metrics
         try:
-            async with asyncio.timeout(max(0.0, req.deadline - now())), \
+            async with asyncio.timeout(None if timeout is None else max(0.0, req.deadline - now())), \
                     contextlib.aclosing(run.tokens()) as stream:
-                async for new_ids, reason in stream:
-                    if count == 0:
+                async for step in stream:
+                    new_ids, reason = step.ids, step.reason
+                    if new_ids and count == 0:
                         t_first = now()
                         self.store.update(rid, t_first_token=t_first)
                         self.metrics.record("ttft", rid, t_first - t_arrival)
                         self.prom.first_token(t_first - t_arrival)
-                    else:
+                    elif new_ids:
                         self.prom.tokens(now() - t_last, len(new_ids))
                     t_last = now()
                     count += len(new_ids)
                     delta = text.add(new_ids, final=reason is not None)
                     if text.stopped:
                         reason = inference_pb2.FINISH_REASON_STOP
-                    msg = inference_pb2.GenerateResponse(request_id=rid, token_ids=new_ids, text=delta)
+                    msg = inference_pb2.GenerateResponse(request_id=rid, token_ids=new_ids, text=delta,
+                                                         logprobs=step.logprobs,
+                                                         prompt_logprobs=step.prompt_logprobs)
                     if reason is not None:
                         finish = reason
                         msg.finish_reason = reason
@@ -163,7 +179,7 @@ class RouterCore:
         except TimeoutError:
             state, error, kind = "failed", missed, "deadline_exceeded"
             raise DeadlineExceeded(f"request {rid} did not finish within its deadline of "
-                                   f"{timeout:.1f} s") from None
+                                   f"{timeout or 0:.1f} s") from None
         except CleaveError as exc:
             error, kind = str(exc), exc.code.name.lower()
             raise

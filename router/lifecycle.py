@@ -38,6 +38,18 @@ class RetryableFailure(Exception):
 
 
 @dataclass
+class Delta:
+    """What one step of a request adds: new token ids, the finish reason on the last delta,
+    one ``inference_pb2.TokenLogprob`` per id when the request asked for logprobs, and the
+    prompt's (first delta only) when it asked for prompt logprobs."""
+
+    ids: list[int]
+    reason: int | None = None
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)
+
+
+@dataclass
 class ValidRequest:
     """A request the router has validated and tokenized."""
 
@@ -57,9 +69,20 @@ class RequestRun:
         self.attempts = 0
         self.t_admitted: float | None = None  # unix time the first decode reservation succeeded
         self._excluded: set[str] = set()  # workers that failed this request
+        self._prompt_scored = False       # the client has the prompt logprobs (or did not ask)
+
+    def _sampling(self) -> inference_pb2.SamplingParams:
+        """The sampling of the next attempt: a retry after the first delta asks no prompt logprobs."""
+        if not (self._prompt_scored and self.req.sampling.prompt_logprobs):
+            return self.req.sampling
+        params = inference_pb2.SamplingParams()
+        params.CopyFrom(self.req.sampling)
+        params.prompt_logprobs = False
+        return params
 
     async def tokens(self):
-        """Yields (token ids, finish reason or None) until the request finishes."""
+        """Yields :class:`Delta` until the request finishes (a request for ``max_tokens`` 0
+        yields one, with no ids: its prompt logprobs)."""
         last_error: Exception | None = None
         while True:
             if self.attempts >= self.core.cfg.max_attempts:
@@ -68,10 +91,11 @@ class RequestRun:
             self.attempts += 1  # attempts made, as recorded in Redis
             try:
                 async with contextlib.aclosing(self._attempt()) as stream:
-                    async for ids, reason in stream:
-                        self.generated.extend(ids)
-                        yield ids, reason
-                        if reason is not None:
+                    async for delta in stream:
+                        self.generated.extend(delta.ids)
+                        self._prompt_scored = True  # prompt logprobs come once, with the first delta
+                        yield delta
+                        if delta.reason is not None:
                             return
                 raise RetryableFailure("decode stream ended before the request finished")
             except RetryableFailure as exc:
@@ -83,6 +107,10 @@ class RequestRun:
         prompt = req.prompt_ids + self.generated
         remaining = req.sampling.max_tokens - len(self.generated)
         prefill = self._pick_prefill(len(prompt))
+        if remaining == 0:  # max_tokens 0: score the prompt, generate nothing
+            async for delta in self._prefill_only(prefill, prompt):
+                yield delta
+            return
         # counted before any await, so the requests of a burst see each other and spread
         prefill.inflight += 1
         prefill.inflight_tokens += len(prompt)
@@ -100,7 +128,7 @@ class RequestRun:
                                     prefill_worker=prefill.record.worker_id,
                                     decode_worker=decode.record.worker_id)
             prefill_call = prefill.stub.Prefill(worker_pb2.PrefillRequest(
-                request_id=req.request_id, token_ids=prompt, sampling=req.sampling, seed=req.seed,
+                request_id=req.request_id, token_ids=prompt, sampling=self._sampling(), seed=req.seed,
                 landing=landing, output_index=len(self.generated),
                 transfer_timeout_s=core.cfg.transfer_timeout_s), timeout=self._time_left())
             async for event in self._rpc(prefill, prefill_call):
@@ -109,7 +137,8 @@ class RequestRun:
                     prefill.inflight -= 1
                     prefill.inflight_tokens -= len(prompt)
                     done = self._finish_reason(first, remaining)
-                    yield [first], done
+                    yield Delta([first], done, [event.token_logprob] if event.HasField("token_logprob") else [],
+                                list(event.prompt_logprobs))
                     if done is not None:
                         return
                     core.store.update(req.request_id, state="transferring")
@@ -123,7 +152,8 @@ class RequestRun:
                 first_token_index=len(self.generated), sampling=req.sampling, seed=req.seed,
                 eos_token_ids=req.eos_token_ids), timeout=self._time_left())
             async for chunk in self._rpc(decode, decode_call):
-                yield list(chunk.token_ids), (chunk.finish_reason or STOP) if chunk.finished else None
+                yield Delta(list(chunk.token_ids), (chunk.finish_reason or STOP) if chunk.finished else None,
+                            list(chunk.logprobs))
                 if chunk.finished:
                     return
         finally:
@@ -136,6 +166,29 @@ class RequestRun:
                 if call is not None:
                     call.cancel()
             self._abort_later(decode, landing.transfer_id)
+
+    async def _prefill_only(self, prefill: WorkerHandle, prompt: list[int]):
+        """A prefill with no KV push and no decode; its sampled token is dropped."""
+        req = self.req
+        prefill.inflight += 1
+        prefill.inflight_tokens += len(prompt)
+        call = None
+        try:
+            self.core.store.update(req.request_id, state="prefilling", attempts=self.attempts,
+                                   prefill_worker=prefill.record.worker_id)
+            call = prefill.stub.Prefill(worker_pb2.PrefillRequest(
+                request_id=req.request_id, token_ids=prompt, sampling=self._sampling(), seed=req.seed),
+                timeout=self._time_left())
+            async for event in self._rpc(prefill, call):
+                if event.WhichOneof("event") == "token_id":
+                    yield Delta([], LENGTH, [], list(event.prompt_logprobs))
+                    return
+            raise RetryableFailure(f"prefill worker {prefill.record.worker_id} ended without a token")
+        finally:
+            prefill.inflight -= 1
+            prefill.inflight_tokens -= len(prompt)
+            if call is not None:
+                call.cancel()
 
     def _finish_reason(self, token: int, remaining: int):
         if token in self.req.eos_token_ids and not self.req.sampling.ignore_eos:
@@ -154,8 +207,11 @@ class RequestRun:
                 raise RetryableFailure(f"{worker.key}: {exc.code().name}: {exc.details()}") from None
             raise
 
-    def _time_left(self) -> float:
-        return max(0.001, self.req.deadline - time.time())
+    def _time_left(self, cap: float | None = None) -> float | None:
+        """Seconds to the request's deadline (None: it has none), at most ``cap``."""
+        left = max(0.001, self.req.deadline - time.time())
+        left = min(left, cap) if cap is not None else left
+        return None if left == float("inf") else left
 
     def _pick_prefill(self, num_tokens: int) -> WorkerHandle:
         workers = self.core.directory.pool("prefill")
@@ -221,8 +277,8 @@ class RequestRun:
                 request_id=self.req.request_id, num_prompt_tokens=num_tokens, max_tokens=max_tokens,
                 # the reservation lives as long as the request may; the push itself is bounded by
                 # transfer_timeout_s from when it starts (a long prefill must not eat its budget)
-                deadline_unix=self.req.deadline, source_layout=layout),
-                timeout=min(10.0, self._time_left()))
+                deadline_unix=self.req.deadline if self.req.deadline < float("inf") else 0.0,
+                source_layout=layout), timeout=self._time_left(cap=10.0))
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 return None

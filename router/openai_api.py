@@ -13,7 +13,13 @@ lifecycle as gRPC. An ``X-Request-Id`` header sets the request id (the Redis key
 body (``common.errors.http_status_of``); an error after the stream began is sent as one
 ``data: {"error": ...}`` event followed by ``data: [DONE]``. A client that disconnects
 (before or after the first token) closes the core's generator: the request is recorded
-``cancelled`` and its KV blocks are freed.
+``cancelled`` and its KV blocks are freed. No route answers a ``text/plain`` 500: an
+unexpected exception becomes OpenAI's error body (:class:`InternalErrors`).
+
+Deadlines: an ``X-Request-Timeout: <seconds>`` header gives the request a deadline (504
+``timeout_error`` when it passes); without it only the operator's ``--request-timeout`` (off
+by default) bounds a request, which otherwise runs until it finishes, its client disconnects
+or it reaches ``max_tokens``.
 
 Lifecycle: :func:`start_http` binds the port and serves from a task in the router's event
 loop; :meth:`HttpServer.stop` ends it.
@@ -26,6 +32,7 @@ import json
 import logging
 import socket
 import time
+import uuid
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -33,15 +40,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.errors import CleaveError, NotFound, http_status_of
+from common.errors import CleaveError, InvalidRequest, NotFound, http_status_of
 from common.prom import CONTENT_TYPE
-from router.openai_protocol import FINISH, ChatRequest, CompletionRequest, Shaper, chat_request, \
-    completion_request, error_body
-from router.validate import check_input_size, prompt_ids_of
+from router.openai_protocol import ChatRequest, CompletionRequest, chat_request, completion_request
+from router.openai_shape import Shaper, error_body
 
 log = logging.getLogger(__name__)
 
 _DISCONNECT_POLL_S = 0.05
+
+
+TIMEOUT_HEADER = "x-request-timeout"  # seconds: the client's deadline for this request
 
 
 def _error_response(exc: BaseException) -> JSONResponse:
@@ -49,6 +58,55 @@ def _error_response(exc: BaseException) -> JSONResponse:
     if status >= 500 and not isinstance(exc, CleaveError):
         log.error("HTTP request failed: %s", message, exc_info=exc)
     return JSONResponse(error_body(message, kind), status_code=status)
+
+
+class InternalErrors:
+    """ASGI middleware: any exception a route lets escape becomes OpenAI's error body (``500``,
+    ``internal_error``, naming the request id) instead of a ``text/plain`` 500; its traceback is
+    logged once and it is counted (``cleave_http_internal_errors_total``). A response already
+    started (a stream) is left to end as it was."""
+
+    def __init__(self, app, count) -> None:
+        self.app, self.count = app, count
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            headers = dict(scope.get("headers") or ())
+            rid = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+            log.error("internal error on %s %s (request %s)", scope.get("method"), scope.get("path"), rid,
+                      exc_info=exc)
+            self.count()
+            if started:
+                return
+            body = error_body(f"internal error on request {rid}: {type(exc).__name__}; the server "
+                              f"logged the details", "internal_error")
+            await JSONResponse(body, status_code=500, headers={"X-Request-Id": rid})(scope, receive, send)
+
+
+def client_timeout(request: Request) -> float | None:
+    """The client's deadline from the ``X-Request-Timeout`` header (seconds > 0), None when absent.
+    Raises InvalidRequest for any other value."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise InvalidRequest(f"the X-Request-Timeout header must be a number of seconds > 0, got {raw[:32]!r}")
+    return value
 
 
 def _sse(obj) -> bytes:
@@ -78,12 +136,14 @@ def build_app(core) -> FastAPI:
     app = FastAPI(title="Cleave", summary="OpenAI-compatible API of a Cleave router", docs_url=None,
                   redoc_url=None)
     created = int(time.time())
+    app.add_middleware(InternalErrors, count=core.prom.internal_error)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         message = f"invalid request body: {first.get('msg', 'malformed')}" + (f" at {where}" if where else "")
+        core.refused(InvalidRequest(message))
         return JSONResponse(error_body(message, "invalid_request_error", where), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -102,13 +162,11 @@ def build_app(core) -> FastAPI:
             check_model(body.model)
             req = chat_request(body) if chat else completion_request(body)
             req.request_id = request.headers.get("x-request-id", "")  # optional; validated by the core
-            if chat and req.sampling.max_tokens == 0:  # not given: the rest of the context
-                check_input_size(req, core.codec, core.model)  # cheap size check before tokenizing
-                ids = await asyncio.to_thread(prompt_ids_of, req, core.codec, core.model)
-                req.sampling.max_tokens = max(1, core.model.max_position - len(ids))
-        except CleaveError as exc:
+            timeout = client_timeout(request)
+        except CleaveError as exc:  # refused before the core: counted here, once
+            core.refused(exc)
             return _error_response(exc)
-        pump = _Pump(core.generate(req, None))
+        pump = _Pump(core.generate(req, timeout, fill_max_tokens=chat))
         try:
             first = await _until_disconnect(request, pump.next())
             if first is None:
@@ -119,7 +177,12 @@ def build_app(core) -> FastAPI:
         except asyncio.CancelledError:
             await pump.close()
             return Response(status_code=499)
-        shaper = Shaper(chat, core.model_id, first.request_id)
+        echo = ""
+        if not chat and body.echo:
+            echo = body.prompt if req.WhichOneof("input") == "prompt" else \
+                await asyncio.to_thread(core.codec.decode, list(req.token_ids.ids))
+        shaper = Shaper(chat, core.model_id, first.request_id, core.codec,
+                        logprobs=req.sampling.logprobs or req.sampling.prompt_logprobs, echo=echo)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_events(pump, first, shaper, include_usage), media_type="text/event-stream",
@@ -195,25 +258,24 @@ class _Pump:
 
 
 async def _whole(pump: _Pump, first, shaper: Shaper) -> dict:
-    text, last = [first.text], first
+    messages = [first]
     while (msg := await pump.next()) is not None:
-        text.append(msg.text)
-        last = msg
-    return shaper.whole("".join(text), FINISH.get(last.finish_reason), last.usage.prompt_tokens,
-                        last.usage.completion_tokens)
+        messages.append(msg)
+    return shaper.whole(messages)
 
 
 async def _events(pump: _Pump, first, shaper: Shaper, include_usage: bool):
     """SSE bytes of one streamed request. Cancellation (client gone) closes the pump."""
     try:
         if shaper.chat:
-            yield _sse(shaper.chunk("", role=True))
-        msg = first
+            yield _sse(shaper.chunk(None, role=True))
+        msg, lead = first, True
         while msg is not None:
-            finish = FINISH.get(msg.finish_reason) if msg.finish_reason else None
-            if msg.text or finish:
-                yield _sse(shaper.chunk(msg.text, finish))
-            if finish and include_usage:
+            chunk = shaper.chunk(msg, first=lead)
+            lead = False
+            if chunk is not None:
+                yield _sse(chunk)
+            if msg.finish_reason and include_usage:
                 yield _sse(shaper.usage_chunk(msg.usage.prompt_tokens, msg.usage.completion_tokens))
             msg = await pump.next()
     except Exception as exc:

@@ -17,6 +17,7 @@ class TextCodec:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self._max_token_chars: int | None = None
+        self._token_texts: dict[int, str] = {}  # bounded by the vocabulary
 
     @property
     def max_token_chars(self) -> int:
@@ -45,6 +46,15 @@ class TextCodec:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text, special tokens spelled out (logprobs name tokens this way); a token
+        holding part of a multi-byte character reads as U+FFFD, as in vLLM. Cached per id."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            self._token_texts[token_id] = text
+        return text
 
 
 class IncrementalText:

@@ -11,6 +11,7 @@ import secrets
 import uuid
 
 from cleave.v1 import inference_pb2
+from common.config import MAX_TOP_LOGPROBS
 from common.errors import InvalidRequest
 from engine.config import ModelConfig
 from router.text import CHAT_ROLES, TextCodec
@@ -91,8 +92,13 @@ def prompt_ids_of(request: inference_pb2.GenerateRequest, codec: TextCodec, mode
 
 def check_sampling(sampling: inference_pb2.SamplingParams, prompt_len: int, model: ModelConfig) -> None:
     limit = model.max_position
-    if sampling.max_tokens < 1:
-        raise InvalidRequest("sampling.max_tokens must be >= 1 (how many tokens to generate)")
+    if sampling.max_tokens < 1 and not sampling.prompt_logprobs:
+        raise InvalidRequest("sampling.max_tokens must be >= 1 (how many tokens to generate; 0 only "
+                             "with prompt_logprobs, to score the prompt)")
+    if sampling.top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"sampling.top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {sampling.top_logprobs}")
+    if sampling.top_logprobs and not (sampling.logprobs or sampling.prompt_logprobs):
+        raise InvalidRequest("sampling.top_logprobs needs sampling.logprobs or sampling.prompt_logprobs")
     if sampling.max_tokens >= limit:
         raise InvalidRequest(f"sampling.max_tokens={sampling.max_tokens} is above the model's limit: "
                              f"the context holds {limit} tokens, prompt included")

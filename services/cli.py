@@ -162,7 +162,9 @@ def _parser() -> argparse.ArgumentParser:
     router.add_argument("--redis-url", required=True)
     router.add_argument("--key-prefix", default="cleave:")
     router.add_argument("--transfer-timeout", type=float, default=30.0)
-    router.add_argument("--request-timeout", type=float, default=600.0)
+    router.add_argument("--request-timeout", type=float, default=0.0,
+                        help="seconds: a deadline on every request (0 = none: only the client's own "
+                             "deadline, its leaving or max_tokens ends a request)")
     router.add_argument("--admission-wait", type=float, default=10.0)
     router.add_argument("--max-queued", type=int, default=256)
 

@@ -30,7 +30,7 @@ from engine.sampler import SamplingConfig
 from engine.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, DecodeScheduler, Sequence
 from kvtransfer.handoff import HandoffError
 from engine.runtime.executor import InstanceError
-from services.worker import WorkerHost
+from services.worker import WorkerHost, logprob_pb
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             max_tokens=request.first_token_index + res.max_tokens,
             sampling=sampling,
             eos_token_ids=frozenset(request.eos_token_ids), ignore_eos=request.sampling.ignore_eos,
-            emit=lambda tok, reason: loop.call_soon_threadsafe(queue.put_nowait, (tok, reason)),
+            emit=lambda tok, reason, lp: loop.call_soon_threadsafe(queue.put_nowait, (tok, reason, lp)),
             release=lambda: self._release(transfer_id))
         self.scheduler.add(seq)
         try:
@@ -218,17 +218,18 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
                 items = [await queue.get()]
                 while not queue.empty():
                     items.append(queue.get_nowait())
-                tokens = [t for t, _ in items if t is not None]
-                reason = next((r for _, r in items if r is not None), None)
+                tokens = [t for t, _, _ in items if t is not None]
+                logprobs = [logprob_pb(lp) for t, _, lp in items if t is not None and lp is not None]
+                reason = next((r for _, r, _ in items if r is not None), None)
                 if reason in (FINISH_ABORT, FINISH_ERROR):
                     if tokens:  # made before the failure: the router keeps them and resumes after
-                        yield worker_pb2.DecodeChunk(token_ids=tokens)
+                        yield worker_pb2.DecodeChunk(token_ids=tokens, logprobs=logprobs)
                     kind = RequestFault if seq.fault == "request" else Unavailable
                     await abort_with(context, kind(f"decode of {transfer_id} on "
                                                    f"{self.host.worker_id} ended: {seq.error or 'aborted'}"))
                     return
                 yield worker_pb2.DecodeChunk(
-                    token_ids=tokens, finished=reason is not None,
+                    token_ids=tokens, logprobs=logprobs, finished=reason is not None,
                     finish_reason=_FINISH.get(reason, inference_pb2.FINISH_REASON_STOP) if reason else 0)
                 if reason is not None:
                     return

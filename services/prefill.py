@@ -21,14 +21,16 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from cleave.v1 import worker_pb2, worker_pb2_grpc
+from common.config import MAX_TOP_LOGPROBS
 from common.errors import Cancelled, Exhausted, InvalidRequest, RequestFault, Unavailable, abort_with
 from common.grpc_util import add_service
 from engine.batch import ForwardCancelled
 from engine.kv_cache import OutOfBlocks
+from engine.logprobs import logprobs_of
 from engine.sampler import SamplingConfig, SamplingError, sample_one
 from kvtransfer.handoff import HandoffError, IncompatiblePeer
 from engine.runtime.executor import InstanceError
-from services.worker import WorkerHost
+from services.worker import WorkerHost, logprob_pb
 
 
 class IncompatibleLanding(InvalidRequest):
@@ -74,11 +76,11 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
             self._queued_tokens += n
         loop = asyncio.get_running_loop()
         try:
-            token, seconds = await loop.run_in_executor(self._compute, self._run, request, owner, cancelled)
+            event = await loop.run_in_executor(self._compute, self._run, request, owner, cancelled)
             with self._lock:
                 self._queued_tokens -= n
                 n = 0
-            yield worker_pb2.PrefillEvent(token_id=token, prefill_seconds=seconds)
+            yield event
             if request.HasField("landing"):
                 t0 = time.perf_counter()
                 try:
@@ -125,6 +127,9 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
         bad = [t for t in request.token_ids if t >= model.vocab_size]
         if bad:
             raise InvalidRequest(f"token ids {bad[:5]} are outside the vocabulary (size {model.vocab_size})")
+        if request.sampling.top_logprobs > MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"sampling.top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got "
+                                 f"{request.sampling.top_logprobs}")
         try:
             SamplingConfig.from_proto(request.sampling, request.seed)
         except ValueError as exc:
@@ -142,8 +147,10 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
             raise Unavailable(f"transfer {landing.transfer_id}: its deadline passed before prefill "
                               f"started (the request ran out of time)")
 
-    def _run(self, request: worker_pb2.PrefillRequest, owner: str, cancelled: threading.Event) -> tuple[int, float]:
-        """Model thread: allocate the prompt's blocks (kept until the transfer is done), run, sample."""
+    def _run(self, request: worker_pb2.PrefillRequest, owner: str,
+             cancelled: threading.Event) -> worker_pb2.PrefillEvent:
+        """Model thread: allocate the prompt's blocks (kept until the transfer is done), run,
+        sample; the token event, with the logprobs the sampling asks for."""
         if cancelled.is_set():
             raise Cancelled(f"request {request.request_id} was aborted before its prefill started")
         tokens = list(request.token_ids)
@@ -156,16 +163,21 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
             self._running += 1
         try:
             t0 = time.perf_counter()
+            k = request.sampling.top_logprobs if request.sampling.prompt_logprobs else -1
             try:
-                logits = self.host.executor.prefill(tokens, blocks, cancelled)
+                out = self.host.executor.prefill(tokens, blocks, cancelled, prompt_logprobs=k)
             except ForwardCancelled:
                 raise Cancelled(f"request {request.request_id} was aborted during its prefill") from None
             try:
-                token = sample_one(logits[0], cfg, request.output_index)
+                token = sample_one(out.logits[0], cfg, request.output_index)
             except SamplingError as exc:  # this request's own, and the same on any worker
                 raise RequestFault(f"prefill of request {request.request_id} on {self.host.worker_id}: "
                                    f"{exc}") from None
-            return token, time.perf_counter() - t0
+            event = worker_pb2.PrefillEvent(token_id=token, prefill_seconds=time.perf_counter() - t0)
+            if cfg.logprobs >= 0:
+                event.token_logprob.CopyFrom(logprob_pb(logprobs_of(out.logits, [token], cfg.logprobs)[0]))
+            event.prompt_logprobs.extend(logprob_pb(e) for e in out.prompt_logprobs or ())
+            return event
         finally:
             with self._lock:
                 self._running -= 1

@@ -34,7 +34,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cleave.v1 import worker_pb2
+from cleave.v1 import inference_pb2, worker_pb2
 from common.config import WorkerConfig
 from common.errors import Unavailable
 from common.prom import WorkerMetrics, layout_label
@@ -44,6 +44,15 @@ from engine.runtime.config import ExpertStats, Rendezvous, RuntimeConfig
 from engine.runtime.executor import Executor, make_executor
 
 log = logging.getLogger(__name__)
+
+
+def logprob_pb(entry) -> inference_pb2.TokenLogprob:
+    """The wire form of an ``engine.logprobs.TokenLogprob`` (prefill and decode send them)."""
+    msg = inference_pb2.TokenLogprob(token_id=entry.token_id,
+                                     top=[inference_pb2.TopLogprob(token_id=t, logprob=v) for t, v in entry.top])
+    if entry.logprob is not None:
+        msg.logprob = entry.logprob
+    return msg
 
 
 def runtime_config(cfg: WorkerConfig) -> RuntimeConfig:

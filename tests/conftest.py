@@ -94,6 +94,23 @@ def tiny_stack(request, tiny_llama_dir):
                                "--threads", "1"))
 
 
+@pytest.fixture
+def tiny(tiny_stack):
+    """``tiny_stack``, checked to hold every KV block free again after the test."""
+    before = tiny_stack.free_blocks()
+    yield tiny_stack
+    assert tiny_stack.wait_free_blocks(before) == before, "KV blocks leaked"
+
+
+@pytest.fixture
+def client(tiny):
+    """The official OpenAI client on ``tiny``'s HTTP API (no retries)."""
+    import openai
+
+    with openai.OpenAI(base_url=tiny.http_url, api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
 @pytest.fixture(scope="session")
 def smollm2_reference():
     """transformers' model and tokenizer for SmolLM2 (fp32), the correctness reference."""

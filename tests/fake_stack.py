@@ -123,6 +123,7 @@ class Output:
     finish_reason: int | None
     error: CleaveError | None
     record: dict[str, str]
+    messages: list = dataclasses.field(default_factory=list)  # every GenerateResponse received
 
 
 class FakeStack:
@@ -202,10 +203,11 @@ class FakeStack:
         sampling.setdefault("ignore_eos", True)
         request = pb.GenerateRequest(request_id=request_id, token_ids=pb.TokenIds(ids=prompt),
                                      sampling=pb.SamplingParams(max_tokens=max_tokens, **sampling))
-        ids, finish, error, rid = [], None, None, request_id
+        ids, finish, error, rid, messages = [], None, None, request_id, []
         try:
             async with contextlib.aclosing(self.core.generate(request, timeout_s)) as stream:
                 async for msg in stream:
+                    messages.append(msg)
                     ids.extend(msg.token_ids)
                     rid = msg.request_id
                     if on_tokens is not None:
@@ -213,7 +215,7 @@ class FakeStack:
                     finish = msg.finish_reason or finish
         except CleaveError as exc:
             error = exc
-        return Output(ids, finish, error, await self.record(rid) if rid else {})
+        return Output(ids, finish, error, await self.record(rid) if rid else {}, messages)
 
     async def record(self, request_id: str, timeout: float = 5.0) -> dict[str, str]:
         """The request's Redis hash once the router's writer task wrote a terminal state (the

@@ -31,19 +31,6 @@ CHAT = [("system", "You are terse."), ("user", "Name a colour.")]
 
 
 @pytest.fixture
-def tiny(tiny_stack):
-    before = tiny_stack.free_blocks()
-    yield tiny_stack
-    assert tiny_stack.wait_free_blocks(before) == before, "KV blocks leaked"
-
-
-@pytest.fixture
-def client(tiny):
-    with openai.OpenAI(base_url=tiny.http_url, api_key="unused", max_retries=0, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture
 def model(client):
     return client.models.list().data[0].id
 
@@ -153,7 +140,7 @@ BAD = [
     ("/completions", dict(prompt="hi", max_tokens=4, stop=[""]), 400, "stop"),
     ("/completions", dict(prompt="hi", max_tokens=4, n=2), 400, "n=2"),
     ("/completions", dict(prompt=["a", "b"], max_tokens=4), 400, "batched"),
-    ("/completions", dict(prompt="hi", max_tokens=4, logprobs=2), 400, "logprobs"),
+    ("/completions", dict(prompt="hi", max_tokens=4, logprobs=6), 400, "logprobs"),
     ("/completions", dict(prompt="hi", max_tokens="many"), 400, "max_tokens"),
     ("/chat/completions", dict(messages=[], max_tokens=4), 400, "messages"),
     ("/completions", dict(model="gpt-nope", prompt="hi", max_tokens=4), 404, "gpt-nope"),

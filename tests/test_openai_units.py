@@ -51,7 +51,10 @@ class FakeCore:
         self.prom = RouterMetrics("fake-model", running=lambda: 0, waiting=lambda: 0)
         self.closed = 0
 
-    async def generate(self, request, timeout_s=None):
+    def refused(self, exc) -> None:
+        self.prom.failed(exc.code.name.lower(), None, 0)
+
+    async def generate(self, request, timeout_s=None, fill_max_tokens=False):
         self.seen.append(request)
         try:
             if self.error is not None:
@@ -89,7 +92,7 @@ def test_chat_body_renders_roles_and_text_parts():
 
 
 @pytest.mark.parametrize("body, match", [
-    (dict(prompt="a", n=3), "n=3"), (dict(prompt=["a", "b"]), "batched"), (dict(prompt="a", echo=True), "echo"),
+    (dict(prompt="a", n=3), "n=3"), (dict(prompt=["a", "b"]), "batched"), (dict(prompt="a", max_tokens=0), "0 only with echo"),
     (dict(prompt="a", presence_penalty=0.5), "presence_penalty"), (dict(prompt="a", top_k=-2), "top_k"),
     (dict(prompt="a", seed=-1), "seed"), (dict(prompt="a", max_tokens=2 ** 40), "out of range"),
     (dict(prompt=[1, -2]), ">= 0"),
@@ -116,6 +119,46 @@ def test_error_classes_map_to_http_status_through_the_routes(exc, status, kind):
     assert core.closed == 2
 
 
+def test_no_route_answers_a_plain_text_500():
+    """An exception escaping a route becomes OpenAI's error body naming the request, counted."""
+    class Broken(FakeCore):
+        def generate(self, request, timeout_s=None, fill_max_tokens=False):
+            raise KeyError("a bug")
+    core = Broken()
+    with TestClient(build_app(core)) as http:
+        resp = http.post("/v1/completions", json={"prompt": "hi"}, headers={"X-Request-Id": "req-500"})
+        assert resp.status_code == 500 and resp.headers["content-type"] == "application/json"
+        err = resp.json()["error"]
+        assert err["type"] == "internal_error" and "req-500" in err["message"] and "KeyError" in err["message"]
+        assert 'cleave_http_internal_errors_total{model_name="fake-model"} 1.0' in http.get("/metrics").text
+        assert http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}).status_code == 500
+        assert http.get("/v1/models").status_code == 200                          # still serving
+
+
+def test_null_fields_read_as_defaults_and_logprobs_map_to_the_wire():
+    req = completion_request(CompletionRequest(prompt="a", stream=None, n=None, echo=None, logprobs=None,
+                                               max_tokens=None, top_p=None))
+    assert req.sampling.max_tokens == 16 and not req.sampling.logprobs and not req.sampling.prompt_logprobs
+    echo = completion_request(CompletionRequest(prompt=[1, 2], echo=True, logprobs=3, max_tokens=0))
+    assert (echo.sampling.logprobs, echo.sampling.top_logprobs, echo.sampling.prompt_logprobs) == (True, 3, True)
+    assert completion_request(CompletionRequest(prompt=[1], echo=True, max_tokens=0)).sampling.prompt_logprobs
+    assert not completion_request(CompletionRequest(prompt=[1], echo=True, max_tokens=2)).sampling.prompt_logprobs
+    chat = chat_request(ChatRequest(messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=None))
+    assert (chat.sampling.logprobs, chat.sampling.top_logprobs, chat.sampling.prompt_logprobs) == (True, 0, False)
+
+
+@pytest.mark.parametrize("header", ["0", "-1", "nan", "inf", "soon"])
+def test_a_bad_deadline_header_is_refused_and_counted(header):
+    core = FakeCore()
+    with TestClient(build_app(core)) as http:
+        resp = http.post("/v1/completions", json={"prompt": "hi"}, headers={"X-Request-Timeout": header})
+        assert resp.status_code == 400 and "X-Request-Timeout" in resp.json()["error"]["message"]
+        assert 'reason="invalid_argument"} 1.0' in http.get("/metrics").text
+        ok = http.post("/v1/completions", json={"prompt": "hi"}, headers={"X-Request-Timeout": "2.5"})
+        assert ok.status_code == 200
+    assert core.seen[-1].sampling.max_tokens == 16
+
+
 def test_stream_frames_and_mid_stream_error():
     core = FakeCore()
     with TestClient(build_app(core)) as http:
@@ -130,7 +173,7 @@ def test_stream_frames_and_mid_stream_error():
     assert core.seen[0].sampling.max_tokens == 4 and core.closed == 1
 
     class Failing(FakeCore):
-        async def generate(self, request, timeout_s=None):
+        async def generate(self, request, timeout_s=None, fill_max_tokens=False):
             yield inference_pb2.GenerateResponse(request_id="r2", token_ids=[1], text="a")
             raise Unavailable("decode instance vanished")
     with TestClient(build_app(Failing())) as http:

@@ -248,3 +248,27 @@ def test_without_checksums_corrupted_kv_changes_the_tokens(redis_url):
             assert out.token_ids[1] != expected[1]
 
     asyncio.run(main())
+
+
+# ---- deadlines: only the client's or the operator's ------------------------------------------------
+
+def test_without_any_deadline_a_request_runs_to_its_end(redis_url):
+    """No operator deadline (the default) and none from the client: the request is not bounded
+    by the server (its worker calls carry no timeout) and finishes; a client deadline still ends it."""
+    async def main():
+        async with FakeStack(redis_url, prefill=1, decode=1, request_timeout_s=0.0) as stack:
+            seen = []
+            real = stack.decodes[0].servicer._reserve
+            stack.decodes[0].servicer._reserve = lambda req, caller="": seen.append(req.deadline_unix) or real(req, caller)
+            out = await stack.generate([4, 4, 2], 12)
+            assert out.error is None and out.token_ids == stack.expected([4, 4, 2], 12)
+            assert seen == [0.0]                              # "no deadline" on the wire
+            gate = threading.Event()
+            stack.executor("decode", 0).fail_after(2, RuntimeError("stalled"), gate)  # never opened: stalls
+            late = await stack.generate([4, 4, 2], 12, timeout_s=0.5)
+            gate.set()
+            assert isinstance(late.error, Exception) and "deadline" in str(late.error)
+            assert late.record["state"] == "failed"
+            assert _all_free(await stack.settle(10.0))
+
+    asyncio.run(main())

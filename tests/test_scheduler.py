@@ -38,7 +38,7 @@ class Recorder:
         self.releases = 0
         self.done = threading.Event()
 
-    def emit(self, token, reason) -> None:
+    def emit(self, token, reason, logprob=None) -> None:
         if self.finish is not None:
             self.emits_after_finish += 1
         if token is not None:

@@ -38,7 +38,9 @@ import torch
 import torch.distributed as dist
 
 from cleave.v1 import worker_pb2
+from engine.batch import PrefillResult
 from engine.layout import kv_head_range, layer_range
+from engine.logprobs import assemble_prompt_logprobs
 from engine.loader import load_model_config, resolve_model
 from engine.parallel import ParallelGroups, coords
 from engine.runtime.config import RuntimeConfig
@@ -96,6 +98,14 @@ def raise_first(outcomes: list[tuple]) -> list:
     raise exc
 
 
+def merge_prefill(prompt: list[int], parts: list[tuple], prompt_logprobs: int) -> PrefillResult:
+    """One :class:`PrefillResult` from the ``(logits or None, {token index: entry})`` parts of
+    the ranks that own logits (``RankRunner.prefill``)."""
+    logits = next(p[0] for p in parts if p[0] is not None)
+    lps = assemble_prompt_logprobs(prompt, [p[1] for p in parts]) if prompt_logprobs >= 0 else None
+    return PrefillResult(logits, lps)
+
+
 class Executor:
     """The typed methods every executor has (see the module docstring); subclasses implement
     :meth:`_all` (run a ``RankRunner`` method on every rank) and hold rank 0's ``runner``."""
@@ -129,11 +139,14 @@ class Executor:
             return next(r for r in self._all(RankRunner.forward_micro, parts) if r is not None)
         return next(r for r in self._all(RankRunner.forward, batch) if r is not None)
 
-    def prefill(self, prompt: list[int], blocks: list[int], cancelled=None) -> torch.Tensor:
-        """Logits ``[1, vocab]`` of the prompt's last position (each rank runs its share).
-        ``cancelled`` (a ``threading.Event``) stops a one-rank pass between layers
-        (``engine.batch.ForwardCancelled``); a multi-rank pass runs to its end."""
-        return next(r for r in self._all(RankRunner.prefill, list(prompt), list(blocks)) if r is not None)
+    def prefill(self, prompt: list[int], blocks: list[int], cancelled=None,
+                prompt_logprobs: int = -1) -> PrefillResult:
+        """The logits ``[1, vocab]`` of the prompt's last position (each rank runs its share) and,
+        when ``prompt_logprobs`` >= 0, the prompt tokens' log-probabilities with that many top
+        entries (``engine.logprobs``). ``cancelled`` (a ``threading.Event``) stops a one-rank
+        pass between layers (``engine.batch.ForwardCancelled``); a multi-rank pass runs to its end."""
+        parts = self._all(RankRunner.prefill, list(prompt), list(blocks), None, prompt_logprobs)
+        return merge_prefill(prompt, [p for p in parts if p is not None], prompt_logprobs)
 
     def expect(self, transfer_id, source, blocks, num_tokens, deadline) -> None:
         self._all(RankRunner.expect, transfer_id, source, list(blocks), num_tokens, deadline)
@@ -239,9 +252,10 @@ class InProcessExecutor(Executor):
                 raise InstanceError("the instance is shut down")
             return [fn(self.runner, *args)]
 
-    def prefill(self, prompt, blocks, cancelled=None):
+    def prefill(self, prompt, blocks, cancelled=None, prompt_logprobs: int = -1) -> PrefillResult:
         with self._lock:
-            return self.runner.prefill(list(prompt), list(blocks), cancelled)
+            part = self.runner.prefill(list(prompt), list(blocks), cancelled, prompt_logprobs)
+        return merge_prefill(prompt, [part], prompt_logprobs)
 
     def push(self, landing, blocks, cancelled=None, timeout: float = 0.0) -> int:
         # reads blocks the model no longer writes: no need to hold the channel

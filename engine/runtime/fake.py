@@ -13,15 +13,18 @@ forward raises it (a broken worker) until it is cleared.
 """
 from __future__ import annotations
 
+import bisect
+
 import torch
 
 from cleave.v1 import inference_pb2
-from engine.batch import ForwardBatch
+from engine.batch import ForwardBatch, PrefillResult
 from engine.config import CacheConfig, ModelConfig
 from engine.kv_cache import allocate_kv_cache
 from engine.loader import ModelSource
 from engine.runtime.config import RuntimeConfig
-from engine.runtime.executor import InProcessExecutor
+from engine.runtime.executor import InProcessExecutor, merge_prefill
+from engine.runtime.rank import split_prefill_logits
 from kvtransfer.handoff import KVReceiver, KVSender, compat_hash
 from kvtransfer.transport import make_transport
 
@@ -68,10 +71,10 @@ class FakeExecutor(InProcessExecutor):
             kv, vocab = self.runner.kv_cache, self.model_config.vocab_size
             flat = kv.view(kv.shape[0], 2, -1, *kv.shape[4:])        # [L, 2, slots, KVH, D]
             flat[:, :, batch.slot_mapping] = batch.input_ids.to(kv.dtype)[None, None, :, None, None]
-            targets = []
+            targets, starts = [], batch.cu_seqlens.tolist() if batch.is_prefill else []
             for row, idx in enumerate(batch.logits_indices.tolist()):
-                if batch.is_prefill:
-                    start = int(batch.cu_seqlens[row])
+                if batch.is_prefill:  # the sequence holding flat token idx starts at the last start <= idx
+                    start = starts[bisect.bisect_right(starts, idx) - 1]
                     total = int(batch.input_ids[start: idx + 1].sum())
                 else:
                     n, bs = int(batch.context_lens[row]), self.cfg.block_size
@@ -82,8 +85,13 @@ class FakeExecutor(InProcessExecutor):
             logits[torch.arange(len(targets)), torch.tensor(targets, dtype=torch.long)] = PEAK
             return logits
 
-    def prefill(self, prompt, blocks, cancelled=None) -> torch.Tensor:
-        return self.forward(ForwardBatch.prefill([list(prompt)], [list(blocks)], self.cfg.block_size))
+    def prefill(self, prompt, blocks, cancelled=None, prompt_logprobs: int = -1) -> PrefillResult:
+        batch = ForwardBatch.prefill([list(prompt)], [list(blocks)], self.cfg.block_size)
+        if prompt_logprobs < 0:
+            return PrefillResult(self.forward(batch))
+        logits = self.forward(batch.all_logits())
+        part = split_prefill_logits(logits, batch.positions.tolist(), list(prompt), prompt_logprobs)
+        return merge_prefill(list(prompt), [part], prompt_logprobs)
 
     @staticmethod
     def expected(prompt: list[int], max_tokens: int, vocab: int) -> list[int]:

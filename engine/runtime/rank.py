@@ -28,6 +28,7 @@ from cleave.v1 import inference_pb2, worker_pb2
 from engine.batch import ForwardBatch
 from engine.config import CacheConfig
 from engine.layout import kv_head_range, layer_range
+from engine.logprobs import prompt_logprobs_of
 from engine.loader import load_model, resolve_model
 from engine.parallel import AsyncSender, ParallelGroups
 from engine.runtime import cores
@@ -73,6 +74,13 @@ def stage_step(model, groups: ParallelGroups, kv_cache: torch.Tensor, batch: For
         send(out[0], groups.pp_rank + 1)
         send(out[1], groups.pp_rank + 1)
     return out
+
+
+def split_prefill_logits(logits: torch.Tensor, positions: list[int], prompt: list[int], k: int):
+    """Rows of every token of a prefill (``ForwardBatch.all_logits``) -> ``(the last position's
+    row [1, vocab] or None, the prompt logprobs those rows give)`` (see ``RankRunner.prefill``)."""
+    last = [i for i, p in enumerate(positions) if p == len(prompt) - 1]
+    return (logits[last] if last else None), prompt_logprobs_of(logits, positions, prompt, k)
 
 
 class OverlapProbe:
@@ -184,12 +192,21 @@ class RankRunner:
             return ForwardBatch.prefill([prompt], [blocks], bs)
         return ForwardBatch.prefill_cp(prompt, self.groups.cp_rank, cp, blocks, bs)
 
-    def prefill(self, prompt: list[int], blocks: list[int], cancelled=None):
-        """Logits [1, vocab] of the prompt's last position on the rank that holds it, else None.
-        ``cancelled`` (a threading.Event; one-rank instances only) stops the pass between layers."""
+    def prefill(self, prompt: list[int], blocks: list[int], cancelled=None, prompt_logprobs: int = -1):
+        """``(logits [1, vocab] of the prompt's last position or None, {token index: TokenLogprob})``
+        on a rank that owns logits (with CP, each such rank has its own positions), else None.
+        ``prompt_logprobs`` >= 0: the log-probabilities of the prompt tokens this rank's rows
+        predict, with that many top entries (``engine.logprobs``). ``cancelled`` (a
+        threading.Event; one-rank instances only) stops the pass between layers."""
         batch = self.prefill_batch(prompt, blocks)
         batch.cancelled = cancelled
-        return self.forward(batch)
+        if prompt_logprobs < 0:
+            logits = self.forward(batch)
+            return None if logits is None else (logits, {})
+        logits = self.forward(batch.all_logits())
+        if logits is None:
+            return None
+        return split_prefill_logits(logits, batch.positions.tolist(), prompt, prompt_logprobs)
 
     def expect(self, transfer_id, source, blocks, num_tokens, deadline) -> None:
         self.receiver.expect(transfer_id, source, blocks, num_tokens, deadline)
