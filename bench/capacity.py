@@ -12,7 +12,8 @@ Run: ``python bench/capacity.py [--profile FILE] [--calibrate] [--repeats 3] [--
    decode = ``PipelineRunner.generate`` over 8 sequences, the decode rounds' time divided by
    their count (micro-batched when PP > 1), slowest rank.
 3. Prints each case's error ``(predicted - measured) / measured``, the median and the worst
-   absolute error; first, the wall time of issue 14's "done when" ``cleave plan`` command.
+   absolute error; first, the wall time of issue 14's "done when" ``cleave plan`` command, and
+   the gloo collective times against the alpha-beta formula fitted to them.
 """
 from __future__ import annotations
 
@@ -75,13 +76,14 @@ def _predict(spec, hw, phase, lay, plen) -> float:
     if phase == "prefill":
         return prefill_time(spec, hw, lay, opts, 1, plen).total_s
     ctx = statistics.mean(len(p) for p in PROMPTS) + NEW_TOKENS / 2
-    return decode_step_time(spec, hw, lay, opts, SEQS, ctx).total_s
+    # PipelineRunner splits the 8 sequences into PP micro-batches: a step's batch is one of them
+    return decode_step_time(spec, hw, lay, opts, SEQS / lay.pp, ctx).total_s
 
 
 def main() -> None:
     from engine.config import ParallelConfig
     from engine.loader import resolve_model
-    from services.capacity.calibrate import calibrate, calibration_table
+    from services.capacity.calibrate import calibrate, calibration_table, collective_fit_table
     from services.capacity.cost import Layout
     from services.capacity.hardware import DEFAULT_PROFILE, Hardware, get_hardware
     from services.capacity.models import BUILTIN, get_model
@@ -107,6 +109,7 @@ def main() -> None:
         print(f"calibrated in {time.perf_counter() - t0:.0f} s -> {path}")
     hw: Hardware = get_hardware("local", path)
     print(calibration_table(hw))
+    print(collective_fit_table(hw.measured))
 
     tmp = tempfile.mkdtemp()
     tiny = make_tiny_llama(os.path.join(tmp, "tiny"), seed=0, num_hidden_layers=4, num_attention_heads=8,

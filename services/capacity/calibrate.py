@@ -20,7 +20,11 @@ rank processes use, ``engine.parallel``):
 - **collectives over the real gloo backend** for 2..``max_ranks`` ranks, time vs bytes:
   ``all_reduce``, ``all_to_all_single``, and ``send``/``recv`` between two ranks (half a
   round trip), each between barriers, the slowest rank's time (timed on each rank by
-  ``engine.comm_timing``).
+  ``engine.comm_timing``). The profile interpolates these times; its ``link_latency_s`` and
+  ``link_bw`` are the alpha-beta fit of the send/recv times (``collectives.fit_alpha_beta``),
+  and :func:`collective_fit_table` fits each op's alpha and beta to the algorithm gloo runs
+  (ring all-reduce, direct all-to-all, send/recv) over 2..``max_ranks`` ranks and shows how far
+  each measured time is from that formula.
 
 The profile's "GPU" is one core: ``gpus_per_node`` = cores, memory = RAM / cores, and layouts
 with more ranks than cores share them (``Hardware.oversubscription``).
@@ -34,6 +38,7 @@ import statistics
 import sys
 import time
 
+from services.capacity import collectives
 from services.capacity.hardware import Hardware
 
 SIZES = (1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 23)     # bytes per rank
@@ -262,12 +267,11 @@ def calibrate(max_ranks: int = 4) -> Hardware:
     a = measure_attention(c["flops"])
     pp_message = measure_pp_message()
     measured = measure_collectives(max_ranks)
-    big = measured["send_recv"][2][-1]
+    alpha, bw = collectives.fit_alpha_beta({"send_recv": measured["send_recv"]})
     return Hardware(
         name="local", memory_bytes=_ram_bytes() / cores, flops={"fp32": c["flops"]}, mem_bw=c["mem_bw"],
-        mem_bw_all=c["mem_bw_all"],
-        link_bw=big[0] / big[1], link_latency_s=measured["send_recv"][2][0][1], nic_bw=big[0] / big[1],
-        nic_latency_s=measured["send_recv"][2][0][1], gpus_per_node=cores, flops_eff=1.0, mem_eff=1.0,
+        mem_bw_all=c["mem_bw_all"], link_bw=bw, link_latency_s=alpha, nic_bw=bw, nic_latency_s=alpha,
+        gpus_per_node=cores, flops_eff=1.0, mem_eff=1.0,
         link_eff=1.0, layer_overhead_s=o["layer"], seq_overhead_s=o["seq"], step_overhead_s=o["step"],
         expert_overhead_s=o["expert"], score_s=a["score"], ring_score_s=a["ring_score"], pp_message_s=pp_message,
         act_bytes=4, cores=cores, measured=measured,
@@ -290,6 +294,32 @@ def calibration_table(hw: Hardware) -> str:
     return "\n".join(lines)
 
 
+def collective_fit_table(measured: dict) -> str:
+    """Each op's measured gloo times against the alpha-beta formula of the algorithm gloo runs,
+    alpha and beta fitted per op over all its rank counts (ms, by bytes per rank), and the
+    median and worst relative error (all points, and the 2-rank ones)."""
+    lines = ["op           ranks  alg     " + " ".join(f"{n:>16}" for n in SIZES) + "   (measured / model ms)"]
+    rows, fits = [], []
+    for op, by_ranks in measured.items():
+        if not by_ranks:
+            continue
+        alpha, bw = collectives.fit_alpha_beta({op: by_ranks})
+        fits.append(f"{op} {alpha * 1e6:.0f} us/step, {bw / 1e9:.2f} GB/s")
+        mine = collectives.fit_errors({op: by_ranks}, alpha, bw)
+        rows += mine
+        for ranks in sorted({r["ranks"] for r in mine}):
+            lines.append(f"{op:<12} {ranks:>5}  {collectives.GLOO_ALGORITHM[op]:<7} " + " ".join(
+                f"{r['measured_s'] * 1e3:>7.3f}/{r['model_s'] * 1e3:<8.3f}" for r in mine if r["ranks"] == ranks))
+    errs = sorted(abs(r["error"]) for r in rows)
+    two = sorted(abs(r["error"]) for r in rows if r["ranks"] == 2)
+    worst = max(rows, key=lambda r: abs(r["error"]))
+    lines.insert(0, "collective formulas fitted to gloo per op: " + "; ".join(fits))
+    lines.append(f"{len(rows)} points: median |error| {statistics.median(errs):.0%}, worst {errs[-1]:.0%} "
+                 f"({worst['op']}, {worst['ranks']} ranks, {worst['bytes']} bytes); 2 ranks: median "
+                 f"{statistics.median(two):.0%}, worst {two[-1]:.0%}")
+    return "\n".join(lines)
+
+
 def calibrate_cli(args) -> int:
     hw = calibrate(args.max_ranks)
     path = os.path.expanduser(args.profile)
@@ -297,5 +327,6 @@ def calibrate_cli(args) -> int:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(hw.to_json(), f, indent=1)
     print(calibration_table(hw))
+    print(collective_fit_table(hw.measured))
     print(f"wrote {path} (use --hardware local)", file=sys.stderr)
     return 0
