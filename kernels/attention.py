@@ -12,7 +12,8 @@ GQA: query head ``h`` reads kv head ``h // (H // KVH)``)::
     slot_mapping [T]: flat slot = block * block_size + slot_in_block (negative: skip)
 
 The prefill and decode paths use ``scaled_dot_product_attention`` with ``enable_gqa`` exactly as
-``transformers`` does on CPU, which is what makes greedy tokens match it bit for bit. Paged
+``transformers`` does on CPU, which keeps the logits within fp32 rounding of its and the greedy
+tokens equal to its (tests/test_engine_parity.py checks the margins that make that sound). Paged
 decode runs the whole batch in one SDPA call (a few when the lengths differ widely or the
 batch's K/V is large); :func:`paged_decode_attention_reference` keeps the one call per
 sequence, the oracle.
@@ -215,8 +216,9 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     The CPU path (``kernels`` dispatches CPU tensors here): the batch in a few length groups
     (:func:`decode_groups`; one group when the lengths are close), each one K/V gather
     (``index_select`` of block or token rows) and one SDPA call, no per-sequence loop. Equal to
-    :func:`paged_decode_attention_reference` within rounding (padding changes the reduction
-    blocking); bit for bit when a group has no padding, as for a single sequence.
+    :func:`paged_decode_attention_reference` within rounding: a batched SDPA call may block
+    its reductions differently from one call per sequence (padding does; so does the vendor
+    kernel on some CPUs, e.g. an AMD EPYC even for equal lengths), so never assume bit for bit.
     """
     lens = _decode_lengths(q, kv_layer, block_tables, context_lens)
     if not lens:

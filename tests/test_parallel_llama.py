@@ -3,9 +3,10 @@
 Each layout runs in one spawn of ``engine.runtime.spawn.spawn_ranks``: every rank loads its shard
 (TP slice of its stage's layers), runs prefill + greedy decode through
 ``engine.pipeline.PipelineRunner`` and returns its tokens and (last stage) last-position
-prefill logits. Checked against ``transformers`` on the same weights: logits within
-``1e-4 * max|logit|``, greedy tokens equal to ``generate(do_sample=False)`` token for token,
-every rank agreeing. Two tiny random models cover both GQA cases and both head kinds:
+prefill logits. Checked against ``transformers`` on the same weights: logits within the fp32
+bound of ``tests.tolerances`` for the model's reduction length (TP and PP sum in another order
+than one process), greedy tokens equal to ``generate(do_sample=False)`` token for token (sound
+on any CPU: ``reference_greedy`` checks every step's margin), every rank agreeing. Two tiny random models cover both GQA cases and both head kinds:
 
 - ``llama``: 4 layers, 8 query / 4 kv heads, untied head: TP 2, TP2 x PP2, PP 2 with and
   without micro-batching (one spawn);
@@ -27,6 +28,8 @@ from engine.parallel import Group, ParallelGroups
 from engine.runtime.spawn import RankFailure, spawn_ranks
 from engine.pipeline import split_micro_batches
 from tests.models import make_tiny_llama
+from tests.test_engine_parity import reference_greedy, reference_last_logits
+from tests.tolerances import assert_close, model_reduction_length
 
 NEW_TOKENS = 24
 PROMPTS = [list(b"The quick brown fox jumps over the lazy dog"), [257, 117, 115, 101, 114, 10, 72],
@@ -52,19 +55,14 @@ def _rank_modes(groups, path, prompts, max_new_tokens, modes):
 
 
 def reference(path, prompts, n):
-    """transformers' last-position logits and greedy tokens, each prompt alone."""
+    """transformers' last-position logits and greedy tokens, each prompt alone, and the
+    reduction length ``k`` that bounds the logits' rounding (the longest prompt's)."""
     from engine.loader import load_reference_model
 
     ref = load_reference_model(path)
-    logits, tokens = [], []
-    with torch.inference_mode():
-        for p in prompts:
-            ids = torch.tensor([p])
-            logits.append(ref(ids).logits[0, -1].float())
-            out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                               do_sample=False, pad_token_id=ref.generation_config.eos_token_id)
-            tokens.append(out[0, len(p):].tolist())
-    return torch.stack(logits), tokens
+    logits = torch.stack([reference_last_logits(ref, p) for p in prompts])
+    k = model_reduction_length(ref.config, max(map(len, prompts)))
+    return logits, [reference_greedy(ref, p, n) for p in prompts], k
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +75,14 @@ def tiny_models(tmp_path_factory):
     return built
 
 
-def check(results, want_logits, want_tokens):
+def check(results, want_logits, want_tokens, k):
     """Every rank's tokens equal the reference; the last stage's logits are close to it."""
     for per_rank in zip(*results):                  # one mode at a time, all ranks
         for tokens, _ in per_rank:
             assert tokens == want_tokens
         logits = per_rank[-1][1]                     # the last rank is on the last stage
-        scale = max(1.0, float(want_logits.abs().max()))
-        torch.testing.assert_close(logits, want_logits, atol=1e-4 * scale, rtol=0)
+        for got, want in zip(logits, want_logits):
+            assert_close(got, want, k=k)
 
 
 LAYOUTS = [
@@ -101,10 +99,10 @@ LAYOUTS = [
 @pytest.mark.parametrize("model,layout,modes", LAYOUTS,
                          ids=[f"{m}-tp{l.tp}-pp{l.pp}" for m, l, _ in LAYOUTS])
 def test_layout_matches_transformers(tiny_models, model, layout, modes):
-    path, want_logits, want_tokens = tiny_models[model]
+    path, want_logits, want_tokens, k = tiny_models[model]
     assert any(len(t) >= 16 for t in want_tokens)   # long enough runs to mean something
     results = spawn_ranks(layout, _rank_modes, path, PROMPTS, NEW_TOKENS, modes, timeout_s=240)
-    check(results, want_logits, want_tokens)
+    check(results, want_logits, want_tokens, k)
 
 
 @pytest.mark.integration

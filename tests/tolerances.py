@@ -107,14 +107,40 @@ def attention_length(head_dim: int, context: int) -> int:
 
 
 def model_reduction_length(config, context: int) -> int:
-    """``k`` for a decoder's logits (``engine.config.ModelConfig``): the terms of every sum
-    on the path from the embedding to one logit, ``context`` tokens attended. Per layer: two
-    RMSNorm means and the q/k/v, gate/up and o projections (hidden), the attention scores
-    (head_dim), the softmax denominator and the weighted values (context), the down projection
-    (intermediate, times the experts a token is routed to); then the final norm and the head."""
-    hidden, layers = config.hidden_size, config.num_layers
-    experts = max(1, getattr(config, "num_experts_per_tok", 0) or 1)
-    router = hidden if getattr(config, "num_experts", 0) else 0
-    per_layer = (5 * hidden + attention_length(config.head_dim, context)
-                 + experts * config.intermediate_size + router)
+    """``k`` for a decoder's logits: the terms of every sum on the path from the embedding to
+    one logit, ``context`` tokens attended. Per layer: two RMSNorm means and the q/k/v, gate/up
+    and o projections (hidden), the attention scores (head_dim), the softmax denominator and
+    the weighted values (context), the MoE router (hidden), the down projection (intermediate,
+    times the experts a token is routed to); then the final norm and the head. ``config``: an
+    ``engine.config.ModelConfig`` or a ``transformers`` config."""
+    hidden = config.hidden_size
+    layers = getattr(config, "num_layers", None) or config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    moe = getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0)
+    experts = getattr(config, "num_experts_per_tok", 0) if moe else 1
+    per_layer = (5 * hidden + attention_length(head_dim, context)
+                 + experts * config.intermediate_size + (hidden if moe else 0))
     return layers * per_layer + 2 * hidden
+
+
+def argmax_margin(logits: torch.Tensor, k: int, dtype: torch.dtype = torch.float32,
+                  top: int = 1) -> float:
+    """How decisively 1-D ``logits`` (a reference's) pick their ``top`` largest (the argmax
+    by default) against any other path within :func:`tolerance` of them (scale
+    ``max|logits|``): the gap between the ``top``-th and the next largest over
+    ``2 (atol + rtol max|logits|)``. Above 1, every such path picks the same, so a
+    token-exact comparison rests on the bound, not on how a kernel happens to round."""
+    logits = logits.detach().double().flatten()
+    ranked = logits.topk(top + 1).values
+    scale = float(logits.abs().max())
+    bound = 2 * 2 * rtol(dtype, k) * scale        # atol + rtol |x| <= 2 rtol max|x|
+    return float(ranked[top - 1] - ranked[top]) / bound if bound else float("inf")
+
+
+def assert_decisive(logits: torch.Tensor, k: int, msg: str = "", top: int = 1) -> None:
+    """Assert :func:`argmax_margin` > 1: no near-tie that another kernel's rounding could flip."""
+    margin = argmax_margin(logits, k, top=top)
+    assert margin > 1, (f"{msg + ': ' if msg else ''}near-tie: logits {top} and {top + 1} are "
+                        f"within {margin:.2f} x twice the fp32 bound for k={k}; an exact "
+                        f"comparison here would rest on a kernel's rounding (pick another "
+                        f"prompt or seed)")
