@@ -22,6 +22,7 @@ from engine.loader import (ModelSource, load_model, load_reference_model, load_t
                            resolve_model)
 from engine.model import LlamaForCausalLM
 from engine.offline import greedy_generate
+from tests.conftest import hf_generate
 from tests.models import make_tiny_llama
 from tests.tolerances import assert_close, assert_decisive, model_reduction_length
 
@@ -44,17 +45,13 @@ def reference_last_logits(ref, prompt):
 
 
 def reference_greedy(ref, prompt, n):
-    """``transformers``' greedy tokens, each step's choice checked to be decisive (see the
-    module doc): a token-exact comparison with them holds on any CPU."""
-    with torch.inference_mode():
-        ids = torch.tensor([prompt])
-        out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                           do_sample=False, pad_token_id=ref.generation_config.eos_token_id,
-                           output_logits=True, return_dict_in_generate=True)
-    for i, step in enumerate(out.logits):
-        assert_decisive(step[0], model_reduction_length(ref.config, len(prompt) + i),
+    """``transformers``' greedy tokens, each step's choice checked decisive (see the module
+    doc): a token-exact comparison with them holds on any CPU."""
+    tokens, steps = hf_generate(ref, prompt, n, logits=True)
+    for i, logits in enumerate(steps):
+        assert_decisive(logits, model_reduction_length(ref.config, len(prompt) + i),
                         f"transformers' step {i} after a {len(prompt)}-token prompt")
-    return out.sequences[0, len(prompt):].tolist()
+    return tokens
 
 
 def assert_logits_close(ours, want, config, context):
