@@ -121,6 +121,10 @@ class RouterConfig:
     request_timeout_s: float = 0.0
     transfer_timeout_s: float = 30.0   # a KV push must finish within this once prefill is done
     admission_wait_s: float = 10.0     # wait this long for KV room before RESOURCE_EXHAUSTED
+    pool_wait_s: float = 60.0          # wait this long for a worker while a pool has none routable
+                                       # (a restart takes 10-20 s) before UNAVAILABLE
+    worker_grace_s: float = 30.0       # a worker absent from the registry this long (nothing in
+                                       # flight) is gone: its channel is closed
     max_queued: int = 256              # requests waiting for KV room before RESOURCE_EXHAUSTED
     discovery_s: float = 0.5           # how often the worker registry is re-read
     max_attempts: int = 3              # prefill / decode attempts per request
@@ -134,7 +138,7 @@ class RouterConfig:
         _check_prefix(self.key_prefix)
         if not self.redis_url:
             raise ValueError("the router needs a Redis URL (e.g. redis://127.0.0.1:6379/0)")
-        for name in ("transfer_timeout_s", "discovery_s"):
+        for name in ("transfer_timeout_s", "discovery_s", "pool_wait_s", "worker_grace_s"):
             if not 0 < getattr(self, name) < float("inf"):  # NaN fails every comparison
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         if not 0 <= self.request_timeout_s < float("inf"):

@@ -21,6 +21,14 @@ class Exhausted(CleaveError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class NoKVRoom(Exhausted):
+    """A decode instance has too few free KV blocks for a reservation now."""
+
+
+class CallerLimit(Exhausted):
+    """A caller already holds as many unstarted reservations as it may (per-caller bound)."""
+
+
 class Unavailable(CleaveError):
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -51,6 +59,9 @@ class RequestFault(CleaveError):
 
 
 FAULT_KEY = "cleave-fault"
+# on every status a Cleave servicer sends, valued with the error's class name: a call that
+# fails without it never reached a live worker process (``router.workers.unreachable``)
+ANSWERED_KEY = "cleave-answered"
 
 _BY_CODE = {cls.code: cls for cls in (InvalidRequest, Exhausted, Unavailable, DeadlineExceeded,
                                       Cancelled, NotFound, FailedPrecondition)}
@@ -70,6 +81,15 @@ def is_request_fault(exc: grpc.aio.AioRpcError) -> bool:
     return any(k == FAULT_KEY and v == "request" for k, v in metadata)
 
 
+def answered_as(exc: grpc.aio.AioRpcError) -> str | None:
+    """The class name of the error a Cleave servicer answered with (None: no servicer answered)."""
+    try:
+        metadata = exc.trailing_metadata() or ()
+    except Exception:
+        return None
+    return next((v for k, v in metadata if k == ANSWERED_KEY), None)
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client sees for ``exc``."""
     if isinstance(exc, CleaveError):
@@ -82,9 +102,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """Abort the RPC behind ``context`` with the status for ``exc`` (raises, as grpc does)."""
     code, message = status_of(exc)
-    if isinstance(exc, RequestFault):
-        await context.abort(code, message, trailing_metadata=((FAULT_KEY, "request"),))
-    await context.abort(code, message)
+    marks = ((ANSWERED_KEY, type(exc).__name__),) + (((FAULT_KEY, "request"),) if isinstance(exc, RequestFault) else ())
+    await context.abort(code, message, trailing_metadata=marks)
 
 
 # the same classes as HTTP statuses and OpenAI error types (router.openai_api); 499 is the

@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError
 log = logging.getLogger(__name__)
 
 AUTH_KEY = "authorization"
+CALLER_KEY = "cleave-caller"  # a router's identity on internal calls (per-caller reservation bounds)
 
 
 class Undecodable:
@@ -98,33 +99,41 @@ def add_service(server: grpc.aio.Server, servicer, service: ServiceDescriptor, t
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
-def _with_token(details: grpc.aio.ClientCallDetails, pair: tuple[str, str]) -> grpc.aio.ClientCallDetails:
-    metadata = grpc.aio.Metadata(*(details.metadata or ()), pair)
+def _with_metadata(details: grpc.aio.ClientCallDetails, pairs: tuple) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), *pairs)
     return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata,
                                       details.credentials, details.wait_for_ready)
 
 
 # one class per call kind: grpc.aio files an interceptor under the first kind it matches
-class _UnaryToken(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, token: str) -> None:
-        self._pair = (AUTH_KEY, f"Bearer {token}")
+class _UnaryMetadata(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, pairs: tuple) -> None:
+        self._pairs = pairs
 
     async def intercept_unary_unary(self, continuation, details, request):
-        return await continuation(_with_token(details, self._pair), request)
+        return await continuation(_with_metadata(details, self._pairs), request)
 
 
-class _StreamToken(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, token: str) -> None:
-        self._pair = (AUTH_KEY, f"Bearer {token}")
+class _StreamMetadata(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, pairs: tuple) -> None:
+        self._pairs = pairs
 
     async def intercept_unary_stream(self, continuation, details, request):
-        return await continuation(_with_token(details, self._pair), request)
+        return await continuation(_with_metadata(details, self._pairs), request)
 
 
-def internal_channel(address: str, token: str | None, options=()) -> grpc.aio.Channel:
-    """An asyncio channel to a worker API that sends ``token`` with every call (none: no token)."""
-    interceptors = [_UnaryToken(token), _StreamToken(token)] if token else None
+def internal_channel(address: str, token: str | None, options=(), caller: str = "") -> grpc.aio.Channel:
+    """An asyncio channel to a worker API that sends ``token`` (none: no token) and the
+    ``caller`` identity (``CALLER_KEY``; workers count reservations per caller) with every call."""
+    pairs = token_metadata(token) + (((CALLER_KEY, caller),) if caller else ())
+    interceptors = [_UnaryMetadata(pairs), _StreamMetadata(pairs)] if pairs else None
     return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
+
+
+def caller_of(context) -> str:
+    """Who made a call: the identity it presents (``CALLER_KEY``), else ``host:<peer host>``."""
+    given = dict(context.invocation_metadata() or ()).get(CALLER_KEY, "")
+    return given[:128] if given else f"host:{context.peer().rpartition(':')[0]}"
 
 
 class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):

@@ -57,11 +57,13 @@ class RouterCore:
         self.model = model
         self.codec = codec
         self.client = client
-        self.directory = WorkerDirectory(client, cfg.key_prefix, cfg.discovery_s, cfg.internal_token)
+        self.router_id = f"router-{uuid.uuid4().hex[:12]}"  # presented to workers (per-caller bounds)
+        self.directory = WorkerDirectory(client, cfg.key_prefix, cfg.discovery_s, cfg.internal_token,
+                                         caller=self.router_id, grace_s=cfg.worker_grace_s)
         self.policy = make_policy("least-load")
         self.store = RequestStore(client, cfg.key_prefix, cfg.request_ttl_s,
                                   live_ttl_s=int(cfg.request_timeout_s) + cfg.request_ttl_s)  # see RouterConfig
-        self.metrics = MetricsWriter(client, cfg.key_prefix, uuid.uuid4().hex[:12])
+        self.metrics = MetricsWriter(client, cfg.key_prefix, self.router_id.removeprefix("router-"))
         self.queued = 0                   # requests waiting for decode room
         self.active: set[str] = set()     # request ids in flight on this router
         self.prom = RouterMetrics(model_id, running=lambda: max(0, len(self.active) - self.queued),
@@ -209,11 +211,11 @@ class RouterCore:
         m = self.model
         pools = []
         for name in ("prefill", "decode"):
-            workers = self.directory.pool(name)
+            workers = self.directory.registered(name)
             layout = workers[0].record.layout if workers else {"tp": 1, "pp": 1, "cp": 1, "ep": 1}
             pools.append(inference_pb2.PoolInfo(pool=name, instances=len(workers),
                                                 layout=inference_pb2.Layout(**{k: int(v) for k, v in layout.items()})))
-        block_size = next((w.record.capacity.get("block_size", 0) for w in self.directory.pool("decode")), 0)
+        block_size = next((w.record.capacity.get("block_size", 0) for w in self.directory.registered("decode")), 0)
         return inference_pb2.ModelInfo(
             model_id=self.model_id, architecture=m.architecture, vocab_size=m.vocab_size,
             max_context_length=m.max_position, eos_token_ids=list(m.eos_token_ids),

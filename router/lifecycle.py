@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from cleave.v1 import inference_pb2, worker_pb2
-from common.errors import Exhausted, InvalidRequest, Unavailable, is_request_fault
-from router.workers import WorkerHandle
+from common.errors import Exhausted, InvalidRequest, NoKVRoom, Unavailable, answered_as, is_request_fault
+from router.workers import WorkerHandle, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class RequestRun:
         self.generated: list[int] = []    # tokens already handed to the client
         self.attempts = 0
         self.t_admitted: float | None = None  # unix time the first decode reservation succeeded
-        self._excluded: set[str] = set()  # workers that failed this request
+        self._excluded: set[tuple[str, str]] = set()  # worker incarnations that failed this request
         self._prompt_scored = False       # the client has the prompt logprobs (or did not ask)
 
     def _sampling(self) -> inference_pb2.SamplingParams:
@@ -106,7 +106,7 @@ class RequestRun:
         req, core = self.req, self.core
         prompt = req.prompt_ids + self.generated
         remaining = req.sampling.max_tokens - len(self.generated)
-        prefill = self._pick_prefill(len(prompt))
+        prefill = await self._pick_prefill(len(prompt))
         if remaining == 0:  # max_tokens 0: score the prompt, generate nothing
             async for delta in self._prefill_only(prefill, prompt):
                 yield delta
@@ -196,16 +196,47 @@ class RequestRun:
         return LENGTH if remaining <= 1 else None
 
     async def _rpc(self, worker: WorkerHandle, call):
-        """Iterate a worker stream, turning worker failures into RetryableFailure."""
+        """Iterate a worker stream, turning worker failures into RetryableFailure. A call that
+        grpc cancels under us (its channel closed) is the worker's failure, not the client's:
+        only a cancel of this task itself is the client leaving."""
+        worker.calls += 1
         try:
             async for msg in call:
                 yield msg
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise
+            self._excluded.add(worker.ident)
+            raise RetryableFailure(f"{worker.key}: the call was cancelled under the request "
+                                   f"(its channel closed)") from None
         except grpc.aio.AioRpcError as exc:
+            if unreachable(exc):
+                self.core.directory.failed_to_reach(worker, f"request {self.req.request_id}")
             # a failure the worker marks as the request's own would repeat on any worker
             if exc.code() in _RETRYABLE and not is_request_fault(exc) and time.time() < self.req.deadline:
-                self._excluded.add(worker.key)
+                self._excluded.add(worker.ident)
                 raise RetryableFailure(f"{worker.key}: {exc.code().name}: {exc.details()}") from None
             raise
+        finally:
+            worker.calls -= 1
+
+    async def _routable(self, pool: str) -> list[WorkerHandle]:
+        """The pool's routable workers; while there are none (a restart, a registry gap) wait
+        for one, up to ``pool_wait_s`` and the request's deadline. Raises Unavailable."""
+        core = self.core
+        give_up = min(self.req.deadline, time.time() + core.cfg.pool_wait_s)
+        while not (workers := core.directory.pool(pool)):
+            if time.time() >= give_up:
+                raise Unavailable(f"no {pool} worker is registered and reachable (waited "
+                                  f"{core.cfg.pool_wait_s:.0f} s); start one (e.g. `make run`) and retry")
+            await asyncio.sleep(0.1)
+            await self._refresh()
+        return workers
+
+    async def _refresh(self) -> None:
+        with contextlib.suppress(Exception, TimeoutError):
+            async with asyncio.timeout(0.5):  # a frozen Redis must not hold the request
+                await self.core.directory.refresh()
 
     def _time_left(self, cap: float | None = None) -> float | None:
         """Seconds to the request's deadline (None: it has none), at most ``cap``."""
@@ -213,12 +244,9 @@ class RequestRun:
         left = min(left, cap) if cap is not None else left
         return None if left == float("inf") else left
 
-    def _pick_prefill(self, num_tokens: int) -> WorkerHandle:
-        workers = self.core.directory.pool("prefill")
-        if not workers:
-            raise Unavailable("no prefill worker is registered; start one (e.g. `make run`) and retry")
-        ranked = self.core.policy.rank_prefill(workers, num_tokens)
-        fresh = [w for w in ranked if w.key not in self._excluded]
+    async def _pick_prefill(self, num_tokens: int) -> WorkerHandle:
+        ranked = self.core.policy.rank_prefill(await self._routable("prefill"), num_tokens)
+        fresh = [w for w in ranked if w.ident not in self._excluded]
         return (fresh or ranked)[0]
 
     async def _reserve(self, num_tokens: int, max_tokens: int, prefill: WorkerHandle):
@@ -226,12 +254,10 @@ class RequestRun:
         core, total = self.core, num_tokens + max_tokens
         give_up = time.time() + core.cfg.admission_wait_s
         layout = inference_pb2.Layout(**{k: int(v) for k, v in prefill.record.layout.items()})
-        queued = False
+        queued, refusal, kv_only = False, "none", True   # kv_only: every refusal was for KV room
         try:
             while True:
-                workers = core.directory.pool("decode")
-                if not workers:
-                    raise Unavailable("no decode worker is registered; start one (e.g. `make run`) and retry")
+                workers = await self._routable("decode")
                 fits = [w for w in workers if w.record.capacity.get("total_blocks", 0)
                         * w.record.capacity.get("block_size", 16) >= total]
                 if not fits:
@@ -239,7 +265,7 @@ class RequestRun:
                                     f"instance holds; lower max_tokens or add larger decode instances")
                 ranked = core.policy.rank_decode(fits, total) or sorted(
                     fits, key=lambda w: -w.record.load.get("free_blocks", 0))
-                ranked = [w for w in ranked if w.key not in self._excluded] or ranked
+                ranked = [w for w in ranked if w.ident not in self._excluded] or ranked
                 for worker in ranked:
                     # counted while the reservation is in flight, so concurrent requests rank
                     # this worker as busier and spread; given back when it is refused
@@ -247,7 +273,8 @@ class RequestRun:
                     worker.inflight_tokens += total
                     landing = None
                     try:
-                        landing = await self._try_reserve(worker, num_tokens, max_tokens, layout)
+                        landing, why, room = await self._try_reserve(worker, num_tokens, max_tokens, layout)
+                        refusal, kv_only = why or refusal, kv_only and room
                     finally:
                         if landing is None:
                             worker.inflight -= 1
@@ -261,32 +288,47 @@ class RequestRun:
                     core.queued += 1
                     queued = True
                 if time.time() >= give_up or time.time() >= self.req.deadline:
-                    raise Exhausted(f"no decode instance had KV room for {total} tokens within "
-                                    f"{core.cfg.admission_wait_s:.0f} s; retry later")
+                    what = "had KV room for" if kv_only else "took a reservation for"
+                    raise Exhausted(f"no decode instance {what} {total} tokens within "
+                                    f"{core.cfg.admission_wait_s:.0f} s; retry later (the last refusal: "
+                                    f"{refusal})")
                 await asyncio.sleep(0.05)
-                with contextlib.suppress(Exception, TimeoutError):
-                    async with asyncio.timeout(0.5):  # a frozen Redis must not hold the request
-                        await core.directory.refresh()
+                await self._refresh()
         finally:
             if queued:
                 core.queued -= 1
 
     async def _try_reserve(self, worker: WorkerHandle, num_tokens: int, max_tokens: int, layout):
+        """``(landing descriptor, None, True)``, or ``(None, why, whether it was for KV room)``
+        when the worker refused or failed. Raises InvalidRequest for a request it can never take."""
         try:
-            return await worker.stub.Reserve(worker_pb2.ReserveRequest(
+            landing = await worker.stub.Reserve(worker_pb2.ReserveRequest(
                 request_id=self.req.request_id, num_prompt_tokens=num_tokens, max_tokens=max_tokens,
                 # the reservation lives as long as the request may; the push itself is bounded by
                 # transfer_timeout_s from when it starts (a long prefill must not eat its budget)
                 deadline_unix=self.req.deadline if self.req.deadline < float("inf") else 0.0,
                 source_layout=layout), timeout=self._time_left(cap=10.0))
+            self.core.directory.answered(worker)
+            return landing, None, True
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise
+            self._excluded.add(worker.ident)  # its channel closed under the call
+            return None, f"{worker.key}: the call was cancelled (its channel closed)", False
         except grpc.aio.AioRpcError as exc:
+            why = f"{worker.key}: {exc.details() or exc.code().name}"
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                return None
+                self.core.directory.answered(worker)
+                return None, why, answered_as(exc) == NoKVRoom.__name__
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidRequest(exc.details()) from None
-            log.warning("reserve on %s failed: %s %s", worker.key, exc.code().name, exc.details())
-            self._excluded.add(worker.key)
-            return None
+            if unreachable(exc):
+                self.core.directory.failed_to_reach(worker, "reserve")
+            else:
+                self.core.directory.warn(worker.key, "reserve on %s failed: %s %s", worker.key,
+                                         exc.code().name, exc.details())
+            self._excluded.add(worker.ident)
+            return None, why, False
 
     def _abort_later(self, decode: WorkerHandle, transfer_id: str) -> None:
         """Abort the reservation in the background (idempotent on the worker)."""

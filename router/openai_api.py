@@ -212,7 +212,7 @@ def build_app(core) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        pools = {p: len(core.directory.pool(p)) for p in ("prefill", "decode")}
+        pools = {p: len(core.directory.registered(p)) for p in ("prefill", "decode")}
         ok = all(pools.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", "instances": pools},
                             status_code=200 if ok else 503)

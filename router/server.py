@@ -75,7 +75,7 @@ async def _track_health(core: RouterCore, servicer) -> None:
     serving = None
     while True:
         await core.metrics.publish(waiting_for_kv=core.queued, active=len(core.active))
-        ok = bool(core.directory.pool("prefill")) and bool(core.directory.pool("decode"))
+        ok = bool(core.directory.registered("prefill")) and bool(core.directory.registered("decode"))
         if ok != serving:
             serving = ok
             status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING

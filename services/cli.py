@@ -165,7 +165,14 @@ def _parser() -> argparse.ArgumentParser:
     router.add_argument("--request-timeout", type=float, default=0.0,
                         help="seconds: a deadline on every request (0 = none: only the client's own "
                              "deadline, its leaving or max_tokens ends a request)")
-    router.add_argument("--admission-wait", type=float, default=10.0)
+    router.add_argument("--admission-wait", type=float, default=10.0,
+                        help="seconds a request waits for KV room before RESOURCE_EXHAUSTED")
+    router.add_argument("--pool-wait", type=float, default=60.0,
+                        help="seconds a request waits for a worker while its pool has none registered "
+                             "and reachable (a restart) before UNAVAILABLE")
+    router.add_argument("--worker-grace", type=float, default=30.0,
+                        help="seconds a worker may be absent from the registry (nothing in flight) "
+                             "before its channel is closed; a shorter gap only pauses new requests to it")
     router.add_argument("--max-queued", type=int, default=256)
 
     planner = sub.add_parser("planner", help="scale the pools of a Kubernetes deployment")
@@ -271,6 +278,7 @@ def _run_router(args) -> int:
                        redis_url=args.redis_url,
                        key_prefix=args.key_prefix, transfer_timeout_s=args.transfer_timeout,
                        request_timeout_s=args.request_timeout, admission_wait_s=args.admission_wait,
+                       pool_wait_s=args.pool_wait, worker_grace_s=args.worker_grace,
                        max_queued=args.max_queued, internal_token=Environment.read().internal_token)
     asyncio.run(serve_router(cfg, views=MODEL_INFO_VIEWS))
     return 0

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import grpc
 
 from cleave.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
-from common.errors import Exhausted, InvalidRequest, NotFound, RequestFault, Unavailable, abort_with
-from common.grpc_util import add_service
+from common.errors import CallerLimit, InvalidRequest, NoKVRoom, NotFound, RequestFault, Unavailable, abort_with
+from common.grpc_util import add_service, caller_of
 from engine.kv_cache import OutOfBlocks
 from engine.sampler import SamplingConfig
 from engine.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, DecodeScheduler, Sequence
@@ -45,7 +45,7 @@ class Reservation:
     max_tokens: int
     deadline: float
     started: bool = False
-    caller: str = ""             # the peer that reserved (host part), for the per-caller bound
+    caller: str = ""             # who reserved (``common.grpc_util.caller_of``), for the per-caller bound
 
 
 class DecodeService(worker_pb2_grpc.DecodeServicer):
@@ -122,7 +122,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
     # ---- RPCs --------------------------------------------------------------------------
     async def Reserve(self, request: worker_pb2.ReserveRequest, context) -> worker_pb2.LandingDescriptor:
         try:
-            return self._reserve(request, context.peer().rpartition(":")[0])
+            return self._reserve(request, caller_of(context))
         except Exception as exc:
             await abort_with(context, exc)
 
@@ -131,10 +131,11 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         cfg = self.host.cfg
         with self._lock:
             pending = sum(1 for r in self._reservations.values() if not r.started and r.caller == caller)
-        if pending >= cfg.max_reservations_per_caller:
-            raise Exhausted(f"decode worker {self.host.worker_id}: {caller or 'this caller'} already holds "
-                            f"{pending} reservations that have not started decoding (the limit is "
-                            f"{cfg.max_reservations_per_caller}); retry later")
+        limit = self.caller_limit(caller)
+        if pending >= limit:
+            raise CallerLimit(f"decode worker {self.host.worker_id}: caller {caller or '?'} already holds "
+                            f"{pending} reservations that have not started decoding (the per-caller limit "
+                            f"is {limit}); retry later")
         model = self.host.model_config
         total = request.num_prompt_tokens + request.max_tokens
         if request.num_prompt_tokens < 1 or request.max_tokens < 1:
@@ -147,9 +148,10 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         try:
             blocks = self.host.allocator.allocate(transfer_id, total)
         except OutOfBlocks as exc:
-            raise Exhausted(f"decode worker {self.host.worker_id}: {exc}") from None
-        # a reservation lives to the request's deadline, never past max_reservation_s from now
-        deadline = min(request.deadline_unix or time.time() + 30.0, time.time() + cfg.max_reservation_s)
+            raise NoKVRoom(f"decode worker {self.host.worker_id}: {exc}") from None
+        # a reservation lives to the request's deadline (0: none), never past max_reservation_s from now
+        most = time.time() + cfg.max_reservation_s
+        deadline = min(request.deadline_unix, most) if request.deadline_unix else most
         source = request.source_layout if request.HasField("source_layout") else inference_pb2.Layout(tp=1, pp=1, cp=1, ep=1)
         with self._lock:
             self._reservations[transfer_id] = Reservation(request.request_id, blocks,
@@ -236,6 +238,13 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         finally:
             if seq.finished is None:
                 self.scheduler.abort(transfer_id)
+
+    def caller_limit(self, caller: str) -> int:
+        """Reservations not yet decoding that one caller may hold: ``max_reservations_per_caller``;
+        a caller presenting its identity (a router) at least one per KV block, so its budget
+        scales with the instance. Callers are counted apart (``common.grpc_util.caller_of``)."""
+        limit = self.host.cfg.max_reservations_per_caller
+        return limit if caller.startswith("host:") else max(limit, self.host.allocator.total)
 
     def _check_decode(self, request: worker_pb2.DecodeRequest) -> SamplingConfig:
         """The request's own inputs, checked before it joins a batch (a bad one would fail the step)."""

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cleave.v1 import inference_pb2, inference_pb2_grpc
 from common.environment import Environment
 from common.registry import split_password
 from engine.parallel import free_port
@@ -102,6 +103,7 @@ class LocalStack:
         self.router_port = cfg.port
         self.http_port = cfg.http_port
         self.metrics_ports: dict[str, int] = {}  # worker name -> its Prometheus /metrics port
+        self.ready: dict[str, int] = {}          # pool -> instances registered when start() returned
         self._lock = threading.Lock()        # the planner's thread adds and retires workers
         self._retiring: set[str] = set()     # names of workers asked to drain and exit
         self._count = {"prefill": 0, "decode": 0}
@@ -240,9 +242,14 @@ class LocalStack:
         raise RuntimeError(f"redis-server did not start on port {port}")
 
     def _wait_ready(self, address: str) -> None:
+        """Wait until the router serves (a worker of each pool registered), then until every
+        requested instance registered or the ready timeout passes; ``self.ready`` holds the
+        registered count of each pool as last seen."""
         deadline = time.time() + self.cfg.ready_timeout_s
+        want = {"prefill": self.cfg.prefill_instances, "decode": self.cfg.decode_instances}
+        serving = False
         with grpc.insecure_channel(address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
+            health, info = health_pb2_grpc.HealthStub(channel), inference_pb2_grpc.InferenceStub(channel)
             while time.time() < deadline:
                 dead = self.dead()
                 if dead:
@@ -250,13 +257,25 @@ class LocalStack:
                 try:
                     # the Inference service answers only from the router (not from a worker
                     # that happened to bind the port first)
-                    resp = stub.Check(health_pb2.HealthCheckRequest(service="cleave.v1.Inference"), timeout=1)
-                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
+                    if not serving:
+                        resp = health.Check(health_pb2.HealthCheckRequest(service="cleave.v1.Inference"), timeout=1)
+                        serving = resp.status == health_pb2.HealthCheckResponse.SERVING
+                    if serving:
+                        pools = info.GetModelInfo(inference_pb2.GetModelInfoRequest(), timeout=2).pools
+                        self.ready = {p.pool: p.instances for p in pools if p.pool in want}
+                        if all(self.ready.get(p, 0) >= n for p, n in want.items()):
+                            return
                 except grpc.RpcError:
                     pass
                 time.sleep(0.25)
-        raise RuntimeError(f"the stack was not ready within {self.cfg.ready_timeout_s:.0f} s")
+        if not serving:
+            raise RuntimeError(f"the stack was not ready within {self.cfg.ready_timeout_s:.0f} s")
+
+    def ready_summary(self) -> str:
+        """``prefill x1, decode x2`` once every instance registered, else ``decode 1 of 2 ready``."""
+        want = {"prefill": self.cfg.prefill_instances, "decode": self.cfg.decode_instances}
+        return ", ".join(f"{p} x{n}" if self.ready.get(p, 0) >= n else f"{p} {self.ready.get(p, 0)} of {n} ready"
+                         for p, n in want.items())
 
     def dead(self) -> str | None:
         """Name and exit code of the first child that exited unasked, if any."""

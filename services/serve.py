@@ -45,7 +45,7 @@ def run_stack(cfg: StackConfig) -> int:
         started = True
         print(f"Cleave ready: router listening on {address} (gRPC) and http://{cfg.host}:{stack.http_port}/v1 "
               f"(OpenAI API; /metrics) (model {cfg.model or 'SmolLM2-135M-Instruct'}, "
-              f"redis {mask_url(stack.redis_url)}, prefill x{cfg.prefill_instances}, decode x{cfg.decode_instances}); "
+              f"redis {mask_url(stack.redis_url)}, {stack.ready_summary()}); "
               f"Ctrl-C stops", flush=True)
         workers = ", ".join(f"{name} :{port}" for name, port in sorted(stack.metrics_ports.items()))
         print(f"Cleave metrics: http://{cfg.host}:{stack.http_port}/metrics (router); workers' /metrics on "

@@ -96,12 +96,15 @@ class ScriptedExecutor(FakeExecutor):
         self.transport = ScriptedTransport(make_transport(cfg.transport, host=cfg.host))
         super().__init__(cfg, on_failure, model_config=model_config, transport=self.transport)
         self.poison: int | None = None
+        self.stall = 0.0                     # seconds every forward sleeps first (a slow worker)
         self._fail_at: tuple[int, Exception, threading.Event | None] | None = None
 
     def fail_after(self, n: int, exc: Exception, gate: threading.Event | None = None) -> None:
         self._fail_at = (self.forwards + n, exc, gate)
 
     def forward(self, batch):
+        if self.stall:
+            time.sleep(self.stall)
         if self._fail_at is not None and self.forwards >= self._fail_at[0]:
             _, exc, gate = self._fail_at
             if gate is not None and not gate.wait(10.0):
@@ -135,14 +138,15 @@ class FakeStack:
 
     def __init__(self, redis_url: str, prefill: int = 2, decode: int = 2, *, vocab: int = 512,
                  block_size: int = 4, prefill_blocks: int = 64, decode_blocks: int = 64,
-                 checksum: bool = True, heartbeat_s: float = 0.2, **router) -> None:
+                 checksum: bool = True, heartbeat_s: float = 0.2, worker: dict | None = None, **router) -> None:
         if prefill < 1 or decode < 1:
             raise ValueError(f"a stack needs >= 1 prefill and >= 1 decode worker, got {prefill} and {decode}")
         self.redis_url = redis_url
         self.model = tiny_config(vocab=vocab)
         self.router_cfg = RouterConfig(redis_url=redis_url, **{**ROUTER_DEFAULTS, **router})
         common = dict(redis_url=redis_url, key_prefix=self.router_cfg.key_prefix, block_size=block_size,
-                      transport="tcp", checksum=checksum, heartbeat_s=heartbeat_s, ttl_s=max(5.0, 4 * heartbeat_s))
+                      transport="tcp", checksum=checksum, heartbeat_s=heartbeat_s, ttl_s=max(5.0, 4 * heartbeat_s),
+                      **(worker or {}))
         self.worker_cfgs = [WorkerConfig(pool="prefill", worker_id=f"prefill-{i}", num_blocks=prefill_blocks, **common)
                             for i in range(prefill)]
         self.worker_cfgs += [WorkerConfig(pool="decode", worker_id=f"decode-{i}", num_blocks=decode_blocks, **common)
@@ -154,16 +158,44 @@ class FakeStack:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> "FakeStack":
-        make = functools.partial(ScriptedExecutor, model_config=self.model)
-        services = {"prefill": (prefill.PrefillService, prefill.add_to_server, self.prefills),
-                    "decode": (decode.DecodeService, decode.add_to_server, self.decodes)}
         for cfg in self.worker_cfgs:
-            servicer, add, into = services[cfg.pool]
-            into.append(await start_worker(WorkerHost(cfg, make=make), servicer, add))
+            (self.prefills if cfg.pool == "prefill" else self.decodes).append(await self._start_worker(cfg))
         self.core = RouterCore(self.router_cfg, "fake-model", self.model, await asyncio.to_thread(self._codec),
                                connect_redis(self.redis_url))
         await self.core.start()
         return self
+
+    async def _start_worker(self, cfg: WorkerConfig) -> RunningWorker:
+        servicer, add = {"prefill": (prefill.PrefillService, prefill.add_to_server),
+                         "decode": (decode.DecodeService, decode.add_to_server)}[cfg.pool]
+        make = functools.partial(ScriptedExecutor, model_config=self.model)
+        return await start_worker(WorkerHost(cfg, make=make), servicer, add)
+
+    # ---- chaos -------------------------------------------------------------------------------
+    async def vanish(self, pool: str, index: int, seconds: float) -> None:
+        """Delete a worker's registry record and hold its heartbeat for ``seconds`` (a registry
+        blip: a Redis restart, a missed TTL); the worker itself keeps serving."""
+        worker = (self.prefills if pool == "prefill" else self.decodes)[index]
+        worker._beat_task.cancel()
+        await worker.heartbeat.deregister()
+        await asyncio.sleep(seconds)
+        worker._beat_task = asyncio.create_task(worker.heartbeat.run())
+
+    async def kill(self, pool: str, index: int) -> None:
+        """Stop a worker as kill -9 would: no drain and no deregistration (its record lives out
+        its TTL), calls in flight cut."""
+        worker = (self.prefills if pool == "prefill" else self.decodes)[index]
+        worker._beat_task.cancel()
+        worker._beat_task = None
+        await worker._client.aclose()
+        await worker.server.stop(grace=None)
+        await worker.servicer.stop()
+        worker.host.executor.close()
+
+    async def restart(self, pool: str, index: int) -> None:
+        """Start a killed worker again: a new incarnation of the same worker id."""
+        into = self.prefills if pool == "prefill" else self.decodes
+        into[index] = await self._start_worker(into[index].host.cfg)
 
     def _codec(self) -> TextCodec:
         from transformers import AutoTokenizer

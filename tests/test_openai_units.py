@@ -37,6 +37,8 @@ class _Directory:
     def pool(self, name):
         return [object()] * self.n
 
+    registered = pool
+
 
 class FakeCore:
     """Yields ``script`` (text pieces) as deltas, or raises ``error`` before the first."""

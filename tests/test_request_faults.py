@@ -208,12 +208,15 @@ def test_reservations_are_bounded_per_caller_and_in_lifetime():
         return service._reserve(worker_pb2.ReserveRequest(request_id="r", num_prompt_tokens=4, max_tokens=4,
                                                           deadline_unix=far), caller)
 
-    first = reserve("ipv4:10.0.0.1")
+    first = reserve("host:ipv4:10.0.0.1")
     assert first.deadline_unix <= time.time() + 60           # capped, not the far deadline asked for
-    reserve("ipv4:10.0.0.1")
-    with pytest.raises(Exhausted, match="already holds 2 reservations"):
-        reserve("ipv4:10.0.0.1")
-    reserve("ipv4:10.0.0.2")                                  # another caller is not affected
+    reserve("host:ipv4:10.0.0.1")
+    with pytest.raises(Exhausted, match="already holds 2 reservations .* per-caller limit is 2"):
+        reserve("host:ipv4:10.0.0.1")
+    reserve("host:ipv4:10.0.0.2")                             # another caller is not affected
+    for _ in range(5):                                        # nor a router on the same host: its own
+        reserve("router-a")                                   # budget scales with the KV (99 blocks)
+    assert service.caller_limit("router-a") == host.allocator.total
     service._release(first.transfer_id)
-    reserve("ipv4:10.0.0.1")                                  # room again once one is gone
+    reserve("host:ipv4:10.0.0.1")                             # room again once one is gone
     host.executor.close()
