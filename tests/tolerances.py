@@ -123,6 +123,15 @@ def model_reduction_length(config, context: int) -> int:
     return layers * per_layer + 2 * hidden
 
 
+def model_matmuls(config) -> int:
+    """The weight matmuls on the path from the embedding to one logit: q/k/v, o, gate/up and
+    down per layer, then the head. Where each rounds its result to bf16 (``--weights-dtype``
+    bf16/int8/int4 kernels), ``k`` for two such paths is the count of those roundings (the
+    sums themselves run in fp32), with ``accumulate=torch.bfloat16``."""
+    layers = getattr(config, "num_layers", None) or config.num_hidden_layers
+    return 4 * layers + 1
+
+
 def argmax_margin(logits: torch.Tensor, k: int, dtype: torch.dtype = torch.float32,
                   top: int = 1) -> float:
     """How decisively 1-D ``logits`` (a reference's) pick their ``top`` largest (the argmax
