@@ -81,7 +81,7 @@ def _predict(spec, hw, phase, lay, plen) -> float:
 
 
 def main() -> None:
-    from engine.config import ParallelConfig
+    from common.layout import ParallelConfig
     from engine.loader import resolve_model
     from services.capacity.calibrate import calibrate, calibration_table, collective_fit_table
     from services.capacity.cost import Layout

@@ -47,7 +47,7 @@ def _rank(groups, path: str, seqs: int, steps: int, redundant: int) -> dict:
     import torch.distributed as dist
 
     from engine.batch import ForwardBatch
-    from engine.config import CacheConfig
+    from common.model import CacheConfig
     from engine.eplb import balance, default_placement
     from engine.loader import load_model
 
@@ -123,7 +123,7 @@ def _time_moe(model, dist) -> dict:
 
 
 def run(args) -> None:
-    from engine.config import ParallelConfig
+    from common.layout import ParallelConfig
     from engine.runtime.spawn import spawn_ranks
     from tests.moe_models import make_tiny_mixtral
 

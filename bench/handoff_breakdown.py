@@ -55,7 +55,7 @@ def decode_side(conn, transport: str, pp: int, num_blocks: int, pool_bytes: int,
     import torch
 
     from cleave.v1.inference_pb2 import Layout
-    from engine.layout import layer_range
+    from common.layout import layer_range
     from kvtransfer.handoff import KVReceiver
     from kvtransfer.transport import make_transport
     model = _model()

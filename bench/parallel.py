@@ -98,7 +98,7 @@ def _prefill_rank(groups, path, prompt, repeats):
     import torch.distributed as dist
 
     from engine.batch import ForwardBatch
-    from engine.config import CacheConfig
+    from common.model import CacheConfig
     from engine.loader import load_model
 
     _install_comm_timers()
@@ -154,7 +154,7 @@ def _pairs(spec: str) -> list[tuple[int, int]]:
 
 
 def main() -> None:
-    from engine.config import ParallelConfig
+    from common.layout import ParallelConfig
     from engine.loader import resolve_model
     from engine.runtime.spawn import spawn_ranks
     from tests.models import make_tiny_llama

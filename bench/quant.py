@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common.model import WEIGHTS_DTYPES, CacheConfig  # noqa: E402
 from engine.batch import ForwardBatch  # noqa: E402
-from engine.config import WEIGHTS_DTYPES, CacheConfig  # noqa: E402
 from engine.loader import load_model, load_tokenizer, resolve_model  # noqa: E402
 
 TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "pride_and_prejudice_ch1.txt")

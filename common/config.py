@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import WEIGHTS_DTYPES, ParallelConfig
+from common.layout import ParallelConfig
+from common.model import WEIGHTS_DTYPES
 
 POOLS = ("prefill", "decode")
 TRANSPORTS = ("ucx", "tcp", "fake")

@@ -106,12 +106,12 @@ class ForwardBatch:
                    block_size: int) -> "ForwardBatch":
         """Context-parallel prefill: CP rank ``cp_rank``'s tokens of one prompt (possibly none).
 
-        Tokens are those of ``engine.layout.cp_token_ranges`` (balanced zigzag chunks) with
+        Tokens are those of ``common.layout.cp_token_ranges`` (balanced zigzag chunks) with
         their global positions; slots come from the prompt's one ``block_table`` so each rank
         writes its tokens where a single-rank prefill would; the logits row is the prompt's
         last token when this rank holds it, else there is none.
         """
-        from engine.layout import cp_token_ranges
+        from common.layout import cp_token_ranges
         pos = [p for a, b in cp_token_ranges(cp_rank, cp, len(prompt)) for p in range(a, b)]
         last = [pos.index(len(prompt) - 1)] if len(prompt) - 1 in pos else []
         return ForwardBatch(

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
-from engine.config import ModelConfig
+from common.model import ModelConfig
 from engine.gguf_blocks import BLOCK_TYPES, decode
 
 if TYPE_CHECKING:

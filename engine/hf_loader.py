@@ -15,7 +15,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from engine.config import ModelConfig
+from common.model import ModelConfig
 
 if TYPE_CHECKING:
     import torch

@@ -12,7 +12,7 @@ import threading
 
 import torch
 
-from engine.config import CacheConfig, ModelConfig
+from common.model import CacheConfig, ModelConfig
 
 
 class OutOfBlocks(RuntimeError):

@@ -10,7 +10,7 @@ every layer holds the whole matrix and runs exactly the single-rank maths.
   split along its output columns; each logical shard (q | k | v, or gate | up) is split
   separately, so rank ``r`` holds rows ``[off_i, off_i + n_i)`` of checkpoint tensor ``i``
   (``off_i`` given by the model: query heads ``[r*H/tp, (r+1)*H/tp)``, kv heads per
-  ``engine.layout.kv_head_range``, FFN columns ``[r*I/tp, (r+1)*I/tp)``). No communication:
+  ``common.layout.kv_head_range``, FFN columns ``[r*I/tp, (r+1)*I/tp)``). No communication:
   the rank's output ``Y_r = X A_r`` is exactly its heads / FFN columns.
 - :class:`RowLinear` is RowParallel: ``Y = X A`` with ``A`` split along its input rows
   (``A^T`` columns ``[off, off + n)`` in checkpoint layout ``[out, in]``); each rank

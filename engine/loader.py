@@ -16,8 +16,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from common.model import ModelConfig
 from engine import gguf_loader, hf_loader
-from engine.config import ModelConfig
 from engine.source import DEFAULT_MODEL_ID, ModelSource, load_model_config, load_tokenizer, resolve_model  # noqa: F401
 from engine.source import as_source as _as_source, hf_args as _hf_args
 

@@ -15,13 +15,13 @@ sequence's paged context. All maths goes through ``kernels``; this file holds on
 Parallel layout of one rank (``groups=None``: one rank, the whole model):
 
 - TP (Megatron pairing, see ``engine.layers``): rank ``r`` of ``tp`` keeps query heads
-  ``[r*H/tp, (r+1)*H/tp)`` and the kv heads ``engine.layout.kv_head_range(r, tp, KVH)``
+  ``[r*H/tp, (r+1)*H/tp)`` and the kv heads ``common.layout.kv_head_range(r, tp, KVH)``
   (a contiguous split when tp <= KVH, one replicated head when tp > KVH), and FFN columns
   ``[r*I/tp, (r+1)*I/tp)``; o_proj and down_proj end in one all-reduce each. Its query head
   ``j`` (global ``r*H/tp + j``) reads kv head ``(r*H/tp + j) // (H/KVH)``, which is local kv head
   ``j // (H/KVH)`` (tp <= KVH) or the single local head (tp > KVH), so the local GQA rule holds.
   Embedding, norms and LM head are replicated. The rank's KV cache holds only its kv heads.
-- PP: stage ``s`` builds and loads only layers ``engine.layout.layer_range(s, pp, L)``; the
+- PP: stage ``s`` builds and loads only layers ``common.layout.layer_range(s, pp, L)``; the
   first stage embeds, the last applies the final norm and LM head, and the stages in between
   take and return ``(hidden, residual)`` (moved between stages by ``engine.pipeline``). The KV
   cache of a stage holds only its layers (index ``i - start``).
@@ -34,10 +34,10 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from common.layout import kv_head_range, layer_range
+from common.model import CacheConfig, ModelConfig
 from engine.batch import ForwardBatch, ForwardCancelled
-from engine.config import CacheConfig, ModelConfig
 from engine.layers import Embedding, MergedColumnLinear, RMSNorm, RowLinear, load_param
-from engine.layout import kv_head_range, layer_range
 from engine.parallel import ParallelGroups
 from kernels import (build_rope_cache, paged_decode_attention, prefill_attention, rms_norm,
                      rotary_embedding, silu_and_mul, store_kv)

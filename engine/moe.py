@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ModelConfig
+from common.model import ModelConfig
 from engine.eplb import Placement, default_placement
 from engine.layers import load_param
 from engine.model import LlamaForCausalLM

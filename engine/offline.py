@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from common.layout import ParallelConfig
+from common.model import CacheConfig, ModelConfig
 from engine.batch import ForwardBatch, offline_block_tables
-from engine.config import CacheConfig, ModelConfig, ParallelConfig
 from engine.parallel import ParallelGroups
 from engine.runtime.cuda_graphs import DecodeGraphs
 from engine.runtime.rank import stage_step

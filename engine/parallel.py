@@ -9,7 +9,7 @@ ranks per stage::
 
 So TP ranks of a stage are adjacent, a prefill instance (pp = ep = 1) has
 ``rank = cp_rank * tp + tp_rank`` and a dense decode instance (cp = ep = 1)
-``rank = pp_rank * tp + tp_rank`` (as ``engine.layout`` and the KV handoff assume).
+``rank = pp_rank * tp + tp_rank`` (as ``common.layout`` and the KV handoff assume).
 
 The process groups are made by the rank runtime (``engine.runtime``: rendezvous, spawning,
 executors) once every rank joined ``torch.distributed``; this module only names them.
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.config import ParallelConfig
+from common.layout import ParallelConfig
 
 
 @dataclass(frozen=True)

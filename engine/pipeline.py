@@ -35,8 +35,8 @@ import time
 
 import torch
 
+from common.model import CacheConfig
 from engine.batch import ForwardBatch, offline_block_tables
-from engine.config import CacheConfig
 from engine.parallel import AsyncSender, ParallelGroups
 from engine.runtime.rank import stage_step
 

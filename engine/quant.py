@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import WEIGHTS_DTYPES
+from common.model import WEIGHTS_DTYPES
 
 INT4_GROUP = 32
 KERNEL_DTYPE = torch.bfloat16          # activations and scales of the int8 / int4 kernels

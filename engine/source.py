@@ -24,8 +24,8 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
+from common.model import ModelConfig
 from engine import gguf_loader, hf_loader
-from engine.config import ModelConfig
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 _DEFAULT_ALIASES = ("", "smollm2", DEFAULT_MODEL_ID.lower())

@@ -5,7 +5,7 @@ Called by the KV handoff layer (DESIGN §5): the prefill rank packs one piece wi
 :func:`kv_piece_shape` / :func:`kv_piece_nbytes` and scatters it with :func:`kv_unpack`.
 A later issue adds Triton twins with the same signatures.
 
-Cache layout (``engine.config.CacheConfig``)::
+Cache layout (``common.model.CacheConfig``)::
 
     kv[layer, 0 (K) | 1 (V), block, slot_in_block, kv_head, head_dim]
 

@@ -3,7 +3,7 @@
 Caller: ``engine.model`` (the prefill path, when ``groups.cp.size > 1``) calls
 :func:`ring_prefill_attention` in every attention layer on every CP rank at the same time (it
 is collective over ``cp_group``). Each CP rank holds a subset of the prompt's tokens (its
-chunks from ``engine.layout.cp_token_ranges``: zigzag, non-contiguous) and their global
+chunks from ``common.layout.cp_token_ranges``: zigzag, non-contiguous) and their global
 ``positions``; the result for its query tokens equals full causal attention over the whole
 prompt. Plain PyTorch, explicit fp32 maths: the reference a Triton twin will be tested against.
 

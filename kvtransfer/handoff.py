@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 import torch
 
 from cleave.v1 import inference_pb2, worker_pb2
-from engine.config import ModelConfig
-from engine.layout import cp_token_ranges, kv_head_range, layer_range
+from common.layout import cp_token_ranges, kv_head_range, layer_range
+from common.model import ModelConfig
 from kernels import kv_unpack
 from kvtransfer.message import (PROTOCOL_VERSION, TRAILER, CorruptMessage, HandoffTimes, build_message,
                                 message_nbytes, open_message, piece_shape)

@@ -42,7 +42,7 @@ os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 import ucxx._lib.libucxx as ucx_api  # noqa: E402  (after the env default above)
 from ucxx._lib.arr import Array  # noqa: E402
 
-from engine.runtime.net import interface_of  # noqa: E402
+from common.net import interface_of  # noqa: E402
 from kvtransfer.transfer_base import Handle, byte_view, check_message, closed_error  # noqa: E402
 from kvtransfer.transport import KVTransport, Transfer, TransferState  # noqa: E402
 

@@ -31,8 +31,8 @@ from cleave.v1 import inference_pb2
 from common.config import RouterConfig
 from common.errors import CleaveError, DeadlineExceeded, InvalidRequest, error_for
 from common.metrics import MetricsWriter
+from common.model import ModelConfig
 from common.prom import RouterMetrics
-from engine.config import ModelConfig
 from router.lifecycle import RequestRun, ValidRequest
 from router.policy import make_policy
 from router.state import RequestStore, now

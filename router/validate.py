@@ -13,7 +13,7 @@ import uuid
 from cleave.v1 import inference_pb2
 from common.config import MAX_TOP_LOGPROBS
 from common.errors import InvalidRequest
-from engine.config import ModelConfig
+from common.model import ModelConfig
 from router.text import CHAT_ROLES, TextCodec
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")

@@ -227,7 +227,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _worker_config(args):
     from common.config import WorkerConfig
-    from engine.config import ParallelConfig
+    from common.layout import ParallelConfig
     from engine.runtime.cores import parse_cpus
     from services.rank import rendezvous_from
     return WorkerConfig(pool=args.pool, model=args.model, host=args.host, port=args.port,
@@ -313,7 +313,7 @@ def _run_planner(args) -> int:
 
 def pool_layouts(args):
     """The prefill and decode ParallelConfigs of ``cleave serve``'s flags (validated)."""
-    from engine.config import ParallelConfig
+    from common.layout import ParallelConfig
     prefill = ParallelConfig(tp=args.prefill_tp, cp=args.prefill_cp)
     decode = ParallelConfig(tp=args.decode_tp, pp=args.decode_pp, ep=args.decode_ep)
     return prefill, decode

@@ -1,7 +1,7 @@
 """Context-parallel prefill (ring attention, alone and with TP) equals one rank and ``transformers``.
 
 Each CP rank of ``spawn_ranks`` runs the tiny random Llama over its own zigzag tokens
-(``engine.layout.cp_token_ranges``): a :class:`ForwardBatch` with their global positions and
+(``common.layout.cp_token_ranges``): a :class:`ForwardBatch` with their global positions and
 their slots of one shared block table, so each rank writes only its tokens' KV. Checked:
 
 - the last prompt position's logits (from the rank holding the last token) match
@@ -16,9 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.layout import ParallelConfig, cp_token_ranges, kv_head_range
 from engine.batch import ForwardBatch
-from engine.config import ParallelConfig
-from engine.layout import cp_token_ranges, kv_head_range
 from engine.loader import iter_weights, load_model_config, load_reference_model, resolve_model
 from engine.model import LlamaForCausalLM
 from engine.parallel import ParallelGroups

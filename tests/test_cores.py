@@ -53,7 +53,7 @@ def test_stack_plan_keeps_compute_processes_apart_and_the_router_off_them():
 
 @pytest.mark.unit
 def test_more_threads_than_cores_is_refused_clearly():
-    from engine.config import ParallelConfig
+    from common.layout import ParallelConfig
     from engine.runtime.config import RuntimeConfig
 
     with pytest.raises(ValueError, match=r"--threads 2 per rank.*rank\(s\) of prefill-0 1"):

@@ -143,7 +143,7 @@ def _rank_switch(groups, path, prompts, n, tables):
     """Greedy-generate ``n`` tokens per prompt on this rank's shard, switching the placement of
     every layer to ``tables[k]`` before decode step ``k + 2``."""
     from engine.batch import ForwardBatch
-    from engine.config import CacheConfig
+    from common.model import CacheConfig
     from engine.batch import offline_block_tables
     from engine.loader import load_model
 
@@ -175,7 +175,7 @@ def _rank_switch(groups, path, prompts, n, tables):
     (4, [(0, 1, 2, 3, 0, 5, 6, 7, 0, 4, 0, 1), (7, 0, 6, 1, 5, 2, 4, 3)]),
 ], ids=["ep2", "ep4"])
 def test_live_switch_keeps_greedy_tokens(skewed, ep, tables):
-    from engine.config import ParallelConfig
+    from common.layout import ParallelConfig
     from engine.runtime.spawn import spawn_ranks
 
     path, prompts, want_tokens = skewed

@@ -13,9 +13,9 @@ import torch
 
 from cleave.v1.inference_pb2 import Layout
 from cleave.v1.worker_pb2 import LandingDescriptor, LandingRank
-from engine.config import CacheConfig, ModelConfig
+from common.layout import cp_token_ranges, kv_head_range, layer_range
+from common.model import CacheConfig, ModelConfig
 from engine.kv_cache import allocate_kv_cache
-from engine.layout import cp_token_ranges, kv_head_range, layer_range
 from kvtransfer.fake import FakeFabric
 from kvtransfer.handoff import (HandoffError, IncompatiblePeer, KVReceiver, KVSender, compat_hash,
                                 transfer_plan)

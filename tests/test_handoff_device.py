@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from cleave.v1.inference_pb2 import Layout
-from engine.config import CacheConfig
+from common.model import CacheConfig
 from engine.kv_cache import allocate_kv_cache
 from kernels.kv_copy import kv_pack as reference_pack
 from kvtransfer.crc import CHUNK, crc32, crc32_torch

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cleave.v1.inference_pb2 import Layout
-from engine.layout import cp_token_ranges
+from common.layout import cp_token_ranges
 from kvtransfer.crc import _libdeflate_crc32, crc32, host_crc32, host_crc_backend
 from kvtransfer.fake import FakeFabric
 from kvtransfer.handoff import HandoffError, HandoffTimes, KVReceiver, KVSender

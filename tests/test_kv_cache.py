@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from engine.config import CacheConfig, ModelConfig
+from common.model import CacheConfig, ModelConfig
 from engine.kv_cache import BlockAllocator, OutOfBlocks, allocate_kv_cache, blocks_needed
 
 pytestmark = pytest.mark.unit

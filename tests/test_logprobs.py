@@ -79,7 +79,7 @@ def test_prompt_logprobs_assemble_the_same_from_split_positions():
 # ---- executors against transformers ----------------------------------------------------------------
 
 def _runtime(model_dir: str, **layout):
-    from engine.config import ParallelConfig
+    from common.layout import ParallelConfig
     from engine.runtime.config import RuntimeConfig
     return RuntimeConfig(model=model_dir, device="cpu", transport="tcp", num_blocks=16, block_size=8, threads=1,
                          parallel=ParallelConfig(**layout))

@@ -21,7 +21,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import ModelConfig, ParallelConfig
+from common.layout import ParallelConfig
+from common.model import ModelConfig
 from engine.expert_stats import ExpertStatsWriter
 from engine.moe import MixtralForCausalLM, MoEBlock
 from engine.offline import greedy_generate

@@ -23,7 +23,8 @@ import time
 import pytest
 import torch
 
-from engine.config import ModelConfig, ParallelConfig
+from common.layout import ParallelConfig
+from common.model import ModelConfig
 from engine.parallel import Group, ParallelGroups
 from engine.runtime.spawn import RankFailure, spawn_ranks
 from engine.pipeline import split_micro_batches

@@ -12,8 +12,8 @@ from collections import Counter
 import pytest
 
 from cleave.v1.inference_pb2 import Layout
-from engine.config import ModelConfig
-from engine.layout import cp_token_ranges, kv_head_range, layer_range
+from common.layout import cp_token_ranges, kv_head_range, layer_range
+from common.model import ModelConfig
 from kvtransfer.handoff import transfer_plan
 from kvtransfer.plan import DestRank, Piece, SourceRank, plan_pieces, single_rank_plan
 

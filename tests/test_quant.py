@@ -208,7 +208,7 @@ def test_hf_model_quantized_at_load_serves_tp2_like_one_rank(mode, tmp_path):
     step (``max|w_row| / 127``) is about bf16's eps relative to the row (``k = 3 x``). No argmax
     check: these random logits' top two are 1-3 % of max|logit| apart, as close as bf16 rounding
     moves them; int8's top-1 agreement is measured on SmolLM2 below."""
-    from engine.config import ParallelConfig
+    from common.layout import ParallelConfig
     from engine.loader import load_model_config, resolve_model
     from engine.runtime.spawn import spawn_ranks
     from tests.models import make_tiny_llama

@@ -20,7 +20,7 @@ from cleave.v1 import worker_pb2, worker_pb2_grpc
 from common.config import RouterConfig
 from common.errors import InvalidRequest
 from common.grpc_util import add_service
-from engine.config import ModelConfig
+from common.model import ModelConfig
 from router.validate import check_input_size, request_id_of
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]

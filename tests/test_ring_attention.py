@@ -1,6 +1,6 @@
 """Ring attention across gloo CP ranks equals single-process causal attention.
 
-Each rank of ``spawn_ranks`` takes its zigzag chunks (``engine.layout.cp_token_ranges``) of
+Each rank of ``spawn_ranks`` takes its zigzag chunks (``common.layout.cp_token_ranges``) of
 one random prompt, runs ``kernels.ring_attention.ring_prefill_attention`` over its CP group,
 and returns its outputs; the parent scatters them back by position and compares with
 ``kernels.prefill_attention`` over the whole prompt, within ``tests.tolerances`` (the ring
@@ -12,8 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import ParallelConfig
-from engine.layout import cp_token_ranges
+from common.layout import ParallelConfig, cp_token_ranges
 from engine.parallel import ParallelGroups, Group
 from engine.runtime.spawn import spawn_ranks
 from kernels import prefill_attention

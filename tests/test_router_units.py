@@ -10,8 +10,9 @@ import pytest
 from cleave.v1 import inference_pb2 as pb
 from common.config import RouterConfig, WorkerConfig
 from common.errors import InvalidRequest
+from common.layout import ParallelConfig
+from common.model import ModelConfig
 from common.registry import WorkerRecord
-from engine.config import ModelConfig, ParallelConfig
 from router.policy import LeastLoadPolicy, make_policy
 from router.text import IncrementalText, TextCodec
 from router.validate import check_sampling, prompt_ids_of, request_id_of, seed_of

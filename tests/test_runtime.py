@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from engine.config import ParallelConfig
+from common.layout import ParallelConfig
 from engine.parallel import free_port
 from engine.runtime.config import Rendezvous, RuntimeConfig
 from engine.runtime.device import DeviceUnavailable, resolve_device, resolve_dtype

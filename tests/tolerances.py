@@ -112,7 +112,7 @@ def model_reduction_length(config, context: int) -> int:
     and o projections (hidden), the attention scores (head_dim), the softmax denominator and
     the weighted values (context), the MoE router (hidden), the down projection (intermediate,
     times the experts a token is routed to); then the final norm and the head. ``config``: an
-    ``engine.config.ModelConfig`` or a ``transformers`` config."""
+    ``common.model.ModelConfig`` or a ``transformers`` config."""
     hidden = config.hidden_size
     layers = getattr(config, "num_layers", None) or config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from cleave.v1.inference_pb2 import Layout  # noqa: E402
 from cleave.v1.worker_pb2 import LandingDescriptor, LandingRank  # noqa: E402
-from engine.config import CacheConfig, ModelConfig  # noqa: E402
+from common.model import CacheConfig, ModelConfig  # noqa: E402
 from engine.kv_cache import allocate_kv_cache  # noqa: E402
 from engine.runtime.device import resolve_device  # noqa: E402
 from kernels import kv_pack  # noqa: E402

@@ -12,7 +12,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from engine.config import WEIGHTS_DTYPES, ParallelConfig
+from common.layout import ParallelConfig
+from common.model import WEIGHTS_DTYPES
 from engine.runtime.device import DEVICES, DTYPE_NAMES
 
 TRANSPORTS = ("ucx", "tcp", "fake")

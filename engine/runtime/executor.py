@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 
 from cleave.v1 import worker_pb2
+from common.layout import kv_head_range, layer_range
 from engine.batch import PrefillResult
-from engine.layout import kv_head_range, layer_range
 from engine.logprobs import assemble_prompt_logprobs
 from engine.loader import load_model_config, resolve_model
 from engine.parallel import ParallelGroups, coords

@@ -18,8 +18,8 @@ import bisect
 import torch
 
 from cleave.v1 import inference_pb2
+from common.model import CacheConfig, ModelConfig
 from engine.batch import ForwardBatch, PrefillResult
-from engine.config import CacheConfig, ModelConfig
 from engine.kv_cache import allocate_kv_cache
 from engine.loader import ModelSource
 from engine.runtime.config import RuntimeConfig

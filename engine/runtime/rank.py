@@ -25,9 +25,9 @@ from typing import Callable
 import torch
 
 from cleave.v1 import inference_pb2, worker_pb2
+from common.layout import kv_head_range, layer_range
+from common.model import CacheConfig
 from engine.batch import ForwardBatch
-from engine.config import CacheConfig
-from engine.layout import kv_head_range, layer_range
 from engine.logprobs import prompt_logprobs_of
 from engine.loader import load_model, resolve_model
 from engine.parallel import AsyncSender, ParallelGroups

@@ -27,7 +27,7 @@ import time
 
 import torch.distributed as dist
 
-from engine.runtime.net import interface_of
+from common.net import interface_of
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.config import ParallelConfig
+from common.layout import ParallelConfig
 from engine.parallel import ParallelGroups
 from engine.runtime.device import backend_for, rank_device
 from engine.runtime.lifetime import die_with_parent

@@ -79,7 +79,7 @@ def measure_compute() -> dict:
 
 def _micro_model(layers: int, experts: int = 0, groups=None, hidden: int = 32, intermediate: int = 64):
     import torch
-    from engine.config import CacheConfig, ModelConfig
+    from common.model import CacheConfig, ModelConfig
     from engine.moe import build_model
     cfg = ModelConfig(architecture="mixtral" if experts else "llama", vocab_size=128, hidden_size=hidden,
                       num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=hidden // 4,
@@ -130,7 +130,7 @@ def measure_pp_message(seqs: int = 8, new_tokens: int = 33) -> float:
     """Seconds one PP message (hidden, residual or tokens) adds on the critical path of the
     engine's ``PipelineRunner``: a micro-batched PP2 round of a 4-layer micro model, less the
     one-rank round of the same model, over the 3 messages of a round's critical path."""
-    from engine.config import ParallelConfig
+    from common.layout import ParallelConfig
     from engine.parallel import ParallelGroups
     from engine.runtime.spawn import spawn_ranks
     runs = []
@@ -228,7 +228,7 @@ def measure_collectives(max_ranks: int, reps: int = 3) -> dict:
     """``{op: {ranks: [[bytes, seconds], ...]}}`` over gloo: the slowest rank's median, fitted
     to a line per op and rank count (:func:`fit_alpha_beta`)."""
     from engine.comm_timing import time_collectives
-    from engine.config import ParallelConfig
+    from common.layout import ParallelConfig
     from engine.runtime.spawn import RankFailure, spawn_ranks
     measured: dict = {"all_reduce": {}, "all_to_all": {}, "send_recv": {}}
     for ranks in range(2, max_ranks + 1):

@@ -43,14 +43,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from engine.layout import layout_problem
+from common.layout import layout_problem
 from services.capacity.hardware import Hardware
 from services.capacity.models import ModelSpec, dtype_bytes
 
 
 @dataclass(frozen=True)
 class Layout:
-    """One instance's layout; world size ``pp * cp * max(tp, ep)`` (``engine.config.ParallelConfig``)."""
+    """One instance's layout; world size ``pp * cp * max(tp, ep)`` (``common.layout.ParallelConfig``)."""
 
     tp: int = 1
     pp: int = 1
@@ -71,7 +71,7 @@ class Layout:
         return self.pp * self.cp * self.stage_ranks
 
     def problem(self, model: ModelSpec) -> str | None:
-        """Why the engine cannot run this layout on ``model`` (``engine.layout.layout_problem``), or None."""
+        """Why the engine cannot run this layout on ``model`` (``common.layout.layout_problem``), or None."""
         lo, hi = sorted((self.tp, self.ep))
         if hi % lo:
             return f"tp={self.tp} and ep={self.ep}: the smaller must divide the larger"

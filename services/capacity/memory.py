@@ -1,7 +1,7 @@
 """Memory per GPU of a layout: does it fit, and how much KV room is left.
 
 The fullest GPU of an instance holds its stage's weight shards (+ the embedding on the first
-stage, the LM head on the last: ``engine.layout.layer_range`` splits the layers), the KV of
+stage, the LM head on the last: ``common.layout.layer_range`` splits the layers), the KV of
 every cached token of its layers and KV heads (one whole KV head per rank when TP exceeds the
 KV heads; CP ranks keep their own tokens), activations of one pass, plus a reserve (a share of
 device memory) that must stay free. Units: bytes.
@@ -43,7 +43,7 @@ class Memory:
 
 
 def stage_weight_bytes(model: ModelSpec, lay: Layout, opt: CostOptions, stage: int) -> float:
-    """Weight bytes one GPU of pipeline stage ``stage`` holds (engine.layout.layer_range split)."""
+    """Weight bytes one GPU of pipeline stage ``stage`` holds (common.layout.layer_range split)."""
     base, extra = divmod(model.layers, lay.pp)
     layers = base + (1 if stage < extra else 0)
     h, d = model.hidden, model.head_dim

@@ -1,15 +1,16 @@
-"""Configuration dataclasses for the engine: the model's shape and the KV cache.
+"""The model's shape and its paged KV cache: the descriptions every package shares.
 
 Each dataclass validates itself on construction and raises ``ValueError`` quoting the
 offending values. Loaders (``engine.source``) build :class:`ModelConfig` from a GGUF file or
-a Hugging Face directory; services build :class:`CacheConfig` from their flags. Importing this
-module does not import torch (the router reads a :class:`ModelConfig` without it); only
-:attr:`ModelConfig.torch_dtype` does.
+a Hugging Face directory; services build :class:`CacheConfig` from their flags; the router and
+the KV handoff read both. Importing this module does not import torch (the router reads a
+:class:`ModelConfig` without it); only :attr:`ModelConfig.torch_dtype` does. How a parallel
+layout splits the model is ``common.layout``.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -108,46 +109,3 @@ class CacheConfig:
             return self.num_blocks
         per_block = model.kv_bytes_per_token() * self.block_size
         return max(1, self.memory_bytes // per_block)
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """Layout of one instance (see ``engine.parallel`` for the rank numbering).
-
-    A pipeline stage has ``max(tp, ep)`` ranks: attention is tensor-parallel over groups of
-    ``tp`` of them (replicated when ep > tp) and the MoE experts are split over groups of ``ep``
-    (replicated when tp > ep), so EP adds no ranks of its own. Prefill instances use ``tp`` and
-    ``cp`` (each CP rank a full TP group), decode instances ``tp``, ``pp`` and ``ep``.
-    World size: ``pp * cp * max(tp, ep)``.
-    """
-
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    ep: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("tp", "pp", "cp", "ep"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        lo, hi = sorted((self.tp, self.ep))
-        if hi % lo:
-            raise ValueError(f"tp={self.tp} and ep={self.ep}: the smaller must divide the larger "
-                             f"(they share the ranks of a pipeline stage)")
-
-    @property
-    def stage_size(self) -> int:
-        """Ranks per pipeline stage (and per CP rank)."""
-        return max(self.tp, self.ep)
-
-    @property
-    def world_size(self) -> int:
-        return self.pp * self.cp * self.stage_size
-
-    def validate_for(self, model: "ModelConfig", num_experts: int = 0) -> None:
-        """Raise ValueError (quoting the values) when this layout cannot split ``model``."""
-        from engine.layout import layout_problem
-        problem = layout_problem(self.tp, self.pp, self.ep, model.num_heads, model.num_kv_heads,
-                                 model.num_layers, num_experts)
-        if problem:
-            raise ValueError(problem)

@@ -1,12 +1,20 @@
-"""How a parallel layout splits a model: KV heads per TP rank, layers per PP stage, tokens per CP rank.
+"""An instance's parallel layout and how it splits a model: KV heads per TP rank, layers per PP
+stage, tokens per CP rank.
 
-Pure functions shared by the engine (which shard a rank loads and computes) and the KV
-handoff (which shard a rank sends or receives), so both always agree.
+:class:`ParallelConfig` and pure functions shared by the engine (which shard a rank loads and
+computes), the KV handoff (which shard a rank sends or receives) and the capacity planner
+(which layouts can run), so all of them always agree. No torch.
 
 Rank numbering inside an instance: prefill ``rank = cp_rank * tp + tp_rank``; decode
 ``rank = pp_rank * tp + tp_rank`` (tensor-parallel ranks of one stage are adjacent).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.model import ModelConfig
 
 Range = tuple[int, int]
 
@@ -63,7 +71,7 @@ def layout_problem(tp: int, pp: int, ep: int, num_heads: int, num_kv_heads: int,
                    num_experts: int = 0) -> str | None:
     """Why a layout cannot split a model (the message quotes the values), or None when it can.
 
-    The one statement of the split rules: ``engine.config.ParallelConfig.validate_for`` raises
+    The one statement of the split rules: :meth:`ParallelConfig.validate_for` raises
     it, and the capacity planner (``services.capacity``, which must not import torch) skips
     layouts that have one.
     """
@@ -81,3 +89,45 @@ def layout_problem(tp: int, pp: int, ep: int, num_heads: int, num_kv_heads: int,
     if num_experts and num_experts % ep:
         return f"ep={ep} does not divide the {num_experts} experts"
     return None
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Layout of one instance (see ``engine.parallel`` for the rank numbering).
+
+    A pipeline stage has ``max(tp, ep)`` ranks: attention is tensor-parallel over groups of
+    ``tp`` of them (replicated when ep > tp) and the MoE experts are split over groups of ``ep``
+    (replicated when tp > ep), so EP adds no ranks of its own. Prefill instances use ``tp`` and
+    ``cp`` (each CP rank a full TP group), decode instances ``tp``, ``pp`` and ``ep``.
+    World size: ``pp * cp * max(tp, ep)``.
+    """
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "cp", "ep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        lo, hi = sorted((self.tp, self.ep))
+        if hi % lo:
+            raise ValueError(f"tp={self.tp} and ep={self.ep}: the smaller must divide the larger "
+                             f"(they share the ranks of a pipeline stage)")
+
+    @property
+    def stage_size(self) -> int:
+        """Ranks per pipeline stage (and per CP rank)."""
+        return max(self.tp, self.ep)
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.cp * self.stage_size
+
+    def validate_for(self, model: ModelConfig, num_experts: int = 0) -> None:
+        """Raise ValueError (quoting the values) when this layout cannot split ``model``."""
+        problem = layout_problem(self.tp, self.pp, self.ep, model.num_heads, model.num_kv_heads,
+                                 model.num_layers, num_experts)
+        if problem:
+            raise ValueError(problem)
