@@ -1,7 +1,8 @@
 """The KV handoff protocol over the in-process fake transport (kvtransfer/handoff.py).
 
 A prefill cache holds a prompt's KV at some blocks; after expect -> push -> wait the decode
-cache holds exactly that KV at its own blocks and nothing else changed.
+cache holds exactly that KV at its own blocks and nothing else changed (bit for bit on any
+CPU: a handoff copies bytes, it computes nothing).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ kvtransfer/handoff.py landing order, checksum negotiation and stage times).
 
 Pieces land and are scattered in whatever order they arrive, a corrupt one never reaches the
 blocks, either side may turn the CRC off, and message buffers go back to their path's pool
-only once their transfer is done.
+only once their transfer is done. The caches compare bit for bit: the pieces are copied bytes.
 """
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""kernels.kv_copy: pack / unpack round trips over the paged KV cache layout."""
+"""kernels.kv_copy: pack / unpack round trips over the paged KV cache layout.
+
+Pack and unpack copy values (no arithmetic), so every comparison here is bit for bit on any CPU."""
 import pytest
 import torch
 

@@ -26,7 +26,7 @@ import torch
 from engine.gguf_blocks import decode
 from engine.layers import MergedColumnLinear, RowLinear
 from engine.quant import KERNEL_DTYPE, GroupQuant, quantize_int4_groups, quantize_int8_rows
-from tests.tolerances import assert_close, model_matmuls
+from tests.tolerances import assert_close, model_matmuls, model_reduction_length
 
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize, quantize  # noqa: E402
@@ -203,9 +203,10 @@ def test_hf_model_quantized_at_load_serves_tp2_like_one_rank(mode, tmp_path):
     of the partial sums apart); int8 stays near fp32 (int4's quality is measured on SmolLM2
     below: on random weights 4 bits are far from fp32).
 
-    Bounds (``tests.tolerances``): TP2 and one rank differ in each matmul's bf16-rounded result
-    (``k = model_matmuls``); int8 and fp32 also in the bf16 input and the int8 weight, whose
-    step (``max|w_row| / 127``) is about bf16's eps relative to the row (``k = 3 x``). No argmax
+    Bounds (``tests.tolerances``, fp32 sums of the model's reduction length): TP2 and one rank
+    differ in each matmul's bf16-rounded result (``roundings = model_matmuls``); int8 and fp32
+    also in the bf16 input and the int8 weight, whose step (``max|w_row| / 127``) is about
+    bf16's eps relative to the row (``roundings = 3 x``). No argmax
     check: these random logits' top two are 1-3 % of max|logit| apart, as close as bf16 rounding
     moves them; int8's top-1 agreement is measured on SmolLM2 below."""
     from common.layout import ParallelConfig
@@ -214,15 +215,16 @@ def test_hf_model_quantized_at_load_serves_tp2_like_one_rank(mode, tmp_path):
     from tests.models import make_tiny_llama
 
     path = make_tiny_llama(tmp_path / "m", seed=3)   # hidden 64, 8 heads: TP2 o_proj shards are 32 columns
-    matmuls = model_matmuls(load_model_config(resolve_model(path)))
+    config = load_model_config(resolve_model(path))
+    k, matmuls = model_reduction_length(config, max(map(len, PROMPTS))), model_matmuls(config)
     one = spawn_ranks(ParallelConfig(), _rank_logits, path, mode, timeout_s=240)[0]
     two = spawn_ranks(ParallelConfig(tp=2), _rank_logits, path, mode, timeout_s=240)[0]
     for got, want in zip(two, one):
-        assert_close(got, want, k=matmuls, dtype=KERNEL_DTYPE)
+        assert_close(got, want, k=k, **KERNEL, roundings=matmuls)
     if mode == "int8":
         ref = spawn_ranks(ParallelConfig(), _rank_logits, path, "fp32", timeout_s=240)[0]
         for got, want in zip(one, ref):
-            assert_close(got, want, k=3 * matmuls, dtype=KERNEL_DTYPE)
+            assert_close(got, want, k=k, **KERNEL, roundings=3 * matmuls)
 
 
 @pytest.mark.integration

@@ -3,6 +3,7 @@
 Zero-byte messages are supported and tested. Backend differences the tests allow for: a TCP
 send is DONE once its bytes reach the receiver's kernel/held queue, so "peer never posts" only
 fails sends on fake and ucx (a 4 MiB ucx message is rendezvous and waits for the receiver).
+Payloads compare bit for bit: a transport moves bytes.
 """
 import hashlib
 import multiprocessing as mp

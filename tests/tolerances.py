@@ -11,7 +11,8 @@ per-sequence one bit for bit on an Intel Xeon with AMX, not on an AMD EPYC). So 
 use :func:`assert_close`, which checks::
 
     |got - want| <= atol + rtol * |want|     elementwise, with
-    rtol = ROUNDING * eps(dtype) + SUMMATION * eps(accumulate) * sqrt(k)
+    rtol = ROUNDING * eps(dtype)
+           + SUMMATION * sqrt(k * eps(accumulate)**2 + roundings * eps(dtype)**2)
     atol = rtol * scale
 
 - ``eps(t) = torch.finfo(t).eps`` = 2u, ``u`` the unit roundoff.
@@ -23,11 +24,14 @@ use :func:`assert_close`, which checks::
   ``gamma_k * sum|terms|`` with ``gamma_k = k u / (1 - k u)`` (Higham, *Accuracy and Stability
   of Numerical Algorithms*, 2nd ed., SIAM 2002, section 3.1) in the worst case. Modelling the
   rounding errors as independent mean-zero random variables (Higham and Mary, "A New Approach
-  to Probabilistic Rounding Error Analysis", SIAM J. Sci. Comput. 41(5), 2019, Theorem 3.1), it
-  is at most ``lambda * sqrt(k) * u * sum|terms|`` except with a probability of about
+  to Probabilistic Rounding Error Analysis", SIAM J. Sci. Comput. 41(5), 2019), it is at most ``lambda * sqrt(k) * u * sum|terms|`` except with a probability of about
   ``2 k exp(-lambda**2 / 2)``: with ``lambda = 8`` below 3e-9 per element for ``k <= 10**5``.
   Two paths, each within that of the exact value, differ by at most
   ``2 * lambda * sqrt(k) * u = lambda * sqrt(k) * eps``: ``SUMMATION = lambda = 8``.
+- ``roundings``: intermediate values rounded to ``dtype`` on the way (a bf16 kernel's casts of
+  its inputs or of the softmax probabilities, each matmul's bf16 result in a chain), each a
+  relative error of at most ``u`` of ``dtype``. Independent errors add in variance, hence one
+  square root over the ``k`` accumulation and the ``roundings`` errors (0 by default).
 - ``scale`` stands for ``sum|terms|``, the magnitude those errors are relative to. The default,
   ``max|want|``, is right for sums that do not cancel much (attention's convex combinations of
   values, a norm); pass a larger one where they do.
@@ -55,19 +59,21 @@ def eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
-def rtol(dtype: torch.dtype, k: int = 1, accumulate: torch.dtype | None = None) -> float:
+def rtol(dtype: torch.dtype, k: int = 1, accumulate: torch.dtype | None = None,
+         roundings: int = 0) -> float:
     """The relative bound of two paths that sum ``k`` terms in ``accumulate`` (default:
-    ``dtype``) and round the result to ``dtype``: ``ROUNDING eps(dtype) + SUMMATION
-    eps(accumulate) sqrt(k)``."""
-    if k < 1:
-        raise ValueError(f"reduction length k={k} must be >= 1")
-    return ROUNDING * eps(dtype) + SUMMATION * eps(accumulate or dtype) * math.sqrt(k)
+    ``dtype``), round ``roundings`` intermediate values and the result to ``dtype``:
+    ``ROUNDING eps(dtype) + SUMMATION sqrt(k eps(accumulate)**2 + roundings eps(dtype)**2)``."""
+    if k < 1 or roundings < 0:
+        raise ValueError(f"reduction length k={k} must be >= 1, roundings={roundings} >= 0")
+    spread = k * eps(accumulate or dtype) ** 2 + roundings * eps(dtype) ** 2
+    return ROUNDING * eps(dtype) + SUMMATION * math.sqrt(spread)
 
 
 def tolerance(dtype: torch.dtype, k: int = 1, accumulate: torch.dtype | None = None,
-              scale: float = 1.0) -> dict[str, float]:
+              scale: float = 1.0, roundings: int = 0) -> dict[str, float]:
     """``dict(rtol=..., atol=...)`` for ``torch.testing.assert_close`` (see the module doc)."""
-    r = rtol(dtype, k, accumulate)
+    r = rtol(dtype, k, accumulate, roundings)
     return dict(rtol=r, atol=r * scale)
 
 
@@ -81,23 +87,25 @@ def coarsest(*tensors: torch.Tensor) -> torch.dtype:
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, *, k: int, dtype: torch.dtype | None = None,
                  accumulate: torch.dtype | None = None, scale: float | None = None,
-                 msg: str = "") -> None:
+                 roundings: int = 0, msg: str = "") -> None:
     """Assert two code paths' results agree within :func:`tolerance` (compared in fp64).
 
     ``k``: the reduction length behind each element; ``dtype``: the precision of the results
     (default: the coarsest of ``got``'s and ``want``'s, so an fp64 oracle holds the other side
     to its own dtype); ``accumulate``: the precision the sums ran in (default ``dtype``);
-    ``scale``: the magnitude of the summed terms (default ``max|want|``, 1 when that is 0).
+    ``scale``: the magnitude of the summed terms (default ``max|want|``, 1 when that is 0);
+    ``roundings``: intermediate values rounded to ``dtype`` on the way.
     Shapes must match; infinities must sit at the same places, NaN nowhere."""
     dtype = dtype or coarsest(got, want)
     if scale is None:
         finite = want[torch.isfinite(want)]
         scale = (float(finite.abs().max()) if finite.numel() else 0.0) or 1.0
-    tol = tolerance(dtype, k, accumulate, scale)
+    tol = tolerance(dtype, k, accumulate, scale, roundings)
     got64, want64 = got.detach().cpu().double(), want.detach().cpu().double()
     torch.testing.assert_close(got64, want64, **tol,
                                msg=lambda m: f"{msg + ': ' if msg else ''}{m}\n(tolerance for "
-                                             f"{dtype}, k={k}, scale={scale:.3g}: {tol})")
+                                             f"{dtype}, k={k}, roundings={roundings}, "
+                                             f"scale={scale:.3g}: {tol})")
 
 
 def attention_length(head_dim: int, context: int) -> int:
@@ -125,9 +133,8 @@ def model_reduction_length(config, context: int) -> int:
 
 def model_matmuls(config) -> int:
     """The weight matmuls on the path from the embedding to one logit: q/k/v, o, gate/up and
-    down per layer, then the head. Where each rounds its result to bf16 (``--weights-dtype``
-    bf16/int8/int4 kernels), ``k`` for two such paths is the count of those roundings (the
-    sums themselves run in fp32), with ``accumulate=torch.bfloat16``."""
+    down per layer, then the head: the ``roundings`` of a chain whose matmuls round their
+    results to bf16 (``--weights-dtype`` bf16/int8/int4 kernels)."""
     layers = getattr(config, "num_layers", None) or config.num_hidden_layers
     return 4 * layers + 1
 
