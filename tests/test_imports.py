@@ -1,9 +1,13 @@
 """The module structure the README's code map promises, checked on the source.
 
 Imports are read from the syntax tree, so an import inside a function counts as much as one at
-the top of a module: the router imports nothing from ``services/``; no module outside
-``engine/`` imports ``torch.distributed``; the repository's packages import each other without
-cycles; and the router reads its model config without loading torch.
+the top of a module. The packages stand in one order, from the floor up (:data:`LAYERS`):
+``common`` < ``kernels`` < ``kvtransfer`` < ``engine`` < ``router``, ``services`` < ``bench``, and
+no module imports a package above its own; of the two side by side, the router imports nothing
+from ``services/`` (``services.cli`` starts the router, never the reverse). No module outside
+``engine/`` imports ``torch.distributed``; ``common/`` imports torch only inside the function that
+builds a tensor; the modules import each other without cycles; and the router reads its model
+config without loading torch.
 """
 from __future__ import annotations
 
@@ -16,7 +20,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "engine", "kernels", "kvtransfer", "router", "services")
+# The packages from the floor up: a module imports its own package and those of lower layers only.
+LAYERS = (("common",), ("kernels",), ("kvtransfer",), ("engine",), ("router", "services"), ("bench",))
+LAYER_OF = {package: i for i, layer in enumerate(LAYERS) for package in layer}
+PACKAGES = tuple(LAYER_OF)
 
 
 def _modules() -> dict[str, Path]:
@@ -48,6 +55,13 @@ def _imported(path: Path, module: str) -> set[str]:
     return names
 
 
+def _top_names(node: ast.Import | ast.ImportFrom) -> list[str]:
+    """The modules a top-level import statement names (absolute imports only)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    return [node.module or ""] if not node.level else []
+
+
 def _rel(path: Path) -> str:
     return path.relative_to(ROOT).as_posix()
 
@@ -56,6 +70,13 @@ def _graph() -> dict[str, set[str]]:
     """Module -> the repository modules it imports."""
     modules = _modules()
     return {m: {n for n in _imported(p, m) if n in modules and n != m} for m, p in modules.items()}
+
+
+def _upward(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """``(module, imported)`` for every import of a package from a higher layer than the module's."""
+    def layer(module: str) -> int:
+        return LAYER_OF[module.split(".")[0]]
+    return sorted((m, n) for m, names in graph.items() for n in names if layer(n) > layer(m))
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
@@ -108,6 +129,15 @@ def test_the_cycle_finder_finds_cycles():
 
 
 @pytest.mark.unit
+def test_the_order_check_finds_an_import_from_above():
+    graph = {"common.a": {"engine.b"}, "engine.b": {"common.a", "kvtransfer.c"}, "kvtransfer.c": {"kernels.d"},
+             "kernels.d": set(), "bench.e": {"router.f", "services.g"}, "router.f": set(), "services.g": {"router.f"}}
+    assert _upward(graph) == [("common.a", "engine.b")]
+    assert _upward({"kernels.d": {"kvtransfer.c"}, "router.f": {"bench.e"}}) == [
+        ("kernels.d", "kvtransfer.c"), ("router.f", "bench.e")]
+
+
+@pytest.mark.unit
 def test_imports_inside_functions_are_seen(tmp_path):
     src = tmp_path / "m.py"
     src.write_text("def f():\n    from services.x import y\n    import torch.distributed as dist\n"
@@ -123,8 +153,25 @@ def test_the_router_imports_nothing_from_services():
 
 
 @pytest.mark.unit
+def test_no_package_imports_one_above_it():
+    offenders = [f"{module} imports {name}" for module, name in _upward(_graph())]
+    assert offenders == [], (f"packages import one way, {' < '.join(' and '.join(layer) for layer in LAYERS)}: "
+                             f"move what a lower package needs down (shared contracts live in common/)")
+
+
+@pytest.mark.unit
+def test_common_imports_torch_only_where_a_tensor_is_built():
+    offenders = sorted(_rel(path) for module, path in _modules().items() if module.split(".")[0] == "common"
+                       for node in ast.parse(path.read_text(encoding="utf-8")).body
+                       if isinstance(node, (ast.Import, ast.ImportFrom))
+                       and any(n == "torch" or n.startswith("torch.") for n in _top_names(node)))
+    assert offenders == [], "common/ is torch-free at import: import torch inside the function that needs it"
+
+
+@pytest.mark.unit
 def test_only_the_engine_imports_torch_distributed():
-    offenders = sorted(_rel(path) for module, path in _modules().items() if module.split(".")[0] != "engine"
+    offenders = sorted(_rel(path) for module, path in _modules().items()   # benches time collectives themselves
+                       if module.split(".")[0] not in ("engine", "bench")
                        and any(n == "torch.distributed" or n.startswith("torch.distributed.")
                                for n in _imported(path, module)))
     assert offenders == [], "only engine/ drives torch.distributed; call an engine function instead"
