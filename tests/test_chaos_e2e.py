@@ -200,7 +200,8 @@ def test_no_stream_is_left_hanging(tmp_path):
         for t in threads:
             t.join(120)
         assert not errors and [got[i] for i in range(2)] == expected
-        assert [serve.redis.hget(f"cleave:req:blip{i}", "state") for i in range(2)] == ["finished"] * 2
+        _wait(lambda: [serve.redis.hget(f"cleave:req:blip{i}", "state") for i in range(2)] == ["finished"] * 2, 10,
+              "both hashes finished")
 
         # 2. the prefill worker's record deleted for 1.5 s from the moment a 1,500-token prompt is
         # sent (mid-prefill, or before it: then the request waits for the pool)
@@ -225,6 +226,7 @@ def test_no_stream_is_left_hanging(tmp_path):
         assert not errors and [got[i] for i in range(2)] == expected
 
         # 4. a reservation flood from one caller with the token: the router keeps its own budget
+        _wait(lambda: len(serve.workers("decode")) == 1, 60, "the decode worker registered in the new Redis")
         rec = next(iter(serve.workers("decode").values()))
         with grpc.insecure_channel(rec["address"]) as ch:
             stub = worker_pb2_grpc.DecodeStub(ch)
@@ -262,7 +264,8 @@ def test_the_only_decode_instance_killed_finishes_its_streams_after_the_restart(
             t.join(150)
         assert not errors, errors
         assert [got[i] for i in range(4)] == expected
-        assert all(serve.redis.hget(f"cleave:req:only{i}", "state") == "finished" for i in range(4))
+        _wait(lambda: all(serve.redis.hget(f"cleave:req:only{i}", "state") == "finished" for i in range(4)), 10,
+              "the four hashes finished")  # written behind the token path
         failed_reserves = sum("unreachable" in line for line in serve.lines)
         assert failed_reserves <= 8, "".join(serve.lines[-40:])
     finally:
