@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from bench.machine import describe  # noqa: E402
 from kernels import attention  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(describe())
     print(f"CPU paged decode attention, {args.threads} threads, {args.heads} q / {args.kv_heads} kv "
           f"heads x {args.dim}, block {args.block}; best of {args.repeats}")
     head = f"{'dtype':<6}{'case':<20}{'loop ms':>10}{'batched ms':>12}{'x':>7}{'calls':>7}{'max err':>10}"

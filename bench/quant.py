@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.machine import describe  # noqa: E402
 from common.model import WEIGHTS_DTYPES, CacheConfig  # noqa: E402
 from engine.batch import ForwardBatch  # noqa: E402
 from engine.loader import load_model, load_tokenizer, resolve_model  # noqa: E402
@@ -127,7 +128,8 @@ def main() -> int:
 
     ref = rows["fp32"]
     base = {b: statistics.median(ref["times"][b]) for b in batches}
-    print(f"\n{source.model_id} ({source.kind}), {torch.get_num_threads()} torch threads, decode at context "
+    print(f"\n{describe()}")
+    print(f"{source.model_id} ({source.kind}), {torch.get_num_threads()} torch threads, decode at context "
           f"{args.context}, {ref['top1'].numel()} scored positions of {os.path.basename(args.text)}\n")
     head = ["weights", "weights MiB"] + [f"decode ms @{b} (x fp32)" for b in batches] + ["top-1 agree", "ppl"]
     print("| " + " | ".join(head) + " |")

@@ -3,8 +3,10 @@
     python bench/serving.py [--model M] [--tokens 64] [--prompt-tokens 64] [--threads NCPU]
                             [--worker-threads 0] [--weights-dtypes fp32,int8] [--handoff-tokens 1024]
 
-Prints one table for 1, 8 and 16 concurrent streams (``--concurrency``) of ``--tokens`` new
-tokens each (``ignore_eos``) after ``--prompt-tokens``-token prompts, all on this machine's cores
+Prints the CPU and the kernel features it has (``bench/machine.py``: AMX, AVX-512-BF16,
+AVX-512-VNNI, AVX2, torch's capability), then one table for 1, 8 and 16 concurrent streams
+(``--concurrency``) of ``--tokens`` new tokens each (``ignore_eos``) after ``--prompt-tokens``-token
+prompts, all on this machine's cores
 (the stack splits them between its workers and prints the split; the baselines run alone, one
 after the other, with ``--threads`` threads): TTFT (p50/p90), TPOT (mean gap between a stream's tokens
 after the first) and completion tok/s (prefill included). Rows:
@@ -36,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench import baselines, quant, serving_extras  # noqa: E402
+from bench import baselines, machine, quant, serving_extras  # noqa: E402
 from engine.loader import load_model, load_model_config, load_reference_model, load_tokenizer, resolve_model  # noqa: E402
 from services.launcher import LocalStack, StackConfig  # noqa: E402
 from services.loadgen.cli import bench  # noqa: E402
@@ -124,6 +126,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    print(machine.describe(), flush=True)
     slo = Slo.parse(args.goodput) if args.goodput else None
     torch.set_num_threads(args.threads)
     source = resolve_model(args.model)
@@ -188,7 +191,8 @@ def print_table(args, source, dtypes, out, notes) -> None:
     rows = out["rows"]
     systems = [f"Cleave {wd}" for wd in dtypes] + ["HF generate"] + \
         (["llama.cpp"] if ("llama.cpp", args.levels[0]) in rows else [])
-    print(f"\nmodel {source.model_id} ({os.path.basename(source.path)}), {args.prompt_tokens}-token prompts, "
+    print(f"\n{machine.describe()}")
+    print(f"model {source.model_id} ({os.path.basename(source.path)}), {args.prompt_tokens}-token prompts, "
           f"{args.tokens} new tokens per stream (ignore_eos), {os.cpu_count()} cores; HF and llama.cpp "
           f"{args.threads} threads; Cleave cores {out['cores'] or 'not pinned'}"
           f"{f', {args.worker_threads} threads per worker' if args.worker_threads else ''}; "
