@@ -38,7 +38,7 @@ import venv
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.launcher import LocalStack, StackConfig  # noqa: E402
+from services.launcher import LocalStack, StackConfig, workers  # noqa: E402
 from services.loadgen.cli import bench  # noqa: E402
 from services.loadgen.datasets import DatasetConfig, LengthDist  # noqa: E402
 from services.loadgen.runner import LoadConfig  # noqa: E402
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(source)
     stack = LocalStack(StackConfig(port=0, http_port=0, model=args.model, log_level="WARNING",
-                                   worker_args=("--threads", str(args.threads))))
+                                   **workers(threads=int(args.threads))))
     cores = sorted(os.sched_getaffinity(0))
     pin = args.pin and len(cores) >= 2
     with tempfile.TemporaryDirectory(prefix="cleave-aiperf-") as tmp:

@@ -43,7 +43,7 @@ import grpc  # noqa: E402
 from cleave.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
 from common.grpc_util import internal_sync_channel  # noqa: E402
 from common.registry import read_workers  # noqa: E402
-from services.launcher import LocalStack, StackConfig  # noqa: E402
+from services.launcher import LocalStack, StackConfig, workers  # noqa: E402
 
 MiB = 1 << 20
 
@@ -128,8 +128,8 @@ def main() -> None:
     started = time.perf_counter()
     stack = LocalStack(StackConfig(
         port=0, log_level="WARNING",
-        worker_args=("--kv-cache-mb", "1024", "--threads", args.threads,
-                     "--transport", args.transport) + (("--no-checksum",) if args.no_checksum else ())))
+        **workers(kv_cache_bytes=1 << 30, threads=int(args.threads), transport=args.transport,
+                  checksum=not args.no_checksum)))
     try:
         router = stack.start()
         print(f"stack ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)

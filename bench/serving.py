@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from bench import baselines, machine, quant, serving_extras  # noqa: E402
 from engine.loader import load_model, load_model_config, load_reference_model, load_tokenizer, resolve_model  # noqa: E402
-from services.launcher import LocalStack, StackConfig  # noqa: E402
+from services.launcher import LocalStack, StackConfig, workers  # noqa: E402
 from services.loadgen.cli import bench  # noqa: E402
 from services.loadgen.datasets import DatasetConfig, LengthDist  # noqa: E402
 from services.loadgen.report import Slo  # noqa: E402
@@ -75,13 +75,13 @@ def served_model(source, weights_dtype: str):
 def run_cleave(args, source, vocab, weights_dtype, flag, slo, out) -> None:
     """Start a stack with ``weights_dtype`` weights, run every load level, and (for the first
     weights dtype) the handoff; fills ``out`` (rows, memory, handoff)."""
-    worker_args = ("--transport", args.transport)
+    fields = {"transport": args.transport}
     if args.worker_threads:
-        worker_args += ("--threads", str(args.worker_threads))
+        fields["threads"] = int(args.worker_threads)
     if flag:
-        worker_args += ("--weights-dtype", weights_dtype)
+        fields["weights_dtype"] = weights_dtype
     stack = LocalStack(StackConfig(port=0, http_port=0, model=args.model, log_level="WARNING",
-                                   worker_args=worker_args))
+                                   **workers(**fields)))
     try:
         router = stack.start()
         out["cores"] = {name: list(cores) for name, cores in getattr(stack, "cores", {}).items()}

@@ -13,8 +13,9 @@
                                                                     # choose each pool's layout
     cleave bench --goodput ttft:500,tpot:50 [--concurrency 1,4]     # load-test a running stack
 
-Flags become config dataclasses here (and only here); their validation errors are printed
-as one line with exit code 2.
+The serving commands' flags are declared on their config dataclasses (``common.flags.option``:
+``StackConfig``, ``services.config.WorkerConfig`` with its ``RuntimeConfig``, ``RouterConfig``)
+and turned back into them here; validation errors are printed as one line with exit code 2.
 """
 from __future__ import annotations
 
@@ -28,52 +29,9 @@ import sys
 from common.environment import Environment
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="", help="model: empty for the embedded SmolLM2-135M-Instruct, "
-                   "a .gguf file or a Hugging Face directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind and advertise")
-
-
-def _add_worker_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--port", type=int, default=0, help="gRPC port (0 = a free port)")
-    p.add_argument("--metrics-port", type=int, default=0,
-                   help="serve Prometheus /metrics on this port (0 = do not serve them)")
-    p.add_argument("--redis-url", default="", help="Redis to register in")
-    p.add_argument("--key-prefix", default="cleave:")
-    p.add_argument("--worker-id", default="")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache size of the instance")
-    p.add_argument("--num-blocks", type=int, default=0, help="KV blocks (overrides --kv-cache-mb)")
-    p.add_argument("--transport", default="ucx", choices=["ucx", "tcp", "fake"], help="KV transport")
-    p.add_argument("--no-checksum", action="store_true", help="skip the CRC32 of KV messages")
-    p.add_argument("--max-batch", type=int, default=64, help="decode: running sequences per step")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    p.add_argument("--drain-timeout", type=float, default=60.0,
-                   help="on SIGTERM, seconds to let running requests finish before exiting")
-    p.add_argument("--max-reservation", type=float, default=900.0,
-                   help="decode: seconds a KV reservation may live at most, whatever deadline the caller asks")
-    p.add_argument("--max-reservations-per-caller", type=int, default=512,
-                   help="decode: reservations not yet decoding that one calling host may hold")
-    for axis in ("tp", "pp", "cp", "ep"):
-        p.add_argument(f"--{axis}", type=int, default=1, help=f"{axis.upper()} degree of the instance")
-    _add_expert_flags(p)
-    from services.rank import add_runtime_flags
-    add_runtime_flags(p)
-
-
-def _add_expert_flags(p: argparse.ArgumentParser) -> None:
-    """MoE decode: expert load balancing (``services.expert_balance``)."""
-    p.add_argument("--redundant-experts", type=int, default=0,
-                   help="MoE decode: extra expert slots over the EP group for copies of hot experts "
-                        "(ep must divide num_experts + this)")
-    p.add_argument("--expert-stats-interval", type=int, default=10,
-                   help="MoE decode: seconds per windowed expert-statistics bucket in Redis")
-    p.add_argument("--expert-window", type=float, default=300.0,
-                   help="MoE decode: seconds of expert statistics the load view and rebalancer use")
-    p.add_argument("--rebalance-interval", type=float, default=0.0,
-                   help="MoE decode: seconds between automatic rebalancing checks (0 = only `cleave rebalance`)")
-    p.add_argument("--rebalance-threshold", type=float, default=0.1,
-                   help="MoE decode: rebalance when the predicted hotspot ratio drops by more than this fraction")
+def _add_config_json(p: argparse.ArgumentParser, name: str) -> None:
+    p.add_argument("--config-json", default="", help=f"the whole {name} as JSON, as `cleave serve` starts "
+                   "this process; no other flag may be given with it")
 
 
 def _add_planner_flags(p: argparse.ArgumentParser) -> None:
@@ -108,77 +66,47 @@ def _planner_config(args):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from common.config import POOLS, RouterConfig
+    from common.flags import add_arguments
+    from common.layout import ParallelConfig
+    from engine.runtime.config import RuntimeConfig
+    from services.config import WorkerConfig
+    from services.launcher import SERVE_DECODE_FIELDS, SERVE_WORKER_FIELDS, StackConfig
     env = Environment.read()
     parser = argparse.ArgumentParser(prog="cleave", description="Disaggregated prefill/decode LLM serving")
-    parser.add_argument("--log-level", default=env.log_level)
+    parser.add_argument("--log-level", default=env.log_level, help="DEBUG, INFO, WARNING or ERROR "
+                        "(env CLEAVE_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the local stack (Redis, router, prefill, decode)")
-    _add_model(serve)
-    serve.add_argument("--port", type=int, default=50051, help="router port")
-    serve.add_argument("--http-port", type=int, default=8000,
-                       help="router's OpenAI-compatible HTTP API and /metrics (0 = a free port)")
-    serve.add_argument("--redis-url", default="", help="use this Redis instead of a private one")
-    serve.add_argument("--prefill-instances", type=int, default=1)
-    serve.add_argument("--decode-instances", type=int, default=1)
-    serve.add_argument("--transport", default="ucx", choices=["ucx", "tcp", "fake"])
-    serve.add_argument("--kv-cache-mb", type=int, default=1024)
-    serve.add_argument("--threads", type=int, default=0,
-                       help="torch threads per worker rank (0 = one per core it is given)")
-    serve.add_argument("--cpus", default="", help="cores the stack may use, e.g. 0-7 (default: all this "
-                       "process may use); split between the workers in proportion to their ranks, with a "
-                       "spare core for the router when there is one")
-    serve.add_argument("--weights-dtype", default="fp32", choices=["fp32", "bf16", "int8", "int4"],
-                       help="how every worker holds its weights: fp32 (exact, the default), bf16, or int8/int4 "
-                            "weight-only quantized (measured, not exact: see make bench)")
-    serve.add_argument("--pin-cores", action=argparse.BooleanOptionalAction, default=True,
-                       help="give each worker its own cores (--no-pin-cores: let them share every core)")
-    serve.add_argument("--ready-timeout", type=float, default=300.0)
+    add_arguments(StackConfig, serve, defaults={"http_port": 8000})
+    add_arguments(RuntimeConfig, serve, only=SERVE_WORKER_FIELDS)         # for every worker
     serve.add_argument("--planner", action="store_true",
                        help="also run the planner: it starts and drains instances of each pool")
     _add_planner_flags(serve)
-    _add_expert_flags(serve)                  # passed to every decode instance
-    for pool, axes in (("prefill", ("tp", "cp")), ("decode", ("tp", "pp", "ep"))):
-        for axis in axes:
-            serve.add_argument(f"--{pool}-{axis}", type=int, default=1,
-                               help=f"{axis.upper()} degree of each {pool} instance")
+    add_arguments(WorkerConfig, serve, only=SERVE_DECODE_FIELDS)          # for every decode instance
+    for pool, axes in SERVE_LAYOUTS.items():
+        add_arguments(ParallelConfig, serve, only=axes, prefix=f"{pool}-",
+                      help=f"{{NAME}} degree of each {pool} instance")
 
-    worker = sub.add_parser("worker", help="run one prefill or decode instance")
-    worker.add_argument("pool", choices=["prefill", "decode"])
-    _add_model(worker)
-    _add_worker_flags(worker)
-
-    rank = sub.add_parser("rank", help="run ranks of an instance whose rank 0 (cleave worker) is "
-                                       "elsewhere: they join its rendezvous (multi-host instances)")
-    rank.add_argument("pool", choices=["prefill", "decode"])
-    _add_model(rank)
-    _add_worker_flags(rank)
+    for name, text in (("worker", "run one prefill or decode instance"),
+                       ("rank", "run ranks of an instance whose rank 0 (cleave worker) is elsewhere: they "
+                                "join its rendezvous (multi-host instances)")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("pool", choices=POOLS, help="the instance's pool")
+        add_arguments(WorkerConfig, cmd)
+        if name == "worker":
+            _add_config_json(cmd, "WorkerConfig")
 
     router = sub.add_parser("router", help="run the public router")
-    _add_model(router)
-    router.add_argument("--port", type=int, default=50051, help="public gRPC port")
-    router.add_argument("--http-port", type=int, default=8000,
-                        help="OpenAI-compatible HTTP API and Prometheus /metrics (0 = a free port)")
-    router.add_argument("--redis-url", required=True)
-    router.add_argument("--key-prefix", default="cleave:")
-    router.add_argument("--transfer-timeout", type=float, default=30.0)
-    router.add_argument("--request-timeout", type=float, default=0.0,
-                        help="seconds: a deadline on every request (0 = none: only the client's own "
-                             "deadline, its leaving or max_tokens ends a request)")
-    router.add_argument("--admission-wait", type=float, default=10.0,
-                        help="seconds a request waits for KV room before RESOURCE_EXHAUSTED")
-    router.add_argument("--pool-wait", type=float, default=60.0,
-                        help="seconds a request waits for a worker while its pool has none registered "
-                             "and reachable (a restart) before UNAVAILABLE")
-    router.add_argument("--worker-grace", type=float, default=30.0,
-                        help="seconds a worker may be absent from the registry (nothing in flight) "
-                             "before its channel is closed; a shorter gap only pauses new requests to it")
-    router.add_argument("--max-queued", type=int, default=256)
+    add_arguments(RouterConfig, router, defaults={"redis_url": ""})      # no default Redis: name it
+    _add_config_json(router, "RouterConfig")
 
     planner = sub.add_parser("planner", help="scale the pools of a Kubernetes deployment")
-    planner.add_argument("--backend", default="kubernetes", choices=["kubernetes", "local"])
-    planner.add_argument("--redis-url", required=True)
-    planner.add_argument("--key-prefix", default="cleave:")
+    planner.add_argument("--backend", default="kubernetes", choices=["kubernetes", "local"],
+                         help="what starts and stops instances (local: use `cleave serve --planner`)")
+    planner.add_argument("--redis-url", required=True, help="the deployment's Redis")
+    planner.add_argument("--key-prefix", default="cleave:", help="prefix of the deployment's Redis keys")
     planner.add_argument("--namespace", default="", help="'' = the pod's own namespace")
     planner.add_argument("--prefill-workload", default="", help="e.g. deployment/cleave-prefill")
     planner.add_argument("--decode-workload", default="", help="e.g. deployment/cleave-decode")
@@ -188,16 +116,16 @@ def _parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="stream a completion from a router")
     gen.add_argument("prompt", help="the prompt (with --chat: the user message)")
-    gen.add_argument("--address", default=env.address)
+    gen.add_argument("--address", default=env.address, help="router address (env CLEAVE_ADDRESS)")
     gen.add_argument("--chat", action="store_true", help="send as a chat message (chat template)")
     gen.add_argument("--system", default="", help="system message (implies --chat)")
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=0.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (0 = off)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     gen.add_argument("--show-usage", action="store_true", help="print token counts and finish reason")
 
     bench = sub.add_parser("bench", help="load-test a running Cleave (gRPC or OpenAI API): TTFT, TPOT, ITL, goodput")
@@ -221,32 +149,33 @@ def _parser() -> argparse.ArgumentParser:
     rebalance.add_argument("--dry-run", action="store_true", help="print the prediction, publish nothing")
 
     info = sub.add_parser("info", help="show the served model and pools")
-    info.add_argument("--address", default=env.address)
+    info.add_argument("--address", default=env.address, help="router address (env CLEAVE_ADDRESS)")
     return parser
 
 
+def _config_json_alone(args) -> None:
+    """Refuse flags given beside --config-json (it carries the whole config)."""
+    defaults = vars(_parser().parse_args([args.command, *([args.pool] if "pool" in args else [])]))
+    extra = sorted(k for k, v in vars(args).items() if k not in ("config_json", "log_level") and defaults.get(k) != v)
+    if extra:
+        raise ValueError("--config-json carries the whole config; drop "
+                         + ", ".join("--" + k.replace("_", "-") for k in extra))
+
+
 def _worker_config(args):
-    from common.config import WorkerConfig
-    from common.layout import ParallelConfig
-    from engine.runtime.cores import parse_cpus
-    from services.rank import rendezvous_from
-    return WorkerConfig(pool=args.pool, model=args.model, host=args.host, port=args.port,
-                        redis_url=args.redis_url, key_prefix=args.key_prefix, worker_id=args.worker_id,
-                        block_size=args.block_size, num_blocks=args.num_blocks,
-                        kv_cache_bytes=args.kv_cache_mb << 20, transport=args.transport,
-                        checksum=not args.no_checksum, max_batch=args.max_batch, threads=args.threads,
-                        drain_timeout_s=args.drain_timeout,
-                        max_reservation_s=args.max_reservation,
-                        max_reservations_per_caller=args.max_reservations_per_caller, metrics_port=args.metrics_port,
-                        parallel=ParallelConfig(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep),
-                        redundant_experts=args.redundant_experts, expert_stats_interval_s=args.expert_stats_interval,
-                        expert_window_s=args.expert_window, rebalance_interval_s=args.rebalance_interval,
-                        rebalance_threshold=args.rebalance_threshold,
-                        internal_token=Environment.read().internal_token,
-                        device=args.device, dtype=args.dtype, weights_dtype=args.weights_dtype,
-                        cuda_graphs=args.cuda_graphs,
-                        cpus=parse_cpus(args.cpus),
-                        rendezvous=rendezvous_from(args))
+    """The ``WorkerConfig`` of ``cleave worker`` / ``cleave rank`` (the internal token from the environment)."""
+    from common.flags import from_args, from_json
+    from services.config import WorkerConfig
+    token = Environment.read().internal_token
+    if getattr(args, "config_json", ""):
+        _config_json_alone(args)
+        cfg = from_json(WorkerConfig, args.config_json, internal_token=token)
+        if cfg.pool != args.pool:
+            raise ValueError(f"--config-json is a {cfg.pool} config, the command says {args.pool}")
+        return cfg
+    if args.command == "worker":
+        args.rank = -1        # a worker is rank 0, whatever RANK says
+    return from_args(WorkerConfig, args, pool=args.pool, internal_token=token)
 
 
 def _run_worker(args) -> int:
@@ -272,14 +201,15 @@ def _run_rank(args) -> int:
 
 def _run_router(args) -> int:
     from common.config import RouterConfig
+    from common.flags import from_args, from_json
     from router.server import serve_router
     from services.router_views import MODEL_INFO_VIEWS
-    cfg = RouterConfig(model=args.model, host=args.host, port=args.port, http_port=args.http_port,
-                       redis_url=args.redis_url,
-                       key_prefix=args.key_prefix, transfer_timeout_s=args.transfer_timeout,
-                       request_timeout_s=args.request_timeout, admission_wait_s=args.admission_wait,
-                       pool_wait_s=args.pool_wait, worker_grace_s=args.worker_grace,
-                       max_queued=args.max_queued, internal_token=Environment.read().internal_token)
+    token = Environment.read().internal_token
+    if args.config_json:
+        _config_json_alone(args)
+        cfg = from_json(RouterConfig, args.config_json, internal_token=token)
+    else:
+        cfg = from_args(RouterConfig, args, internal_token=token)
     asyncio.run(serve_router(cfg, views=MODEL_INFO_VIEWS))
     return 0
 
@@ -311,12 +241,16 @@ def _run_planner(args) -> int:
     return 0
 
 
+SERVE_LAYOUTS = {"prefill": ("tp", "cp"), "decode": ("tp", "pp", "ep")}   # cleave serve --prefill-tp ...
+
+
 def pool_layouts(args):
     """The prefill and decode ParallelConfigs of ``cleave serve``'s flags (validated)."""
+    from common.flags import values
     from common.layout import ParallelConfig
-    prefill = ParallelConfig(tp=args.prefill_tp, cp=args.prefill_cp)
-    decode = ParallelConfig(tp=args.decode_tp, pp=args.decode_pp, ep=args.decode_ep)
-    return prefill, decode
+    return tuple(ParallelConfig(**values(ParallelConfig, args, only=axes, prefix=f"{pool}-",
+                                         help="{NAME} degree"))
+                 for pool, axes in SERVE_LAYOUTS.items())
 
 
 def check_layouts(model_spec: str, layouts) -> None:
@@ -330,32 +264,19 @@ def check_layouts(model_spec: str, layouts) -> None:
             raise ValueError(f"{name} layout: {exc}") from None
 
 
-def _layout_flags(layout) -> list[str]:
-    return [f"--{a}={getattr(layout, a)}" for a in ("tp", "pp", "cp", "ep") if getattr(layout, a) != 1]
-
-
-def _expert_flags(args) -> list[str]:
-    """The decode instances' expert-balancing flags of ``cleave serve`` (see _add_expert_flags)."""
-    return [f"--redundant-experts={args.redundant_experts}", f"--expert-stats-interval={args.expert_stats_interval}",
-            f"--expert-window={args.expert_window}", f"--rebalance-interval={args.rebalance_interval}",
-            f"--rebalance-threshold={args.rebalance_threshold}"]
-
-
 def _run_serve(args) -> int:
-    from engine.runtime.cores import parse_cpus
-    from services.launcher import StackConfig
+    from common.flags import from_args, values
+    from engine.runtime.config import RuntimeConfig
+    from services.config import WorkerConfig
+    from services.launcher import SERVE_DECODE_FIELDS, SERVE_WORKER_FIELDS, StackConfig, workers
     from services.serve import run_stack
     prefill, decode = pool_layouts(args)
     check_layouts(args.model, [("prefill", prefill), ("decode", decode)])
-    worker = ["--transport", args.transport, "--kv-cache-mb", str(args.kv_cache_mb), "--threads", str(args.threads),
-              "--weights-dtype", args.weights_dtype]
-    cfg = StackConfig(port=args.port, http_port=args.http_port, host=args.host, redis_url=args.redis_url,
-                      model=args.model,
-                      prefill_instances=args.prefill_instances, decode_instances=args.decode_instances,
-                      worker_args=tuple(worker), prefill_args=tuple(_layout_flags(prefill)),
-                      decode_args=tuple(_layout_flags(decode) + _expert_flags(args)), ready_timeout_s=args.ready_timeout,
-                      log_level=args.log_level, planner=_planner_config(args) if args.planner else None,
-                      cpus=parse_cpus(args.cpus), pin_cores=args.pin_cores)
+    both = values(RuntimeConfig, args, only=SERVE_WORKER_FIELDS)
+    templates = workers(prefill={"parallel": prefill},
+                        decode={"parallel": decode, **values(WorkerConfig, args, only=SERVE_DECODE_FIELDS)}, **both)
+    cfg = from_args(StackConfig, args, **templates, log_level=args.log_level,
+                    planner=_planner_config(args) if args.planner else None)
     return run_stack(cfg)
 
 

@@ -53,7 +53,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         self.host = host
         cfg = host.cfg
         self.instance = host.executor
-        self.scheduler = DecodeScheduler(host.forward, cfg.block_size, cfg.max_batch,
+        self.scheduler = DecodeScheduler(host.forward, cfg.runtime.block_size, cfg.runtime.max_batch,
                                          on_step=host.metrics.decode_step)
         self._reservations: dict[str, Reservation] = {}
         self._lock = threading.Lock()
@@ -76,7 +76,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         cfg, m = self.host.cfg, self.host.model_config
         client = connect_redis(cfg.redis_url, asynchronous=False) if cfg.redis_url else None
         return ExpertBalancer(client, cfg.key_prefix, stats_model_id(self.host.model_id), m.num_experts,
-                              list(range(m.num_layers)), cfg.parallel.ep, cfg.redundant_experts,
+                              list(range(m.num_layers)), cfg.runtime.parallel.ep, cfg.redundant_experts,
                               self.instance.apply_placement, window_s=cfg.expert_window_s,
                               rebalance_interval_s=cfg.rebalance_interval_s,
                               rebalance_threshold=cfg.rebalance_threshold,
@@ -165,10 +165,10 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         return worker_pb2.LandingDescriptor(
             transfer_id=transfer_id, request_id=request.request_id, layout=self.host.layout,
             num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
-            block_size=self.host.cfg.block_size, dtype=model.dtype, block_ids=blocks,
+            block_size=self.host.cfg.runtime.block_size, dtype=model.dtype, block_ids=blocks,
             num_prompt_tokens=request.num_prompt_tokens, deadline_unix=deadline,
-            compat_hash=self.host.compat, transport=self.host.cfg.transport,
-            incarnation=self.host.incarnation, source_layout=source, checksum=self.host.cfg.checksum,
+            compat_hash=self.host.compat, transport=self.host.cfg.runtime.transport,
+            incarnation=self.host.incarnation, source_layout=source, checksum=self.host.cfg.runtime.checksum,
             ranks=self.instance.landing_ranks())
 
     async def Decode(self, request: worker_pb2.DecodeRequest, context):

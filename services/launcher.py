@@ -3,9 +3,11 @@
 Lifecycle:
 
 1. Start a private ``redis-server`` on a free port (unless a Redis URL is given).
-2. Start the prefill and decode instances (``cleave worker ...``, free ports, registering
-   in Redis, each serving Prometheus ``/metrics`` on a free port: ``metrics_ports``) and the
-   router on the requested ports (gRPC on ``port``, the OpenAI API and ``/metrics`` on ``http_port``).
+2. Start the prefill and decode instances (``cleave worker POOL --config-json ...``: the
+   pool's ``WorkerConfig`` template with the stack's model, host, Redis and cores; free gRPC
+   ports, registering in Redis, each serving Prometheus ``/metrics`` on a free port:
+   ``metrics_ports``) and the router (its ``RouterConfig`` likewise) on the requested ports
+   (gRPC on ``port``, the OpenAI API and ``/metrics`` on ``http_port``).
 3. Wait until the router's gRPC health check says SERVING (a worker of each pool is
    registered), then print one line saying where it listens.
 4. With a planner (``cleave serve --planner``: ``services.serve.run_stack``), a thread runs
@@ -27,6 +29,7 @@ reach the children through their environment, and printed URLs are masked.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -43,36 +46,50 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cleave.v1 import inference_pb2, inference_pb2_grpc
+from common.config import RouterConfig, host_option, model_option
 from common.environment import Environment
+from common.flags import option, replace, to_json
 from common.registry import split_password
 from engine.parallel import free_port
-from engine.runtime.cores import available, format_cpus, split
+from engine.runtime.cores import available, format_cpus, parse_cpus, split
+from services.config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
 
+def _templates(pool: str):
+    return lambda: WorkerConfig(pool=pool)
+
+
 @dataclass(frozen=True)
 class StackConfig:
-    port: int = 50051
-    http_port: int | None = None         # router's OpenAI API and /metrics (0 = a free port);
-                                         # None = 8000, or a free port when ``port`` is 0
-    host: str = "127.0.0.1"
-    redis_url: str = ""                  # "" = start a private redis-server
-    model: str = ""
-    prefill_instances: int = 1
-    decode_instances: int = 1
-    worker_args: tuple[str, ...] = ()    # extra flags for every worker
-    prefill_args: tuple[str, ...] = ()
-    decode_args: tuple[str, ...] = ()
-    router_args: tuple[str, ...] = ()
-    ready_timeout_s: float = 300.0
+    """One local deployment. ``prefill``, ``decode`` and ``router`` are the configs every
+    instance of that part starts from; the stack sets in each what is the stack's own (model,
+    host, Redis URL, ports, cores) and hands it over as JSON (``--config-json``)."""
+
+    port: int = option(50051, help="router's gRPC port")
+    # None = 8000, or a free port when ``port`` is 0 (tests); ``cleave serve``'s flag defaults to 8000
+    http_port: int | None = option(None, help="router's OpenAI-compatible HTTP API and /metrics (0 = a free port)")
+    host: str = host_option()
+    redis_url: str = option("", help="use this Redis instead of a private one")
+    model: str = model_option()
+    prefill_instances: int = option(1, help="prefill instances to start")
+    decode_instances: int = option(1, help="decode instances to start")
+    prefill: WorkerConfig = field(default_factory=_templates("prefill"))
+    decode: WorkerConfig = field(default_factory=_templates("decode"))
+    router: RouterConfig = field(default_factory=RouterConfig)
+    ready_timeout_s: float = option(300.0, flag="--ready-timeout", help="seconds to wait for the stack to serve")
     log_level: str = "INFO"
     extra_env: dict = field(default_factory=dict)
     planner: object = None               # a services.planner.PlannerConfig: run the planner too
     max_restarts: int = 3                # a pool with no live instance ends the stack after this
                                          # many restarts in a row that died within a minute
-    cpus: tuple[int, ...] = ()           # cores the stack may use; () = every core this process may use
-    pin_cores: bool = True               # give each worker its own cores (--cpus) and the router a spare one
+    cpus: tuple[int, ...] = option((), to_field=parse_cpus, from_field=format_cpus,
+                                   help="cores the stack may use, e.g. 0-7 (default: all this process may use); "
+                                        "split between the workers in proportion to their ranks, with a spare "
+                                        "core for the router when there is one")
+    pin_cores: bool = option(True, help="give each worker its own cores (--no-pin-cores: let them share every "
+                             "core)")
 
     def __post_init__(self) -> None:
         if self.http_port is None:  # a stack on a free gRPC port (tests) takes a free HTTP port too
@@ -87,6 +104,23 @@ class StackConfig:
         if self.prefill_instances < 1 or self.decode_instances < 1:
             raise ValueError(f"need at least one instance per pool, got prefill={self.prefill_instances} "
                              f"decode={self.decode_instances}")
+        if (self.prefill.pool, self.decode.pool) != ("prefill", "decode"):
+            raise ValueError(f"the prefill and decode templates are for pools 'prefill' and 'decode', got "
+                             f"{self.prefill.pool!r} and {self.decode.pool!r}")
+
+
+# the worker fields ``cleave serve`` offers as its own flags: for every instance, and for decode ones
+SERVE_WORKER_FIELDS = ("transport", "kv_cache_bytes", "threads", "weights_dtype")
+SERVE_DECODE_FIELDS = ("redundant_experts", "expert_stats_interval_s", "expert_window_s",
+                       "rebalance_interval_s", "rebalance_threshold")
+
+
+def workers(prefill: dict | None = None, decode: dict | None = None, **both) -> dict[str, WorkerConfig]:
+    """``StackConfig``'s ``prefill`` and ``decode`` templates from fields by their flat names
+    (``common.flags.replace``): ``both`` for every instance, ``prefill``/``decode`` per pool, e.g.
+    ``StackConfig(**workers(transport="tcp", num_blocks=64, decode={"tp": 2}))``."""
+    return {pool: replace(WorkerConfig(pool=pool), **both, **(extra or {}))
+            for pool, extra in (("prefill", prefill), ("decode", decode))}
 
 
 class LocalStack:
@@ -107,7 +141,6 @@ class LocalStack:
         self._lock = threading.Lock()        # the planner's thread adds and retires workers
         self._retiring: set[str] = set()     # names of workers asked to drain and exit
         self._count = {"prefill": 0, "decode": 0}
-        self._common: list[str] = []
         self._argv: dict[str, tuple[list[str], bool]] = {}  # name -> (argv, quiet), for restarts
         self._restart: dict[str, tuple[float, float]] = {}  # dead name -> (restart at, backoff)
         self._crashes: dict[str, int] = {"prefill": 0, "decode": 0}  # quick deaths in a row
@@ -132,15 +165,16 @@ class LocalStack:
     def add_worker(self, pool: str) -> str:
         """Start one more instance of ``pool``; it registers in Redis when ready. Returns its name."""
         cfg = self.cfg
-        extra = cfg.prefill_args if pool == "prefill" else cfg.decode_args
+        template = cfg.prefill if pool == "prefill" else cfg.decode
         with self._lock:
             name = f"{pool}-{self._count[pool]}"
             self._count[pool] += 1
         self.metrics_ports[name] = port = free_port(cfg.host)
         cores = self.cores.setdefault(name, self._pool_cores.get(pool, ()))  # planner's extras share the pool's
-        pinned = ["--cpus", format_cpus(cores)] if cores else []
-        self._spawn(name, self._cli("worker", pool, *self._common, "--metrics-port", str(port), *pinned,
-                                    *cfg.worker_args, *extra))
+        runtime = dataclasses.replace(template.runtime, model=cfg.model, host=cfg.host,
+                                      cpus=cores or template.runtime.cpus)
+        worker = dataclasses.replace(template, runtime=runtime, redis_url=self.redis_url, metrics_port=port)
+        self._spawn(name, self._cli("worker", pool, "--config-json", to_json(worker)))
         return name
 
     def plan_cores(self) -> dict[str, tuple[int, ...]]:
@@ -153,18 +187,19 @@ class LocalStack:
         cores = cfg.cpus or available()
         names = [f"prefill-{i}" for i in range(cfg.prefill_instances)] + \
                 [f"decode-{i}" for i in range(cfg.decode_instances)]
-        worlds = {"prefill": _world(cfg.worker_args + cfg.prefill_args),
-                  "decode": _world(cfg.worker_args + cfg.decode_args)}
+        worlds = {"prefill": cfg.prefill.runtime.world_size, "decode": cfg.decode.runtime.world_size}
         weights = [worlds[n.split("-")[0]] for n in names]
         compute = cores[:-1] if len(cores) > sum(weights) else cores   # a spare core for the router
         plan = dict(zip(names, split(compute, weights)))
         if compute != cores:
             plan["router"] = cores[-1:]
-        threads = int(_flag(cfg.worker_args, "--threads") or 0)
         for name, share in plan.items():
-            ranks = worlds.get(name.split("-")[0], 1)
+            if name == "router":
+                continue
+            template = cfg.prefill if name.startswith("prefill") else cfg.decode
+            ranks, threads = worlds[template.pool], template.runtime.threads
             per_rank = max(1, len(share) // ranks)        # ranks share cores when there are fewer
-            if name != "router" and threads > per_rank:
+            if threads > per_rank:
                 raise ValueError(f"--threads {threads} per rank, but the split of {len(cores)} cores "
                                  f"({format_cpus(cores)}) gives each of the {ranks} rank(s) of {name} "
                                  f"{per_rank}: lower --threads (0 = one per core) or run fewer instances")
@@ -218,14 +253,14 @@ class LocalStack:
             self.router_port = free_port(cfg.host)
         if self.http_port == 0:
             self.http_port = free_port(cfg.host)
-        self._common = common = ["--model", cfg.model, "--redis-url", self.redis_url, "--host", cfg.host]
         self.plan_cores()
         for _ in range(cfg.prefill_instances):
             self.add_worker("prefill")
         for _ in range(cfg.decode_instances):
             self.add_worker("decode")
-        router = self._spawn("router", self._cli("router", *common, "--port", str(self.router_port),
-                                                 "--http-port", str(self.http_port), *cfg.router_args))
+        router_cfg = dataclasses.replace(cfg.router, model=cfg.model, host=cfg.host, redis_url=self.redis_url,
+                                         port=self.router_port, http_port=self.http_port)
+        router = self._spawn("router", self._cli("router", "--config-json", to_json(router_cfg)))
         if self.cores.get("router"):          # off the workers' cores (its threads inherit this)
             os.sched_setaffinity(router.pid, self.cores["router"])
         address = f"{cfg.host}:{self.router_port}"
@@ -355,19 +390,3 @@ class LocalStack:
         with self._lock:
             self.procs.clear()
 
-
-def _flag(args: tuple[str, ...], name: str) -> str | None:
-    """The value of ``name`` in ``args`` (``--x=v`` or ``--x v``; the last one wins), else None."""
-    value = None
-    for i, a in enumerate(args):
-        if a.startswith(name + "="):
-            value = a.split("=", 1)[1]
-        elif a == name and i + 1 < len(args):
-            value = args[i + 1]
-    return value
-
-
-def _world(args: tuple[str, ...]) -> int:
-    """Ranks of an instance started with ``args`` (pp * cp * max(tp, ep))."""
-    tp, pp, cp, ep = (int(_flag(args, f"--{a}") or 1) for a in ("tp", "pp", "cp", "ep"))
-    return pp * cp * max(tp, ep)

@@ -33,9 +33,9 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 
+from common.config import POOLS
 from common.metrics import percentile, read_latencies, read_waiting_for_kv
 from common.registry import connect_redis, read_workers
-from services.scaling import POOLS
 
 log = logging.getLogger(__name__)
 

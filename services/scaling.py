@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 from typing import Protocol
 
-POOLS = ("prefill", "decode")
+from common.config import POOLS
 
 
 class ScalingError(RuntimeError):

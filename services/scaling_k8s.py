@@ -35,7 +35,8 @@ from typing import Mapping
 import kubernetes
 import urllib3
 
-from services.scaling import POOLS, ScalingError
+from common.config import POOLS
+from services.scaling import ScalingError
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import asyncio
 import logging
 import threading
 
+from common.config import POOLS
 from services.launcher import LocalStack
 from services.planner import Planner, PlannerConfig
-from services.scaling import POOLS
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -35,13 +36,13 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cleave.v1 import inference_pb2, worker_pb2
-from common.config import WorkerConfig
 from common.errors import Unavailable
 from common.prom import WorkerMetrics, layout_label
 from common.registry import Heartbeat, WorkerRecord, connect_redis
 from engine.kv_cache import BlockAllocator
-from engine.runtime.config import ExpertStats, Rendezvous, RuntimeConfig
+from engine.runtime.config import ExpertStats, RuntimeConfig
 from engine.runtime.executor import Executor, make_executor
+from services.config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +57,12 @@ def logprob_pb(entry) -> inference_pb2.TokenLogprob:
 
 
 def runtime_config(cfg: WorkerConfig) -> RuntimeConfig:
-    """The engine runtime's view of a worker's flags (model, layout, device, KV cache, transport)."""
-    stats = None
-    if cfg.pool == "decode" and cfg.redis_url:
-        stats = ExpertStats(cfg.redis_url, cfg.key_prefix, cfg.expert_stats_interval_s, cfg.expert_window_s)
-    return RuntimeConfig(model=cfg.model, parallel=cfg.parallel, device=cfg.device, dtype=cfg.dtype,
-                         weights_dtype=cfg.weights_dtype,
-                         block_size=cfg.block_size, num_blocks=cfg.num_blocks,
-                         kv_cache_bytes=cfg.kv_cache_bytes, transport=cfg.transport, checksum=cfg.checksum,
-                         host=cfg.host, threads=cfg.threads, cpus=tuple(cfg.cpus), cuda_graphs=cfg.cuda_graphs,
-                         max_batch=cfg.max_batch, expert_stats=stats,
-                         rendezvous=cfg.rendezvous or Rendezvous())
+    """The worker's ``RuntimeConfig``, with where a MoE decode instance writes expert statistics
+    (its Redis, from the worker's own fields)."""
+    if cfg.pool != "decode" or not cfg.redis_url:
+        return cfg.runtime
+    stats = ExpertStats(cfg.redis_url, cfg.key_prefix, cfg.expert_stats_interval_s, cfg.expert_window_s)
+    return dataclasses.replace(cfg.runtime, expert_stats=stats)
 
 
 class WorkerHost:
@@ -82,7 +78,7 @@ class WorkerHost:
         self.source = self.executor.source
         self.model_id = self.source.model_id
         self.model_config = self.executor.model_config
-        self.allocator = BlockAllocator(self.executor.num_blocks, cfg.block_size)
+        self.allocator = BlockAllocator(self.executor.num_blocks, cfg.runtime.block_size)
         self.compat = self.executor.compat
         self.incarnation = uuid.uuid4().hex
         self.layout = self.executor.layout
@@ -115,7 +111,7 @@ class WorkerHost:
         return worker_pb2.WorkerInfo(
             worker_id=self.worker_id, pool=self.cfg.pool, incarnation=self.incarnation,
             model_id=self.model_id, layout=self.layout, total_blocks=self.allocator.total,
-            free_blocks=self.allocator.free_blocks, block_size=self.cfg.block_size,
+            free_blocks=self.allocator.free_blocks, block_size=self.cfg.runtime.block_size,
             running=running, waiting=waiting, queued_tokens=queued_tokens, compat_hash=self.compat)
 
     def record(self) -> WorkerRecord:
@@ -125,7 +121,7 @@ class WorkerHost:
             incarnation=self.incarnation, model_id=self.model_id, compat_hash=self.compat,
             host=socket.gethostname(), pid=os.getpid(),
             layout={"tp": self.layout.tp, "pp": self.layout.pp, "cp": self.layout.cp, "ep": self.layout.ep},
-            capacity={"total_blocks": self.allocator.total, "block_size": self.cfg.block_size},
+            capacity={"total_blocks": self.allocator.total, "block_size": self.cfg.runtime.block_size},
             load={"free_blocks": info.free_blocks, "running": info.running, "waiting": info.waiting,
                   "queued_tokens": info.queued_tokens},
             draining=self.draining)
@@ -139,10 +135,10 @@ async def start_worker_server(host: WorkerHost, add_servicer: Callable[[grpc.aio
     add_servicer(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{host.cfg.host}:{host.cfg.port}")
+    port = server.add_insecure_port(f"{host.cfg.runtime.host}:{host.cfg.port}")
     if port == 0:
-        raise RuntimeError(f"could not bind {host.cfg.host}:{host.cfg.port}")
-    host.address = f"{host.cfg.host}:{port}"
+        raise RuntimeError(f"could not bind {host.cfg.runtime.host}:{host.cfg.port}")
+    host.address = f"{host.cfg.runtime.host}:{port}"
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     host.health = health_servicer
@@ -182,8 +178,8 @@ async def start_worker(host: WorkerHost, make_servicer: Callable[[WorkerHost], o
     server, _ = await start_worker_server(host, lambda s: add_fn(servicer, s))
     await servicer.start()
     if cfg.metrics_port:
-        port = host.metrics.serve(cfg.host, cfg.metrics_port)
-        log.info("%s worker metrics on http://%s:%d/metrics", cfg.pool, cfg.host, port)
+        port = host.metrics.serve(cfg.runtime.host, cfg.metrics_port)
+        log.info("%s worker metrics on http://%s:%d/metrics", cfg.pool, cfg.runtime.host, port)
     if not cfg.redis_url:
         return RunningWorker(host, servicer, server)
     client = connect_redis(cfg.redis_url)

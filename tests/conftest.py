@@ -8,11 +8,13 @@ import pytest
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 
 
-def _stack(request, **kw):
+def _stack(request, workers=None, **kw):
+    """A stack of real processes; ``workers``: fields of every worker by flat name (``services.launcher.workers``)."""
     from services.launcher import StackConfig
+    from services.launcher import workers as templates
     from tests.stack import RunningStack
 
-    running = RunningStack(StackConfig(port=0, log_level="WARNING", **kw))
+    running = RunningStack(StackConfig(port=0, log_level="WARNING", **templates(**(workers or {})), **kw))
     request.addfinalizer(running.close)
     return running
 
@@ -82,7 +84,7 @@ def tiny_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_stack(request):
     """The default model served by one prefill and one decode instance over UCX."""
-    return _stack(request, model="", worker_args=("--kv-cache-mb", "256", "--threads", "1"))
+    return _stack(request, model="", workers=dict(kv_cache_bytes=256 << 20, threads=1))
 
 
 @pytest.fixture(scope="session")
@@ -90,8 +92,7 @@ def tiny_stack(request, tiny_llama_dir):
     """A tiny random Llama (safetensors) served with the TCP transport and a small KV cache:
     47 usable blocks of 8 tokens = 376 token slots, less than the 512-token context."""
     return _stack(request, model=tiny_llama_dir,
-                  worker_args=("--transport", "tcp", "--num-blocks", "48", "--block-size", "8",
-                               "--threads", "1"))
+                  workers=dict(transport="tcp", num_blocks=48, block_size=8, threads=1))
 
 
 @pytest.fixture

@@ -33,8 +33,9 @@ from typing import Callable
 import torch
 
 from cleave.v1 import inference_pb2 as pb
-from common.config import RouterConfig, WorkerConfig
+from common.config import RouterConfig
 from common.errors import CleaveError
+from common.flags import replace
 from common.registry import connect_redis
 from engine.runtime.fake import FakeExecutor, tiny_config
 from kvtransfer.handoff import _TRAILER
@@ -43,6 +44,7 @@ from router.core import RouterCore
 from router.state import TERMINAL
 from router.text import TextCodec
 from services import decode, prefill
+from services.config import WorkerConfig
 from services.worker import RunningWorker, WorkerHost, start_worker
 
 # router settings of a test stack (fast discovery, short deadlines); a test overrides any
@@ -147,10 +149,10 @@ class FakeStack:
         common = dict(redis_url=redis_url, key_prefix=self.router_cfg.key_prefix, block_size=block_size,
                       transport="tcp", checksum=checksum, heartbeat_s=heartbeat_s, ttl_s=max(5.0, 4 * heartbeat_s),
                       **(worker or {}))
-        self.worker_cfgs = [WorkerConfig(pool="prefill", worker_id=f"prefill-{i}", num_blocks=prefill_blocks, **common)
-                            for i in range(prefill)]
-        self.worker_cfgs += [WorkerConfig(pool="decode", worker_id=f"decode-{i}", num_blocks=decode_blocks, **common)
-                             for i in range(decode)]
+        self.worker_cfgs = [replace(WorkerConfig(pool="prefill"), worker_id=f"prefill-{i}", num_blocks=prefill_blocks,
+                                    **common) for i in range(prefill)]
+        self.worker_cfgs += [replace(WorkerConfig(pool="decode"), worker_id=f"decode-{i}", num_blocks=decode_blocks,
+                                     **common) for i in range(decode)]
         self.prefills: list[RunningWorker] = []
         self.decodes: list[RunningWorker] = []
         self.core: RouterCore | None = None

@@ -35,14 +35,14 @@ def test_fewer_cores_than_processes_share_round_robin():
     assert split((0, 1), [1, 1, 1]) == [(0,), (1,), (0,)]
 
 
-def _stack(**kw):
-    from services.launcher import LocalStack, StackConfig
-    return LocalStack(StackConfig(port=0, **kw))
+def _stack(threads=0, decode=None, **kw):
+    from services.launcher import LocalStack, StackConfig, workers
+    return LocalStack(StackConfig(port=0, **workers(threads=threads, decode=decode), **kw))
 
 
 @pytest.mark.unit
 def test_stack_plan_keeps_compute_processes_apart_and_the_router_off_them():
-    plan = _stack(cpus=tuple(range(8)), decode_args=("--tp", "2", "--pp=2"), prefill_instances=2).plan_cores()
+    plan = _stack(cpus=tuple(range(8)), decode={"tp": 2, "pp": 2}, prefill_instances=2).plan_cores()
     compute = [set(v) for k, v in plan.items() if k != "router"]
     assert sum(len(s) for s in compute) == len(set().union(*compute))   # no two share a core
     assert plan["router"] == (7,) and all(7 not in s for s in compute)
@@ -57,11 +57,11 @@ def test_more_threads_than_cores_is_refused_clearly():
     from engine.runtime.config import RuntimeConfig
 
     with pytest.raises(ValueError, match=r"--threads 2 per rank.*rank\(s\) of prefill-0 1"):
-        _stack(cpus=(0, 1), worker_args=("--threads", "2")).plan_cores()
+        _stack(cpus=(0, 1), threads=2).plan_cores()
     with pytest.raises(ValueError, match=r"each of the 2 rank\(s\) on this host gets 1 core"):
         RuntimeConfig(threads=2, cpus=(0, 1), parallel=ParallelConfig(tp=2))
     # more ranks than cores: they share, one thread each (what a 4-rank instance on 2 cores does)
-    assert _stack(cpus=(0, 1), worker_args=("--threads", "1"), decode_args=("--tp=4",)).plan_cores()
+    assert _stack(cpus=(0, 1), threads=1, decode={"tp": 4}).plan_cores()
     RuntimeConfig(threads=1, cpus=(0,), parallel=ParallelConfig(tp=4))
 
 

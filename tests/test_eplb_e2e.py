@@ -51,7 +51,7 @@ def test_rebalance_mid_generation_keeps_tokens_and_lowers_the_hotspot(tmp_path):
     from engine.expert_stats import stats_model_id
     from services.cli import main as cli
     from common.grpc_util import token_metadata
-    from services.launcher import StackConfig
+    from services.launcher import StackConfig, workers
     from tests.moe_models import make_tiny_mixtral
     from tests.stack import RunningStack, request
     from transformers import AutoModelForCausalLM
@@ -64,8 +64,8 @@ def test_rebalance_mid_generation_keeps_tokens_and_lowers_the_hotspot(tmp_path):
 
     stack = RunningStack(StackConfig(
         port=0, http_port=0, model=str(tmp_path), log_level="WARNING",
-        decode_args=("--ep=2", "--redundant-experts=2", "--expert-stats-interval=1", "--expert-window=120"),
-        worker_args=("--transport", "tcp", "--num-blocks", "256", "--block-size", "8", "--threads", "1")))
+        **workers(transport="tcp", num_blocks=256, block_size=8, threads=1,
+                  decode=dict(ep=2, redundant_experts=2, expert_stats_interval_s=1, expert_window_s=120.0))))
     try:
         decode = next(w for w in stack.workers() if w.pool == "decode")
         channel = grpc.insecure_channel(decode.address)

@@ -15,12 +15,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def two_decode_stack(request_fixture_dir):
-    from services.launcher import StackConfig
+    from services.launcher import StackConfig, workers
     from tests.stack import RunningStack
 
     running = RunningStack(StackConfig(
         port=0, log_level="WARNING", model=request_fixture_dir, prefill_instances=2, decode_instances=2,
-        worker_args=("--transport", "tcp", "--num-blocks", "400", "--block-size", "8", "--threads", "1")))
+        **workers(transport="tcp", num_blocks=400, block_size=8, threads=1)))
     yield running
     running.close()
 

@@ -14,19 +14,20 @@ from tests.stack import request
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
-def _stack(model_dir, prefill=(), decode=(), router=(), decode_instances=1, block_size="8", transport="ucx"):
-    from services.launcher import StackConfig
+def _stack(model_dir, decode=None, router=None, decode_instances=1, block_size=8, transport="ucx"):
+    from common.config import RouterConfig
+    from services.launcher import StackConfig, workers
     from tests.stack import RunningStack
 
     return RunningStack(StackConfig(
         port=0, model=model_dir, log_level="WARNING", decode_instances=decode_instances,
-        worker_args=("--transport", transport, "--num-blocks", "300", "--threads", "1"),
-        prefill_args=("--block-size", block_size, *prefill), decode_args=tuple(decode) or ("--block-size", "8"),
-        router_args=tuple(router)))
+        router=RouterConfig(**(router or {})),
+        **workers(transport=transport, num_blocks=300, threads=1, prefill={"block_size": block_size},
+                  decode=decode or {"block_size": 8})))
 
 
 def test_compatibility_mismatch_fails_before_any_token(tiny_llama_dir):
-    stack = _stack(tiny_llama_dir, block_size="16")  # prefill blocks of 16, decode blocks of 8
+    stack = _stack(tiny_llama_dir, block_size=16)  # prefill blocks of 16, decode blocks of 8
     try:
         before = stack.free_blocks()
         stream = stack.stub.Generate(request(token_ids=[1, 2, 3], max_tokens=4), timeout=60)
@@ -41,7 +42,7 @@ def test_compatibility_mismatch_fails_before_any_token(tiny_llama_dir):
 
 def test_transfer_deadline_that_passes_is_unavailable(tiny_llama_dir):
     # 400 tokens of KV over TCP cannot move in 0.1 ms: every push misses its deadline
-    stack = _stack(tiny_llama_dir, router=("--transfer-timeout", "0.0001"), transport="tcp")
+    stack = _stack(tiny_llama_dir, router={"transfer_timeout_s": 0.0001}, transport="tcp")
     try:
         before = stack.free_blocks()
         with pytest.raises(grpc.RpcError) as err:
@@ -74,7 +75,7 @@ def test_decode_peer_that_vanishes_before_the_push_is_retried(tmp_path):
     from tests.models import make_tiny_llama
 
     make_tiny_llama(str(tmp_path), seed=5, max_position_embeddings=4096)
-    stack = _stack(str(tmp_path), decode_instances=2, router=("--transfer-timeout", "5"))
+    stack = _stack(str(tmp_path), decode_instances=2, router={"transfer_timeout_s": 5.0})
     try:
         prompt = [(7 * i) % 250 for i in range(1, 2000)]   # a long prompt: prefill takes a while
         expected = stack.generate(token_ids=prompt, max_tokens=8)

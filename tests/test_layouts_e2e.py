@@ -29,12 +29,13 @@ def _layout(flags) -> dict:
 
 
 def _run_pair(model_dir, prefill, decode, transport, prompts, reference, n=16):
-    from services.launcher import StackConfig
+    from services.launcher import StackConfig, workers
     from tests.stack import RunningStack
 
     stack = RunningStack(StackConfig(
-        port=0, model=model_dir, log_level="WARNING", prefill_args=tuple(prefill), decode_args=tuple(decode),
-        worker_args=("--transport", transport, "--num-blocks", "64", "--block-size", "8", "--threads", "1")))
+        port=0, model=model_dir, log_level="WARNING",
+        **workers(transport=transport, num_blocks=64, block_size=8, threads=1,
+                  prefill=_layout(prefill), decode=_layout(decode))))
     try:
         before = stack.free_blocks()
         for ids in prompts:
@@ -74,7 +75,7 @@ def test_moe_prefill_tp2_to_decode_ep2_and_expert_counts_in_redis(tmp_path):
     """Mixtral: prefill TP2 hands KV to decode EP2; decode writes expert counts to Redis."""
     import time
 
-    from services.launcher import StackConfig
+    from services.launcher import StackConfig, workers
     from tests.moe_models import make_tiny_mixtral
     from tests.stack import RunningStack
     from transformers import AutoModelForCausalLM
@@ -82,8 +83,8 @@ def test_moe_prefill_tp2_to_decode_ep2_and_expert_counts_in_redis(tmp_path):
     make_tiny_mixtral(str(tmp_path), seed=0)
     reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     stack = RunningStack(StackConfig(
-        port=0, model=str(tmp_path), log_level="WARNING", prefill_args=("--tp=2",), decode_args=("--ep=2",),
-        worker_args=("--transport", "ucx", "--num-blocks", "64", "--block-size", "8", "--threads", "1")))
+        port=0, model=str(tmp_path), log_level="WARNING",
+        **workers(transport="ucx", num_blocks=64, block_size=8, threads=1, prefill={"tp": 2}, decode={"ep": 2})))
     try:
         prompts, n = [[5, 17, 99, 3], list(range(40, 60))], 12
         for ids in prompts:

@@ -31,7 +31,8 @@ def tiny_reference(tiny_llama_dir):
 
 
 def test_ranks_started_on_their_own_serve_with_parity(tiny_llama_dir, tiny_reference):
-    from services.launcher import StackConfig
+    from engine.runtime.config import Rendezvous
+    from services.launcher import StackConfig, workers
     from tests.stack import RunningStack
 
     port = free_port()
@@ -43,10 +44,11 @@ def test_ranks_started_on_their_own_serve_with_parity(tiny_llama_dir, tiny_refer
                               env=env, stderr=subprocess.PIPE, text=True) for r in (1, 2, 3)]
     stack = None
     try:
+        rendezvous = Rendezvous(nproc_per_node=1, master_port=port, timeout_s=120.0)
         stack = RunningStack(StackConfig(
-            port=0, model=tiny_llama_dir, log_level="WARNING", worker_args=common[2:],
-            decode_args=(*LAYOUT, "--nproc-per-node", "1", "--master-port", str(port),
-                         "--rendezvous-timeout", "120")))
+            port=0, model=tiny_llama_dir, log_level="WARNING",
+            **workers(transport="tcp", num_blocks=64, block_size=8, threads=1, device="cpu",
+                      decode=dict(tp=2, pp=2, rendezvous=rendezvous))))
         assert all(p.poll() is None for p in ranks), "a rank left while its instance serves"
         for ids in ([5, 17, 33, 2, 101, 7, 9], [64, 3, 12, 250, 8, 8, 1, 30, 2, 7, 11]):
             assert stack.generate(token_ids=ids, max_tokens=12).token_ids == hf_greedy(tiny_reference, ids, 12)

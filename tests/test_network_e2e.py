@@ -36,13 +36,12 @@ def _tree(pids):
 
 
 def test_every_listener_binds_the_given_host_and_no_secret_is_in_argv(tiny_llama_dir, password_redis):
-    from services.launcher import StackConfig
+    from services.launcher import StackConfig, workers
     from tests.stack import RunningStack
 
     stack = RunningStack(StackConfig(
         port=0, model=tiny_llama_dir, log_level="WARNING", redis_url=password_redis,
-        prefill_args=("--tp=2",), decode_args=("--tp=2",),
-        worker_args=("--transport", "ucx", "--num-blocks", "64", "--block-size", "8", "--threads", "1")))
+        **workers(transport="ucx", num_blocks=64, block_size=8, threads=1, prefill={"tp": 2}, decode={"tp": 2})))
     try:
         from engine.loader import load_reference_model, resolve_model
         ref = load_reference_model(resolve_model(tiny_llama_dir))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cleave.v1 import inference_pb2
-from services.launcher import StackConfig
+from services.launcher import StackConfig, workers
 from services.planner import PlannerConfig
 from services.scaling_local import LocalBackend, PlannerThread
 from tests.conftest import hf_greedy
@@ -19,7 +19,7 @@ from tests.stack import RunningStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
-WORKER = ("--transport", "tcp", "--block-size", "8", "--threads", "1")
+WORKER = dict(transport="tcp", block_size=8, threads=1)
 PROMPTS = [[5 + i, 17, 3 * i + 1, 40, 2, 9, 11 + i] * (1 + i % 3) for i in range(4)]
 
 
@@ -66,7 +66,7 @@ def _record_of(running: RunningStack, name: str):
 
 def test_scaling_down_drains_without_losing_requests(request, long_model_dir, reference):
     running = _stack(request, long_model_dir, decode_instances=2,
-                     worker_args=(*WORKER, "--num-blocks", "600", "--drain-timeout", "120"))
+                     **workers(**WORKER, num_blocks=600, drain_timeout_s=120.0))
     _wait_routed(running, "decode", 2)  # ready means one instance per pool; here both must be
     retiring = _record_of(running, "decode-1")
     n = 500
@@ -100,7 +100,7 @@ def test_scaling_down_drains_without_losing_requests(request, long_model_dir, re
 
 
 def test_burst_grows_prefill_only_and_idle_shrinks_it(request, long_model_dir, reference):
-    running = _stack(request, long_model_dir, worker_args=(*WORKER, "--num-blocks", "1024"))
+    running = _stack(request, long_model_dir, **workers(**WORKER, num_blocks=1024))
     cfg = PlannerConfig(interval_s=0.5, window_s=3, prefill_max=2, decode_max=2, ttft_target_s=0.01,
                         queue_target_tokens=64, tpot_target_s=60, kv_high=0.95, kv_low=0.5,
                         cooldown_up_s=1, cooldown_down_s=4)

@@ -192,14 +192,15 @@ def test_request_state_waits_for_redis_and_ends_terminal(redis_url):
 def test_reservations_are_bounded_per_caller_and_in_lifetime():
     import functools
 
-    from common.config import WorkerConfig
     from common.errors import Exhausted
+    from common.flags import replace
     from engine.runtime.fake import FakeExecutor
+    from services.config import WorkerConfig
     from services.decode import DecodeService
     from services.worker import WorkerHost
 
-    cfg = WorkerConfig(pool="decode", block_size=4, num_blocks=100, transport="tcp", max_reservations_per_caller=2,
-                       max_reservation_s=60)
+    cfg = replace(WorkerConfig(pool="decode"), block_size=4, num_blocks=100, transport="tcp",
+                  max_reservations_per_caller=2, max_reservation_s=60)
     host = WorkerHost(cfg, make=functools.partial(FakeExecutor, model_config=MODEL))
     service = DecodeService(host)
     far = time.time() + 10_000

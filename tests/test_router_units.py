@@ -8,8 +8,9 @@ import math
 import pytest
 
 from cleave.v1 import inference_pb2 as pb
-from common.config import RouterConfig, WorkerConfig
+from common.config import RouterConfig
 from common.errors import InvalidRequest
+from common.flags import replace
 from common.layout import ParallelConfig
 from common.model import ModelConfig
 from common.registry import WorkerRecord
@@ -17,6 +18,7 @@ from router.policy import LeastLoadPolicy, make_policy
 from router.text import IncrementalText, TextCodec
 from router.validate import check_sampling, prompt_ids_of, request_id_of, seed_of
 from router.workers import WorkerHandle
+from services.config import WorkerConfig
 from tests.models import EOS_ID, write_byte_tokenizer
 
 pytestmark = pytest.mark.unit
@@ -229,7 +231,7 @@ def test_rank_prefill_least_queued_tokens():
         make_policy("random")
 
 
-# ---- common/config.py ----------------------------------------------------------------------
+# ---- common/config.py, services/config.py ------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(pool="both"), r"pool must be one of \('prefill', 'decode'\), got 'both'"),
@@ -250,9 +252,8 @@ def test_rank_prefill_least_queued_tokens():
     (dict(pool="prefill", parallel=ParallelConfig(pp=2)), "prefill instance is laid out tp x cp; got pp=2"),
 ])
 def test_worker_config_rejects(kwargs, match):
-    kwargs = {"pool": "decode", **kwargs}
-    with pytest.raises(ValueError, match=match):
-        WorkerConfig(**kwargs)
+    with pytest.raises(ValueError, match=match):   # by flat names: runtime fields are its RuntimeConfig's
+        replace(WorkerConfig(pool="decode"), **kwargs)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -276,7 +277,7 @@ def test_router_config_rejects(kwargs, match):
 
 def test_configs_defaults_are_valid():
     WorkerConfig(pool="prefill")
-    WorkerConfig(pool="decode", port=65535, transport="fake", threads=0)
+    replace(WorkerConfig(pool="decode"), port=65535, transport="fake", threads=0)
     RouterConfig(port=0, admission_wait_s=0, max_queued=0)
     with pytest.raises(ValueError, match="tp must be >= 1, got 0"):
         ParallelConfig(tp=0)

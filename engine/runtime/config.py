@@ -1,19 +1,24 @@
 """What a rank needs to know to run: :class:`RuntimeConfig` (model, layout, device, KV cache,
 transport) and :class:`Rendezvous` (where rank 0 is and which ranks this process runs).
 
-Built by the CLI (``services.cli``) from flags, by tests and benches directly. Rank 0 publishes
-its ``RuntimeConfig`` in the rendezvous store; ranks started on their own take it from there and
-keep only their own host-local fields (``host``, ``device``, ``threads``), so the ranks of an
-instance cannot disagree on the model or the layout. Validated on construction (``ValueError``).
+Each field declares its own flag (``common.flags.option``): ``cleave worker`` and ``cleave
+rank`` get theirs from ``services.config.WorkerConfig``, which holds a ``RuntimeConfig``; tests
+and benches build it directly. Rank 0 publishes its ``RuntimeConfig`` in the rendezvous store;
+ranks started on their own take it from there and keep only their own host-local fields
+(``host``, ``device``, ``threads``), so the ranks of an instance cannot disagree on the model
+or the layout. Validated on construction (``ValueError``).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from common.config import host_option, model_option
+from common.flags import option
 from common.layout import ParallelConfig
 from common.model import WEIGHTS_DTYPES
+from engine.runtime.cores import format_cpus, parse_cpus
 from engine.runtime.device import DEVICES, DTYPE_NAMES
 
 TRANSPORTS = ("ucx", "tcp", "fake")
@@ -29,13 +34,20 @@ class Rendezvous:
     ``rank`` when that is set (a rank started on its own). ``local_rank`` picks ``cuda:<n>`` for
     a single-rank process (default: its index on the node). ``timeout_s`` bounds the join."""
 
-    master_addr: str = ""              # "" = this process's --host (rank 0)
-    master_port: int = 0
-    nproc_per_node: int = 0            # 0 = every rank of the instance on this host
-    node_rank: int = 0
-    rank: int = -1                     # >= 0: run exactly this rank (``cleave rank --rank``)
-    local_rank: int = -1               # >= 0: the CUDA device index of a single-rank process
-    timeout_s: float = 300.0
+    master_addr: str = option("", unset=True, help="rank 0's rendezvous address (env MASTER_ADDR; default: "
+                              "rank 0's --host)")
+    master_port: int = option(0, unset=True, help="rank 0's rendezvous port (env MASTER_PORT; default 0 = a free "
+                              "port, only when every rank runs on rank 0's host)")
+    nproc_per_node: int = option(0, unset=True, help="ranks this command runs on this host (env LOCAL_WORLD_SIZE; "
+                                 "default: all ranks of the instance)")
+    node_rank: int = option(0, unset=True, help="this host's index: it runs ranks node_rank*nproc .. +nproc-1 "
+                            "(env NODE_RANK; default 0)")
+    rank: int = option(-1, unset=True, help="cleave rank: run exactly this one rank (env RANK) instead of a "
+                       "node's ranks")
+    local_rank: int = option(-1, unset=True, help="CUDA device index of a single --rank process (env LOCAL_RANK; "
+                             "default 0)")
+    timeout_s: float = option(300.0, flag="--rendezvous-timeout",
+                              help="seconds rank 0 waits for every rank to join (it then names the missing ones)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.master_port <= 65535:
@@ -93,23 +105,37 @@ class ExpertStats:
 class RuntimeConfig:
     """One instance's ranks: model, layout, device, KV cache and KV transport."""
 
-    model: str = ""                    # "" (default SmolLM2), a .gguf file or an HF directory
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    device: str = "auto"               # auto | cuda | cpu
-    dtype: str = "auto"                # auto = bfloat16 on CUDA, float32 on CPU
-    weights_dtype: str = "fp32"        # how weights are held (engine.quant): fp32 (in dtype, exact) | bf16 | int8 | int4
-    block_size: int = 16
-    num_blocks: int = 0                # 0 = derive from kv_cache_bytes
-    kv_cache_bytes: int = 1 << 30
-    transport: str = "ucx"
-    checksum: bool = True
-    host: str = "127.0.0.1"            # this rank's address: KV transport, gloo/NCCL interface
-    threads: int = 0                   # torch intra-op threads per rank; 0 = one per core given, else torch's default
-    cpus: tuple[int, ...] = ()         # cores of this host for its ranks (split between them); () = unpinned
-    cuda_graphs: bool = True           # decode steps replayed from CUDA graphs (CUDA only)
-    max_batch: int = 64                # largest decode batch (sizes the CUDA graph buckets)
-    expert_stats: ExpertStats | None = None
-    rendezvous: Rendezvous = field(default_factory=Rendezvous)
+    model: str = model_option()
+    parallel: ParallelConfig = option(default_factory=ParallelConfig, nested=True,
+                                      help="{NAME} degree of the instance")
+    device: str = option("auto", choices=DEVICES, help="where the model runs: auto = CUDA when present, else "
+                         "CPU; rank r of a host uses cuda:<local rank>")
+    dtype: str = option("auto", choices=DTYPE_NAMES, help="model and KV cache dtype: auto = bfloat16 on CUDA, "
+                        "float32 on CPU (exact)")
+    weights_dtype: str = option("fp32", choices=WEIGHTS_DTYPES, help="how the linear and embedding weights are "
+                                "held: fp32 = in --dtype (exact, the default); bf16; int8 / int4 = weight-only "
+                                "quantized (GGUF Q8_0/Q4_0/Q4_1/Q4_K codes used as they are where the kernel "
+                                "takes them; CPU only). Not token-exact: see bench/quant.py for agreement and "
+                                "perplexity")
+    block_size: int = option(16, help="tokens per KV block")
+    num_blocks: int = option(0, help="KV blocks (overrides --kv-cache-mb; 0 = derive from it)")
+    kv_cache_bytes: int = option(1 << 30, flag="--kv-cache-mb", to_field=lambda mb: mb << 20,
+                                 from_field=lambda b: b >> 20, help="KV cache size of the instance (MiB)")
+    transport: str = option("ucx", choices=TRANSPORTS, help="KV transport")
+    checksum: bool = option(True, help="CRC32 of every KV message (--no-checksum skips it)")
+    host: str = host_option()          # this rank's address: gRPC, KV transport, gloo/NCCL interface
+    threads: int = option(0, help="torch intra-op threads per rank (0 = one per core given, else torch's "
+                          "default)")
+    cpus: tuple[int, ...] = option((), to_field=parse_cpus, from_field=format_cpus,
+                                   help="cores for this command's ranks, e.g. 0-3 (split evenly between them; "
+                                        "each rank pins to its share and runs one torch thread per core); "
+                                        "empty = not pinned")
+    cuda_graphs: bool = option(True, help="replay decode steps from CUDA graphs captured per batch-size bucket "
+                               "(CUDA only)")
+    max_batch: int = option(64, help="decode: running sequences per step (sizes the CUDA graph buckets)")
+    expert_stats: ExpertStats | None = None   # set by the decode service from its own flags
+    rendezvous: Rendezvous = option(default_factory=Rendezvous, nested=True, build=Rendezvous.from_env,
+                                    help="where the instance's ranks meet")
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -120,8 +146,10 @@ class RuntimeConfig:
             raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {self.weights_dtype!r}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
-        if self.threads < 0 or self.max_batch < 1:
-            raise ValueError(f"need threads >= 0 and max_batch >= 1, got {self.threads} and {self.max_batch}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         local = len(self.rendezvous.local_ranks(self.world_size))
         per_rank = max(1, len(self.cpus) // local)        # ranks share cores when there are fewer
         if self.cpus and self.threads > per_rank:
