@@ -35,6 +35,7 @@ from common.model import ModelConfig
 from common.prom import RouterMetrics
 from router.lifecycle import RequestRun, ValidRequest
 from router.policy import make_policy
+from router.request_state import AdmissionQueue, RequestRecorder, RequestState
 from router.state import RequestStore, now
 from router.text import IncrementalText, TextCodec
 from router.validate import check_input_size, check_sampling, prompt_ids_of, request_id_of, seed_of
@@ -64,11 +65,16 @@ class RouterCore:
         self.store = RequestStore(client, cfg.key_prefix, cfg.request_ttl_s,
                                   live_ttl_s=int(cfg.request_timeout_s) + cfg.request_ttl_s)  # see RouterConfig
         self.metrics = MetricsWriter(client, cfg.key_prefix, self.router_id.removeprefix("router-"))
-        self.queued = 0                   # requests waiting for decode room
+        self.admission = AdmissionQueue(cfg.max_queued)  # requests waiting for decode room
         self.active: set[str] = set()     # request ids in flight on this router
         self.prom = RouterMetrics(model_id, running=lambda: max(0, len(self.active) - self.queued),
                                   waiting=lambda: self.queued)  # Prometheus, at /metrics of the HTTP port
         self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def queued(self) -> int:
+        """Requests of this router waiting for KV room now."""
+        return self.admission.waiting
 
     def background(self, task: asyncio.Task) -> None:
         self._tasks.add(task)
@@ -132,12 +138,12 @@ class RouterCore:
         req = ValidRequest(rid, ids, sampling, seed_of(sampling),
                            t_arrival + timeout if timeout is not None else float("inf"),
                            list(self.model.eos_token_ids))
-        self.store.update(rid, state="queued", prompt_tokens=len(ids), completion_tokens=0,
-                          max_tokens=sampling.max_tokens, t_arrival=t_arrival, attempts=0, error="",
-                          finish_reason="")
+        rec = RequestRecorder(self.store, rid)
+        rec.to(RequestState.QUEUED, prompt_tokens=len(ids), completion_tokens=0, max_tokens=sampling.max_tokens,
+               t_arrival=t_arrival, attempts=0, error="", finish_reason="")
         text = IncrementalText(self.codec, list(sampling.stop))
-        run = RequestRun(self, req)
-        state, error, finish, count, t_first = "failed", "", None, 0, 0.0
+        run = RequestRun(self, req, rec)
+        state, error, finish, count, t_first = RequestState.FAILED, "", None, 0, 0.0
         kind, t_last = "internal", 0.0  # failure kind (a gRPC code name) and last delta's time, for /metrics
         try:
             async with asyncio.timeout(None if timeout is None else max(0.0, req.deadline - now())), \
@@ -146,7 +152,7 @@ class RouterCore:
                     new_ids, reason = step.ids, step.reason
                     if new_ids and count == 0:
                         t_first = now()
-                        self.store.update(rid, t_first_token=t_first)
+                        rec.note(t_first_token=t_first)
                         self.metrics.record("ttft", rid, t_first - t_arrival)
                         self.prom.first_token(t_first - t_arrival)
                     elif new_ids:
@@ -167,19 +173,19 @@ class RouterCore:
                     yield msg
                     if reason is not None:
                         break
-            state = "finished"
+            state = RequestState.FINISHED
             if count > 1:
                 self.metrics.record("tpot", rid, (now() - t_first) / (count - 1))
         except (asyncio.CancelledError, GeneratorExit):  # the front door's client left
             if finish is not None:  # closed after its last delta was handed over: it finished
-                state = "finished"
+                state = RequestState.FINISHED
             elif time.time() >= req.deadline - _DEADLINE_SLACK_S:
-                state, error, kind = "failed", missed, "deadline_exceeded"
+                state, error, kind = RequestState.FAILED, missed, "deadline_exceeded"
             else:
-                state, error, kind = "cancelled", "client cancelled the request", "cancelled"
+                state, error, kind = RequestState.CANCELLED, "client cancelled the request", "cancelled"
             raise
         except TimeoutError:
-            state, error, kind = "failed", missed, "deadline_exceeded"
+            state, error, kind = RequestState.FAILED, missed, "deadline_exceeded"
             raise DeadlineExceeded(f"request {rid} did not finish within its deadline of "
                                    f"{timeout or 0:.1f} s") from None
         except CleaveError as exc:
@@ -194,13 +200,12 @@ class RouterCore:
             raise CleaveError(error) from None
         finally:
             self.active.discard(rid)
-            fields = dict(state=state, completion_tokens=count, t_finish=now(), attempts=run.attempts,
-                          error=error)
+            fields = dict(completion_tokens=count, t_finish=now(), attempts=run.attempts, error=error)
             if finish is not None:
                 fields["finish_reason"] = inference_pb2.FinishReason.Name(finish).removeprefix("FINISH_REASON_").lower()
-            self.store.update(rid, **fields)
+            rec.to(state, **fields)
             queue_s = None if run.t_admitted is None else run.t_admitted - t_arrival
-            if state == "finished":
+            if state is RequestState.FINISHED:
                 self.prom.finished(fields.get("finish_reason", "stop"), len(ids), count, now() - t_arrival,
                                    queue_s, run.attempts)
             else:

@@ -22,6 +22,7 @@ import grpc
 
 from cleave.v1 import inference_pb2, worker_pb2
 from common.errors import Exhausted, InvalidRequest, NoKVRoom, Unavailable, answered_as, is_request_fault
+from router.request_state import RequestRecorder, RequestState, claim
 from router.workers import WorkerHandle, unreachable
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,12 @@ class ValidRequest:
 
 
 class RequestRun:
-    def __init__(self, core, req: ValidRequest) -> None:
+    """One request's attempts; its state goes through ``recorder`` (the request's one recorder)."""
+
+    def __init__(self, core, req: ValidRequest, recorder: RequestRecorder) -> None:
         self.core = core                  # router.server.RouterCore
         self.req = req
+        self.recorder = recorder
         self.generated: list[int] = []    # tokens already handed to the client
         self.attempts = 0
         self.t_admitted: float | None = None  # unix time the first decode reservation succeeded
@@ -103,79 +107,64 @@ class RequestRun:
                 log.warning("request %s attempt %d failed: %s", self.req.request_id, self.attempts, exc)
 
     async def _attempt(self):
-        req, core = self.req, self.core
+        req, core, rec = self.req, self.core, self.recorder
         prompt = req.prompt_ids + self.generated
         remaining = req.sampling.max_tokens - len(self.generated)
         prefill = await self._pick_prefill(len(prompt))
-        if remaining == 0:  # max_tokens 0: score the prompt, generate nothing
-            async for delta in self._prefill_only(prefill, prompt):
-                yield delta
-            return
-        # counted before any await, so the requests of a burst see each other and spread
-        prefill.inflight += 1
-        prefill.inflight_tokens += len(prompt)
-        try:
-            decode, landing = await self._reserve(len(prompt), remaining, prefill)
+        # claimed before any await, so the requests of a burst see each other and spread
+        with claim(prefill, len(prompt)) as prefill_load:
+            if remaining == 0:  # max_tokens 0: score the prompt, generate nothing
+                async for delta in self._prefill_only(prefill, prompt):
+                    yield delta
+                return
+            decode, landing, decode_load = await self._reserve(len(prompt), remaining, prefill)
             if self.t_admitted is None:
                 self.t_admitted = time.time()
-        except BaseException:
-            prefill.inflight -= 1
-            prefill.inflight_tokens -= len(prompt)
-            raise
-        prefill_call = decode_call = first = None
-        try:
-            core.store.update(req.request_id, state="prefilling", attempts=self.attempts,
-                                    prefill_worker=prefill.record.worker_id,
-                                    decode_worker=decode.record.worker_id)
-            prefill_call = prefill.stub.Prefill(worker_pb2.PrefillRequest(
-                request_id=req.request_id, token_ids=prompt, sampling=self._sampling(), seed=req.seed,
-                landing=landing, output_index=len(self.generated),
-                transfer_timeout_s=core.cfg.transfer_timeout_s), timeout=self._time_left())
-            async for event in self._rpc(prefill, prefill_call):
-                if event.WhichOneof("event") == "token_id":
-                    first = event.token_id
-                    prefill.inflight -= 1
-                    prefill.inflight_tokens -= len(prompt)
-                    done = self._finish_reason(first, remaining)
-                    yield Delta([first], done, [event.token_logprob] if event.HasField("token_logprob") else [],
-                                list(event.prompt_logprobs))
-                    if done is not None:
+            prefill_call = decode_call = first = None
+            try:
+                rec.to(RequestState.PREFILLING, attempts=self.attempts, prefill_worker=prefill.record.worker_id,
+                       decode_worker=decode.record.worker_id)
+                prefill_call = prefill.stub.Prefill(worker_pb2.PrefillRequest(
+                    request_id=req.request_id, token_ids=prompt, sampling=self._sampling(), seed=req.seed,
+                    landing=landing, output_index=len(self.generated),
+                    transfer_timeout_s=core.cfg.transfer_timeout_s), timeout=self._time_left())
+                async for event in self._rpc(prefill, prefill_call):
+                    if event.WhichOneof("event") == "token_id":
+                        first = event.token_id
+                        prefill_load.release()     # the prompt is computed; its push may go on
+                        done = self._finish_reason(first, remaining)
+                        yield Delta([first], done, [event.token_logprob] if event.HasField("token_logprob") else [],
+                                    list(event.prompt_logprobs))
+                        if done is not None:
+                            return
+                        rec.to(RequestState.TRANSFERRING)
+                    elif event.WhichOneof("event") == "transferred":
+                        break
+                if first is None:
+                    raise RetryableFailure(f"prefill worker {prefill.record.worker_id} ended without a token")
+                rec.to(RequestState.DECODING)
+                decode_call = decode.stub.Decode(worker_pb2.DecodeRequest(
+                    transfer_id=landing.transfer_id, prompt_token_ids=prompt, first_token_id=first,
+                    first_token_index=len(self.generated), sampling=req.sampling, seed=req.seed,
+                    eos_token_ids=req.eos_token_ids), timeout=self._time_left())
+                async for chunk in self._rpc(decode, decode_call):
+                    yield Delta(list(chunk.token_ids), (chunk.finish_reason or STOP) if chunk.finished else None,
+                                list(chunk.logprobs))
+                    if chunk.finished:
                         return
-                    core.store.update(req.request_id, state="transferring")
-                elif event.WhichOneof("event") == "transferred":
-                    break
-            if first is None:
-                raise RetryableFailure(f"prefill worker {prefill.record.worker_id} ended without a token")
-            core.store.update(req.request_id, state="decoding")
-            decode_call = decode.stub.Decode(worker_pb2.DecodeRequest(
-                transfer_id=landing.transfer_id, prompt_token_ids=prompt, first_token_id=first,
-                first_token_index=len(self.generated), sampling=req.sampling, seed=req.seed,
-                eos_token_ids=req.eos_token_ids), timeout=self._time_left())
-            async for chunk in self._rpc(decode, decode_call):
-                yield Delta(list(chunk.token_ids), (chunk.finish_reason or STOP) if chunk.finished else None,
-                            list(chunk.logprobs))
-                if chunk.finished:
-                    return
-        finally:
-            if first is None:  # the prompt's prefill load was not released by its token
-                prefill.inflight -= 1
-                prefill.inflight_tokens -= len(prompt)
-            decode.inflight -= 1
-            decode.inflight_tokens -= len(prompt) + remaining
-            for call in (prefill_call, decode_call):
-                if call is not None:
-                    call.cancel()
-            self._abort_later(decode, landing.transfer_id)
+            finally:
+                decode_load.release()
+                for call in (prefill_call, decode_call):
+                    if call is not None:
+                        call.cancel()
+                self._abort_later(decode, landing.transfer_id)
 
     async def _prefill_only(self, prefill: WorkerHandle, prompt: list[int]):
         """A prefill with no KV push and no decode; its sampled token is dropped."""
         req = self.req
-        prefill.inflight += 1
-        prefill.inflight_tokens += len(prompt)
         call = None
         try:
-            self.core.store.update(req.request_id, state="prefilling", attempts=self.attempts,
-                                   prefill_worker=prefill.record.worker_id)
+            self.recorder.to(RequestState.PREFILLING, attempts=self.attempts, prefill_worker=prefill.record.worker_id)
             call = prefill.stub.Prefill(worker_pb2.PrefillRequest(
                 request_id=req.request_id, token_ids=prompt, sampling=self._sampling(), seed=req.seed),
                 timeout=self._time_left())
@@ -185,8 +174,6 @@ class RequestRun:
                     return
             raise RetryableFailure(f"prefill worker {prefill.record.worker_id} ended without a token")
         finally:
-            prefill.inflight -= 1
-            prefill.inflight_tokens -= len(prompt)
             if call is not None:
                 call.cancel()
 
@@ -250,7 +237,8 @@ class RequestRun:
         return (fresh or ranked)[0]
 
     async def _reserve(self, num_tokens: int, max_tokens: int, prefill: WorkerHandle):
-        """A decode reservation for prompt + max_tokens, waiting (bounded) for room."""
+        """``(decode worker, landing descriptor, the claim on it)``: a reservation for prompt +
+        max_tokens, waiting (bounded) for room."""
         core, total = self.core, num_tokens + max_tokens
         give_up = time.time() + core.cfg.admission_wait_s
         layout = inference_pb2.Layout(**{k: int(v) for k, v in prefill.record.layout.items()})
@@ -258,8 +246,7 @@ class RequestRun:
         try:
             while True:
                 workers = await self._routable("decode")
-                fits = [w for w in workers if w.record.capacity.get("total_blocks", 0)
-                        * w.record.capacity.get("block_size", 16) >= total]
+                fits = [w for w in workers if core.policy.can_hold(w, total)]
                 if not fits:
                     raise Exhausted(f"prompt + max_tokens = {total} tokens is more KV than any decode "
                                     f"instance holds; lower max_tokens or add larger decode instances")
@@ -267,26 +254,20 @@ class RequestRun:
                     fits, key=lambda w: -w.record.load.get("free_blocks", 0))
                 ranked = [w for w in ranked if w.ident not in self._excluded] or ranked
                 for worker in ranked:
-                    # counted while the reservation is in flight, so concurrent requests rank
+                    # claimed while the reservation is in flight, so concurrent requests rank
                     # this worker as busier and spread; given back when it is refused
-                    worker.inflight += 1
-                    worker.inflight_tokens += total
+                    load = claim(worker, total)
                     landing = None
                     try:
                         landing, why, room = await self._try_reserve(worker, num_tokens, max_tokens, layout)
                         refusal, kv_only = why or refusal, kv_only and room
                     finally:
                         if landing is None:
-                            worker.inflight -= 1
-                            worker.inflight_tokens -= total
+                            load.release()
                     if landing is not None:
-                        return worker, landing
+                        return worker, landing, load
                 if not queued:
-                    if core.queued >= core.cfg.max_queued:
-                        raise Exhausted(f"all decode instances are full and {core.queued} requests "
-                                        f"are already waiting; retry later")
-                    core.queued += 1
-                    queued = True
+                    queued = core.admission.wait()   # raises Exhausted when the queue is full
                 if time.time() >= give_up or time.time() >= self.req.deadline:
                     what = "had KV room for" if kv_only else "took a reservation for"
                     raise Exhausted(f"no decode instance {what} {total} tokens within "
@@ -296,7 +277,7 @@ class RequestRun:
                 await self._refresh()
         finally:
             if queued:
-                core.queued -= 1
+                queued.release()
 
     async def _try_reserve(self, worker: WorkerHandle, num_tokens: int, max_tokens: int, layout):
         """``(landing descriptor, None, True)``, or ``(None, why, whether it was for KV room)``

@@ -12,9 +12,15 @@ from router.workers import WorkerHandle
 
 
 class RoutingPolicy(abc.ABC):
+    def can_hold(self, worker: WorkerHandle, tokens_needed: int) -> bool:
+        """Whether decode instance ``worker`` could ever hold ``tokens_needed`` tokens of KV (its
+        whole cache, empty): a request no instance can hold is refused, not queued."""
+        cap = worker.record.capacity
+        return cap.get("total_blocks", 0) * cap.get("block_size", 16) >= tokens_needed
+
     @abc.abstractmethod
     def rank_decode(self, workers: list[WorkerHandle], tokens_needed: int) -> list[WorkerHandle]:
-        """Decode instances that may hold ``tokens_needed`` tokens of KV, best first."""
+        """Decode instances with room for ``tokens_needed`` tokens of KV now, best first."""
 
     @abc.abstractmethod
     def rank_prefill(self, workers: list[WorkerHandle], num_tokens: int) -> list[WorkerHandle]:
