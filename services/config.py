@@ -29,7 +29,8 @@ class WorkerConfig:
     key_prefix: str = key_prefix_option()
     worker_id: str = option("", help="the instance's name in the registry (empty = <pool>-<host>-<port>)")
     heartbeat_s: float = 1.0
-    ttl_s: float = 5.0                 # registry record expires this long after the last beat
+    ttl_s: float = option(5.0, flag="--registry-ttl", help="seconds the Redis record outlives the last heartbeat: "
+                          "routers stop sending to an instance silent this long (must exceed the 1 s heartbeat)")
     reservation_grace_s: float = 10.0  # decode: unused reservations freed this long past their deadline
     max_reservation_s: float = option(900.0, flag="--max-reservation", help="decode: seconds a KV reservation "
                                       "may live at most, whatever deadline the caller asks")
