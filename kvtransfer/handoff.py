@@ -84,9 +84,21 @@ def piece_tag(transfer_id: str, index: int) -> int:
     return int.from_bytes(digest, "little")
 
 
+def encode_landing(landing: worker_pb2.LandingDescriptor) -> bytes:
+    """A landing descriptor as bytes (what crosses an instance's control channel to its ranks)."""
+    return landing.SerializeToString()
+
+
+def decode_landing(data: bytes) -> worker_pb2.LandingDescriptor:
+    """The landing descriptor :func:`encode_landing` encoded."""
+    return worker_pb2.LandingDescriptor.FromString(data)
+
+
 def transfer_plan(source: inference_pb2.Layout, dest: inference_pb2.Layout, model: ModelConfig,
                   num_tokens: int) -> list[Piece]:
-    """The plan between a prefill layout (tp x cp) and a decode layout (tp x pp x ep).
+    """The plan between a prefill layout (tp x cp) and a decode layout (tp x pp x ep). A layout
+    is anything with ``tp``, ``pp``, ``cp`` and ``ep`` (``inference_pb2.Layout``,
+    ``common.layout.ParallelConfig``).
 
     Rank numbering follows ``engine.parallel``: a stage has ``max(tp, ep)`` ranks and rank
     ``s`` of a stage holds the KV heads of ``tp_rank = s % tp`` (attention replicas all get KV).

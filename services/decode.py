@@ -30,7 +30,7 @@ from engine.sampler import SamplingConfig
 from engine.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, DecodeScheduler, Sequence
 from kvtransfer.handoff import HandoffError
 from engine.runtime.executor import InstanceError
-from services.worker import WorkerHost, logprob_pb
+from services.worker import WorkerHost, landing_rank_pb, logprob_pb
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             num_prompt_tokens=request.num_prompt_tokens, deadline_unix=deadline,
             compat_hash=self.host.compat, transport=self.host.cfg.runtime.transport,
             incarnation=self.host.incarnation, source_layout=source, checksum=self.host.cfg.runtime.checksum,
-            ranks=self.instance.landing_ranks())
+            ranks=[landing_rank_pb(r) for r in self.instance.landing_ranks()])
 
     async def Decode(self, request: worker_pb2.DecodeRequest, context):
         transfer_id = request.transfer_id

@@ -56,6 +56,13 @@ def logprob_pb(entry) -> inference_pb2.TokenLogprob:
     return msg
 
 
+def landing_rank_pb(rank) -> worker_pb2.LandingRank:
+    """The wire form of an executor's ``RankEndpoint`` (decode landing descriptors carry them)."""
+    return worker_pb2.LandingRank(rank=rank.rank, tp_rank=rank.tp_rank, pp_rank=rank.pp_rank,
+                                  transport_address=rank.transport_address, layers=list(rank.layers),
+                                  kv_heads=list(rank.kv_heads))
+
+
 def runtime_config(cfg: WorkerConfig) -> RuntimeConfig:
     """The worker's ``RuntimeConfig``, with where a MoE decode instance writes expert statistics
     (its Redis, from the worker's own fields)."""
@@ -81,7 +88,8 @@ class WorkerHost:
         self.allocator = BlockAllocator(self.executor.num_blocks, cfg.runtime.block_size)
         self.compat = self.executor.compat
         self.incarnation = uuid.uuid4().hex
-        self.layout = self.executor.layout
+        p = self.executor.layout
+        self.layout = inference_pb2.Layout(tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep)   # the wire form
         self.address = ""  # host:port, set once the server is bound
         self.health = None  # the gRPC health servicer, set once the server is bound
         self.load_fn: Callable[[], dict] = lambda: {}

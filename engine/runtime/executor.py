@@ -32,12 +32,12 @@ import threading
 import time
 import traceback
 import uuid
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from cleave.v1 import worker_pb2
 from common.layout import kv_head_range, layer_range
 from engine.batch import PrefillResult
 from engine.logprobs import assemble_prompt_logprobs
@@ -48,7 +48,7 @@ from engine.runtime.device import backend_for, rank_device, resolve_device
 from engine.runtime.rank import RankRunner
 from engine.runtime.rendezvous import CONFIG_KEY, Liveness, connect_store, fetch, join, publish, serve_store
 from engine.runtime.spawn import start_rank, stop_processes
-from kvtransfer.handoff import HandoffError
+from kvtransfer.handoff import HandoffError, encode_landing
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,19 @@ def raise_first(outcomes: list[tuple]) -> list:
     others = f"; ranks {failed[1:]} failed too" if failed[1:] else ""
     exc.add_note(f"raised on rank {r} of the instance{others}")
     raise exc
+
+
+@dataclass(frozen=True)
+class RankEndpoint:
+    """Where one rank of an instance receives KV: its coordinates, its transport address
+    (opaque bytes) and the ``[first, last)`` layer and KV-head ranges it stores."""
+
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    transport_address: bytes
+    layers: tuple[int, int]
+    kv_heads: tuple[int, int]
 
 
 def merge_prefill(prompt: list[int], parts: list[tuple], prompt_logprobs: int) -> PrefillResult:
@@ -157,14 +170,14 @@ class Executor:
     def cancel(self, transfer_id: str) -> None:
         self._all(RankRunner.cancel, transfer_id)
 
-    def push(self, landing: worker_pb2.LandingDescriptor, blocks: list[int], cancelled=None,
-             timeout: float = 0.0) -> int:
-        """Every rank sends its pieces of the prompt's KV; returns the total bytes. The pushes
+    def push(self, landing, blocks: list[int], cancelled=None, timeout: float = 0.0) -> int:
+        """Every rank sends its pieces of the prompt's KV to ``landing`` (a landing descriptor,
+        the KV handoff's own wire type: ``kvtransfer.handoff``); returns the total bytes. The pushes
         run in the ranks' background threads: the control channel is held only to start and
         poll them, so other calls (the next prefill) run meanwhile. ``cancelled`` (a
         ``threading.Event``) stops every rank's push; a rank's error is re-raised here."""
         push_id = uuid.uuid4().hex
-        self._all(RankRunner.start_push, push_id, landing.SerializeToString(), list(blocks), timeout)
+        self._all(RankRunner.start_push, push_id, encode_landing(landing), list(blocks), timeout)
         try:
             while True:
                 sent = self._all(RankRunner.push_result, push_id)
@@ -179,7 +192,7 @@ class Executor:
             except Exception as exc:              # the instance is down: its pushes are gone with it
                 log.debug("ending push %s: %s", push_id, exc)
 
-    def check_landing(self, landing: worker_pb2.LandingDescriptor) -> None:
+    def check_landing(self, landing) -> None:
         """Raise (``kvtransfer.handoff.IncompatiblePeer`` etc.) before any KV is computed for a
         landing descriptor this instance cannot serve."""
         self.runner.sender.check(landing)
@@ -209,15 +222,14 @@ class Executor:
                     out.setdefault(layer, [0] * p.ep)[c["ep"]] = n
         return out
 
-    def landing_ranks(self) -> list[worker_pb2.LandingRank]:
+    def landing_ranks(self) -> list[RankEndpoint]:
         """Where each rank of this (decode) instance receives KV, for landing descriptors."""
         p, m, out = self.cfg.parallel, self.model_config, []
         for r, address in enumerate(self.transport_addresses):
             c = coords(p, r)
-            out.append(worker_pb2.LandingRank(
-                rank=r, tp_rank=c["tp"], pp_rank=c["pp"], transport_address=address,
-                layers=list(layer_range(c["pp"], p.pp, m.num_layers)),
-                kv_heads=list(kv_head_range(c["tp"], p.tp, m.num_kv_heads))))
+            out.append(RankEndpoint(rank=r, tp_rank=c["tp"], pp_rank=c["pp"], transport_address=address,
+                                    layers=layer_range(c["pp"], p.pp, m.num_layers),
+                                    kv_heads=kv_head_range(c["tp"], p.tp, m.num_kv_heads)))
         return out
 
     def close(self) -> None:

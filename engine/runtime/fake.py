@@ -17,7 +17,6 @@ import bisect
 
 import torch
 
-from cleave.v1 import inference_pb2
 from common.model import CacheConfig, ModelConfig
 from engine.batch import ForwardBatch, PrefillResult
 from engine.kv_cache import allocate_kv_cache
@@ -41,7 +40,7 @@ class _FakeRunner:
         self.kv_cache = allocate_kv_cache(model, CacheConfig(cfg.block_size, self.num_blocks))
         self.transport = transport
         self.compat = compat_hash(model_id, model, cfg.block_size)
-        self.layout = inference_pb2.Layout(tp=1, pp=1, cp=1, ep=1)
+        self.layout = cfg.parallel                          # one rank
         self.receiver = KVReceiver(transport, self.kv_cache, model, self.layout, rank=0)
         self.sender = KVSender(transport, model, self.compat, self.layout, rank=0, checksum=cfg.checksum)
 

@@ -24,7 +24,6 @@ from typing import Callable
 
 import torch
 
-from cleave.v1 import inference_pb2, worker_pb2
 from common.layout import kv_head_range, layer_range
 from common.model import CacheConfig
 from engine.batch import ForwardBatch
@@ -35,7 +34,7 @@ from engine.runtime import cores
 from engine.runtime.config import RuntimeConfig
 from engine.runtime.cuda_graphs import DecodeGraphs
 from engine.runtime.device import resolve_dtype
-from kvtransfer.handoff import KVReceiver, KVSender, compat_hash
+from kvtransfer.handoff import KVReceiver, KVSender, compat_hash, decode_landing
 from kvtransfer.transport import make_transport
 
 log = logging.getLogger(__name__)
@@ -134,7 +133,7 @@ class RankRunner:
                                    pad_slot=self.num_blocks * cfg.block_size) if graphs else None
         self.transport = make_transport(cfg.transport, host=cfg.host)  # listens on cfg.host only
         self.compat = compat_hash(self.source.model_id, m, cfg.block_size)
-        self.layout = inference_pb2.Layout(tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep)
+        self.layout = p                                     # tp, pp, cp, ep: all the handoff reads
         self.receiver = KVReceiver(self.transport, self.kv_cache, m, self.layout, rank=groups.rank,
                                    layer_offset=self.layers[0], head_offset=self.heads[0])
         self.sender = KVSender(self.transport, m, self.compat, self.layout, rank=groups.rank,
@@ -218,7 +217,7 @@ class RankRunner:
         return self.receiver.cancel(transfer_id)
 
     def push(self, landing: bytes, blocks: list[int], timeout: float, cancelled=None) -> int:
-        return self.sender.push(worker_pb2.LandingDescriptor.FromString(landing), self.kv_cache, blocks,
+        return self.sender.push(decode_landing(landing), self.kv_cache, blocks,
                                 cancelled, timeout)
 
     def start_push(self, push_id: str, landing: bytes, blocks: list[int], timeout: float) -> None:
