@@ -14,7 +14,7 @@ Per EP degree (``--redundant-experts`` = ep, so EP 2 has 5 slots per rank and EP
 rank: loads its shard, switches to the *default* placement with the redundant slots (experts
 ``i % E``), prefills ``--seqs`` prompts of 16 random tokens, runs 3 warm-up decode steps, then
 ``--steps`` timed decode steps ("before"); computes the balanced placement from the expert
-counts of those steps (``engine.eplb.balance``, identical on every rank), applies it
+counts of those steps (``services.experts.placement.balance``, identical on every rank), applies it
 (``engine.expert_move.apply_placement``: weights moved between ranks over gloo) and runs
 ``--steps`` more ("after"). A step is timed between two barriers; the table gives the median
 over steps of the slowest rank. Hotspot ratio = max / mean over EP ranks of the (token, expert)
@@ -48,7 +48,8 @@ def _rank(groups, path: str, seqs: int, steps: int, redundant: int) -> dict:
 
     from engine.batch import ForwardBatch
     from common.model import CacheConfig
-    from engine.eplb import balance, default_placement
+    from engine.expert_placement import default_placement
+    from services.experts.placement import balance
     from engine.loader import load_model
 
     torch.set_num_threads(1)

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from engine.eplb import Placement
+from engine.expert_placement import Placement
 
 
 def plan_moves(old: Placement, new: Placement) -> list[tuple[int, int, int]]:

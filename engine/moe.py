@@ -4,9 +4,9 @@ Who calls what: :class:`MixtralForCausalLM` (or :func:`build_model`, which picks
 config with ``num_experts > 0``) builds a ``LlamaForCausalLM`` whose every MLP is a
 :class:`MoEBlock` (through the ``mlp_factory`` hook, :func:`moe_mlp_factory`) and routes the
 checkpoint's ``block_sparse_moe.*`` tensors to the blocks. Each forward adds the routed
-(token, expert) pairs per expert to ``MoEBlock.expert_counts``; the decode instance reads them
-with :meth:`MixtralForCausalLM.expert_counts` and hands them to
-``engine.expert_stats.ExpertStatsWriter.flush`` every N steps.
+(token, expert) pairs per expert to ``MoEBlock.expert_counts``; the decode instance gathers them
+from its stage leaders (``Executor.expert_counts``) and hands them to
+``services.experts.stats.ExpertStatsWriter.flush`` about once a second.
 
 Maths of one block (exactly Hugging Face ``MixtralSparseMoeBlock``), for ``x [T, H]``:
 
@@ -29,7 +29,7 @@ all-to-all's ``T*k*H`` for small k, and leaves the combined output where the nex
 replicated/TP attention needs it. When ``tp > ep`` the experts are replicated over the extra
 ranks (no communication).
 
-Placement (``engine.eplb``): which experts an EP rank holds is a :class:`~engine.eplb.Placement`
+Placement (``engine.expert_placement``): which experts an EP rank holds is a :class:`~engine.expert_placement.Placement`
 of ``ep * S`` slots, ``[r*E/ep, (r+1)*E/ep)`` on rank ``r`` until a rebalance moves them
 (``engine.expert_move.apply_placement``, between two steps). An expert with ``c`` copies has its
 pairs split round-robin over the copies, starting one copy further at each step; every token still gets
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.model import ModelConfig
-from engine.eplb import Placement, default_placement
+from engine.expert_placement import Placement, default_placement
 from engine.layers import load_param
 from engine.model import LlamaForCausalLM
 from engine.parallel import ParallelGroups
@@ -223,7 +223,7 @@ class MixtralForCausalLM(LlamaForCausalLM):
         return {i: int(b.rank_pairs) for i, b in self.moe_blocks().items()}
 
     def placements(self) -> dict:
-        """The current ``engine.eplb.Placement`` of each MoE layer of this stage."""
+        """The current ``engine.expert_placement.Placement`` of each MoE layer of this stage."""
         return {i: b.placement for i, b in self.moe_blocks().items()}
 
     def apply_placement(self, placements: dict) -> dict:

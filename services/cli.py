@@ -194,9 +194,8 @@ def _run_worker(args) -> int:
 def _run_rank(args) -> int:
     from engine.runtime.device import resolve_device
     from services.rank import run_rank
-    from services.worker import runtime_config
     resolve_device(args.device)  # --device cuda without CUDA: a clear error before anything else
-    return run_rank(runtime_config(_worker_config(args)))
+    return run_rank(_worker_config(args).runtime)
 
 
 def _run_router(args) -> int:
@@ -303,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             from services.client import info_cli
             return info_cli(args)
         if args.command == "rebalance":
-            from services.expert_balance import rebalance_cli
+            from services.experts.balance import rebalance_cli
             return rebalance_cli(args)
         if args.command == "bench":
             from services.loadgen.cli import run as run_bench

@@ -38,7 +38,7 @@ class WorkerConfig:
                                               "calling host may hold")
     drain_timeout_s: float = option(60.0, flag="--drain-timeout", help="on SIGTERM, seconds to let running "
                                     "requests finish before exiting")
-    # MoE decode: expert load balancing (services.expert_balance)
+    # MoE decode: expert load balancing (services.experts)
     redundant_experts: int = option(0, help="MoE decode: extra expert slots over the EP group for copies of hot "
                                     "experts (ep must divide num_experts + this)")
     expert_stats_interval_s: int = option(10, flag="--expert-stats-interval", help="MoE decode: seconds per "

@@ -30,6 +30,7 @@ from engine.sampler import SamplingConfig
 from engine.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, DecodeScheduler, Sequence
 from kvtransfer.handoff import HandoffError
 from engine.runtime.executor import InstanceError
+from services.experts.instance import InstanceExperts
 from services.worker import WorkerHost, landing_rank_pb, logprob_pb
 
 log = logging.getLogger(__name__)
@@ -59,62 +60,41 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         self._lock = threading.Lock()
         self._reaper: asyncio.Task | None = None
         self._stats_task: asyncio.Task | None = None
-        self.balancer = self._balancer() if host.model_config.num_experts else None
-        if self.balancer is not None:
+        self.experts = InstanceExperts(host.executor, host.cfg, host.model_id, host.model_config) \
+            if host.model_config.num_experts else None
+        if self.experts is not None:
             host.metrics.gauges.add("cleave_expert_hotspot_ratio{layer}",
                                     "Hottest EP rank's routed tokens / mean over EP ranks (1 = balanced)",
-                                    lambda: self.balancer.hotspots)
+                                    lambda: self.experts.hotspots)
         host.load_fn = lambda: self._info()
         host.metrics.gauges.add("cleave_batch_size", "Sequences in the running decode batch",
                                 lambda: self.scheduler.num_running)
 
-    def _balancer(self):
-        """The instance's expert placement (``services.expert_balance``), MoE models only."""
-        from services.expert_balance import ExpertBalancer
-        from engine.expert_stats import stats_model_id
-        from common.registry import connect_redis
-        cfg, m = self.host.cfg, self.host.model_config
-        client = connect_redis(cfg.redis_url, asynchronous=False) if cfg.redis_url else None
-        return ExpertBalancer(client, cfg.key_prefix, stats_model_id(self.host.model_id), m.num_experts,
-                              list(range(m.num_layers)), cfg.runtime.parallel.ep, cfg.redundant_experts,
-                              self.instance.apply_placement, window_s=cfg.expert_window_s,
-                              rebalance_interval_s=cfg.rebalance_interval_s,
-                              rebalance_threshold=cfg.rebalance_threshold,
-                              interval_s=cfg.expert_stats_interval_s)
-
     async def start(self) -> None:
-        if self.balancer is not None:        # the pool's placement on every rank before serving
-            await asyncio.to_thread(self.balancer.start)
+        if self.experts is not None:         # the pool's placement on every rank before serving
+            await asyncio.to_thread(self.experts.start)
         self.scheduler.start()
         self._reaper = asyncio.create_task(self._reap())
-        if self.balancer is not None:
-            self._stats_task = asyncio.create_task(self._flush_expert_stats())
+        if self.experts is not None:
+            self._stats_task = asyncio.create_task(self._expert_beat())
 
-    async def _flush_expert_stats(self) -> None:
-        """Once a second: expert counts go to Redis batched (only when decode steps ran), then
-        the balancer follows the recorded placement (a switch is one command of the instance's
-        channel, so it lands between two steps on every rank), publishes the load view and
-        maybe rebalances."""
+    async def _expert_beat(self) -> None:
+        """Once a second, the expert-balancing beat (``services.experts.instance``)."""
         steps = 0
         while True:
             await asyncio.sleep(1.0)
-            if self.scheduler.steps != steps:
-                steps = self.scheduler.steps
-                try:
-                    await asyncio.to_thread(self.instance.flush_stats)
-                except Exception as exc:  # a rank's error, as raised there
-                    log.warning("expert stats flush failed: %s", exc)
+            stepped, steps = self.scheduler.steps != steps, self.scheduler.steps
             try:
-                await asyncio.to_thread(self.balancer.tick)
-            except Exception as exc:  # Redis down or a bad record: keep serving the placement in force
-                log.warning("expert placement update failed: %s", exc)
+                await asyncio.to_thread(self.experts.tick, stepped)
+            except Exception as exc:  # a rank's error, as raised there
+                log.warning("expert statistics: %s", exc)
 
     async def stop(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
         if self._stats_task is not None:
             self._stats_task.cancel()
-            await asyncio.to_thread(self.instance.flush_stats)
+            await asyncio.to_thread(self.experts.stop)
         await asyncio.to_thread(self.scheduler.stop)
         for transfer_id in list(self._reservations):
             self._release(transfer_id)
@@ -278,24 +258,13 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
 
     async def ExpertLoad(self, request, context) -> worker_pb2.ExpertLoadInfo:
         """The placement in force, per-rank computed pairs and the switches made here."""
-        if self.balancer is None:
+        if self.experts is None:
             await abort_with(context, InvalidRequest(f"model {self.host.model_id} has no experts"))
             return
         try:
-            pairs = await asyncio.to_thread(self.instance.rank_pairs)
+            return await asyncio.to_thread(self.experts.load_info)
         except Exception as exc:  # a rank's error, as raised there
             await abort_with(context, Unavailable(str(exc)))
-            return
-        b = self.balancer
-        tables = b.current or {}
-        return worker_pb2.ExpertLoadInfo(
-            placement_version=b.version, ep=b.ep, slots_per_rank=b.slots,
-            layers=[worker_pb2.ExpertLayerSlots(layer=layer, rank_pairs=n,
-                                                slot_experts=list(tables[layer].phys_to_log) if layer in tables else [])
-                    for layer, n in sorted(pairs.items())],
-            switches=[worker_pb2.PlacementSwitch(version=s["version"], seconds=s["seconds"],
-                                                 transfers=s.get("moved", 0), bytes=s.get("bytes", 0))
-                      for s in b.switches])
 
     # ---- internals -------------------------------------------------------------------------
     def busy(self) -> int:

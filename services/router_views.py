@@ -4,7 +4,7 @@
 :data:`MODEL_INFO_VIEWS` to :func:`router.server.serve_router`; the router awaits each with
 ``(info, core)`` on every ``GetModelInfo`` call, in this order. They live here, not in the
 router, because they read state that the workers and the planner own: the MoE decode pool's
-expert load (``services.expert_balance``) and the published capacity plan beside the
+expert load (``services.experts``) and the published capacity plan beside the
 measured latencies (``services.capacity.published``). Both log Redis errors and never raise.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ from services.capacity.published import add_plan_view
 async def expert_load_view(info, core) -> None:
     """MoE models only: the decode pool's expert load and placement (``ModelInfo`` fields 20-23)."""
     if core.model.num_experts:
-        # imported here: its statistics reader (engine.expert_stats) loads torch, which a
+        # imported here: its statistics reader (services.experts.stats) loads torch, which a
         # dense model's router never needs
-        from services.expert_balance import add_expert_view
+        from services.experts.balance import add_expert_view
         await add_expert_view(info, core.cfg.redis_url, core.cfg.key_prefix, core.model_id)
 
 

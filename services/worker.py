@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
@@ -40,7 +39,6 @@ from common.errors import Unavailable
 from common.prom import WorkerMetrics, layout_label
 from common.registry import Heartbeat, WorkerRecord, connect_redis
 from engine.kv_cache import BlockAllocator
-from engine.runtime.config import ExpertStats, RuntimeConfig
 from engine.runtime.executor import Executor, make_executor
 from services.config import WorkerConfig
 
@@ -63,15 +61,6 @@ def landing_rank_pb(rank) -> worker_pb2.LandingRank:
                                   kv_heads=list(rank.kv_heads))
 
 
-def runtime_config(cfg: WorkerConfig) -> RuntimeConfig:
-    """The worker's ``RuntimeConfig``, with where a MoE decode instance writes expert statistics
-    (its Redis, from the worker's own fields)."""
-    if cfg.pool != "decode" or not cfg.redis_url:
-        return cfg.runtime
-    stats = ExpertStats(cfg.redis_url, cfg.key_prefix, cfg.expert_stats_interval_s, cfg.expert_window_s)
-    return dataclasses.replace(cfg.runtime, expert_stats=stats)
-
-
 class WorkerHost:
     """The engine state of one instance (an ``engine.runtime`` executor), shared by its
     servicer and heartbeat. ``make_executor``: how to build it from a ``RuntimeConfig``
@@ -81,7 +70,7 @@ class WorkerHost:
         self.cfg = cfg
         self.failed: str | None = None            # set when a rank died: the service stops
         self.on_failure: Callable[[str], None] = lambda msg: None
-        self.executor = make(runtime_config(cfg), on_failure=self._rank_failed)
+        self.executor = make(cfg.runtime, on_failure=self._rank_failed)
         self.source = self.executor.source
         self.model_id = self.source.model_id
         self.model_config = self.executor.model_config

@@ -1,7 +1,7 @@
 """Expert-parallel load balancing: the placement algorithms, the MoE block under a placement, and
 moving experts between the EP ranks of running (gloo) ranks.
 
-- unit: on synthetic Zipf, one-dominant, two-dominant and uniform loads, :func:`engine.eplb.balance`
+- unit: on synthetic Zipf, one-dominant, two-dominant and uniform loads, :func:`services.experts.placement.balance`
   is never worse than the greedy floor or the EPLB reference, reaches max/mean <= 1.1 when the
   redundant slots cover the hot experts, conserves the load and leaves every expert a slot;
   the MoE block computes the same output under any placement (replicas included); the move
@@ -16,9 +16,9 @@ import random
 import pytest
 import torch
 
-from engine.eplb import (Placement, balance, default_placement, eplb_placement, greedy_placement,
-                         placements_from_json, placements_to_json, slots_per_rank)
 from engine.expert_move import plan_moves
+from engine.expert_placement import Placement, default_placement, placements_from_json, placements_to_json, slots_per_rank
+from services.experts.placement import balance, eplb_placement, greedy_placement
 
 
 def zipf(n: int, s: float, scale: float = 10_000.0) -> list[float]:

@@ -48,7 +48,7 @@ def measured_hotspot(before: worker_pb2.ExpertLoadInfo, after: worker_pb2.Expert
 
 
 def test_rebalance_mid_generation_keeps_tokens_and_lowers_the_hotspot(tmp_path):
-    from engine.expert_stats import stats_model_id
+    from services.experts.stats import stats_model_id
     from services.cli import main as cli
     from common.grpc_util import token_metadata
     from services.launcher import StackConfig, workers

@@ -14,10 +14,10 @@ import time
 import pytest
 import torch
 
-from engine.eplb import default_placement
-from engine.expert_stats import ExpertStatsWriter, read_window, window_key
-from services.expert_balance import (ExpertBalancer, PlacementRecord, load_view, publish, read_record,
+from engine.expert_placement import default_placement
+from services.experts.balance import (ExpertBalancer, PlacementRecord, load_view, publish, read_record,
                                      rebalance, view_key)
+from services.experts.stats import ExpertStatsWriter, read_window, window_key
 
 pytestmark = pytest.mark.integration
 E = 8

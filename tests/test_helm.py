@@ -524,7 +524,8 @@ def test_image_build_steps_give_importable_packages(tmp_path):
         cwd=context)
     run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), *map(str, dist.glob("*.whl")))
     probe = ("import cleave.v1.inference_pb2 as pb, cleave.v1.worker_pb2_grpc, services.cli as cli, router.server, "
-             "engine, kernels, kvtransfer; print(pb.__file__); print(cli.__file__)")
+             "engine, kernels, kvtransfer, engine.runtime.executor, services.experts.instance, services.capacity.cli, "
+             "services.loadgen.cli; print(pb.__file__); print(cli.__file__)")
     env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "UCX_WARN_UNUSED_ENV_VARS": "n"}
     out = run(sys.executable, "-c", probe, cwd=tmp_path, env=env).split()
     assert [pathlib.Path(f).is_relative_to(site) for f in out] == [True, True], out

@@ -178,6 +178,16 @@ def test_only_the_engine_imports_torch_distributed():
 
 
 @pytest.mark.unit
+def test_the_engine_speaks_no_wire_type_and_no_redis():
+    """The engine speaks plain dataclasses: the services translate to protobuf and own Redis
+    (the KV handoff's own wire type stays in kvtransfer/)."""
+    offenders = sorted(f"{_rel(path)}: {name}" for module, path in _modules().items()
+                       if module.split(".")[0] == "engine" for name in _imported(path, module)
+                       if name == "redis" or name.startswith(("redis.", "cleave.", "grpc")) or name == "cleave")
+    assert offenders == [], "the engine imports no generated protobuf module, gRPC or Redis client"
+
+
+@pytest.mark.unit
 def test_the_packages_import_each_other_without_cycles():
     assert sorted(sorted(c) for c in _cycles(_graph())) == []
 

@@ -23,7 +23,7 @@ import torch
 
 from common.layout import ParallelConfig
 from common.model import ModelConfig
-from engine.expert_stats import ExpertStatsWriter
+from services.experts.stats import ExpertStatsWriter
 from engine.moe import MixtralForCausalLM, MoEBlock
 from engine.offline import greedy_generate
 from engine.runtime.spawn import spawn_ranks

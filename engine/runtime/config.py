@@ -92,16 +92,6 @@ class Rendezvous:
 
 
 @dataclass(frozen=True)
-class ExpertStats:
-    """Where a MoE decode instance's stage leaders write expert counts (``engine.expert_stats``)."""
-
-    redis_url: str
-    key_prefix: str = "cleave:"
-    interval_s: int = 10
-    window_s: float = 300.0
-
-
-@dataclass(frozen=True)
 class RuntimeConfig:
     """One instance's ranks: model, layout, device, KV cache and KV transport."""
 
@@ -133,7 +123,6 @@ class RuntimeConfig:
     cuda_graphs: bool = option(True, help="replay decode steps from CUDA graphs captured per batch-size bucket "
                                "(CUDA only)")
     max_batch: int = option(64, help="decode: running sequences per step (sizes the CUDA graph buckets)")
-    expert_stats: ExpertStats | None = None   # set by the decode service from its own flags
     rendezvous: Rendezvous = option(default_factory=Rendezvous, nested=True, build=Rendezvous.from_env,
                                     help="where the instance's ranks meet")
 

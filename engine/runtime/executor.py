@@ -5,7 +5,7 @@ Who calls what: the prefill/decode services (``services.worker``) build one exec
 :meth:`~Executor.prefill`, :meth:`~Executor.expect` / :meth:`~Executor.try_land` /
 :meth:`~Executor.cancel` (decode: KV receives on every rank), :meth:`~Executor.push`
 (prefill: every rank sends its KV shard), :meth:`~Executor.landing_ranks`,
-:meth:`~Executor.flush_stats`, :meth:`~Executor.apply_placement`, :meth:`~Executor.rank_pairs`.
+:meth:`~Executor.expert_counts`, :meth:`~Executor.apply_placement`, :meth:`~Executor.rank_pairs`.
 
 * :class:`InProcessExecutor`: one rank, this process, no ``torch.distributed``.
 * :class:`LocalExecutor`: rank 0 here, ranks 1..N-1 spawned on this host.
@@ -197,14 +197,19 @@ class Executor:
         landing descriptor this instance cannot serve."""
         self.runner.sender.check(landing)
 
-    def flush_stats(self) -> int:
-        """Every stage leader writes its expert-count increments to Redis (MoE decode only)."""
-        return sum(self._all(RankRunner.flush_stats))
+    def expert_counts(self) -> dict[int, list[int]]:
+        """Cumulative routed (token, expert) pairs per expert of every MoE layer, by global layer
+        (from each stage's leader); {} for a dense model. The expert-balancing hook
+        (``services.experts``) reads it; with :meth:`apply_placement` and :meth:`rank_pairs`."""
+        out: dict[int, list[int]] = {}
+        for part in self._all(RankRunner.expert_counts):
+            out.update(part)
+        return out
 
     def apply_placement(self, layers: dict) -> dict:
-        """Switch every rank to the expert placement ``layers`` ({layer: engine.eplb.Placement})
+        """Switch every rank to the expert placement ``layers`` ({layer: engine.expert_placement.Placement})
         at the same step boundary; returns the transfers, bytes and the slowest rank's seconds."""
-        from engine.eplb import placements_to_json
+        from engine.expert_placement import placements_to_json
         results = self._all(RankRunner.apply_placement, placements_to_json(layers), self.cfg.parallel.ep)
         return {"moved": sum(r["moved"] for r in results) // 2,   # each transfer counted by both ends
                 "bytes": sum(r["bytes_sent"] for r in results),

@@ -138,23 +138,10 @@ class RankRunner:
                                    layer_offset=self.layers[0], head_offset=self.heads[0])
         self.sender = KVSender(self.transport, m, self.compat, self.layout, rank=groups.rank,
                                head_offset=self.heads[0], checksum=cfg.checksum)
-        self.stats = self._stats_writer()
         self._pushes: dict[str, tuple] = {}
         self.micro_batches = 0           # micro-batches run by forward_micro (for tests and benches)
         self.probe = None                # an OverlapProbe while a test counts stage overlap
         self._push_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"rank{groups.rank}-push")
-
-    def _stats_writer(self):
-        """Decode MoE stage leaders (tp_rank = ep_rank = 0) write expert counts to Redis."""
-        g, where = self.groups, self.cfg.expert_stats
-        if not (self.model_config.num_experts and where is not None and g.tp_rank == 0 and g.ep_rank == 0):
-            return None
-        import redis
-
-        from engine.expert_stats import ExpertStatsWriter, stats_model_id
-        client = redis.Redis.from_url(where.redis_url, socket_timeout=5, socket_connect_timeout=5)
-        return ExpertStatsWriter(client, stats_model_id(self.source.model_id), where.key_prefix,
-                                 interval_s=where.interval_s, window_s=where.window_s)
 
     @property
     def owns_logits(self) -> bool:
@@ -241,18 +228,17 @@ class RankRunner:
     def address(self) -> bytes:
         return self.transport.address()
 
-    def flush_stats(self) -> int:
-        """Write the expert-count increments since the last flush (0 when this rank has none)."""
-        if self.stats is None:
-            return 0
-        try:
-            return self.stats.flush(self.model.expert_counts())
-        except Exception as exc:  # Redis down: counts are kept and retried on the next flush
-            log.warning("writing expert counts failed: %s", exc)
-            return 0
+    def expert_counts(self) -> dict[int, list[int]]:
+        """This stage's cumulative routed (token, expert) pairs per expert, by global layer, on
+        the stage's leader (tp_rank = ep_rank = 0: every rank of an EP group counts the same
+        tokens); {} on other ranks and for dense models."""
+        g = self.groups
+        if not (self.model_config.num_experts and g.tp_rank == 0 and g.ep_rank == 0):
+            return {}
+        return {layer: counts.tolist() for layer, counts in self.model.expert_counts().items()}
 
     def apply_placement(self, placements_json: str, ep: int) -> dict:
-        from engine.eplb import placements_from_json
+        from engine.expert_placement import placements_from_json
         return self.model.apply_placement(placements_from_json(placements_json, self.model_config.num_experts, ep))
 
     def rank_pairs(self) -> dict:

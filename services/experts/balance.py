@@ -1,10 +1,10 @@
 """Expert placement driven by the routing statistics in Redis: records, views, rebalancing.
 
-Keys (beside DESIGN §7; the windowed buckets are described in ``engine.expert_stats``):
+Keys (beside DESIGN §7; the windowed buckets are described in ``services.experts.stats``):
 
 - ``<prefix>placement:<model>`` — HASH, the pool's current expert placement: ``version``
   (int, +1 per change), ``num_experts``, ``ep``, ``slots`` (per EP rank), ``layers`` (JSON
-  ``{layer: [logical expert of each physical slot]}``, see ``engine.eplb``), ``window_s`` (the
+  ``{layer: [logical expert of each physical slot]}``, see ``engine.expert_placement``), ``window_s`` (the
   statistics window it was computed over), ``interval_s`` (the writers' bucket length, so
   readers compute the bucket keys instead of scanning), ``updated`` (unix seconds), ``reason``,
   ``hotspot_before`` / ``hotspot_after`` (mean over layers of the predicted hotspot ratio).
@@ -30,8 +30,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from engine.eplb import Placement, balance, default_placement, placements_from_json, placements_to_json
-from engine.expert_stats import read_window
+from engine.expert_placement import Placement, default_placement, placements_from_json, placements_to_json
+from services.experts.placement import balance
+from services.experts.stats import read_window
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def mean_hotspot(layers: dict[int, Placement], loads: dict[int, list[int]]) -> f
 
 def propose(record: PlacementRecord, loads: dict[int, list[int]]) -> tuple[dict[int, Placement], float, float]:
     """``(new layers, mean hotspot now, mean hotspot after)``: each layer with load in the
-    window rebalanced with ``engine.eplb.balance``; layers without load keep their placement."""
+    window rebalanced with ``services.experts.placement.balance``; layers without load keep their placement."""
     new = {layer: balance(loads[layer], record.ep, record.slots) if sum(loads.get(layer, ())) > 0 else p
            for layer, p in record.layers.items()}
     return new, mean_hotspot(record.layers, loads), mean_hotspot(new, loads)
@@ -298,7 +299,7 @@ async def add_expert_view(info, redis_url: str, prefix: str, model_id: str) -> N
     import asyncio
 
     from cleave.v1 import inference_pb2
-    from engine.expert_stats import stats_model_id
+    from services.experts.stats import stats_model_id
     from common.registry import connect_redis
 
     def read():

@@ -108,7 +108,7 @@ class ExpertStatsWriter:
         """Write the increments since the last flush, ``HINCRBY key expert delta`` for every
         non-zero delta into the cumulative hash and into the current time bucket, in one
         pipeline. ``counts_by_layer``: global layer -> cumulative int counts
-        ``[num_experts]``. Returns the number of cumulative fields incremented. The remembered
+        ``[num_experts]`` (a tensor or a list). Returns the number of cumulative fields incremented. The remembered
         totals move only after Redis accepted the pipeline, so a failed flush is retried whole
         by the next one (its tokens then land in the bucket of the retry)."""
         t0 = int(self.clock()) // self.interval_s * self.interval_s
@@ -116,7 +116,7 @@ class ExpertStatsWriter:
         pipe = self.redis.pipeline(transaction=True)
         sent, fields = {}, 0
         for layer, counts in sorted(counts_by_layer.items()):
-            now = counts.detach().to("cpu", torch.int64).reshape(-1)
+            now = torch.as_tensor(counts, dtype=torch.int64).reshape(-1)
             before = self._sent.get(layer, torch.zeros_like(now))
             if before.shape != now.shape:
                 raise ValueError(f"layer {layer}: {now.numel()} expert counts, {before.numel()} before")
