@@ -16,10 +16,22 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-# weight / activation / KV dtype name (the torch attribute of the same name) -> bytes per element
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Element formats by their one name -> bytes per element (an int where whole, so byte counts stay
+# exact), for weights, activations and the KV cache alike: the engine's --weights-dtype and
+# cleave plan's --weight-dtype / --kv-dtype.
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
+# The formats torch computes in, by torch's name for them -> their name above. ModelConfig.dtype
+# (the model and KV cache dtype: --dtype, ModelInfo.dtype, the KV compatibility hash) is one of these.
+TORCH_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # --weights-dtype values (engine.quant holds the weights; listed here so the router needs no torch)
 WEIGHTS_DTYPES = ("fp32", "bf16", "int8", "int4")
+
+
+def dtype_bytes(dtype: str) -> float:
+    """Bytes per element of format ``dtype`` (a :data:`DTYPE_BYTES` name); ValueError listing them."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
 
 
 @dataclass(frozen=True)
@@ -41,7 +53,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     attention_bias: bool = False  # Qwen2 has q/k/v biases
-    dtype: str = "float32"
+    dtype: str = "float32"        # model and KV cache dtype, as torch names it (TORCH_DTYPES)
     num_experts: int = 0          # Mixtral-style MoE: experts per layer (0 = dense MLP)
     num_experts_per_tok: int = 0  # top-k experts each token is routed to
     weights_dtype: str = "fp32"   # how linear/embedding weights are held (engine.quant): fp32 = in
@@ -55,8 +67,8 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
-        if self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
+        if self.dtype not in TORCH_DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(TORCH_DTYPES)}")
         if self.weights_dtype not in WEIGHTS_DTYPES:
             raise ValueError(f"weights_dtype={self.weights_dtype!r} is not one of {WEIGHTS_DTYPES}")
         if self.head_dim % 2:
@@ -70,9 +82,12 @@ class ModelConfig:
         import torch
         return getattr(torch, self.dtype)
 
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V for one token across all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES[self.dtype]
+    def kv_bytes_per_token(self, dtype: str = "") -> float:
+        """Bytes of K and V for one token across all layers of the whole model (no TP
+        replication), held in format ``dtype`` (a :data:`DTYPE_BYTES` name; "" = :attr:`dtype`):
+        an int for whole-byte formats, which the cache is sized by (:meth:`CacheConfig.blocks_for`)."""
+        element = dtype_bytes(dtype or TORCH_DTYPES[self.dtype])
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -13,13 +13,14 @@ import yaml
 from services.capacity.cost import CostOptions, Layout, decode_step_time, kv_heads_per_rank, prefill_time
 from services.capacity.memory import memory_per_gpu
 from services.capacity.hardware import BUILTIN as GPUS, Hardware, get_hardware
-from services.capacity.models import BUILTIN as MODELS, ModelSpec, get_model
+from services.capacity.models import BUILTIN as MODELS, get_model, model_spec
 from services.cli import main
 
 pytestmark = pytest.mark.unit
 
 # one layer, round numbers: q/k/v/o 1024x1024 each, MLP 3 x 1024x4096, vocab 1000
-ONE = ModelSpec(name="one", hidden=1024, layers=1, heads=8, kv_heads=8, head_dim=128, intermediate=4096, vocab=1000)
+ONE = model_spec("one", hidden_size=1024, num_layers=1, num_heads=8, num_kv_heads=8, head_dim=128,
+                 intermediate_size=4096, vocab_size=1000)
 # an ideal device: 1 TFLOP/s, 100 GB/s, 10 GB/s links with 1 us latency, no overheads
 IDEAL = Hardware(name="ideal", memory_bytes=80e9, flops={"bf16": 1e12}, mem_bw=1e11, link_bw=1e10,
                  link_latency_s=1e-6, nic_bw=1e9, nic_latency_s=1e-5, gpus_per_node=8, flops_eff=1.0,
@@ -69,8 +70,8 @@ def test_tp_adds_two_all_reduces_per_dense_layer():
 
 
 def test_ep_dispatch_and_combine_scale_with_imbalance():
-    moe = ModelSpec(name="moe1", hidden=1024, layers=1, heads=8, kv_heads=8, head_dim=128, intermediate=0,
-                    vocab=1000, num_experts=8, top_k=2, moe_intermediate=2048)
+    moe = model_spec("moe1", hidden_size=1024, num_layers=1, num_heads=8, num_kv_heads=8, head_dim=128,
+                     intermediate_size=2048, vocab_size=1000, num_experts=8, num_experts_per_tok=2)
     for imb in (1.0, 1.5):
         opt = CostOptions(expert_imbalance=imb)
         t = prefill_time(moe, IDEAL, Layout(ep=4), opt, batch=1, prompt=64)
@@ -82,7 +83,8 @@ def test_ep_dispatch_and_combine_scale_with_imbalance():
 
 
 def test_pp_sends_and_bubble():
-    two = ModelSpec(name="two", hidden=1024, layers=2, heads=8, kv_heads=8, head_dim=128, intermediate=4096, vocab=1000)
+    two = model_spec("two", hidden_size=1024, num_layers=2, num_heads=8, num_kv_heads=8, head_dim=128,
+                     intermediate_size=4096, vocab_size=1000)
     one_mb = prefill_time(two, IDEAL, Layout(pp=2), CostOptions(micro_batches=1), batch=4, prompt=128)
     four_mb = prefill_time(two, IDEAL, Layout(pp=2), CostOptions(micro_batches=4), batch=4, prompt=128)
     # one micro-batch: the stages run in turn, the bubble is one stage time
@@ -156,6 +158,27 @@ def _run(*argv) -> tuple[int, str]:
     with contextlib.redirect_stdout(out):
         code = main(["plan", *argv])
     return code, out.getvalue()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mixtral"])
+def test_a_plan_reads_a_config_json_into_the_engines_model_config(tmp_path, model_type):
+    """One model shape: ``cleave plan``'s model is the ModelConfig the engine reads from the same
+    ``config.json`` (plus a name), so both count the same KV bytes per token in every format."""
+    from dataclasses import asdict, fields
+
+    from common.model import TORCH_DTYPES, ModelConfig
+    from engine.hf_loader import config_from_dir
+    moe = {"num_local_experts": 4, "num_experts_per_tok": 2} if model_type == "mixtral" else {}
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": model_type, "hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "vocab_size": 1000, "intermediate_size": 1024, "rope_theta": 1e6,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "tie_word_embeddings": True, **moe}))
+    plan, engine = get_model(str(tmp_path)), config_from_dir(str(tmp_path))
+    assert isinstance(plan, ModelConfig) and plan.is_moe == bool(moe)
+    assert {f.name: getattr(plan, f.name) for f in fields(ModelConfig)} == asdict(engine)
+    for torch_name, name in TORCH_DTYPES.items():
+        assert plan.kv_bytes_per_token(name) == engine.replace(dtype=torch_name).kv_bytes_per_token() \
+            == 2 * 6 * 2 * 64 * {"fp32": 4, "bf16": 2, "fp16": 2}[name]
 
 
 def test_json_shape_and_every_tp_pp_split_with_batch():

@@ -3,8 +3,9 @@ instances each pool should run, for a model, a hardware profile, a workload and 
 
 Modules, in data-flow order:
 
-- :mod:`services.capacity.models` — the model's shape (built-in configs or a Hugging Face
-  ``config.json``), parameter and KV byte counts; no torch import.
+- :mod:`services.capacity.models` — the models to plan for: the engine's model shape
+  (``common.model.ModelConfig``: KV bytes per token, element formats) with a name and parameter
+  counts, built-in or from a Hugging Face ``config.json``; no torch import.
 - :mod:`services.capacity.hardware` — datasheet profiles of GPUs and their node topology
   (switch or full mesh), the calibrated ``local`` profile (JSON written by
   :mod:`services.capacity.calibrate`); :mod:`services.capacity.hardware_file` reads a custom one

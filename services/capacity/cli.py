@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.model import DTYPE_BYTES
 from services.capacity.hardware import DEFAULT_PROFILE
-from services.capacity.models import DTYPE_BYTES
 
 DTYPES = sorted(DTYPE_BYTES)
 

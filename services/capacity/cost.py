@@ -44,8 +44,9 @@ import math
 from dataclasses import dataclass
 
 from common.layout import layout_problem
+from common.model import dtype_bytes
 from services.capacity.hardware import Hardware
-from services.capacity.models import ModelSpec, dtype_bytes
+from services.capacity.models import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class Layout:
         lo, hi = sorted((self.tp, self.ep))
         if hi % lo:
             return f"tp={self.tp} and ep={self.ep}: the smaller must divide the larger"
-        return layout_problem(self.tp, self.pp, self.ep, model.heads, model.kv_heads, model.layers,
+        return layout_problem(self.tp, self.pp, self.ep, model.num_heads, model.num_kv_heads, model.num_layers,
                               model.num_experts)
 
     def label(self) -> str:
@@ -151,7 +152,7 @@ class Breakdown:
 
 def kv_heads_per_rank(model: ModelSpec, tp: int) -> int:
     """KV heads a TP rank holds: a split when tp <= kv heads, else one replicated head."""
-    return max(1, model.kv_heads // tp)
+    return max(1, model.num_kv_heads // tp)
 
 
 @dataclass(frozen=True)
@@ -185,22 +186,23 @@ class _LayerCost:
 
 def _layer(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, s: _Step) -> _LayerCost:
     wb, kvb, ab = dtype_bytes(opt.weight_dtype), dtype_bytes(opt.kv_dtype), hw.act_bytes
-    h, d, t = model.hidden, model.head_dim, lay.tp
+    h, d, t = model.hidden_size, model.head_dim, lay.tp
     kvh = kv_heads_per_rank(model, t)
-    heads = model.heads / t
-    lin = 2 * h * model.heads * d / t + 2 * h * kvh * d
+    heads = model.num_heads / t
+    lin = 2 * h * model.num_heads * d / t + 2 * h * kvh * d
     flops = 2 * s.tokens * lin
     wbytes = lin * wb
     if model.is_moe:
-        rows = s.tokens * model.top_k / lay.ep * opt.expert_imbalance
+        k = model.num_experts_per_tok
+        rows = s.tokens * k / lay.ep * opt.expert_imbalance
         flops += 2 * rows * model.expert_params() + 2 * s.tokens * h * model.num_experts
-        touched = model.num_experts / lay.ep * (1 - (1 - model.top_k / model.num_experts) ** s.tokens)
+        touched = model.num_experts / lay.ep * (1 - (1 - k / model.num_experts) ** s.tokens)
         wbytes += touched * model.expert_params() * wb + h * model.num_experts * wb
-        inter = model.top_k * model.moe_intermediate * opt.expert_imbalance / lay.ep
+        inter = k * model.expert_intermediate_size * opt.expert_imbalance / lay.ep
     else:
-        flops += 2 * s.tokens * 3 * h * model.intermediate / t
-        wbytes += 3 * h * model.intermediate / t * wb
-        inter = model.intermediate / t
+        flops += 2 * s.tokens * 3 * h * model.intermediate_size / t
+        wbytes += 3 * h * model.intermediate_size / t * wb
+        inter = model.intermediate_size / t
     attn_flops = 4 * s.tokens * s.keys * heads * d
     flops += attn_flops
     act = ab * s.tokens * (8 * h + 2 * (heads + 2 * kvh) * d + 3 * inter)
@@ -221,7 +223,8 @@ def _layer(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, s: _St
         if opt.ep_exchange == "all_reduce":
             ep_s, ep_alg = hw.collective("all_reduce", msg, lay.ep, cross)
         else:
-            one, ep_alg = hw.collective("all_to_all", msg * model.top_k / lay.ep * opt.expert_imbalance, lay.ep, cross)
+            one, ep_alg = hw.collective("all_to_all", msg * model.num_experts_per_tok / lay.ep * opt.expert_imbalance,
+                                        lay.ep, cross)
             ep_s = 2 * one
         ep_s *= _crowding(hw, lay, lay.ep)
     attn_s = (attn_flops / rate_f + scores) * over
@@ -236,7 +239,7 @@ def _crowding(hw: Hardware, lay: Layout, group: int) -> float:
 
 
 def _stage_layers(model: ModelSpec, pp: int) -> int:
-    return -(-model.layers // pp)     # the largest stage (the first ``layers % pp`` get one more)
+    return -(-model.num_layers // pp)   # the largest stage (the first ``layers % pp`` get one more)
 
 
 def _boundaries_crossing(lay: Layout, hw: Hardware) -> int:
@@ -248,8 +251,8 @@ def _boundaries_crossing(lay: Layout, hw: Hardware) -> int:
 
 def _head_s(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, seqs: float) -> float:
     """The LM head over ``seqs`` rows (compute or weight streaming, whichever is slower)."""
-    return max(2 * seqs * model.hidden * model.vocab / hw.flops_for(opt.weight_dtype),
-               model.vocab * model.hidden * dtype_bytes(opt.weight_dtype) / hw.mem_rate()) \
+    return max(2 * seqs * model.hidden_size * model.vocab_size / hw.flops_for(opt.weight_dtype),
+               model.vocab_size * model.hidden_size * dtype_bytes(opt.weight_dtype) / hw.mem_rate()) \
         * hw.oversubscription(lay.gpus)
 
 
@@ -258,7 +261,7 @@ def _pp_sends(model: ModelSpec, hw: Hardware, lay: Layout, tokens: float, seqs: 
     per boundary (over the NIC where it crosses a node), in decode the sampled tokens back."""
     if lay.pp == 1:
         return 0.0
-    act = tokens * model.hidden * hw.act_bytes
+    act = tokens * model.hidden_size * hw.act_bytes
     crowd = _crowding(hw, lay, 2)
     send, send_nic = (2 * crowd * max(hw.pp_message_s, hw.comm_time("send_recv", act, 2, nic))
                       for nic in (False, True))                    # hidden and residual
@@ -297,7 +300,7 @@ def _prefill_pass(model, hw, lay, opt, step: _Step, m: int) -> Breakdown:
     b = _fill(Breakdown(micro_batches=m, sequences=step.seqs), c, m * n, m * head_s, cp_s)
     b.pp_bubble_s = (lay.pp - 1) * stage
     b.pp_send_s = _pp_sends(model, hw, lay, micro.tokens, micro.seqs, False)
-    b.flops = m * (n * c.flops + 2 * micro.seqs * model.hidden * model.vocab)
+    b.flops = m * (n * c.flops + 2 * micro.seqs * model.hidden_size * model.vocab_size)
     b.bytes = m * n * c.bytes
     return b
 
@@ -320,7 +323,7 @@ def _decode_round(model, hw, lay, opt, step: _Step, m: int) -> Breakdown:
     b.pp_send_s = _pp_sends(model, hw, lay, step.tokens, step.seqs, True)
     path = lay.pp * (layers_s + fwd) + head + b.pp_send_s
     b.pp_bubble_s = max(0.0, m * (layers_s + fwd + head) - path)
-    b.flops = lay.pp * n * c.flops + 2 * step.seqs * model.hidden * model.vocab
+    b.flops = lay.pp * n * c.flops + 2 * step.seqs * model.hidden_size * model.vocab_size
     b.bytes = lay.pp * n * c.bytes
     return b
 
@@ -362,7 +365,7 @@ def decode_throughput(step: Breakdown) -> float:
 
 def kv_handoff_time(model: ModelSpec, hw: Hardware, opt: CostOptions, prompt: int, prefill: Layout, decode: Layout) -> float:
     """Seconds to move one prompt's KV from a prefill to a decode instance over the NICs."""
-    nbytes = prompt * model.kv_bytes_per_token(dtype_bytes(opt.kv_dtype))
+    nbytes = prompt * model.kv_bytes_per_token(opt.kv_dtype)
     links = min(prefill.gpus, decode.gpus)
     if hw.measured.get("send_recv"):
         return hw.comm_time("send_recv", nbytes / links, 2)

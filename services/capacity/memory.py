@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.model import dtype_bytes
 from services.capacity.cost import CostOptions, Layout, decode_micro_batches, kv_heads_per_rank
 from services.capacity.hardware import Hardware
-from services.capacity.models import ModelSpec, dtype_bytes
+from services.capacity.models import ModelSpec
 
 
 @dataclass
@@ -44,19 +45,19 @@ class Memory:
 
 def stage_weight_bytes(model: ModelSpec, lay: Layout, opt: CostOptions, stage: int) -> float:
     """Weight bytes one GPU of pipeline stage ``stage`` holds (common.layout.layer_range split)."""
-    base, extra = divmod(model.layers, lay.pp)
+    base, extra = divmod(model.num_layers, lay.pp)
     layers = base + (1 if stage < extra else 0)
-    h, d = model.hidden, model.head_dim
-    attn = 2 * h * model.heads * d / lay.tp + 2 * h * kv_heads_per_rank(model, lay.tp) * d
+    h, d = model.hidden_size, model.head_dim
+    attn = 2 * h * model.num_heads * d / lay.tp + 2 * h * kv_heads_per_rank(model, lay.tp) * d
     if model.is_moe:
         mlp = model.num_experts / lay.ep * model.expert_params() + h * model.num_experts
     else:
-        mlp = 3 * h * model.intermediate / lay.tp
+        mlp = 3 * h * model.intermediate_size / lay.tp
     params = layers * (attn + mlp + 2 * h)
     if stage == 0:
-        params += model.vocab * h
-    if stage == lay.pp - 1 and (not model.tied_embeddings or lay.pp > 1):
-        params += model.vocab * h + h
+        params += model.vocab_size * h
+    if stage == lay.pp - 1 and (not model.tie_word_embeddings or lay.pp > 1):
+        params += model.vocab_size * h + h
     return params * dtype_bytes(opt.weight_dtype)
 
 
@@ -65,12 +66,13 @@ def memory_per_gpu(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions
     """The fullest GPU: weights + KV of ``cached_tokens`` (all sequences) + activations of a
     ``pass_tokens``-token forward, against ``hw.memory_bytes`` less the reserve."""
     best = None
-    base, extra = divmod(model.layers, lay.pp)
+    base, extra = divmod(model.num_layers, lay.pp)
     for stage in range(lay.pp):
         layers = base + (1 if stage < extra else 0)
         per_tok = 2 * layers * kv_heads_per_rank(model, lay.tp) * model.head_dim * dtype_bytes(opt.kv_dtype) / lay.cp
-        inter = model.intermediate / lay.tp if not model.is_moe else model.top_k * model.moe_intermediate
-        act = pass_tokens / lay.cp * (6 * model.hidden + 3 * inter) * hw.act_bytes
+        inter = model.num_experts_per_tok * model.expert_intermediate_size if model.is_moe \
+            else model.intermediate_size / lay.tp
+        act = pass_tokens / lay.cp * (6 * model.hidden_size + 3 * inter) * hw.act_bytes
         mem = Memory(stage_weight_bytes(model, lay, opt, stage), cached_tokens * per_tok, act,
                      hw.memory_bytes * opt.reserve, hw.memory_bytes, stage, per_tok)
         if best is None or mem.used > best.used:

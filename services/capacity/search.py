@@ -32,11 +32,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.model import dtype_bytes
 from services.capacity.cost import (CostOptions, Layout, ceil_div, decode_step_time, decode_throughput,
                                     kv_handoff_time, prefill_time)
 from services.capacity.memory import memory_per_gpu
 from services.capacity.hardware import Hardware
-from services.capacity.models import ModelSpec, dtype_bytes
+from services.capacity.models import ModelSpec
 
 BATCHES = tuple(2 ** i for i in range(11))       # 1 .. 1024
 
@@ -250,4 +251,4 @@ def _inputs(req: PlanRequest) -> dict:
             "ttft_s": req.ttft_s, "tpot_s": req.tpot_s, "weight_dtype": o.weight_dtype, "kv_dtype": o.kv_dtype,
             "expert_imbalance": o.expert_imbalance, "params": req.model.total_params(),
             "weight_bytes": req.model.total_params() * dtype_bytes(o.weight_dtype),
-            "kv_bytes_per_token": req.model.kv_bytes_per_token(dtype_bytes(o.kv_dtype))}
+            "kv_bytes_per_token": req.model.kv_bytes_per_token(o.kv_dtype)}
