@@ -24,7 +24,8 @@ use :func:`assert_close`, which checks::
   ``gamma_k * sum|terms|`` with ``gamma_k = k u / (1 - k u)`` (Higham, *Accuracy and Stability
   of Numerical Algorithms*, 2nd ed., SIAM 2002, section 3.1) in the worst case. Modelling the
   rounding errors as independent mean-zero random variables (Higham and Mary, "A New Approach
-  to Probabilistic Rounding Error Analysis", SIAM J. Sci. Comput. 41(5), 2019), it is at most ``lambda * sqrt(k) * u * sum|terms|`` except with a probability of about
+  to Probabilistic Rounding Error Analysis", SIAM J. Sci. Comput. 41(5), 2019), it is at most
+  ``lambda * sqrt(k) * u * sum|terms|`` except with a probability of about
   ``2 k exp(-lambda**2 / 2)``: with ``lambda = 8`` below 3e-9 per element for ``k <= 10**5``.
   Two paths, each within that of the exact value, differ by at most
   ``2 * lambda * sqrt(k) * u = lambda * sqrt(k) * eps``: ``SUMMATION = lambda = 8``.
