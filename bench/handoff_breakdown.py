@@ -92,7 +92,8 @@ def run(args, checksum: bool) -> dict[str, float]:
 
     from cleave.v1.inference_pb2 import Layout
     from cleave.v1.worker_pb2 import LandingDescriptor, LandingRank
-    from kvtransfer.handoff import HandoffTimes, KVSender, compat_hash
+    from kvtransfer.handoff import KVSender, compat_hash
+    from kvtransfer.message import HandoffTimes
     from kvtransfer.transport import make_transport
     model = _model()
     num_blocks = 2 * (-(-args.tokens // BLOCK)) + 8

@@ -1,4 +1,4 @@
-"""Model sources: resolve a spec, then read its config, weights, tokenizer and reference model.
+"""Weights onto a device: the engine's model or one rank's shard, and the ``transformers`` reference.
 
 Callers: services and the offline API call :func:`resolve_model` on the ``--model`` flag, then
 :func:`load_model` (config + loaded model or one rank's shard, on a device) and :func:`load_tokenizer`;

@@ -1,4 +1,4 @@
-"""Model sources: resolve a ``--model`` spec, then read its shape and tokenizer, without torch.
+"""What a ``--model`` spec names: the model file or directory, its shape (no torch) and its tokenizer.
 
 Callers: the router (``router.server``: shape and tokenizer, never weights), the CLI, and
 ``engine.loader``, which adds the weights, the loaded model and the reference model on top of

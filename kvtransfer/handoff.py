@@ -45,17 +45,13 @@ from cleave.v1 import inference_pb2, worker_pb2
 from common.layout import cp_token_ranges, kv_head_range, layer_range
 from common.model import ModelConfig
 from kernels import kv_unpack
-from kvtransfer.message import (PROTOCOL_VERSION, TRAILER, CorruptMessage, HandoffTimes, build_message,
-                                message_nbytes, open_message, piece_shape)
+from kvtransfer.message import (PROTOCOL_VERSION, CorruptMessage, HandoffTimes, build_message, message_nbytes,
+                                open_message, piece_shape)
 from kvtransfer.plan import DestRank, Piece, SourceRank, plan_pieces
 from kvtransfer.staging import POOL_BYTES, MessagePath
 from kvtransfer.transport import KVTransport, Transfer, TransferState
 
 log = logging.getLogger(__name__)
-
-_TRAILER = TRAILER   # the wire format lives in kvtransfer.message; these names stay importable here
-__all__ = ["PROTOCOL_VERSION", "HandoffError", "NotLandedYet", "IncompatiblePeer", "HandoffTimes",
-           "KVReceiver", "KVSender", "compat_hash", "piece_tag", "transfer_plan"]
 
 
 class HandoffError(RuntimeError):

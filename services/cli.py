@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cleave {args.command}: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        if type(exc).__name__ != "RendezvousTimeout":
+        from engine.runtime.rendezvous import RendezvousTimeout   # loaded already if one was raised
+        if not isinstance(exc, RendezvousTimeout):
             raise
         print(f"cleave {args.command}: {exc}", file=sys.stderr)   # names the ranks that never came
         return 1

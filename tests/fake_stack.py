@@ -38,7 +38,7 @@ from common.errors import CleaveError
 from common.flags import replace
 from common.registry import connect_redis
 from engine.runtime.fake import FakeExecutor, tiny_config
-from kvtransfer.handoff import _TRAILER
+from kvtransfer.message import TRAILER
 from kvtransfer.transport import KVTransport, make_transport
 from router.core import RouterCore
 from router.state import TERMINAL
@@ -75,7 +75,7 @@ class ScriptedTransport(KVTransport):
         if self.corrupt > 0:
             self.corrupt -= 1
             self.corrupted += 1
-            buffer[:-_TRAILER.size].view(torch.float32).add_(1.0)   # payload; the trailer stays
+            buffer[:-TRAILER.size].view(torch.float32).add_(1.0)   # payload; the trailer stays
         return self.inner.send(peer, tag, buffer, deadline)
 
     def close(self) -> None:

@@ -21,7 +21,8 @@ from cleave.v1.inference_pb2 import Layout
 from common.layout import cp_token_ranges
 from kvtransfer.crc import _libdeflate_crc32, crc32, host_crc32, host_crc_backend
 from kvtransfer.fake import FakeFabric
-from kvtransfer.handoff import HandoffError, HandoffTimes, KVReceiver, KVSender
+from kvtransfer.handoff import HandoffError, KVReceiver, KVSender
+from kvtransfer.message import HandoffTimes
 from kvtransfer.staging import HostBufferPool
 from kvtransfer.transport import make_transport
 from tests.test_handoff import (COMPAT, DECODE_BLOCKS, MODEL, PREFILL_BLOCKS, SENTINEL, RecordingTransport,

@@ -128,6 +128,23 @@ def test_rank_that_never_joins_is_named_within_the_timeout(tiny_llama_dir):
 
 
 @pytest.mark.unit
+def test_the_cli_says_a_rendezvous_timeout_in_one_line_and_raises_other_errors(monkeypatch, capsys):
+    import services.cli as cli
+    from engine.runtime.rendezvous import RendezvousTimeout
+
+    def fail(error):
+        def run(args):
+            raise error
+        return run
+    monkeypatch.setattr(cli, "_run_rank", fail(RendezvousTimeout("rank(s) [1] of 2 never joined")))
+    assert cli.main(["rank", "decode"]) == 1
+    assert "cleave rank: rank(s) [1] of 2 never joined" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_run_rank", fail(RuntimeError("RendezvousTimeout by name only")))
+    with pytest.raises(RuntimeError, match="by name only"):
+        cli.main(["rank", "decode"])
+
+
+@pytest.mark.unit
 def test_external_ranks_need_a_fixed_port(tiny_llama_dir):
     from engine.runtime.executor import make_executor
 

@@ -39,10 +39,12 @@ def buckets_up_to(max_batch: int) -> list[int]:
 class DecodeGraphs:
     """CUDA graphs of one rank's model forward over decode batches (see the module docstring).
 
-    ``model``: this rank's shard; ``kv_cache``: its cache on CUDA; ``pad_slot``: a flat slot
-    index that no sequence owns; ``hidden_size``: rows of ``(hidden, residual)`` a later
-    pipeline stage receives. Graphs are captured lazily; every rank of an instance runs the
-    same batches in the same order, so TP collectives inside a graph are captured in step."""
+    ``model``: this rank's shard; ``kv_cache``: its cache on CUDA; ``max_batch``: the largest
+    bucket; ``block_size``: the cache's tokens per block; ``pad_slot``: a flat slot index that no
+    sequence owns. A later pipeline stage passes :meth:`run` the ``(hidden, residual)`` it
+    received (``[n, hidden_size]`` each), copied into static tensors like the inputs. Graphs are
+    captured lazily; every rank of an instance runs the same batches in the same order, so TP
+    collectives inside a graph are captured in step."""
 
     def __init__(self, model, kv_cache: torch.Tensor, max_batch: int, block_size: int, pad_slot: int):
         self.model, self.kv, self.block_size, self.pad_slot = model, kv_cache, block_size, pad_slot
