@@ -1,6 +1,6 @@
 """The reshard plan between a prefill layout (tp x cp) and a decode layout (tp x pp), exhaustively.
 
-Covers ``engine/layout.py`` (how each layout splits heads, layers and tokens),
+Covers ``common/layout.py`` (how each layout splits heads, layers and tokens),
 ``kvtransfer/plan.py`` and ``kvtransfer/handoff.transfer_plan`` for every pair of layouts with
 up to four ranks a side, over several model shapes and prompt lengths.
 """
@@ -118,7 +118,7 @@ def test_plan_pieces_rejects_non_contiguous_ownership():
         plan_pieces(sources, [DestRank(0, (0, 1), (0, 3))])
 
 
-# ---- engine/layout.py ----------------------------------------------------------------------
+# ---- common/layout.py ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("heads", [1, 2, 3, 4, 6, 8])
 @pytest.mark.parametrize("tp", range(1, 9))
