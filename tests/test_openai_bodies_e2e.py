@@ -15,7 +15,7 @@ import openai
 import pytest
 import torch
 
-from tests.test_logprobs import TOL, reference_logprobs
+from tests.test_logprobs import reference_logprobs
 from tests.test_openai_e2e import _post, _scrape, _value
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -99,7 +99,7 @@ def test_completion_echo_logprobs_equal_transformers(tiny, tiny_llama_dir):
     """lm-evaluation-harness' local-completions request: prompt ids, echo, logprobs, max_tokens 0
     or 1; the prompt's log-likelihood from the OpenAI SDK equals transformers'."""
     ctx, cont = PROMPT_IDS[:5], PROMPT_IDS[5:]
-    want = reference_logprobs(tiny_llama_dir, PROMPT_IDS)
+    want, tol = reference_logprobs(tiny_llama_dir, PROMPT_IDS)
     with openai.OpenAI(base_url=tiny.http_url, api_key="unused", max_retries=0) as client:
         for max_tokens in (0, 1):
             out = client.completions.create(model=client.models.list().data[0].id, prompt=[PROMPT_IDS], echo=True,
@@ -109,19 +109,22 @@ def test_completion_echo_logprobs_equal_transformers(tiny, tiny_llama_dir):
             assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
             got = sum(lp.token_logprobs[len(ctx):len(PROMPT_IDS)])
             assert got == pytest.approx(sum(float(want[i - 1, PROMPT_IDS[i]]) for i in range(len(ctx), len(PROMPT_IDS))),
-                                        abs=len(cont) * TOL)
+                                        abs=len(cont) * tol)
             for i in range(1, len(PROMPT_IDS)):
-                assert lp.token_logprobs[i] == pytest.approx(float(want[i - 1, PROMPT_IDS[i]]), abs=TOL)
+                assert lp.token_logprobs[i] == pytest.approx(float(want[i - 1, PROMPT_IDS[i]]), abs=tol)
                 assert len(lp.top_logprobs[i]) in (2, 3)                 # top 2, and the chosen token
-                assert max(lp.top_logprobs[i].values()) == pytest.approx(float(want[i - 1].max()), abs=TOL)
+                assert max(lp.top_logprobs[i].values()) == pytest.approx(float(want[i - 1].max()), abs=tol)
             assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
             if max_tokens:                                               # the greedy token's own logprob
-                assert lp.token_logprobs[-1] == pytest.approx(float(want[-1].max()), abs=TOL)
+                assert lp.token_logprobs[-1] == pytest.approx(float(want[-1].max()), abs=tol)
             else:
                 assert out.usage.completion_tokens == 0 and out.choices[0].finish_reason == "length"
 
 
 def test_chat_logprobs_equal_grpc_and_transformers_streamed_or_not(tiny, client, tiny_llama_dir):
+    """Streamed, whole and gRPC runs are one code path (within its bound: batch mates may
+    differ); transformers is another, within the bound of ``tests.test_logprobs``."""
+    _, tol = reference_logprobs(tiny_llama_dir, PROMPT_IDS * 4)       # a bound for this context
     model = client.models.list().data[0].id
     messages = [{"role": "user", "content": "Name a colour."}]
     whole = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0,
@@ -132,28 +135,29 @@ def test_chat_logprobs_equal_grpc_and_transformers_streamed_or_not(tiny, client,
                                             extra_body={"ignore_eos": True})
     streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert len(content) == 6 and [e.token for e in streamed] == [e.token for e in content]
-    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=TOL)
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=tol)
     grpc_msgs = list(tiny.stub.Generate(__import__("tests.stack", fromlist=["request"]).request(
         chat=[("user", "Name a colour.")], max_tokens=6, ignore_eos=True, logprobs=True, top_logprobs=3), timeout=60))
     ids = [t for m in grpc_msgs for t in m.token_ids]
     entries = [e for m in grpc_msgs for e in m.logprobs]
     assert [e.token_id for e in entries] == ids
-    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in content], abs=TOL)
+    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in content], abs=tol)
     prompt_len = grpc_msgs[-1].usage.prompt_tokens
     from engine.source import load_tokenizer, resolve_model
     from router.text import TextCodec
     prompt = TextCodec(load_tokenizer(resolve_model(tiny_llama_dir))).render_chat([("user", "Name a colour.")])
     assert len(prompt) == prompt_len
-    want = reference_logprobs(tiny_llama_dir, prompt + ids)
+    want, tol = reference_logprobs(tiny_llama_dir, prompt + ids)
     for i, e in enumerate(content):
         row = want[prompt_len - 1 + i]
-        assert e.logprob == pytest.approx(float(row[ids[i]]), abs=TOL)
-        assert e.top_logprobs[0].logprob == pytest.approx(float(row.max()), abs=TOL)
+        assert e.logprob == pytest.approx(float(row[ids[i]]), abs=tol)
+        assert e.top_logprobs[0].logprob == pytest.approx(float(row.max()), abs=tol)
         assert e.bytes == list(e.token.encode("utf-8"))
-        assert ids[i] == int(torch.argmax(row)) or float(row.max() - row[ids[i]]) < 10 * TOL   # greedy
+        assert ids[i] == int(torch.argmax(row)) or float(row.max() - row[ids[i]]) < 2 * tol   # greedy
 
 
-def test_streamed_completion_logprobs_add_up_to_the_whole(tiny):
+def test_streamed_completion_logprobs_add_up_to_the_whole(tiny, tiny_llama_dir):
+    _, tol = reference_logprobs(tiny_llama_dir, PROMPT_IDS + [0] * 5)  # one code path, run twice
     body = dict(prompt=PROMPT_IDS, max_tokens=5, temperature=0, logprobs=1, echo=True, ignore_eos=True)
     status, whole = _post(tiny, "/completions", body)
     assert status == 200
@@ -167,5 +171,5 @@ def test_streamed_completion_logprobs_add_up_to_the_whole(tiny):
     joined = {k: [x for p in parts for x in p[k]] for k in ("tokens", "token_logprobs", "text_offset")}
     want = whole["choices"][0]["logprobs"]
     assert joined["tokens"] == want["tokens"] and joined["text_offset"] == want["text_offset"]
-    assert joined["token_logprobs"][1:] == pytest.approx(want["token_logprobs"][1:], abs=TOL)
+    assert joined["token_logprobs"][1:] == pytest.approx(want["token_logprobs"][1:], abs=tol)
     assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == whole["choices"][0]["text"]
