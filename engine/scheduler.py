@@ -2,9 +2,11 @@
 
 The decode service owns one :class:`DecodeScheduler` and its thread. gRPC handlers (any
 thread) call :meth:`add` once a sequence's KV has landed and :meth:`abort` when a client goes
-away; the scheduler thread runs one forward pass per step over every running sequence,
-samples, and hands each sequence its new token through the sequence's ``emit`` callback
-(which must not block: the service forwards it to an asyncio queue).
+away; the scheduler thread calls :meth:`DecodeScheduler.step` in a loop (the in-process
+``engine.llm_engine.LLMEngine`` calls it directly, without the thread). A step runs one
+forward pass over every running sequence, samples, and hands each sequence its new token
+through the sequence's ``emit`` callback (which must not block: the service forwards it to an
+asyncio queue).
 
 A sequence's blocks were reserved for prompt + max_tokens before it arrives, so it can never
 run out mid-stream; the scheduler frees them (``release``) when the sequence ends for any reason.
@@ -112,20 +114,28 @@ class DecodeScheduler:
     def num_waiting(self) -> int:
         return len(self._waiting) + self._incoming.qsize()
 
-    # ---- scheduler thread ----------------------------------------------------------------
+    # ---- the step: the scheduler thread, or an in-process engine (engine.llm_engine) -------
+    def step(self) -> bool:
+        """Admit what was handed over (and apply aborts), then run one decode step over every
+        running sequence; False when nothing was running. Synchronous: the scheduler thread
+        (:meth:`start`) calls it in a loop, ``engine.llm_engine.LLMEngine.step`` directly
+        (never both on one scheduler)."""
+        self._admit()
+        if not self._running:
+            return False
+        try:
+            self._step()
+        except Exception as exc:  # a bug outside the isolated parts: fail the batch, keep serving
+            log.exception("decode step failed")
+            for seq in list(self._running.values()):
+                self._finish(seq, FINISH_ERROR, error=f"decode step failed: {exc}")
+        return True
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._admit()
-            if not self._running:
+            if not self.step():
                 self._wake.wait(0.5)
                 self._wake.clear()
-                continue
-            try:
-                self._step()
-            except Exception as exc:  # a bug outside the isolated parts: fail the batch, keep serving
-                log.exception("decode step failed")
-                for seq in list(self._running.values()):
-                    self._finish(seq, FINISH_ERROR, error=f"decode step failed: {exc}")
         self._drain_on_stop()
 
     def _drain_on_stop(self) -> None:

@@ -2,9 +2,10 @@
 
 Tiny seeded Llama directories (safetensors; ``unit``) and the embedded SmolLM2 GGUF
 (``integration``): last-position logits within the fp32 bound of ``tests.tolerances`` for the
-model's reduction length, greedy tokens equal to ``generate(do_sample=False)`` token for token,
-and a batch of prompts of different lengths equal to each prompt run alone. Also the loader's
-error paths.
+model's reduction length, greedy tokens of the serving path (``engine.llm_engine.LLMEngine``:
+the executor's prefill, the decode scheduler's steps) equal to ``generate(do_sample=False)``
+token for token, and a batch of prompts of different lengths (another block size) equal to each
+prompt run alone. Also the loader's error paths.
 
 Why token-exact parity is sound on any CPU: both sides compute in fp32 on the same machine, and
 :func:`reference_greedy` asserts that at every step ``transformers``' top logit leads the
@@ -20,8 +21,9 @@ import torch
 from engine.batch import ForwardBatch
 from engine.loader import (ModelSource, load_model, load_reference_model, load_tokenizer,
                            resolve_model)
+from engine.llm_engine import LLMEngine
 from engine.model import LlamaForCausalLM
-from engine.offline import greedy_generate
+from engine.runtime.config import RuntimeConfig
 from tests.conftest import hf_generate
 from tests.models import make_tiny_llama
 from tests.tolerances import assert_close, assert_decisive, model_reduction_length
@@ -63,15 +65,23 @@ def assert_logits_close(ours, want, config, context):
     assert int(ours.argmax()) == int(want.argmax())
 
 
-def check_parity(model, config, ref, prompts):
+def engine_config(source, block_size: int = 16, **kw) -> RuntimeConfig:
+    """An ``LLMEngine``'s config for parity runs: CPU, fp32, a small cache, TCP transport."""
+    return RuntimeConfig(model=str(source), device="cpu", dtype="float32", transport="tcp",
+                         block_size=block_size, num_blocks=kw.pop("num_blocks", 256), **kw)
+
+
+def check_parity(source, model, config, ref, prompts):
     """Batched prefill logits vs the reference; greedy alone vs ``generate``; batched vs alone."""
     batched = prefill_last_logits(model, config, prompts)
     for i, p in enumerate(prompts):
         assert_logits_close(batched[i], reference_last_logits(ref, p), config, len(p))
-    alone = [greedy_generate(model, config, [p], NEW_TOKENS)[0] for p in prompts]
+    with LLMEngine(engine_config(source)) as engine:
+        alone = [engine.generate([p], NEW_TOKENS)[0] for p in prompts]
     for p, got in zip(prompts, alone):
         assert got == reference_greedy(ref, p, NEW_TOKENS)
-    assert greedy_generate(model, config, prompts, NEW_TOKENS, block_size=8) == alone
+    with LLMEngine(engine_config(source, block_size=8)) as engine:
+        assert engine.generate(prompts, NEW_TOKENS) == alone
 
 
 # --- tiny random Llama (safetensors) -------------------------------------------------------
@@ -88,22 +98,22 @@ def tiny(request, tmp_path_factory):
     path = make_tiny_llama(tmp_path_factory.mktemp(request.param), seed=1,
                            **TINY_VARIANTS[request.param])
     config, model = load_model(path)
-    return config, model, load_reference_model(path), load_tokenizer(path)
+    return config, model, load_reference_model(path), load_tokenizer(path), path
 
 
 @pytest.mark.unit
 def test_tiny_llama_parity(tiny):
-    config, model, ref, tok = tiny
+    config, model, ref, tok, path = tiny
     chat = tok.apply_chat_template([{"role": "user", "content": "Name a colour."}],
                                    add_generation_prompt=True, tokenize=False)
     prompts = [tok.encode(chat), tok.encode("The quick brown fox jumps over the lazy dog"),
                [5], list(range(40, 57))]           # 1 token, exactly 17 = 16 + 1
-    check_parity(model, config, ref, prompts)
+    check_parity(path, model, config, ref, prompts)
 
 
 @pytest.mark.unit
 def test_tiny_config_matches_hf(tiny):
-    config, _, ref, _ = tiny
+    config, _, ref, _, _ = tiny
     hf = ref.config
     assert (config.num_layers, config.num_heads, config.num_kv_heads, config.hidden_size) == \
         (hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads, hf.hidden_size)
@@ -150,7 +160,7 @@ def test_resolve_model_errors(tmp_path):
 def smollm2():
     source = resolve_model("smollm2")
     config, model = load_model(source)
-    return config, model, load_reference_model(source), load_tokenizer(source)
+    return config, model, load_reference_model(source), load_tokenizer(source), source
 
 
 @pytest.mark.integration
@@ -163,13 +173,13 @@ def test_smollm2_config(smollm2):
 
 @pytest.mark.integration
 def test_smollm2_parity(smollm2):
-    config, model, ref, tok = smollm2
+    config, model, ref, tok, source = smollm2
     questions = ["What is the capital of France?", "Write a haiku about the sea."]
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                        tokenize=False) for q in questions]
     # the first stops at <|im_end|> after 8 tokens; the others run the full 32
     prompts = [tok.encode(p) for p in prompts] + [tok.encode("Once upon a time")]
-    check_parity(model, config, ref, prompts)
+    check_parity("smollm2", model, config, ref, prompts)
 
 
 @pytest.mark.unit

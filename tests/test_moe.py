@@ -3,9 +3,11 @@
 - unit: :class:`engine.moe.MoEBlock` (one rank) equals ``MixtralSparseMoeBlock`` on the same
   weights, loaded from per-expert and from stacked tensors; counts equal a direct count of the
   router's top-k; the permutation reference round-trips.
-- integration: a tiny saved Mixtral, greedy tokens and last logits equal ``transformers`` at
-  one rank and at EP 2, EP 4 (attention replicated) and EP 2 with TP 2 attention, each layout
-  spawned once (gloo) and also checking the MoE block alone against one rank; the same
+- integration: a tiny saved Mixtral, greedy tokens (the serving path:
+  ``engine.llm_engine.LLMEngine``) and last logits equal ``transformers`` at one rank and at
+  EP 2, EP 4 (attention replicated) and EP 2 with TP 2 attention, and the engine's expert
+  counts (``Executor.expert_counts``) equal one rank's; each layout's ranks are also spawned
+  once (gloo) to check the MoE block alone and the logits against one rank; the same
   model converted to GGUF (llama.cpp layout) loads and matches; and ``ExpertStatsWriter``
   against a real ``redis-server``.
 
@@ -23,12 +25,12 @@ import torch
 
 from common.layout import ParallelConfig
 from common.model import ModelConfig
-from services.experts.stats import ExpertStatsWriter
+from engine.llm_engine import LLMEngine
 from engine.moe import MixtralForCausalLM, MoEBlock
-from engine.offline import greedy_generate
 from engine.runtime.spawn import spawn_ranks
 from kernels.moe_permute import moe_permute, moe_unpermute
-from tests.test_engine_parity import prefill_last_logits, reference_greedy
+from services.experts.stats import ExpertStatsWriter
+from tests.test_engine_parity import engine_config, prefill_last_logits, reference_greedy
 from tests.tolerances import assert_close, assert_decisive, model_reduction_length
 
 HIDDEN, INTER, EXPERTS, TOP_K = 64, 96, 8, 2
@@ -152,7 +154,7 @@ def test_load_errors_quote_values():
 
 # ---- integration: whole model, EP layouts --------------------------------------------------
 def _rank_run(groups, path, state, x):
-    """One rank: the MoE block alone on ``x`` and the whole tiny Mixtral (logits, greedy)."""
+    """One rank: the MoE block alone on ``x`` and the whole tiny Mixtral's prefill logits."""
     from engine.loader import iter_weights, load_model_config, resolve_model
     block = our_block(state, groups)
     with torch.inference_mode():
@@ -164,10 +166,16 @@ def _rank_run(groups, path, state, x):
     model.eval()
     local = config.replace(num_kv_heads=model.num_local_kv_heads)   # this rank's KV heads
     logits = prefill_last_logits(model, local, PROMPTS)
-    tokens = [greedy_generate(model, local, [p], NEW_TOKENS)[0] for p in PROMPTS]
     return {"block": block_out, "block_counts": block.expert_counts.clone(),
-            "experts_held": block.gate_up_proj.shape[0], "logits": logits, "tokens": tokens,
-            "counts": model.expert_counts()}
+            "experts_held": block.gate_up_proj.shape[0], "logits": logits}
+
+
+def _engine_run(path, layout: ParallelConfig) -> dict:
+    """The tiny Mixtral served on ``layout``: greedy tokens of each prompt alone, and the
+    instance's expert counts after them (``{layer: [pairs per expert]}``)."""
+    with LLMEngine(engine_config(path, parallel=layout, threads=1)) as engine:
+        tokens = [engine.generate([p], NEW_TOKENS)[0] for p in PROMPTS]
+        return {"tokens": tokens, "counts": engine.executor.expert_counts()}
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +192,7 @@ def mixtral(tmp_path_factory):
     want_logits = torch.stack([reference_last_logits(ref, p) for p in PROMPTS])
     state = per_expert_state(hf_block(seed=3))
     x = torch.randn(23, HIDDEN, generator=torch.Generator().manual_seed(4))
-    single = _rank_run(ParallelGroups.single(), path, state, x)
+    single = {**_rank_run(ParallelGroups.single(), path, state, x), **_engine_run(path, ParallelConfig())}
     k = model_reduction_length(ref.config, max(map(len, PROMPTS)))
     return path, state, x, single, want_tokens, want_logits, k
 
@@ -200,8 +208,9 @@ def test_single_rank_matches_transformers(mixtral):
     _, _, _, single, want_tokens, want_logits, k = mixtral
     assert single["tokens"] == want_tokens
     _assert_logits(single["logits"], want_logits, k)
+    assert sorted(single["counts"]) == list(range(4))
     for counts in single["counts"].values():          # every layer saw every token of every step
-        assert int(counts.sum()) == int(single["counts"][0].sum())
+        assert sum(counts) == sum(single["counts"][0]) > 0
 
 
 @pytest.mark.integration
@@ -217,13 +226,13 @@ def test_expert_parallel_matches_one_rank(mixtral, layout):
         assert_close(r["block"], single["block"], k=BLOCK_K)
         # every rank routes with the replicated router on the same x, the same kernel as one rank
         assert r["block_counts"].tolist() == single["block_counts"].tolist()
-        assert r["tokens"] == want_tokens
         _assert_logits(r["logits"], want_logits, k)
-        # every layer's routing: a token whose 2nd and 3rd expert were within rounding could
-        # flip (TP attention feeds the routers other roundings); it would also move the
-        # logits far outside the bound checked above, so it cannot pass unseen
-        assert {i: c.tolist() for i, c in r["counts"].items()} == \
-            {i: c.tolist() for i, c in single["counts"].items()}
+    served = _engine_run(path, layout)
+    assert served["tokens"] == want_tokens
+    # every layer's routing: a token whose 2nd and 3rd expert were within rounding could
+    # flip (TP attention feeds the routers other roundings); it would also move the
+    # logits far outside the bound checked above, so it cannot pass unseen
+    assert served["counts"] == single["counts"]
 
 
 @pytest.mark.integration

@@ -1,15 +1,16 @@
 """Tensor and pipeline parallel engine (gloo ranks on CPU) vs Hugging Face ``transformers``.
 
-Each layout runs in one spawn of ``engine.runtime.spawn.spawn_ranks``: every rank loads its shard
-(TP slice of its stage's layers), runs prefill + greedy decode through
-``engine.pipeline.PipelineRunner`` and returns its tokens and (last stage) last-position
-prefill logits. Checked against ``transformers`` on the same weights: logits within the fp32
-bound of ``tests.tolerances`` for the model's reduction length (TP and PP sum in another order
-than one process), greedy tokens equal to ``generate(do_sample=False)`` token for token (sound
-on any CPU: ``reference_greedy`` checks every step's margin), every rank agreeing. Two tiny random models cover both GQA cases and both head kinds:
+Each layout runs in one ``engine.llm_engine.LLMEngine`` (the serving path: the local executor
+spawns the layout's ranks, each loads its shard, the TP slice of its stage's layers; prefill
+through ``Executor.prefill``, decode through the decode scheduler, PP decode batches as
+micro-batches), which returns the greedy tokens and the last-position prefill logits. Checked
+against ``transformers`` on the same weights: logits within the fp32 bound of
+``tests.tolerances`` for the model's reduction length (TP and PP sum in another order than one
+process), greedy tokens equal to ``generate(do_sample=False)`` token for token (sound on any
+CPU: ``reference_greedy`` checks every step's margin). Two tiny random models cover both GQA
+cases and both head kinds:
 
-- ``llama``: 4 layers, 8 query / 4 kv heads, untied head: TP 2, TP2 x PP2, PP 2 with and
-  without micro-batching (one spawn);
+- ``llama``: 4 layers, 8 query / 4 kv heads, untied head: TP 2, PP 2, TP2 x PP2;
 - ``qwen2``: 5 layers, 8 query / 2 kv heads, q/k/v biases, tied embeddings: TP 4 (kv heads
   replicated), PP 3 (uneven 2/2/1, the tied head on a stage without the embedding).
 
@@ -25,11 +26,11 @@ import torch
 
 from common.layout import ParallelConfig
 from common.model import ModelConfig
+from engine.llm_engine import LLMEngine
 from engine.parallel import Group, ParallelGroups
 from engine.runtime.spawn import RankFailure, spawn_ranks
-from engine.pipeline import split_micro_batches
 from tests.models import make_tiny_llama
-from tests.test_engine_parity import reference_greedy, reference_last_logits
+from tests.test_engine_parity import engine_config, reference_greedy, reference_last_logits
 from tests.tolerances import assert_close, model_reduction_length
 
 NEW_TOKENS = 24
@@ -42,17 +43,10 @@ MODELS = {
 }
 
 
-def _rank_modes(groups, path, prompts, max_new_tokens, modes):
-    """On one rank: load the shard once, generate once per micro-batching flag in ``modes``."""
-    from engine.loader import load_model
-    from engine.pipeline import PipelineRunner
-
-    _, model = load_model(path, groups=groups)
-    out = []
-    for micro in modes:
-        runner = PipelineRunner(model, groups, block_size=8, micro_batching=micro)
-        out.append(runner.generate(prompts, max_new_tokens))
-    return out
+def generate(source, layout: ParallelConfig, prompts, max_new_tokens):
+    """``(greedy tokens, last-position prefill logits)`` of ``prompts`` on ``layout``'s ranks."""
+    with LLMEngine(engine_config(source, block_size=8, parallel=layout, threads=1)) as engine:
+        return engine.generate(prompts, max_new_tokens, return_logits=True)
 
 
 def reference(path, prompts, n):
@@ -76,34 +70,30 @@ def tiny_models(tmp_path_factory):
     return built
 
 
-def check(results, want_logits, want_tokens, k):
-    """Every rank's tokens equal the reference; the last stage's logits are close to it."""
-    for per_rank in zip(*results):                  # one mode at a time, all ranks
-        for tokens, _ in per_rank:
-            assert tokens == want_tokens
-        logits = per_rank[-1][1]                     # the last rank is on the last stage
-        for got, want in zip(logits, want_logits):
-            assert_close(got, want, k=k)
+def check(got, want_logits, want_tokens, k):
+    """The tokens equal the reference; the prefill logits are close to it."""
+    tokens, logits = got
+    assert tokens == want_tokens
+    for g, w in zip(logits, want_logits):
+        assert_close(g, w, k=k)
 
 
 LAYOUTS = [
-    ("llama", ParallelConfig(tp=2), (True,)),
-    ("llama", ParallelConfig(pp=2), (True, False)),  # micro-batched and stages in turn
-    ("llama", ParallelConfig(tp=2, pp=2), (True,)),
-    ("qwen2", ParallelConfig(tp=4), (True,)),
-    ("qwen2", ParallelConfig(pp=3), (True,)),
+    ("llama", ParallelConfig(tp=2)),
+    ("llama", ParallelConfig(pp=2)),
+    ("llama", ParallelConfig(tp=2, pp=2)),
+    ("qwen2", ParallelConfig(tp=4)),
+    ("qwen2", ParallelConfig(pp=3)),
 ]
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("model,layout,modes", LAYOUTS,
-                         ids=[f"{m}-tp{l.tp}-pp{l.pp}" for m, l, _ in LAYOUTS])
-def test_layout_matches_transformers(tiny_models, model, layout, modes):
+@pytest.mark.parametrize("model,layout", LAYOUTS, ids=[f"{m}-tp{l.tp}-pp{l.pp}" for m, l in LAYOUTS])
+def test_layout_matches_transformers(tiny_models, model, layout):
     path, want_logits, want_tokens, k = tiny_models[model]
     assert any(len(t) >= 16 for t in want_tokens)   # long enough runs to mean something
-    results = spawn_ranks(layout, _rank_modes, path, PROMPTS, NEW_TOKENS, modes, timeout_s=240)
-    check(results, want_logits, want_tokens, k)
+    check(generate(path, layout, PROMPTS, NEW_TOKENS), want_logits, want_tokens, k)
 
 
 @pytest.mark.integration
@@ -116,9 +106,7 @@ def test_smollm2_tp3_matches_transformers():
     chat = tok.apply_chat_template([{"role": "user", "content": "Name a colour."}],
                                    add_generation_prompt=True, tokenize=False)
     prompts = [tok.encode(chat), tok.encode("The capital of France is")]
-    results = spawn_ranks(ParallelConfig(tp=3), _rank_modes, source, prompts, 8, (True,),
-                          timeout_s=240)
-    check(results, *reference(source, prompts, 8))
+    check(generate("smollm2", ParallelConfig(tp=3), prompts, 8), *reference(source, prompts, 8))
 
 
 def _groups(layout: ParallelConfig) -> ParallelGroups:
@@ -147,14 +135,6 @@ def test_layout_the_model_cannot_take_raises():
     assert stage.lm_head is None and stage.model.norm is None
     assert stage.wants("model.layers.1.mlp.up_proj.weight")
     assert not stage.wants("model.layers.2.mlp.up_proj.weight") and not stage.wants("lm_head.weight")
-
-
-@pytest.mark.unit
-def test_split_micro_batches():
-    assert split_micro_batches(5, 2) == [[0, 1], [2, 3, 4]]
-    assert split_micro_batches(2, 4) == [[0], [1]]
-    with pytest.raises(ValueError, match="got 0"):
-        split_micro_batches(3, 0)
 
 
 def _die_mid_pipeline(groups):

@@ -183,14 +183,17 @@ def test_quantized_layouts_the_kernels_cannot_take_are_refused():
     assert quantize_int8_rows(torch.zeros(2, 16)).dequantize().abs().max() == 0   # no 0/0
 
 
-def _rank_logits(groups, path, weights_dtype):
-    """On one rank: prefill logits [3, vocab] of three prompts (last stage), else None."""
-    from engine.loader import load_model
-    from engine.pipeline import PipelineRunner
+def _served_logits(path, weights_dtype, layout=None):
+    """Prefill logits [3, vocab] of three prompts, served (``engine.llm_engine.LLMEngine``) on
+    ``layout``'s ranks (default one rank in this process)."""
+    from common.layout import ParallelConfig
+    from engine.llm_engine import LLMEngine
+    from tests.test_engine_parity import engine_config
 
-    _, model = load_model(path, groups=groups, weights_dtype=weights_dtype)
-    _, logits = PipelineRunner(model, groups, block_size=8).generate(PROMPTS, 1)
-    return logits
+    cfg = engine_config(path, block_size=8, parallel=layout or ParallelConfig(), threads=1,
+                        weights_dtype=weights_dtype)
+    with LLMEngine(cfg) as engine:
+        return engine.generate(PROMPTS, 1, return_logits=True)[1]
 
 
 PROMPTS = [list(b"The quick brown fox"), [257, 117, 115, 101, 114, 10, 72], list(range(40, 57))]
@@ -211,18 +214,17 @@ def test_hf_model_quantized_at_load_serves_tp2_like_one_rank(mode, tmp_path):
     moves them; int8's top-1 agreement is measured on SmolLM2 below."""
     from common.layout import ParallelConfig
     from engine.loader import load_model_config, resolve_model
-    from engine.runtime.spawn import spawn_ranks
     from tests.models import make_tiny_llama
 
     path = make_tiny_llama(tmp_path / "m", seed=3)   # hidden 64, 8 heads: TP2 o_proj shards are 32 columns
     config = load_model_config(resolve_model(path))
     k, matmuls = model_reduction_length(config, max(map(len, PROMPTS))), model_matmuls(config)
-    one = spawn_ranks(ParallelConfig(), _rank_logits, path, mode, timeout_s=240)[0]
-    two = spawn_ranks(ParallelConfig(tp=2), _rank_logits, path, mode, timeout_s=240)[0]
+    one = _served_logits(path, mode)
+    two = _served_logits(path, mode, ParallelConfig(tp=2))
     for got, want in zip(two, one):
         assert_close(got, want, k=k, **KERNEL, roundings=matmuls)
     if mode == "int8":
-        ref = spawn_ranks(ParallelConfig(), _rank_logits, path, "fp32", timeout_s=240)[0]
+        ref = _served_logits(path, "fp32")
         for got, want in zip(one, ref):
             assert_close(got, want, k=k, **KERNEL, roundings=3 * matmuls)
 
