@@ -145,14 +145,20 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
-def engine_decode_step(model, config, prompt: list[int], tokens: int) -> float:
-    """Seconds per batch-1 decode step of the engine alone (``engine.offline.greedy_generate``,
-    no services): (time of ``tokens`` new tokens - time of 1) / (``tokens`` - 1), after a warm-up."""
-    from engine.offline import greedy_generate
-    greedy_generate(model, config, [prompt], 4, stop_at_eos=False)
-    t0 = time.perf_counter()
-    greedy_generate(model, config, [prompt], 1, stop_at_eos=False)
-    one = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    greedy_generate(model, config, [prompt], tokens, stop_at_eos=False)
-    return (time.perf_counter() - t0 - one) / max(1, tokens - 1)
+def engine_decode_step(model: str, weights_dtype: str, prompt: list[int], tokens: int) -> float:
+    """Seconds per batch-1 decode step of the engine alone (``engine.llm_engine.LLMEngine`` on the
+    CPU: the serving executor and decode scheduler in this process, no services) for ``model``
+    (a ``--model`` value) held as ``weights_dtype``: (time of ``tokens`` new tokens - time of 1)
+    / (``tokens`` - 1), after a warm-up."""
+    from engine.llm_engine import LLMEngine
+    from engine.runtime.config import RuntimeConfig
+    cfg = RuntimeConfig(model=model, device="cpu", weights_dtype=weights_dtype, transport="tcp",
+                        num_blocks=8 + (len(prompt) + tokens) // 16)
+    with LLMEngine(cfg) as engine:
+        engine.generate([prompt], 4, ignore_eos=True)
+        t0 = time.perf_counter()
+        engine.generate([prompt], 1, ignore_eos=True)
+        one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        engine.generate([prompt], tokens, ignore_eos=True)
+        return (time.perf_counter() - t0 - one) / max(1, tokens - 1)

@@ -9,8 +9,8 @@ Run: ``python bench/capacity.py [--profile FILE] [--calibrate] [--repeats 3] [--
    model predicts the time (``services.capacity.cost``: fp32 weights, KV and activations,
    EP as the engine's all-reduce) and ``bench/parallel.py``'s rank functions measure it over
    real gloo ranks: prefill = one prompt's forward (median of ``--repeats``, slowest rank);
-   decode = ``PipelineRunner.generate`` over 8 sequences, the decode rounds' time divided by
-   their count (micro-batched when PP > 1), slowest rank.
+   decode = ``bench/parallel.py``'s ``decode_run`` (``engine.llm_engine.LLMEngine``) over 8
+   sequences, the decode steps' time divided by their count (micro-batched when PP > 1).
 3. Prints each case's error ``(predicted - measured) / measured``, the median and the worst
    absolute error; first, the wall time of issue 14's "done when" ``cleave plan`` command, and
    the gloo collective times against the alpha-beta formula fitted to them.
@@ -59,15 +59,14 @@ def _cli_seconds(runs: int = 3) -> float:
 
 
 def _measure(path, phase, layout, plen, repeats) -> float:
-    from bench.parallel import _decode_rank, _prefill_rank
+    from bench.parallel import _prefill_rank, decode_run
     from engine.runtime.spawn import spawn_ranks
     if phase == "prefill":
         prompt = [(7 * i + 3) % 250 for i in range(plen)]
         res = spawn_ranks(layout, _prefill_rank, path, prompt, repeats, timeout_s=600)
         return statistics.median(max(r["times"][i] for r in res) for i in range(repeats))
-    res = spawn_ranks(layout, _decode_rank, path, PROMPTS, NEW_TOKENS, True, timeout_s=600)
-    rounds = res[0]["decoded"] / SEQS
-    return max(r["decode"] for r in res) / rounds
+    res = decode_run(path, layout, PROMPTS, NEW_TOKENS)
+    return res["decode"] / (res["decoded"] / SEQS)
 
 
 def _predict(spec, hw, phase, lay, plen) -> float:
@@ -76,7 +75,7 @@ def _predict(spec, hw, phase, lay, plen) -> float:
     if phase == "prefill":
         return prefill_time(spec, hw, lay, opts, 1, plen).total_s
     ctx = statistics.mean(len(p) for p in PROMPTS) + NEW_TOKENS / 2
-    # PipelineRunner splits the 8 sequences into PP micro-batches: a step's batch is one of them
+    # Executor.forward splits the 8 sequences into PP micro-batches: a step's batch is one of them
     return decode_step_time(spec, hw, lay, opts, SEQS / lay.pp, ctx).total_s
 
 

@@ -11,17 +11,18 @@ or ``ForwardBatch.prefill_cp`` when cp > 1: this CP rank's zigzag chunks, ring a
 KV cache, runs one warm-up forward, then ``--repeats`` timed forwards, each between two barriers;
 the time of a run is the slowest rank's, the table gives the median over runs.
 
-Decode table: ``engine.pipeline.PipelineRunner`` over ``--seqs`` prompts; each PP > 1 layout runs
-twice, with and without micro-batching. Decode tokens/s counts the rounds after the prefill (the
-slowest rank).
+Decode table: ``engine.llm_engine.LLMEngine`` (the serving path: the layout's ranks, prefill
+through the executor, decode steps through the decode scheduler, a PP > 1 step as
+micro-batches) over ``--seqs`` prompts, timed on rank 0. Decode tokens/s counts the steps after
+the prefill.
 
 Communication share: inside the rank processes only, ``torch.distributed.all_reduce`` /
 ``all_gather`` / ``send`` / ``recv`` / ``isend`` / ``irecv`` are wrapped to accumulate wall time
 (a non-blocking op counts its post and its ``wait()``). "all-reduce %" is the time in collectives
 (TP all-reduces; for CP also the two small ``all_gather``s of ring attention) and "send/recv %" the
 time in point-to-point ops (CP ring K/V exchange, PP activations and tokens), both as a share of
-the step time (prefill: the timed forwards; decode: the whole ``generate``, prefill round
-included), the largest over ranks. A blocking receive or an all-reduce also waits for the slower
+the step time (prefill: the timed forwards; decode: the whole generation, prefill included),
+the largest over ranks. A blocking receive or an all-reduce also waits for the slower
 peer, so these shares include load imbalance and the pipeline bubble, not just transfer time.
 Timings on a shared 2-core machine are indicative only: layouts with more than 2 ranks
 oversubscribe the cores (each rank runs one torch thread).
@@ -134,17 +135,39 @@ def _prefill_rank(groups, path, prompt, repeats):
     return {"times": times, "coll": coll, "p2p": p2p, "tokens": int(batch.input_ids.numel())}
 
 
-def _decode_rank(groups, path, prompts, new_tokens, micro):
-    from engine.loader import load_model
-    from engine.pipeline import PipelineRunner
-
+def _comm_timers_on(runner) -> None:
+    """On every rank of an engine (``Executor.run_on_ranks``): count communication from now."""
     _install_comm_timers()
-    _, model = load_model(path, groups=groups)
-    runner = PipelineRunner(model, groups, micro_batching=micro)
     _reset_comm()
-    tokens, _ = runner.generate(prompts, new_tokens, stop_at_eos=False)
-    comm = _reset_comm()
-    return {"decoded": sum(len(t) - 1 for t in tokens), **runner.timings, **comm}
+
+
+def _comm_of(runner) -> dict[str, float]:
+    return _reset_comm()
+
+
+def decode_run(path, layout, prompts, new_tokens) -> dict:
+    """One generation of ``new_tokens`` per prompt (EOS ignored) by an ``LLMEngine`` on
+    ``layout`` (one torch thread per rank): seconds of the whole run (``total``) and of its
+    decode steps (``decode``), the tokens those decoded, and each rank's communication
+    seconds (``ranks``: ``coll`` / ``p2p``)."""
+    from engine.llm_engine import LLMEngine
+    from engine.runtime.config import RuntimeConfig
+
+    blocks = len(prompts) * (2 + (max(map(len, prompts)) + new_tokens) // 16)
+    cfg = RuntimeConfig(model=str(path), device="cpu", transport="tcp", threads=1, parallel=layout,
+                        max_batch=len(prompts), num_blocks=blocks)
+    with LLMEngine(cfg) as engine:
+        engine.executor.run_on_ranks(_comm_timers_on)
+        for p in prompts:
+            engine.add_request(p, max_tokens=new_tokens, ignore_eos=True)
+        t0 = time.perf_counter()
+        engine.step()                                   # the prefill of every prompt
+        t1, decoded = time.perf_counter(), 0
+        while engine.has_unfinished():
+            decoded += sum(len(o.new_tokens) for o in engine.step())
+        end = time.perf_counter()
+        ranks = engine.executor.run_on_ranks(_comm_of)
+    return {"decoded": decoded, "decode": end - t1, "total": end - t0, "ranks": ranks}
 
 
 # ---- driver ------------------------------------------------------------------------------------
@@ -201,21 +224,17 @@ def main() -> None:
     decode = _pairs(args.layouts)
     if decode:
         print(f"\n### Decode, {name}: {args.seqs} sequences x {args.new_tokens} new tokens "
-              f"(slowest rank)\n")
+              f"(LLMEngine, timed on rank 0)\n")
         print("| layout | ranks | micro-batching | decode tok/s | all-reduce % | send/recv % |")
         print("|---|---|---|---|---|---|")
         for tp, pp in decode:
             layout = ParallelConfig(tp=tp, pp=pp)
-            for micro in ((True, False) if pp > 1 else (None,)):
-                res = spawn_ranks(layout, _decode_rank, path, prompts, args.new_tokens,
-                                  bool(micro), timeout_s=600)
-                dec = max(r["decode"] for r in res)
-                coll = max(r["coll"] / r["total"] for r in res)
-                p2p = max(r["p2p"] / r["total"] for r in res)
-                mb = "-" if micro is None else ("yes" if micro else "no")
-                print(f"| TP{tp} x PP{pp} | {layout.world_size} | {mb} | "
-                      f"{res[0]['decoded'] / dec:.1f} | {coll:.0%} | {p2p:.0%} |", flush=True)
-
+            res = decode_run(path, layout, prompts, args.new_tokens)
+            coll = max(r["coll"] / res["total"] for r in res["ranks"])
+            p2p = max(r["p2p"] / res["total"] for r in res["ranks"])
+            mb = "yes" if pp > 1 else "-"
+            print(f"| TP{tp} x PP{pp} | {layout.world_size} | {mb} | "
+                  f"{res['decoded'] / res['decode']:.1f} | {coll:.0%} | {p2p:.0%} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -148,7 +148,7 @@ def main() -> int:
         out["quality"][wd] = quant.score_text(model, config, quant.text_tokens(tokenizer))   # (top-1, nll)
         out["weights"][wd] = baselines.weight_bytes(model)
         prompt = baselines.prompt_ids(tokenizer, 0, args.prompt_tokens)
-        out["step"][wd] = baselines.engine_decode_step(model, config, prompt, args.tokens)
+        out["step"][wd] = baselines.engine_decode_step(args.model, wd, prompt, args.tokens)
         del model
     # the engine step runs with --threads; the served one with the decode worker's cores
     out["decode_threads"] = args.worker_threads or len(out["cores"].get("decode-0", ())) or args.threads

@@ -144,18 +144,3 @@ class ForwardBatch:
             block_tables=table,
             context_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32),
         )
-
-
-def offline_block_tables(config, prompts: list[list[int]], max_new_tokens: int,
-                         block_size: int) -> tuple[int, list[list[int]]]:
-    """Validate an offline run and give each prompt its own contiguous blocks:
-    ``(blocks per sequence, block table per prompt)``. Shared by the single-rank and pipeline runners."""
-    if not prompts or any(not p for p in prompts):
-        raise ValueError(f"need at least one prompt and no empty prompts, got lengths {[len(p) for p in prompts]}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    longest = max(len(p) for p in prompts) + max_new_tokens
-    if longest > config.max_position:
-        raise ValueError(f"prompt + new tokens = {longest} exceeds max_position={config.max_position}")
-    per_seq = -(-longest // block_size)
-    return per_seq, [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]

@@ -29,6 +29,7 @@ import torch
 
 from engine.kv_cache import BlockAllocator
 from engine.runtime.config import RuntimeConfig
+from engine.runtime.executor import make_executor
 from engine.sampler import SamplingConfig, sample_one
 from engine.scheduler import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, DecodeScheduler, Sequence
 
@@ -69,7 +70,6 @@ class LLMEngine:
     one (tests); default ``make_executor(cfg)``. Close it (or use ``with``) to stop the ranks."""
 
     def __init__(self, cfg: RuntimeConfig, executor=None) -> None:
-        from engine.runtime.executor import make_executor
         self.cfg = cfg
         self.executor = executor if executor is not None else make_executor(cfg)
         self.model_config = self.executor.model_config

@@ -1,6 +1,6 @@
 """Weights onto a device: the engine's model or one rank's shard, and the ``transformers`` reference.
 
-Callers: services and the offline API call :func:`resolve_model` on the ``--model`` flag, then
+Callers: services and the in-process engine call :func:`resolve_model` on the ``--model`` flag, then
 :func:`load_model` (config + loaded model or one rank's shard, on a device) and :func:`load_tokenizer`;
 tests and the bench also call :func:`load_reference_model` (Hugging Face ``transformers`` on
 the same weights, the correctness oracle). Format details live in ``engine.gguf_loader`` and
@@ -35,8 +35,8 @@ def load_model(spec_or_source: str | ModelSource, dtype: str = "float32", device
     """``(ModelConfig, model)`` in eval mode on ``device``: the whole model (``groups=None``) or
     one rank's shard (``groups``: its :class:`~engine.parallel.ParallelGroups`), dense Llama or
     Mixtral (``engine.moe.build_model``). Only the rank's tensors are read, one at a time, and
-    each is copied straight into its (sliced) parameter on ``device``. The one loader: offline
-    runs, tests, benches and every serving rank (``engine.runtime.rank``) call it.
+    each is copied straight into its (sliced) parameter on ``device``. The one loader: tests,
+    benches and every serving rank (``engine.runtime.rank``, also under ``engine.llm_engine``) call it.
     ``weights_dtype`` (``--weights-dtype``): how the linear and embedding weights are held,
     ``engine.quant`` (fp32 = in ``dtype``, the exact path; bf16; int8 and int4, CPU only).
 

@@ -1,7 +1,7 @@
 """Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2) over the paged KV cache, TP/PP/CP-aware.
 
-Who calls what: ``engine.loader.load_model`` (one rank) or ``engine.offline`` /
-``engine.pipeline`` (one call per rank of an instance) build :class:`LlamaForCausalLM` from a
+Who calls what: ``engine.loader.load_model`` (the whole model, or one rank's shard for
+``engine.runtime.rank.RankRunner``) builds :class:`LlamaForCausalLM` from a
 :class:`ModelConfig` and the rank's :class:`~engine.parallel.ParallelGroups`, and feed
 ``load_weights`` with full ``(hf_name, tensor)`` pairs from ``engine.loader.iter_weights``
 (filtered with ``model.wants`` so a stage never reads another stage's weights); runners call
@@ -23,7 +23,7 @@ Parallel layout of one rank (``groups=None``: one rank, the whole model):
   Embedding, norms and LM head are replicated. The rank's KV cache holds only its kv heads.
 - PP: stage ``s`` builds and loads only layers ``common.layout.layer_range(s, pp, L)``; the
   first stage embeds, the last applies the final norm and LM head, and the stages in between
-  take and return ``(hidden, residual)`` (moved between stages by ``engine.pipeline``). The KV
+  take and return ``(hidden, residual)`` (moved between stages by ``engine.runtime.rank.stage_step``). The KV
   cache of a stage holds only its layers (index ``i - start``).
 """
 from __future__ import annotations

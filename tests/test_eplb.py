@@ -139,33 +139,33 @@ def skewed(tmp_path_factory):
     return path, prompts, [reference_greedy(ref, p, 16) for p in prompts]
 
 
-def _rank_switch(groups, path, prompts, n, tables):
-    """Greedy-generate ``n`` tokens per prompt on this rank's shard, switching the placement of
-    every layer to ``tables[k]`` before decode step ``k + 2``."""
-    from engine.batch import ForwardBatch
-    from common.model import CacheConfig
-    from engine.batch import offline_block_tables
-    from engine.loader import load_model
+def _slots(runner) -> dict:
+    """On every rank (``Executor.run_on_ranks``): the experts each MoE layer's slots hold."""
+    return {layer: list(b.slot_experts) for layer, b in runner.model.moe_blocks().items()}
 
-    config, model = load_model(path, groups=groups)
-    local = config.replace(num_kv_heads=model.num_local_kv_heads)
-    per_seq, blocks = offline_block_tables(local, prompts, n, 8)
-    kv = model.allocate_kv_cache(CacheConfig(block_size=8, num_blocks=per_seq * len(prompts)))
-    out, moves = [], []
-    with torch.inference_mode():
-        out = [[t] for t in model(ForwardBatch.prefill(prompts, blocks, 8), kv).argmax(-1).tolist()]
-        for step in range(n - 1):
+
+def _served_switch(path, ep: int, prompts, n, tables):
+    """Greedy-generate ``n`` tokens per prompt (EOS ignored) with an ``LLMEngine`` on EP
+    ``ep``, switching the placement of every layer to ``tables[k]`` (``Executor.apply_placement``)
+    before decode step ``k + 2``; the tokens, the switches' summaries and each rank's slots."""
+    from common.layout import ParallelConfig
+    from engine.llm_engine import LLMEngine
+    from tests.test_engine_parity import engine_config
+
+    with LLMEngine(engine_config(path, block_size=8, parallel=ParallelConfig(ep=ep), threads=1)) as engine:
+        ids = [engine.add_request(p, max_tokens=n, ignore_eos=True) for p in prompts]
+        out, moves = {i: [] for i in ids}, []
+        layers = sorted(engine.executor.expert_counts())
+        experts = engine.model_config.num_experts
+        step = -1                                               # the prefill; then decode step 0, 1, ...
+        while engine.has_unfinished():
             if step >= 2 and step - 2 < len(tables):
-                t = tables[step - 2]
-                ps = {layer: Placement.from_list(t, config.num_experts, groups.ep.size)
-                      for layer in model.moe_blocks()}
-                moves.append(model.apply_placement(ps))
-            batch = ForwardBatch.decode([o[-1] for o in out], [len(p) + len(o) - 1 for p, o in zip(prompts, out)],
-                                        blocks, 8)
-            for o, tok in zip(out, model(batch, kv).argmax(-1).tolist()):
-                o.append(tok)
-    slots = {layer: list(b.slot_experts) for layer, b in model.moe_blocks().items()}
-    return {"tokens": out, "moves": moves, "slots": slots}
+                placement = Placement.from_list(tables[step - 2], experts, ep)
+                moves.append(engine.executor.apply_placement({layer: placement for layer in layers}))
+            for o in engine.step():
+                out[o.request_id] += o.new_tokens
+            step += 1
+        return {"tokens": [out[i] for i in ids], "moves": moves, "slots": engine.executor.run_on_ranks(_slots)}
 
 
 @pytest.mark.integration
@@ -175,15 +175,12 @@ def _rank_switch(groups, path, prompts, n, tables):
     (4, [(0, 1, 2, 3, 0, 5, 6, 7, 0, 4, 0, 1), (7, 0, 6, 1, 5, 2, 4, 3)]),
 ], ids=["ep2", "ep4"])
 def test_live_switch_keeps_greedy_tokens(skewed, ep, tables):
-    from common.layout import ParallelConfig
-    from engine.runtime.spawn import spawn_ranks
-
     path, prompts, want_tokens = skewed
-    results = spawn_ranks(ParallelConfig(ep=ep), _rank_switch, path, prompts, 16, tables, timeout_s=240)
-    for r, res in enumerate(results):
-        # transformers stops at EOS; the switch loop does not
-        assert [o[:len(w)] for o, w in zip(res["tokens"], want_tokens)] == want_tokens
-        assert min(len(w) for w in want_tokens) > 8
-        last = Placement.from_list(tables[-1], 8, ep)
-        assert all(s == list(last.rank_experts(r)) for s in res["slots"].values())
-        assert sum(m["moved"] for m in res["moves"]) > 0              # weights did travel
+    res = _served_switch(path, ep, prompts, 16, tables)
+    # transformers stops at EOS; the engine here does not
+    assert [o[:len(w)] for o, w in zip(res["tokens"], want_tokens)] == want_tokens
+    assert min(len(w) for w in want_tokens) > 8
+    assert len(res["moves"]) == len(tables) and sum(m["moved"] for m in res["moves"]) > 0   # weights did travel
+    last = Placement.from_list(tables[-1], 8, ep)
+    for r, slots in enumerate(res["slots"]):
+        assert slots and all(s == list(last.rank_experts(r)) for s in slots.values())

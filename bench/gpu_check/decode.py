@@ -4,15 +4,15 @@ Run by ``run.py`` (``python bench/gpu_check/decode.py --device cuda``): the engi
 for the serving benchmark when the stack cannot run (no Redis on the machine). A random-weight
 model of SmolLM2-135M's shape (30 layers, hidden 576, 9 heads, 3 KV heads; built with the
 machine's ``transformers``, so nothing is carried) in the device's default dtype (bf16 on CUDA);
-on CPU the tiny test Llama. For each batch size: ``engine.offline.greedy_generate`` of
-``--tokens`` new tokens per sequence after ``--prompt`` prompt tokens (EOS ignored), CUDA graphs
-off and on, and ``transformers``' ``generate`` of the same batch. Rows give new tokens per
-second over the whole call (prefill included) and the ratio to ``transformers``.
+on CPU the tiny test Llama. For each batch size: ``engine.llm_engine.LLMEngine.generate`` (the
+serving executor and decode scheduler in this process) of ``--tokens`` new tokens per sequence
+after ``--prompt`` prompt tokens (EOS ignored), CUDA graphs off and on, and ``transformers``'
+``generate`` of the same batch. Rows give new tokens per second over the whole call (prefill
+included) and the ratio to ``transformers``.
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 import tempfile
@@ -22,8 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
-from engine.loader import load_model, load_reference_model  # noqa: E402
-from engine.offline import greedy_generate  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.loader import load_model_config, load_reference_model, resolve_model  # noqa: E402
+from engine.runtime.config import RuntimeConfig  # noqa: E402
 from engine.runtime.device import resolve_device, resolve_dtype  # noqa: E402
 from rows import emit, guard  # noqa: E402
 
@@ -37,13 +38,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def engine_tps(model, config, prompts, tokens: int, device: torch.device, graphs: bool | None) -> float:
-    kw = {} if graphs is None else {"cuda_graphs": graphs}
-    greedy_generate(model, config, prompts, 4, stop_at_eos=False, **kw)        # warm-up (and capture)
-    _sync(device)
-    start = time.perf_counter()
-    out = greedy_generate(model, config, prompts, tokens, stop_at_eos=False, **kw)
-    _sync(device)
+def engine_tps(path: str, prompts, tokens: int, device: torch.device, graphs: bool) -> float:
+    cfg = RuntimeConfig(model=path, device=device.type, transport="tcp", cuda_graphs=graphs,
+                        max_batch=len(prompts), num_blocks=len(prompts) * (2 + (len(prompts[0]) + tokens) // 16))
+    with LLMEngine(cfg) as engine:
+        engine.generate(prompts, 4, ignore_eos=True)                      # warm-up (and capture)
+        _sync(device)
+        start = time.perf_counter()
+        out = engine.generate(prompts, tokens, ignore_eos=True)
+        _sync(device)
     return sum(map(len, out)) / (time.perf_counter() - start)
 
 
@@ -71,13 +74,12 @@ def main() -> int:
     batches = [int(b) for b in (args.batches or ("1,8,32" if cuda else "1,4")).split(",")]
     tokens = args.tokens or (64 if cuda else 16)
     from tests.models import make_tiny_llama
-    has_flag = "cuda_graphs" in inspect.signature(greedy_generate).parameters
-    with tempfile.TemporaryDirectory() as tmp:
-        shape = SMOLLM2_SHAPE if cuda else {}
-        path = make_tiny_llama(os.path.join(tmp, "model"), seed=0, **shape)
-        dtype = resolve_dtype("auto", device)
-        config, model = load_model(path, dtype=dtype, device=device)
-        ref = load_reference_model(path).to(device=device, dtype=config.torch_dtype)
+    tmp = tempfile.TemporaryDirectory()
+    shape = SMOLLM2_SHAPE if cuda else {}
+    path = make_tiny_llama(os.path.join(tmp.name, "model"), seed=0, **shape)
+    dtype = resolve_dtype("auto", device)
+    config = load_model_config(resolve_model(path)).replace(dtype=dtype)
+    ref = load_reference_model(path).to(device=device, dtype=config.torch_dtype)
     what = f"{'SmolLM2-135M-shaped' if cuda else 'tiny'} random Llama, {dtype}, {args.prompt}-token prompts, " \
            f"{tokens} new tokens"
     gen = torch.Generator().manual_seed(0)
@@ -87,12 +89,13 @@ def main() -> int:
             base = hf_tps(ref, prompts, tokens, device)
             for graphs in (False, True):
                 label = f"engine decode batch {batch}, CUDA graphs {'on' if graphs else 'off'}"
-                if graphs and not (cuda and has_flag):
-                    emit(label, "skip", "CUDA only" if not cuda else "greedy_generate has no cuda_graphs flag yet")
+                if graphs and not cuda:
+                    emit(label, "skip", "CUDA only")
                     continue
-                tps = engine_tps(model, config, prompts, tokens, device, graphs if has_flag else None)
+                tps = engine_tps(path, prompts, tokens, device, graphs)
                 emit(label, "pass", f"{tps:.0f} tok/s = {tps / base:.2f}x transformers generate "
                                     f"({base:.0f} tok/s); {what}")
+    tmp.cleanup()
     return 0
 
 

@@ -2,9 +2,9 @@
 
 Run by ``run.py`` (``python bench/gpu_check/parity.py --device cuda``). For each model, fp32 on
 the device: ``transformers``' greedy ``generate`` of each prompt alone (the oracle) against
-``engine.offline.greedy_generate`` of all prompts in one batch, with CUDA graphs off and on
-(on CUDA only; skipped, saying so, while ``greedy_generate`` has no ``cuda_graphs`` flag). One
-row per model and graphs setting: pass when every prompt's tokens are equal, token for token.
+``engine.llm_engine.LLMEngine.generate`` (the serving executor and decode scheduler in this
+process) of all prompts in one batch, with CUDA graphs off and on (on CUDA only). One row per
+model and graphs setting: pass when every prompt's tokens are equal, token for token.
 
 Models: the tiny seeded Llama and Mixtral of ``tests/models.py`` / ``tests/moe_models.py``
 (built here with the machine's ``transformers``), and SmolLM2-135M from its GGUF when the file
@@ -14,7 +14,6 @@ the 98 MB file does not fit the 64 MiB carry).
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 import tempfile
@@ -24,8 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
-from engine.loader import load_model, load_reference_model, load_tokenizer, resolve_model  # noqa: E402
-from engine.offline import greedy_generate  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.loader import load_reference_model, load_tokenizer, resolve_model  # noqa: E402
+from engine.runtime.config import RuntimeConfig  # noqa: E402
 from engine.runtime.device import resolve_device  # noqa: E402
 from rows import emit, guard  # noqa: E402
 
@@ -44,24 +44,23 @@ def hf_greedy(ref, prompt: list[int], n: int, device: torch.device) -> list[int]
 
 def check_model(name: str, spec: str, texts: list[str], device: torch.device, tokens: int) -> None:
     start = time.perf_counter()
-    config, model = load_model(spec, dtype="float32", device=device)
     ref = load_reference_model(spec).to(device)
     tokenizer = load_tokenizer(spec)
     prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     want = [hf_greedy(ref, p, tokens, device) for p in prompts]
     print(f"{name}: loaded and reference generated in {time.perf_counter() - start:.1f} s", flush=True)
-    has_flag = "cuda_graphs" in inspect.signature(greedy_generate).parameters
     for graphs in (False, True):
         label = f"parity {name}, CUDA graphs {'on' if graphs else 'off'}"
         if graphs and device.type != "cuda":
             emit(label, "skip", "CUDA only")
             continue
-        if graphs and not has_flag:
-            emit(label, "skip", "engine.offline.greedy_generate has no cuda_graphs flag yet")
-            continue
-        t0 = time.perf_counter()
-        got = greedy_generate(model, config, prompts, tokens, **({"cuda_graphs": graphs} if has_flag else {}))
-        seconds = time.perf_counter() - t0
+        blocks = len(prompts) * (2 + (max(map(len, prompts)) + tokens) // 16)
+        cfg = RuntimeConfig(model=spec, device=device.type, dtype="float32", transport="tcp", cuda_graphs=graphs,
+                            max_batch=len(prompts), num_blocks=blocks)
+        with LLMEngine(cfg) as engine:
+            t0 = time.perf_counter()
+            got = engine.generate(prompts, tokens)
+            seconds = time.perf_counter() - t0
         equal = sum(g == w for g, w in zip(got, want))
         figure = f"{equal}/{len(prompts)} prompts token-equal ({sum(map(len, want))} tokens, batch " \
                  f"{len(prompts)}, {seconds:.2f} s)"

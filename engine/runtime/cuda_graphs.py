@@ -3,7 +3,7 @@
 A decode step of a small model is dominated by kernel launches (tens of kernels per layer);
 replaying a captured graph launches them all at once (the technique vLLM and SGLang use for
 decode; PyTorch's ``torch.cuda.CUDAGraph``). Who calls it: :class:`engine.runtime.rank.RankRunner`
-and ``engine.offline.greedy_generate`` call :meth:`DecodeGraphs.run` for every decode batch;
+calls :meth:`DecodeGraphs.run` for every decode batch (serving, and ``engine.llm_engine``);
 it returns ``None`` for a batch it does not cover (prefill, larger than the largest bucket,
 MoE, CPU) and the caller runs the model eagerly, so token parity holds either way.
 

@@ -6,8 +6,9 @@ the others through the control channel). Nothing here knows about gRPC, Redis re
 requests: those live in ``services/``.
 
 :func:`stage_step` is the only place in the codebase where a stage receives activations,
-computes its layers and sends them on; serving (:meth:`RankRunner.forward`) and the offline
-micro-batched runner (``engine.pipeline.PipelineRunner``) both call it.
+computes its layers and sends them on; :meth:`RankRunner.forward` and
+:meth:`RankRunner.forward_micro` (PP decode micro-batches) call it, for serving and for the
+in-process engine (``engine.llm_engine``) alike.
 
 Every rank holds the same number of KV blocks (block ids are chosen on rank 0 and valid on all
 ranks); a rank's cache holds only its KV heads and its pipeline stage's layers. With CUDA

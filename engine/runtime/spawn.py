@@ -1,7 +1,7 @@
 """The one way Cleave starts rank processes on this host, and :func:`spawn_ranks`.
 
 Who calls what: the local and external executors (``engine.runtime.executor``) start the
-ranks of their host with :func:`start_rank`; offline runs, tests and benches call
+ranks of their host with :func:`start_rank`; tests and benches call
 :func:`spawn_ranks` to run a function on every rank of a layout (gloo on CPU, NCCL on CUDA,
 rendezvous on a free port of 127.0.0.1). If any rank dies or fails, the others are terminated
 and the call raises :class:`RankFailure` within a bounded time: nothing hangs on a lost rank.

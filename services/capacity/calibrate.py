@@ -15,8 +15,9 @@ rank processes use, ``engine.parallel``):
   ``engine.model``): per layer per forward, per sequence per layer (attention runs per
   sequence), and per forward (embedding, final norm, LM head call) — from decode steps of 2 and
   6 layers at 1 and 8 sequences, where the arithmetic is negligible;
-- **a pipeline message**: what a PP2 micro-batched ``PipelineRunner`` round of a micro model
-  costs beyond the same model on one rank, per message on the round's critical path;
+- **a pipeline message**: what a PP2 micro-batched serving decode step of a micro model (the
+  stage step ``RankRunner.forward_micro`` runs, the tokens then sent back to the first stage)
+  costs beyond the same model on one rank, per message on the step's critical path;
 - **collectives over the real gloo backend** for 2..``max_ranks`` ranks, time vs bytes:
   ``all_reduce``, ``all_to_all_single``, and ``send``/``recv`` between two ranks (half a
   round trip), each between barriers, the slowest rank's time (timed on each rank by
@@ -103,33 +104,61 @@ def _decode_step_time(model, kv, seqs: int) -> float:
     return _median_time(step, 30)
 
 
-def _runner_round_time(model) -> float:
-    """Seconds per decode round of the engine's ``PipelineRunner`` (one rank, one sequence)."""
-    from engine.parallel import ParallelGroups
-    from engine.pipeline import PipelineRunner
-    runner = PipelineRunner(model, ParallelGroups.single())
+def _scheduler_step_time(model, kv) -> float:
+    """Seconds per decode step of the serving scheduler (``engine.scheduler.DecodeScheduler.step``:
+    batch, forward, sampling, bookkeeping) over one sequence on one rank."""
+    from engine.sampler import SamplingConfig
+    from engine.scheduler import DecodeScheduler, Sequence
+    sched = DecodeScheduler(lambda batch: model(batch, kv), block_size=16)
+    sched.add(Sequence("calibrate", blocks=list(range(8)), num_cached=3, last_token=5, generated=1,
+                       max_tokens=1 << 30, sampling=SamplingConfig(), eos_token_ids=frozenset(), ignore_eos=True,
+                       emit=lambda *a: None))
     runs = []
     for _ in range(3):
-        runner.generate([[5, 6, 7]], 41, stop_at_eos=False)
-        runs.append(runner.timings["decode"] / 40)
+        t0 = time.perf_counter()
+        for _ in range(40):
+            sched.step()
+        runs.append((time.perf_counter() - t0) / 40)
     return statistics.median(runs)
 
 
-def _pp_round_rank(groups, seqs: int, new_tokens: int) -> float:
-    """Seconds per decode round of a micro-batched ``PipelineRunner`` on this rank's stage."""
-    model, _ = _micro_model(4, groups=groups)
-    from engine.pipeline import PipelineRunner
-    runner = PipelineRunner(model, groups)
-    prompts = [[5 + i, 6, 7] for i in range(seqs)]
-    runner.generate(prompts, 4, stop_at_eos=False)                  # warm-up
-    runner.generate(prompts, new_tokens, stop_at_eos=False)
-    return runner.timings["decode"] / (new_tokens - 1)
+def _pp_round_rank(groups, seqs: int, steps: int) -> float:
+    """Seconds per micro-batched decode step on this rank's stage of a 4-layer micro model: the
+    batch cut into ``pp`` micro-batches, each received, computed and sent on without waiting (as
+    ``RankRunner.forward_micro``), then the last stage's tokens sent back to every earlier stage."""
+    import torch
+
+    from engine.batch import ForwardBatch
+    from engine.parallel import AsyncSender
+    from engine.runtime.rank import stage_step
+    model, kv = _micro_model(4, groups=groups)
+    batch = ForwardBatch.decode([5] * seqs, [15] * seqs, [[i] for i in range(seqs)], 16)
+    parts, pp, last = batch.split(min(groups.pp.size, seqs)), groups.pp, groups.pp.size - 1
+
+    def step():
+        sender, outs = AsyncSender(pp), []
+        for part in parts:
+            outs.append(stage_step(model, groups, kv, part, send=sender.send))
+        if groups.is_last_stage:
+            for s in range(last):
+                sender.send(torch.cat(outs).argmax(-1), s)
+        else:
+            pp.recv(torch.empty(seqs, dtype=torch.long), last)
+        sender.flush()
+
+    with torch.inference_mode():
+        for _ in range(4):                                         # warm-up
+            step()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+    return (time.perf_counter() - t0) / steps
 
 
 def measure_pp_message(seqs: int = 8, new_tokens: int = 33) -> float:
-    """Seconds one PP message (hidden, residual or tokens) adds on the critical path of the
-    engine's ``PipelineRunner``: a micro-batched PP2 round of a 4-layer micro model, less the
-    one-rank round of the same model, over the 3 messages of a round's critical path."""
+    """Seconds one PP message (hidden, residual or tokens) adds on the critical path of a
+    serving decode step: a micro-batched PP2 step of a 4-layer micro model, less the one-rank
+    step of the same model, over the 3 messages of a step's critical path."""
     from common.layout import ParallelConfig
     from engine.parallel import ParallelGroups
     from engine.runtime.spawn import spawn_ranks
@@ -150,7 +179,7 @@ def measure_overheads(rounds: int = 3) -> dict:
 
 def measure_overheads_once() -> dict:
     """Engine overheads in seconds: ``layer``, ``seq`` (per sequence per layer), ``step`` (per
-    decode round of the runner beyond its layers: batch, embedding, LM head, sampling, bookkeeping),
+    decode step of the serving scheduler beyond its layers: batch, embedding, LM head, sampling, bookkeeping),
     ``expert`` (per expert run per layer) — from a micro model where arithmetic is nil."""
     import torch
     torch.set_num_threads(1)
@@ -162,7 +191,7 @@ def measure_overheads_once() -> dict:
                 t[layers, seqs] = _decode_step_time(model, kv, seqs)
         moe, kv = _micro_model(6, experts=8)
         t_moe = _decode_step_time(moe, kv, 8)
-        round_s = _runner_round_time(_micro_model(2)[0])
+        round_s = _scheduler_step_time(*_micro_model(2))
     per_layer_1 = (t[6, 1] - t[2, 1]) / 4
     per_layer_8 = (t[6, 8] - t[2, 8]) / 4
     seq = max(0.0, (per_layer_8 - per_layer_1) / 7)

@@ -23,7 +23,7 @@ Per decoder layer on one rank (the slowest: largest stage, most expert tokens):
 - **CP**: ring attention passes each rank's K/V block ``CP - 1`` times, overlapped with the
   attention of the block in hand; only the part of a pass longer than that compute is exposed
   (Ring Attention, arXiv:2310.01889);
-- **PP**: two sends (hidden and residual, as ``engine/pipeline.py`` does) per stage boundary
+- **PP**: two sends (hidden and residual, as ``engine.runtime.rank.stage_step`` does) per stage boundary
   (a boundary crossing a node uses the NIC), in decode the sampled tokens back to the first
   stage. Prefill: a pass of ``m`` micro-batches takes ``(m + PP - 1)`` stage times (GPipe,
   arXiv:1811.06965). Decode separates latency from throughput: a decode step's ``batch`` is one
