@@ -19,7 +19,7 @@ which ``cleave bench`` (0.25 CPU-seconds) does not; ``client_cpu_s`` in the outp
 
 Prints TTFT (mean, p50), request and output-token throughput from both tools and their ratios;
 ``--max-diff 0.15`` makes the exit code 1 when a ratio is off by more (the slow test
-``tests/test_external_loadgen.py`` runs it so).
+``tests/bench/test_external_loadgen.py`` runs it so).
 """
 from __future__ import annotations
 

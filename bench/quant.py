@@ -15,7 +15,7 @@ SmolLM2-135M-Instruct Q4_1; ``--dtypes fp32,bf16,int8,int4``; ``--batches 1,16``
 * **ppl**: perplexity of the same positions' true next tokens, ``exp(mean NLL)``.
 
 The text is ``bench/data/pride_and_prejudice_ch1.txt`` (public domain; see its README).
-:func:`score_text` is also what ``tests/test_quant.py`` bounds.
+:func:`score_text` is also what ``tests/engine/test_quant.py`` bounds.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ GQA: query head ``h`` reads kv head ``h // (H // KVH)``)::
 
 The prefill and decode paths use ``scaled_dot_product_attention`` with ``enable_gqa`` exactly as
 ``transformers`` does on CPU, which keeps the logits within fp32 rounding of its and the greedy
-tokens equal to its (tests/test_engine_parity.py checks the margins that make that sound). Paged
+tokens equal to its (tests/engine/test_parity.py checks the margins that make that sound). Paged
 decode runs the whole batch in one SDPA call (a few when the lengths differ widely or the
 batch's K/V is large); :func:`paged_decode_attention_reference` keeps the one call per
 sequence, the oracle.

@@ -142,6 +142,18 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     ``tests.tolerances`` of these (measured by the parity tests, on every emulated ISA): a
     token could differ only where the top two logits are closer than that difference. Over
     hundreds of steps (or SmolLM2's long path) such a near-tie within the bound's own worst
-    case does occur, so the bound-based check (``tests.test_engine_parity.reference_greedy``)
+    case does occur, so the bound-based check (``tests.engine.test_parity.reference_greedy``)
     is asserted by the parity tests, on their prompts, not here."""
     return hf_generate(model, prompt_ids, max_new_tokens)[0]
+
+
+def run_plan(*argv) -> tuple[int, str]:
+    """``cleave plan ARGV``: (exit code, what it printed)."""
+    import contextlib
+    import io
+
+    from services.cli import main
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["plan", *argv])
+    return code, out.getvalue()

@@ -1,6 +1,6 @@
 """Strict validation of a custom resource against the CRD that defines it, offline.
 
-Used by tests/test_helm_lws.py for the chart's LeaderWorkerSet. ``crd_validator(path)`` reads a
+Used by tests/deploy/test_helm_lws.py for the chart's LeaderWorkerSet. ``crd_validator(path)`` reads a
 CRD kept in the repo (tests/schemas/, see its README.md for sources) and returns a jsonschema
 validator of one of its versions, built the way the API server judges an object under
 ``kubectl apply --validate=strict`` (field validation Strict):

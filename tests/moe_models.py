@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from common.model import ModelConfig
+from engine.moe import MoEBlock
 from tests.models import BOS_ID, EOS_ID, SPECIAL_TOKENS, write_byte_tokenizer
 
 TINY_MIXTRAL_DEFAULTS = dict(
@@ -126,3 +128,57 @@ def write_tiny_mixtral_gguf(hf_dir: str, out_path: str) -> str:
     w.write_tensors_to_file()
     w.close()
     return out_path
+
+
+# ---- one MoE block (tests/engine/test_moe.py, tests/engine/test_eplb.py) ------------------------
+
+HIDDEN, INTER, EXPERTS, TOP_K = 64, 96, 8, 2
+BLOCK_K = 2 * HIDDEN + INTER + TOP_K    # router and gate/up (hidden), down (intermediate), top-k sum
+
+
+def block_config(**kw) -> ModelConfig:
+    base = dict(architecture="mixtral", vocab_size=384, hidden_size=HIDDEN, num_layers=1, num_heads=8,
+                num_kv_heads=4, head_dim=8, intermediate_size=INTER, rope_theta=1e4, rms_norm_eps=1e-5,
+                max_position=64, tie_word_embeddings=False, num_experts=EXPERTS, num_experts_per_tok=TOP_K)
+    return ModelConfig(**{**base, **kw})
+
+
+def hf_block(seed: int = 0):
+    """A ``transformers`` MixtralSparseMoeBlock with seeded weights (std 0.1)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    cfg = MixtralConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_local_experts=EXPERTS,
+                        num_experts_per_tok=TOP_K, router_jitter_noise=0.0)
+    block = MixtralSparseMoeBlock(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return block
+
+
+def per_expert_state(block) -> dict[str, torch.Tensor]:
+    """The block's weights under the saved-checkpoint names (``block_sparse_moe.<suffix>``)."""
+    gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
+    state = {"gate.weight": block.gate.weight.detach().clone()}
+    for j in range(EXPERTS):
+        state[f"experts.{j}.w1.weight"] = gate_up[j, :INTER].clone()
+        state[f"experts.{j}.w3.weight"] = gate_up[j, INTER:].clone()
+        state[f"experts.{j}.w2.weight"] = down[j].clone()
+    return state
+
+
+def our_block(state, groups=None) -> MoEBlock:
+    block = MoEBlock(block_config(), groups, layer_index=0)
+    for suffix, tensor in state.items():
+        block.load_weight(suffix, tensor)
+    if block.missing_weights():
+        raise ValueError(f"missing {block.missing_weights()}")
+    return block
+
+
+def stacked_block(ref) -> MoEBlock:
+    """Our block loaded from ``transformers``' stacked expert tensors."""
+    return our_block({"gate.weight": ref.gate.weight.detach(),
+                      "experts.gate_up_proj": ref.experts.gate_up_proj.detach(),
+                      "experts.down_proj": ref.experts.down_proj.detach()})

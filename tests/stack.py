@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from cleave.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from common.grpc_util import token_metadata
@@ -97,3 +101,50 @@ def request(prompt=None, token_ids=None, chat=None, request_id="", **sampling) -
     elif chat is not None:
         req.chat.messages.extend(inference_pb2.ChatMessage(role=r, content=c) for r, c in chat)
     return req
+
+
+# ---- HTTP, metrics and processes of a running stack ---------------------------------------
+
+def post_json(stack, path: str, body: dict, timeout: float = 120, headers: dict | None = None):
+    """(status, parsed JSON) of a raw POST to ``path`` under ``/v1`` (errors included)."""
+    req = urllib.request.Request(stack.http_url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def scrape_metrics(url: str) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def metric_value(samples, name: str, **labels) -> float:
+    return sum(v for (n, lbl), v in samples.items()
+               if n == name and all(dict(lbl).get(k) == x for k, x in labels.items()))
+
+
+def child_pids(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
