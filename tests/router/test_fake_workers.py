@@ -3,10 +3,11 @@
 Real prefill/decode services, gRPC servers, Redis registry, TCP KV handoff and ``RouterCore``;
 only the model is ``engine.runtime.fake.FakeExecutor``, whose tokens ``FakeStack.expected``
 knows exactly. Covered: a worker fault is retried elsewhere (prefill) or continued elsewhere
-mid-stream (decode) with nothing lost or repeated, up to ``max_attempts``; a request's own
-fault is not retried; admission refuses what never fits, queues what does not fit yet, and
-gives up after ``admission_wait_s``; a burst spreads over equal decode workers; KV corrupted
-on the wire is caught by the checksum. Every test also checks the request's Redis record and
+mid-stream (decode) with nothing lost or repeated, up to ``max_attempts``; a channel closed
+under a call is the worker's failure, not the client's cancel; a request's own fault is not
+retried; admission refuses what never fits, queues what does not fit yet, and gives up after
+``admission_wait_s``; a burst spreads over equal decode workers; KV corrupted on the wire is
+caught by the checksum. Every test also checks the request's Redis record and
 that every KV block is free again afterwards.
 """
 from __future__ import annotations
@@ -91,6 +92,26 @@ def test_a_decode_worker_failing_mid_stream_continues_on_the_other(redis_url):
             assert (r["state"], r["attempts"], r["decode_worker"], r["completion_tokens"]) == \
                 ("finished", "2", "decode-1", str(n))
             assert _all_free(await stack.settle())
+
+    asyncio.run(main())
+
+
+def test_a_channel_closed_under_a_call_is_a_worker_failure_not_a_cancel(redis_url):
+    async def main():
+        async with FakeStack(redis_url, prefill=1, decode=2, max_attempts=3) as stack:
+            for e in stack.executors():
+                e.stall = 0.02
+            prompt, n = [3, 3, 9], 30
+            reached = asyncio.Event()
+            task = asyncio.create_task(stack.generate(prompt, n, request_id="closed",
+                                                      on_tokens=lambda ids: len(ids) >= 8 and reached.set()))
+            await asyncio.wait_for(reached.wait(), 30)
+            handle = next(h for h in stack.core.directory.pool("decode") if h.inflight)
+            await handle.channel.close()
+            out = await task
+            assert out.error is None and out.token_ids == stack.expected(prompt, n)
+            assert (out.record["state"], out.record["attempts"]) == ("finished", "2")
+            assert out.record["error"] == ""
 
     asyncio.run(main())
 

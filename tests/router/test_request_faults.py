@@ -32,13 +32,13 @@ MODEL = ModelConfig(architecture="llama", vocab_size=300, hidden_size=32, num_la
 
 # ---- validation ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("rid", ["t2-nl\n", "a" * 128 + "\n", "x\ny", "\n", "a" * 129, "é", "a b"])
+@pytest.mark.parametrize("rid", ["t2-nl\n", "a" * 128 + "\n", "x\ny", "\n", "a" * 129, "é", "a b", "slash/no"])
 def test_request_ids_outside_the_promised_alphabet_are_refused(rid):
     with pytest.raises(InvalidRequest, match=r"1-128 characters of letters, digits"):
         request_id_of(pb.GenerateRequest(request_id=rid))
 
 
-@pytest.mark.parametrize("rid", ["a" * 128, "req-1:2_3.x", "Z"])
+@pytest.mark.parametrize("rid", ["a" * 128, "req-1:2_3.x", "abc.DEF_1:2-3", "Z"])
 def test_request_ids_in_the_alphabet_pass(rid):
     assert request_id_of(pb.GenerateRequest(request_id=rid)) == rid
 
