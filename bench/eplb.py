@@ -10,18 +10,20 @@ with the router biased towards experts 6 and 7 (``hot_experts={6: bias, 7: 0.7 *
 the default EP split puts on the last EP rank; hidden / intermediate sizes are flags so the
 expert matmuls, not the per-step overhead, dominate a step.
 
-Per EP degree (``--redundant-experts`` = ep, so EP 2 has 5 slots per rank and EP 4 has 3), every
-rank: loads its shard, switches to the *default* placement with the redundant slots (experts
-``i % E``), prefills ``--seqs`` prompts of 16 random tokens, runs 3 warm-up decode steps, then
-``--steps`` timed decode steps ("before"); computes the balanced placement from the expert
-counts of those steps (``services.experts.placement.balance``, identical on every rank), applies it
-(``engine.expert_move.apply_placement``: weights moved between ranks over gloo) and runs
-``--steps`` more ("after"). A step is timed between two barriers; the table gives the median
-over steps of the slowest rank. Hotspot ratio = max / mean over EP ranks of the (token, expert)
-pairs each rank actually computed during the phase (``MoEBlock.rank_pairs``), averaged over
-layers. MoE compute: per rank, the time inside the MoE blocks minus their all-reduce (which
-waits for the slowest rank), per step; the table gives the slowest rank's. Switch time: barrier to barrier around ``apply_placement``, slowest rank. Timings on a
-shared 2-core machine are indicative (EP 4 runs 4 rank processes on 2 cores).
+Per EP degree (``--redundant-experts`` = ep, so EP 2 has 5 slots per rank and EP 4 has 3), one
+``engine.llm_engine.LLMEngine`` (the serving scheduler and executor, its EP ranks spawned)
+switches to the *default* placement with the redundant slots (experts ``i % E``), prefills
+``--seqs`` prompts of 16 random tokens, runs 3 warm-up decode steps, then ``--steps`` timed
+decode steps ("before"); computes the balanced placement from the expert counts of those steps
+(``services.experts.placement.balance``), applies it (``Executor.apply_placement``: weights
+moved between ranks over gloo, between two steps) and runs ``--steps`` more ("after"). A step is
+one ``LLMEngine.step()`` timed on rank 0 (every rank's share of a step ends before it returns);
+the table gives the median over steps. Hotspot ratio = max / mean over EP ranks of the
+(token, expert) pairs each rank actually computed during the phase (``Executor.rank_pairs``),
+averaged over layers. MoE compute: per rank, the time inside the MoE blocks minus their
+all-reduce (which waits for the slowest rank), per step; the table gives the slowest rank's.
+Switch time: the ``apply_placement`` call. Timings on a shared 2-core machine are indicative
+(EP 4 runs 4 rank processes on 2 cores).
 """
 from __future__ import annotations
 
@@ -42,61 +44,67 @@ def _hotspot(before: dict, after: dict) -> float:
     return sum(ratios) / len(ratios)
 
 
-def _rank(groups, path: str, seqs: int, steps: int, redundant: int) -> dict:
+def _measure(path: str, ep: int, seqs: int, steps: int, redundant: int) -> dict:
+    """Before / after a live rebalance on one engine of EP ``ep`` (see the module docstring)."""
     import torch
-    import torch.distributed as dist
 
-    from engine.batch import ForwardBatch
-    from common.model import CacheConfig
+    from common.layout import ParallelConfig
     from engine.expert_placement import default_placement
+    from engine.llm_engine import LLMEngine
+    from engine.runtime.config import RuntimeConfig
     from services.experts.placement import balance
-    from engine.loader import load_model
 
-    torch.set_num_threads(1)
-    config, model = load_model(path, groups=groups)
-    moe_s = _time_moe(model, dist)
-    ep, e = groups.ep.size, config.num_experts
-    model.apply_placement({layer: default_placement(e, ep, redundant) for layer in model.moe_blocks()})
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 256, (16,), generator=gen).tolist() for _ in range(seqs)]
-    per_seq = -(-(16 + 3 + 2 * steps + 1) // 16)
-    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(seqs)]
-    kv = model.allocate_kv_cache(CacheConfig(block_size=16, num_blocks=per_seq * seqs))
-    with torch.inference_mode():
-        out = [[t] for t in model(ForwardBatch.prefill(prompts, tables, 16), kv).argmax(-1).tolist()]
+    new_tokens = 3 + 2 * steps + 1
+    cfg = RuntimeConfig(model=path, device="cpu", transport="tcp", threads=1, parallel=ParallelConfig(ep=ep),
+                        max_batch=seqs, num_blocks=seqs * (2 + (16 + new_tokens) // 16))
+    with LLMEngine(cfg) as engine:
+        ex, e = engine.executor, engine.model_config.num_experts
+        layers = range(engine.model_config.num_layers)
+        ex.apply_placement({layer: default_placement(e, ep, redundant) for layer in layers})
+        ex.run_on_ranks(_moe_timers_on)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(seqs):
+            engine.add_request(torch.randint(0, 256, (16,), generator=gen).tolist(), max_tokens=new_tokens,
+                               ignore_eos=True)
+        engine.step()                                          # the prefill of every prompt
 
         def step() -> float:
-            batch = ForwardBatch.decode([o[-1] for o in out], [16 + len(o) - 1 for o in out], tables, 16)
-            dist.barrier(group=groups.ep.group)
             t0 = time.perf_counter()
-            for o, tok in zip(out, model(batch, kv).argmax(-1).tolist()):
-                o.append(tok)
-            dist.barrier(group=groups.ep.group)
+            engine.step()
             return time.perf_counter() - t0
 
         def phase() -> tuple[list[float], dict]:
-            pairs0, counts0 = model.rank_pairs(), model.expert_counts()
-            moe_s["compute"] = 0.0
+            pairs0, counts0 = ex.rank_pairs(), ex.expert_counts()
+            ex.run_on_ranks(_moe_compute)                       # reset the MoE timers
             times = [step() for _ in range(steps)]
-            loads = {i: (c - counts0[i]).tolist() for i, c in model.expert_counts().items()}
-            return times, {"pairs0": pairs0, "pairs1": model.rank_pairs(), "loads": loads,
-                           "moe_ms": moe_s["compute"] / steps * 1e3}
+            loads = {i: [b - a for a, b in zip(counts0[i], c)] for i, c in ex.expert_counts().items()}
+            return times, {"pairs0": pairs0, "pairs1": ex.rank_pairs(), "loads": loads,
+                           "moe_ms": max(ex.run_on_ranks(_moe_compute)) / steps * 1e3}
 
         for _ in range(3):
             step()
         t_before, before = phase()
         new = {layer: balance(loads, ep, default_placement(e, ep, redundant).slots)
                for layer, loads in before["loads"].items()}
-        dist.barrier(group=groups.ep.group)
         t0 = time.perf_counter()
-        moved = model.apply_placement(new)
-        dist.barrier(group=groups.ep.group)
+        moved = ex.apply_placement(new)
         switch_s = time.perf_counter() - t0
         t_after, after = phase()
-    return {"moe_before": before["moe_ms"], "moe_after": after["moe_ms"],
-            "before": t_before, "after": t_after, "switch_s": switch_s, "bytes": moved["bytes_sent"],  # sent only
-            "moved": moved["moved"], "pairs": (before["pairs0"], before["pairs1"], after["pairs0"], after["pairs1"]),
-            "tokens": out}
+    return {"moe_before": before["moe_ms"], "moe_after": after["moe_ms"], "before": t_before, "after": t_after,
+            "switch_s": switch_s, "bytes": moved["bytes"], "moved": moved["moved"],
+            "pairs": (before["pairs0"], before["pairs1"], after["pairs0"], after["pairs1"])}
+
+
+def _moe_timers_on(runner) -> None:
+    """On every rank (``Executor.run_on_ranks``): time this rank's MoE blocks from now."""
+    import torch.distributed as dist
+    runner.bench_moe = _time_moe(runner.model, dist)
+
+
+def _moe_compute(runner) -> float:
+    """This rank's MoE compute seconds since the last call (and start again from 0)."""
+    seconds, runner.bench_moe["compute"] = runner.bench_moe["compute"], 0.0
+    return seconds
 
 
 def _time_moe(model, dist) -> dict:
@@ -124,8 +132,6 @@ def _time_moe(model, dist) -> dict:
 
 
 def run(args) -> None:
-    from common.layout import ParallelConfig
-    from engine.runtime.spawn import spawn_ranks
     from tests.moe_models import make_tiny_mixtral
 
     tmp = tempfile.mkdtemp(prefix="cleave-eplb-")
@@ -137,23 +143,16 @@ def run(args) -> None:
           "step before (ms) | step after (ms) | step speed-up | switch (ms) | experts moved | bytes moved |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for ep in args.eps:
-        res = spawn_ranks(ParallelConfig(ep=ep), _rank, tmp, args.seqs, args.steps, ep, timeout_s=900)
-        assert all(r["tokens"] == res[0]["tokens"] for r in res), "ranks disagree on the tokens"
-        per_rank = [r["pairs"] for r in res]
-
-        def gathered(k):  # {layer: [pairs of EP rank 0..ep-1]} at snapshot k
-            return {layer: [per_rank[r][k][layer] for r in range(ep)] for layer in per_rank[0][k]}
-
-        hot_before = _hotspot(gathered(0), gathered(1))
-        hot_after = _hotspot(gathered(2), gathered(3))
-        before = statistics.median(max(r["before"][i] for r in res) for i in range(args.steps)) * 1e3
-        after = statistics.median(max(r["after"][i] for r in res) for i in range(args.steps)) * 1e3
-        switch = max(r["switch_s"] for r in res) * 1e3
+        r = _measure(tmp, ep, args.seqs, args.steps, ep)
+        pairs = r["pairs"]                   # snapshots of {layer: [pairs of EP rank 0..ep-1]}
+        hot_before = _hotspot(pairs[0], pairs[1])
+        hot_after = _hotspot(pairs[2], pairs[3])
+        before = statistics.median(r["before"]) * 1e3
+        after = statistics.median(r["after"]) * 1e3
         slots = (8 + ep) // ep
-        moe = f"{max(r['moe_before'] for r in res):.1f} / {max(r['moe_after'] for r in res):.1f}"
-        print(f"| {ep} | {slots} | {hot_before:.2f} | {hot_after:.2f} | {moe} | {before:.2f} | {after:.2f} | "
-              f"{before / after:.2f}x | {switch:.1f} | {sum(r['moved'] for r in res) // 2} | "
-              f"{sum(r['bytes'] for r in res) / 1e6:.2f} MB |")
+        print(f"| {ep} | {slots} | {hot_before:.2f} | {hot_after:.2f} | {r['moe_before']:.1f} / {r['moe_after']:.1f} | "
+              f"{before:.2f} | {after:.2f} | {before / after:.2f}x | {r['switch_s'] * 1e3:.1f} | {r['moved']} | "
+              f"{r['bytes'] / 1e6:.2f} MB |")
 
 
 def main() -> None:
