@@ -14,6 +14,7 @@ import redis
 
 from cleave.v1 import inference_pb2, inference_pb2_grpc
 from engine.parallel import free_port
+from tests.stack import child_pids, process_alive
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
