@@ -72,22 +72,23 @@ def error_for(code: grpc.StatusCode, message: str) -> CleaveError:
     return _BY_CODE.get(code, CleaveError)(message)
 
 
-def is_request_fault(exc: grpc.aio.AioRpcError) -> bool:
-    """Whether a worker said that this failure is the request's own (see RequestFault)."""
-    try:
-        metadata = exc.trailing_metadata() or ()
-    except Exception:
-        return False
-    return any(k == FAULT_KEY and v == "request" for k, v in metadata)
-
-
-def answered_as(exc: grpc.aio.AioRpcError) -> str | None:
-    """The class name of the error a Cleave servicer answered with (None: no servicer answered)."""
+def _trailer(exc: grpc.aio.AioRpcError, key: str) -> str | None:
+    """The value of trailing-metadata ``key`` on a failed call (None when absent or unreadable)."""
     try:
         metadata = exc.trailing_metadata() or ()
     except Exception:
         return None
-    return next((v for k, v in metadata if k == ANSWERED_KEY), None)
+    return next((v for k, v in metadata if k == key), None)
+
+
+def is_request_fault(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a worker said that this failure is the request's own (see RequestFault)."""
+    return _trailer(exc, FAULT_KEY) == "request"
+
+
+def answered_as(exc: grpc.aio.AioRpcError) -> str | None:
+    """The class name of the error a Cleave servicer answered with (None: no servicer answered)."""
+    return _trailer(exc, ANSWERED_KEY)
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:

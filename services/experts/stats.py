@@ -1,11 +1,11 @@
 """Expert-load counters of MoE models, written to Redis in batches (DESIGN §7).
 
-Who calls what: the decode instance's stage leaders (the rank with ``tp_rank == ep_rank == 0``
-of each pipeline stage, whose ``MixtralForCausalLM.expert_counts()`` covers that stage's
-layers; every rank of an EP group counts the same tokens, so one rank per stage suffices) own
-one :class:`ExpertStatsWriter` and call :meth:`ExpertStatsWriter.on_step` after every decode
-step (or :meth:`flush` directly). Every ``every_n_steps`` steps it sends ONE Redis pipeline of
-``HINCRBY`` commands, never one per token.
+Who calls what: each MoE decode instance (``services.experts.instance``) owns one
+:class:`ExpertStatsWriter` on its rank 0 and calls :meth:`ExpertStatsWriter.flush` about once a
+second with the counts ``Executor.expert_counts()`` gathers from the stage leaders (the rank with
+``tp_rank == ep_rank == 0`` of each pipeline stage; every rank of an EP group counts the same
+tokens). Each flush is ONE Redis pipeline of ``HINCRBY`` commands, never one per token;
+:meth:`ExpertStatsWriter.on_step` batches by step count instead, for a caller that steps itself.
 
 Schema (DESIGN §7 and beside it):
 
