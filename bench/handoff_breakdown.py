@@ -73,10 +73,10 @@ def decode_side(conn, transport: str, pp: int, num_blocks: int, pool_bytes: int,
         while (job := conn.recv()) is not None:
             transfer_id, tokens, blocks, deadline = job
             for r in receivers:
-                r.expect(transfer_id, Layout(tp=1, cp=1), blocks, tokens, deadline)
+                r.expect(transfer_id, Layout(tp=1, cp=1), tokens, deadline)
             conn.send("posted")
             for r in receivers:
-                r.wait(transfer_id)
+                r.wait(transfer_id, blocks)
             done = time.perf_counter()
             times = [r.times(transfer_id) for r in receivers]
             for r in receivers:

@@ -225,6 +225,12 @@ class WorkerMetrics:
         self._step_s = Histogram("cleave_decode_step_seconds",
                                  "Engine time of one decode step: forward over the running batch and sampling (s)",
                                  names, buckets=STEP_BUCKETS, registry=self.registry)
+        self._preemptions = Counter("cleave_kv_preemptions", "Decode sequences preempted for lack of KV blocks "
+                                    "(resumed later by recompute)", names, registry=self.registry)
+        self._queried = Counter("cleave_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache",
+                                names, registry=self.registry)
+        self._hits = Counter("cleave_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache (KV "
+                             "reused, not computed or not received)", names, registry=self.registry)
         self.gauges = _Sampled(self.labels)
         self.registry.register(self.gauges)
         self._server = None
@@ -244,6 +250,16 @@ class WorkerMetrics:
 
     def transfer_failed(self) -> None:
         self._transfer_failures.labels(**self.labels()).inc()
+
+    def preempted(self) -> None:
+        self._preemptions.labels(**self.labels()).inc()
+
+    def prefix_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
+        """One prompt looked up in the prefix cache: its length and the tokens found."""
+        lbl = self.labels()
+        self._queried.labels(**lbl).inc(queried_tokens)
+        if hit_tokens:
+            self._hits.labels(**lbl).inc(hit_tokens)
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on ``host:port`` from a daemon thread; returns the bound port."""

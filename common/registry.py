@@ -34,7 +34,7 @@ class WorkerRecord:
     incarnation: str
     layout: dict                 # {"tp":..,"pp":..,"cp":..,"ep":..}
     capacity: dict               # {"total_blocks":.., "block_size":..}
-    load: dict                   # {"free_blocks":.., "running":.., "waiting":.., "queued_tokens":..}
+    load: dict                   # {"free_blocks", "running", "waiting", "queued_tokens", "cached_blocks"}
     model_id: str = ""
     compat_hash: str = ""
     host: str = ""               # machine name and process id, for operators

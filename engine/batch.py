@@ -3,7 +3,10 @@
 Tokens of several sequences are concatenated into one flat batch of ``T`` tokens (as in
 vLLM / nano-vllm). A batch is either all-prefill (each sequence contributes its whole
 prompt, attention is causal within each sequence) or all-decode (each sequence contributes
-one token that attends to its whole paged context).
+one token that attends to its whole paged context). A prefill batch *with context*
+(``ForwardBatch.prefill(..., num_cached=...)``, :attr:`ForwardBatch.has_context`) holds only
+the tokens after each prompt's cached prefix, which attend to that prefix through the paged
+cache (``kernels.paged_prefill_attention``) and to each other causally.
 """
 from __future__ import annotations
 
@@ -22,6 +25,25 @@ class PrefillResult:
     prompt_logprobs: list | None = None
 
 
+def check_num_cached(prompt_len: int, num_cached: int, block_size: int, *,
+                     prompt_logprobs: int = -1, cp: int = 1) -> None:
+    """Raise ``ValueError`` unless a one-prompt prefill may skip its first ``num_cached``
+    tokens (their K/V already cached): ``num_cached`` a multiple of ``block_size`` in
+    ``0..prompt_len - 1``; when it is > 0, no prompt log-probabilities (the cached positions'
+    logits do not exist) and no context parallelism (``cp > 1`` always prefills whole prompts)."""
+    if num_cached == 0:
+        return
+    if not 0 < num_cached < prompt_len or num_cached % block_size:
+        raise ValueError(f"num_cached={num_cached} for a {prompt_len}-token prompt: need a "
+                         f"multiple of block_size={block_size} in 0..{prompt_len - 1}")
+    if prompt_logprobs >= 0:
+        raise ValueError(f"prompt_logprobs={prompt_logprobs} needs a full prefill, got "
+                         f"num_cached={num_cached} (the cached positions have no logits)")
+    if cp > 1:
+        raise ValueError(f"context parallelism (cp={cp}) prefills whole prompts, got "
+                         f"num_cached={num_cached}")
+
+
 class ForwardCancelled(RuntimeError):
     """The pass was stopped between layers because its ``ForwardBatch.cancelled`` was set."""
 
@@ -35,7 +57,8 @@ class ForwardBatch:
     is_prefill: bool
     # prefill only: sequence boundaries, sequence i is tokens cu_seqlens[i]:cu_seqlens[i+1]
     cu_seqlens: torch.Tensor | None = None   # [B+1] int32
-    # decode only: the paged context of each sequence (the current token included)
+    # decode, and prefill with context: the paged context of each sequence (its new tokens
+    # included); None in a prefill batch of whole prompts
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, padded with 0
     context_lens: torch.Tensor | None = None  # [B] int32
     # decode only: a bound on every context_lens entry known on the host (CUDA graphs set it so
@@ -49,6 +72,11 @@ class ForwardBatch:
     @property
     def num_seqs(self) -> int:
         return int(self.logits_indices.numel())
+
+    @property
+    def has_context(self) -> bool:
+        """A prefill batch whose sequences attend to a cached prefix through the paged cache."""
+        return self.is_prefill and self.block_tables is not None
 
     def split(self, m: int) -> list["ForwardBatch"]:
         """A decode batch cut into ``m`` consecutive near-equal micro-batches (sequence order
@@ -80,19 +108,34 @@ class ForwardBatch:
         return ForwardBatch(**moved)
 
     @staticmethod
-    def prefill(prompts: list[list[int]], block_tables: list[list[int]], block_size: int) -> "ForwardBatch":
-        """Batch of whole prompts; ``block_tables[i]`` must cover ``len(prompts[i])`` tokens."""
+    def prefill(prompts: list[list[int]], block_tables: list[list[int]], block_size: int,
+                num_cached: list[int] | None = None) -> "ForwardBatch":
+        """Batch of prompts; ``block_tables[i]`` must cover ``len(prompts[i])`` tokens.
+
+        ``num_cached[i]``: the leading tokens of prompt ``i`` whose K/V is already in its
+        blocks (``0 <= num_cached[i] < len(prompts[i])``). The batch then holds only tokens
+        ``num_cached[i]:`` with their true positions and slots, plus ``block_tables`` (int32,
+        padded with 0) and ``context_lens`` (the prompt lengths): :attr:`has_context`. Without
+        it (or all zero) the batch holds the whole prompts and no block tables. Either way the
+        logits rows are each sequence's last token. Raises ``ValueError`` for a table too small
+        or a ``num_cached`` out of range.
+        """
+        cached = list(num_cached) if num_cached is not None else [0] * len(prompts)
+        if len(cached) != len(prompts):
+            raise ValueError(f"num_cached has {len(cached)} entries for {len(prompts)} prompts")
         ids, pos, slots, cu, last = [], [], [], [0], []
-        for toks, table in zip(prompts, block_tables):
+        for toks, table, c in zip(prompts, block_tables, cached):
             n = len(toks)
             if len(table) * block_size < n:
                 raise ValueError(f"block table of {len(table)} blocks cannot hold {n} tokens")
-            ids.extend(toks)
-            pos.extend(range(n))
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(n))
-            cu.append(cu[-1] + n)
+            if c and not 0 < c < n:
+                raise ValueError(f"num_cached={c} for a {n}-token prompt: need 0 <= num_cached < {n}")
+            ids.extend(toks[c:])
+            pos.extend(range(c, n))
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(c, n))
+            cu.append(cu[-1] + n - c)
             last.append(cu[-1] - 1)
-        return ForwardBatch(
+        batch = ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long),
             positions=torch.tensor(pos, dtype=torch.long),
             slot_mapping=torch.tensor(slots, dtype=torch.long),
@@ -100,6 +143,13 @@ class ForwardBatch:
             is_prefill=True,
             cu_seqlens=torch.tensor(cu, dtype=torch.int32),
         )
+        if any(cached):
+            table = torch.zeros((len(prompts), max(map(len, block_tables))), dtype=torch.int32)
+            for i, t in enumerate(block_tables):
+                table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+            batch.block_tables = table
+            batch.context_lens = torch.tensor([len(p) for p in prompts], dtype=torch.int32)
+        return batch
 
     @staticmethod
     def prefill_cp(prompt: list[int], cp_rank: int, cp: int, block_table: list[int],

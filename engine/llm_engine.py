@@ -8,16 +8,21 @@ loop of its own: the parts are the ones that serve.
 
 - The executor (``engine.runtime.executor.make_executor``): one rank in this process, or the
   TP / PP / EP ranks of the layout spawned on this host.
-- The blocks: an ``engine.kv_cache.BlockAllocator`` over the executor's cache; a request holds
-  prompt + max_tokens from admission to its end, as in the decode service.
-- Prefill: ``Executor.prefill`` one prompt at a time and ``engine.sampler.sample_one`` for
-  token 1 (output index 0), as the prefill service does (``services.prefill``).
+- The blocks: an ``engine.block_manager.BlockManager`` over the executor's cache, with the
+  prefix cache on unless ``cfg.prefix_cache`` is off (always off with context parallelism): a
+  request takes its prompt's blocks (cached leading blocks shared) and grows on demand, as in
+  the decode service; its KV stays cached after it ends.
+- Prefill: ``Executor.prefill`` one prompt at a time over its uncached part and
+  ``engine.sampler.sample_one`` for token 1 (output index 0), as the prefill service does
+  (``services.prefill``).
 - Decode: an ``engine.scheduler.DecodeScheduler`` over ``Executor.forward`` (PP decode batches
   run as micro-batches there), stepped here instead of by its thread, as the decode service
-  (``services.decode``) hands it landed sequences.
+  (``services.decode``) hands it landed sequences; it preempts and resumes (recompute through
+  ``Executor.prefill``) when the cache runs out.
 
-A :meth:`~LLMEngine.step` prefills every waiting request if there are any, else runs one
-decode step over every running sequence, and returns what each touched request produced.
+A :meth:`~LLMEngine.step` prefills the waiting requests there is room for if there are any,
+else runs one decode step over every running sequence, and returns what each touched request
+produced.
 """
 from __future__ import annotations
 
@@ -27,7 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.kv_cache import BlockAllocator
+from common.kv_hash import chain_root
+from engine.block_manager import BlockManager
+from engine.kv_cache import OutOfBlocks
 from engine.runtime.config import RuntimeConfig
 from engine.runtime.executor import make_executor
 from engine.sampler import SamplingConfig, sample_one
@@ -47,6 +54,7 @@ class StepOutput:
     new_tokens: list[int]
     finished: str | None = None
     error: str | None = None
+    cached_tokens: int = 0           # prompt tokens served from the prefix cache
 
 
 @dataclass
@@ -63,6 +71,7 @@ class _Request:
     error: str | None = None
     prefill_logits: torch.Tensor | None = None         # [vocab] of the prompt's last position
     seq: Sequence | None = None                         # in the decode scheduler after token 1
+    cached_tokens: int = 0                              # prompt tokens the prefix cache held
 
 
 class LLMEngine:
@@ -73,8 +82,12 @@ class LLMEngine:
         self.cfg = cfg
         self.executor = executor if executor is not None else make_executor(cfg)
         self.model_config = self.executor.model_config
-        self.allocator = BlockAllocator(self.executor.num_blocks, cfg.block_size)
-        self.scheduler = DecodeScheduler(self.executor.forward, cfg.block_size, cfg.max_batch)
+        ex = self.executor
+        self.blocks = BlockManager(ex.num_blocks, cfg.block_size, chain_root(ex.compat, ex.layout),
+                                   prefix_cache=cfg.prefix_cache and cfg.parallel.cp == 1)
+        self.scheduler = DecodeScheduler(ex.forward, self.blocks, cfg.max_batch,
+                                         prefill_fn=lambda toks, table, k: ex.prefill(toks, table, num_cached=k),
+                                         max_preemptions=cfg.max_preemptions)
         self._ids = itertools.count()
         self._waiting: deque[_Request] = deque()
         self._requests: dict[str, _Request] = {}
@@ -102,37 +115,43 @@ class LLMEngine:
         return any(r.finished is None for r in self._requests.values())
 
     def step(self) -> list[StepOutput]:
-        """Prefill every waiting request, or (none waiting) one decode step; the outputs of the
-        requests that produced a token or ended in it (ended requests are then forgotten)."""
-        if self._waiting:
-            touched = []
-            while self._waiting:
-                req = self._waiting.popleft()
-                self._prefill(req)
-                touched.append(req)
-        else:
+        """Prefill the waiting requests (in order, while the cache has room for the next), or
+        (none prefilled) one decode step; the outputs of the requests that produced a token or
+        ended in it (ended requests are then forgotten)."""
+        touched = []
+        while self._waiting and self._prefill(self._waiting[0]):
+            touched.append(self._waiting.popleft())
+        if not touched:
             self.scheduler.step()
             touched = [r for r in self._requests.values() if r.fresh or r.finished is not None]
         out = []
         for req in touched:
-            out.append(StepOutput(req.request_id, req.fresh, req.finished, req.error))
+            out.append(StepOutput(req.request_id, req.fresh, req.finished, req.error, req.cached_tokens))
             req.fresh = []
             if req.finished is not None:
                 self._requests.pop(req.request_id, None)
         return out
 
-    def _prefill(self, req: _Request) -> None:
-        """Blocks for prompt + max_tokens, the prompt's forward pass, token 1; the request then
-        joins the decode scheduler unless token 1 ended it."""
-        rid = req.request_id
-        blocks = self.allocator.allocate(rid, len(req.prompt) + req.max_tokens)
+    def _prefill(self, req: _Request) -> bool:
+        """The prompt's blocks (its cached leading blocks shared), the forward pass of the rest,
+        token 1; the request then joins the decode scheduler unless token 1 ended it. False
+        (nothing done) while the cache has no room for the prompt and sequences still run."""
+        rid, n = req.request_id, len(req.prompt)
         try:
-            logits = self.executor.prefill(req.prompt, blocks).logits
+            req.cached_tokens = self.blocks.allocate(rid, req.prompt, n + 1, max_cached=n - 1)
+        except OutOfBlocks as exc:
+            if self.scheduler.num_running or self.scheduler.num_preempted:
+                return False              # room comes back as sequences end
+            req.finished, req.error = FINISH_ERROR, f"the prompt does not fit the KV cache: {exc}"
+            return True
+        try:
+            logits = self.executor.prefill(req.prompt, self.blocks.table(rid), num_cached=req.cached_tokens).logits
+            self.blocks.commit(rid, req.prompt)
             token = sample_one(logits[0], req.sampling, 0)
         except Exception as exc:
-            self.allocator.free(rid)
+            self.blocks.release(rid)
             req.finished, req.error = FINISH_ERROR, f"prefill failed: {exc}"
-            return
+            return True
         req.prefill_logits = logits[0]
         req.tokens.append(token)
         req.fresh.append(token)
@@ -141,14 +160,14 @@ class LLMEngine:
         elif req.max_tokens == 1:
             req.finished = FINISH_LENGTH
         if req.finished is not None:
-            self.allocator.free(rid)
-            return
+            self.blocks.release(rid)
+            return True
         req.seq = Sequence(
-            seq_id=rid, blocks=blocks, num_cached=len(req.prompt), last_token=token, generated=1,
+            seq_id=rid, tokens=req.prompt + [token], num_cached=n, generated=1,
             max_tokens=req.max_tokens, sampling=req.sampling, eos_token_ids=req.eos_token_ids,
-            ignore_eos=req.ignore_eos, emit=lambda tok, reason, _lp, req=req: self._emit(req, tok, reason),
-            release=lambda: self.allocator.free(rid))
+            ignore_eos=req.ignore_eos, emit=lambda tok, reason, _lp, req=req: self._emit(req, tok, reason))
         self.scheduler.add(req.seq)
+        return True
 
     def _emit(self, req: _Request, token: int | None, reason: str | None) -> None:
         """The scheduler's callback for ``req``: a token, and the reason once it ends."""

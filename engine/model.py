@@ -9,8 +9,9 @@ Who calls what: ``engine.loader.load_model`` (the whole model, or one rank's sha
 
 Each attention layer rotates q/k, writes the new K/V into ``kv_cache[layer]`` at
 ``batch.slot_mapping``, then attends: prefill batches over the fresh q/k/v (causal within each
-sequence; ring attention over the CP group when ``cp > 1``), decode batches over each
-sequence's paged context. All maths goes through ``kernels``; this file holds only the wiring.
+sequence; ring attention over the CP group when ``cp > 1``), prefill batches with a cached
+prefix (``ForwardBatch.has_context``) and decode batches over each sequence's paged context.
+All maths goes through ``kernels``; this file holds only the wiring.
 
 Parallel layout of one rank (``groups=None``: one rank, the whole model):
 
@@ -39,8 +40,8 @@ from common.model import CacheConfig, ModelConfig
 from engine.batch import ForwardBatch, ForwardCancelled
 from engine.layers import Embedding, MergedColumnLinear, RMSNorm, RowLinear, load_param
 from engine.parallel import ParallelGroups
-from kernels import (build_rope_cache, paged_decode_attention, prefill_attention, rms_norm,
-                     rotary_embedding, silu_and_mul, store_kv)
+from kernels import (build_rope_cache, paged_decode_attention, paged_prefill_attention,
+                     prefill_attention, rms_norm, rotary_embedding, silu_and_mul, store_kv)
 
 # Hugging Face projection name -> (our merged module, shard index)
 _MERGED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -81,8 +82,14 @@ class LlamaAttention(nn.Module):
         q, k = rotary_embedding(q, k, batch.positions, rope)
         store_kv(k, v, kv_layer, batch.slot_mapping)
         if batch.is_prefill and self.cp.size > 1:
+            if batch.has_context:
+                raise ValueError(f"context parallelism (cp={self.cp.size}) prefills whole prompts, "
+                                 f"not a batch with a cached prefix")
             from kernels.ring_attention import ring_prefill_attention  # context parallelism
             o = ring_prefill_attention(q, k, v, batch.positions, self.cp, self.scale)
+        elif batch.has_context:                 # new tokens after a cached prefix: paged context
+            o = paged_prefill_attention(q, kv_layer, batch.block_tables, batch.context_lens,
+                                        batch.cu_seqlens, self.scale)
         elif batch.is_prefill:
             o = prefill_attention(q, k, v, batch.cu_seqlens, self.scale)
         else:

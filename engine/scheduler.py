@@ -8,8 +8,19 @@ forward pass over every running sequence, samples, and hands each sequence its n
 through the sequence's ``emit`` callback (which must not block: the service forwards it to an
 asyncio queue).
 
-A sequence's blocks were reserved for prompt + max_tokens before it arrives, so it can never
-run out mid-stream; the scheduler frees them (``release``) when the sequence ends for any reason.
+Blocks on demand (``engine.block_manager.BlockManager``). A sequence arrives holding the blocks
+of its prompt (and a little headroom) under its ``seq_id``; from then on the scheduler owns
+them. Before each step every running sequence gets the slot its next token's KV goes to
+(``BlockManager.grow``: a new block when it crosses a block boundary). When the cache cannot
+give one, the scheduler **preempts** the latest-arrived running sequences until it can: a
+preempted sequence commits what it computed (its full blocks stay in the prefix cache until
+evicted), gives its blocks back and waits; it resumes, ahead of nothing new but as soon as
+there is room, by recomputing the KV of its prompt and the tokens it already generated
+(``prefill_fn``: only the part the prefix cache no longer holds), then continues with the token
+it had sampled, so its stream loses, repeats or changes nothing. A sequence preempted more than
+``max_preemptions`` times ends with an error (``fault == "capacity"``) instead of starving.
+When a sequence ends, for any reason, its computed blocks are committed and released, so the
+next turn of a conversation finds them cached.
 
 One sequence's failure never fails its batch-mates: a row whose sampling fails
 (``engine.sampler.SamplingError``) ends that sequence alone, and a batched forward pass that
@@ -20,16 +31,20 @@ sequence that fails alone in a batch where every sequence failed ends as a worke
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from engine.batch import ForwardBatch
+from engine.block_manager import BlockManager
+from engine.kv_cache import OutOfBlocks
 from engine.logprobs import TokenLogprob, logprobs_of
 from engine.sampler import SamplingConfig, SamplingError, sample_batch
 
@@ -43,12 +58,14 @@ FINISH_ERROR = "error"
 
 @dataclass
 class Sequence:
-    """One request being decoded. ``num_cached`` tokens have KV in ``blocks``."""
+    """One request being decoded; its blocks are the block manager's, under ``seq_id``.
+
+    ``tokens``: the prompt and every output so far; the KV of ``tokens[:num_cached]`` is in the
+    cache and the last token (sampled, not yet fed to the model) is ``tokens[num_cached]``."""
 
     seq_id: str
-    blocks: list[int]
+    tokens: list[int]
     num_cached: int                 # prompt length at admission
-    last_token: int                 # sampled but not yet fed to the model (token 1 at admission)
     generated: int                  # output tokens so far (1 at admission: prefill made token 1)
     max_tokens: int
     sampling: SamplingConfig
@@ -56,33 +73,64 @@ class Sequence:
     ignore_eos: bool
     # (token, finish_reason, its TokenLogprob when sampling.logprobs >= 0 else None) -> None
     emit: Callable[[int | None, str | None, TokenLogprob | None], None]
-    release: Callable[[], None] = lambda: None       # frees the blocks; called exactly once
+    # called exactly once when the sequence ends, after the scheduler released its blocks
+    release: Callable[[], None] = lambda: None
     finished: str | None = field(default=None)
     error: str | None = field(default=None)           # why, when finished == FINISH_ERROR
-    fault: str = field(default="worker")              # "request": the failure is this request's own
+    # "request": the failure is this request's own; "capacity": preempted too often
+    fault: str = field(default="worker")
+    preemptions: int = 0
+    arrival: int = -1                                 # order of arrival (the scheduler sets it)
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != self.num_cached + 1:
+            raise ValueError(f"sequence {self.seq_id}: {len(self.tokens)} tokens, but {self.num_cached} "
+                             f"cached + the one sampled = {self.num_cached + 1}")
+
+    @property
+    def last_token(self) -> int:
+        return self.tokens[-1]
 
 
 class DecodeScheduler:
     """The decode step loop of one instance (rank 0 drives it)."""
 
-    def __init__(self, step_fn: Callable[[ForwardBatch], torch.Tensor], block_size: int,
-                 max_batch: int = 64, on_step: Callable[[float, int], None] | None = None) -> None:
-        """``on_step(seconds, batch_size)`` is called after each step's forward and sampling
-        (the engine's share of TPOT; ``services.decode`` feeds it to ``/metrics``)."""
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    def __init__(self, step_fn: Callable[[ForwardBatch], torch.Tensor], blocks: BlockManager,
+                 max_batch: int = 64, on_step: Callable[[float, int], None] | None = None,
+                 prefill_fn: Callable[[list[int], list[int], int], object] | None = None,
+                 max_preemptions: int = 8, watermark: int = 0,
+                 on_preempt: Callable[[], None] | None = None) -> None:
+        """``step_fn(batch)``: logits ``[num_seqs, vocab]`` of a decode batch. ``blocks``: the
+        instance's block manager. ``on_step(seconds, batch_size)`` is called after each step's
+        forward and sampling (the engine's share of TPOT; ``services.decode`` feeds it to
+        ``/metrics``). ``prefill_fn(tokens, block_table, num_cached)`` computes the KV of
+        ``tokens[num_cached:]`` (a resumed sequence's recompute; ``Executor.prefill``); without
+        it a sequence is never preempted (one that cannot grow ends with an error).
+        ``watermark``: blocks a resume leaves free while other sequences run.
+        ``on_preempt()`` is called once per preemption (metrics)."""
+        if max_batch < 1 or max_preemptions < 0 or watermark < 0:
+            raise ValueError(f"need max_batch >= 1, max_preemptions >= 0 and watermark >= 0, got {max_batch}, "
+                             f"{max_preemptions} and {watermark}")
         self._step_fn = step_fn
         self._on_step = on_step
-        self.block_size = block_size
+        self._prefill_fn = prefill_fn
+        self._on_preempt = on_preempt or (lambda: None)
+        self.blocks = blocks
+        self.block_size = blocks.block_size
         self.max_batch = max_batch
+        self.max_preemptions = max_preemptions
+        self.watermark = watermark
         self._incoming: queue.Queue[Sequence] = queue.Queue()
         self._aborts: queue.Queue[str] = queue.Queue()
         self._running: dict[str, Sequence] = {}
         self._waiting: list[Sequence] = []
+        self._preempted: deque[Sequence] = deque()      # oldest arrival first
+        self._arrivals = itertools.count()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.preemptions = 0
 
     # ---- called from any thread -------------------------------------------------------
     def start(self) -> None:
@@ -96,7 +144,8 @@ class DecodeScheduler:
             self._thread.join(timeout=30)
 
     def add(self, seq: Sequence) -> None:
-        """Hand over a sequence whose KV has landed; aborted at once if the scheduler stopped."""
+        """Hand over a sequence whose KV has landed (its blocks held under ``seq.seq_id``; the
+        scheduler releases them when it ends); aborted at once if the scheduler stopped."""
         self._incoming.put(seq)
         self._wake.set()
         if self._stop.is_set() and (self._thread is None or not self._thread.is_alive()):
@@ -114,15 +163,27 @@ class DecodeScheduler:
     def num_waiting(self) -> int:
         return len(self._waiting) + self._incoming.qsize()
 
+    @property
+    def num_preempted(self) -> int:
+        """Preempted sequences waiting to resume."""
+        return len(self._preempted)
+
     # ---- the step: the scheduler thread, or an in-process engine (engine.llm_engine) -------
     def step(self) -> bool:
-        """Admit what was handed over (and apply aborts), then run one decode step over every
-        running sequence; False when nothing was running. Synchronous: the scheduler thread
-        (:meth:`start`) calls it in a loop, ``engine.llm_engine.LLMEngine.step`` directly
-        (never both on one scheduler)."""
+        """Admit what was handed over (and apply aborts), resume preempted sequences there is
+        room for, give every running sequence its next slot (preempting when the cache is full),
+        then run one decode step over the running batch; False when nothing was running.
+        Synchronous: the scheduler thread (:meth:`start`) calls it in a loop,
+        ``engine.llm_engine.LLMEngine.step`` directly (never both on one scheduler)."""
         self._admit()
+        try:
+            self._grow()
+        except Exception as exc:  # a bug in the bookkeeping: fail the batch, keep serving
+            log.exception("decode step bookkeeping failed")
+            for seq in list(self._running.values()):
+                self._finish(seq, FINISH_ERROR, error=f"decode step failed: {exc}")
         if not self._running:
-            return False
+            return bool(self._preempted)
         try:
             self._step()
         except Exception as exc:  # a bug outside the isolated parts: fail the batch, keep serving
@@ -133,24 +194,27 @@ class DecodeScheduler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if not self.step():
-                self._wake.wait(0.5)
+            if not self.step() or (not self._running and self._preempted):
+                self._wake.wait(0.5 if not self._preempted else 0.01)
                 self._wake.clear()
         self._drain_on_stop()
 
     def _drain_on_stop(self) -> None:
         """Abort every sequence the scheduler holds or was handed, so all blocks are released."""
         self._take_incoming()
-        for seq in list(self._running.values()) + self._waiting:
+        for seq in list(self._running.values()) + self._waiting + list(self._preempted):
             self._finish(seq, FINISH_ABORT)
         self._waiting = []
+        self._preempted.clear()
 
     def _take_incoming(self) -> None:
         while True:
             try:
-                self._waiting.append(self._incoming.get_nowait())
+                seq = self._incoming.get_nowait()
             except queue.Empty:
                 return
+            seq.arrival = next(self._arrivals)
+            self._waiting.append(seq)
 
     def _admit(self) -> None:
         self._take_incoming()
@@ -160,9 +224,9 @@ class DecodeScheduler:
                 aborted.add(self._aborts.get_nowait())
             except queue.Empty:
                 break
-        for seq_id in aborted:
-            if seq_id in self._running:
-                self._finish(self._running[seq_id], FINISH_ABORT)
+        for seq in [s for s in [*self._running.values(), *self._preempted] if s.seq_id in aborted]:
+            self._finish(seq, FINISH_ABORT)
+        self._resume()
         keep = []
         for seq in self._waiting:
             if seq.seq_id in aborted:
@@ -172,6 +236,59 @@ class DecodeScheduler:
             else:
                 keep.append(seq)
         self._waiting = keep
+
+    def _resume(self) -> None:
+        """Bring preempted sequences back, oldest first, while blocks and batch room allow:
+        reuse what the prefix cache still holds, recompute the rest."""
+        while self._preempted and len(self._running) < self.max_batch:
+            seq = self._preempted[0]
+            computed = seq.tokens[:seq.num_cached]
+            try:
+                cached = self.blocks.allocate(seq.seq_id, computed, seq.num_cached + 1, max_cached=seq.num_cached,
+                                              watermark=self.watermark if self._running else 0)
+            except OutOfBlocks:
+                return
+            self._preempted.popleft()
+            try:
+                if cached < seq.num_cached:
+                    self._prefill_fn(computed, self.blocks.table(seq.seq_id), cached)
+                self.blocks.commit(seq.seq_id, computed)
+            except Exception as exc:
+                log.warning("resuming %s failed: %s", seq.seq_id, exc)
+                self._finish(seq, FINISH_ERROR, error=f"recomputing the KV of a preempted sequence failed: {exc}")
+                continue
+            self._running[seq.seq_id] = seq
+
+    def _grow(self) -> None:
+        """Give every running sequence the slot of its next token, preempting the latest
+        arrivals while the cache cannot (see the module docstring)."""
+        for seq in sorted(self._running.values(), key=lambda s: s.arrival):
+            while seq.seq_id in self._running:
+                try:
+                    self.blocks.grow(seq.seq_id, seq.num_cached + 1)
+                    break
+                except OutOfBlocks as exc:
+                    victim = max(self._running.values(), key=lambda s: s.arrival)
+                    if self._prefill_fn is None:
+                        self._finish(victim, FINISH_ERROR, error=f"out of KV blocks: {exc}", fault="capacity")
+                    else:
+                        self._preempt(victim)
+
+    def _preempt(self, seq: Sequence) -> None:
+        del self._running[seq.seq_id]
+        self.blocks.commit(seq.seq_id, seq.tokens[:seq.num_cached])
+        self.blocks.release(seq.seq_id)
+        seq.preemptions += 1
+        self.preemptions += 1
+        self._on_preempt()
+        if seq.preemptions > self.max_preemptions:
+            self._finish(seq, FINISH_ERROR, fault="capacity",
+                         error=f"preempted {seq.preemptions} times for lack of KV blocks (the limit is "
+                               f"{self.max_preemptions}): the decode instance is oversubscribed")
+            return
+        log.info("preempted %s (%d tokens computed, preemption %d)", seq.seq_id, seq.num_cached, seq.preemptions)
+        at = next((i for i, s in enumerate(self._preempted) if s.arrival > seq.arrival), len(self._preempted))
+        self._preempted.insert(at, seq)
 
     def _step(self) -> None:
         seqs = list(self._running.values())
@@ -208,7 +325,7 @@ class DecodeScheduler:
                 continue
             seq.num_cached += 1
             seq.generated += 1
-            seq.last_token = token
+            seq.tokens.append(token)
             if token in seq.eos_token_ids and not seq.ignore_eos:
                 reason = FINISH_STOP
             elif seq.generated >= seq.max_tokens:
@@ -228,7 +345,7 @@ class DecodeScheduler:
         """One forward pass over ``seqs``: a token (or the row's SamplingError) for each, and its
         ``TokenLogprob`` for the sequences that ask (None for the others)."""
         batch = ForwardBatch.decode([s.last_token for s in seqs], [s.num_cached for s in seqs],
-                                    [s.blocks for s in seqs], self.block_size)
+                                    self.blocks.tables([s.seq_id for s in seqs]), self.block_size)
         logits = self._step_fn(batch)
         tokens = sample_batch(logits, [s.sampling for s in seqs], [s.generated for s in seqs])
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
@@ -247,6 +364,11 @@ class DecodeScheduler:
         seq.fault = fault
         self._running.pop(seq.seq_id, None)
         try:
+            if self.blocks.holds(seq.seq_id):   # a preempted sequence holds none
+                try:                            # what it computed stays cached for a next turn
+                    self.blocks.commit(seq.seq_id, seq.tokens[:seq.num_cached])
+                finally:
+                    self.blocks.release(seq.seq_id)
             seq.release()
         finally:
             if not emitted:

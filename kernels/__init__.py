@@ -6,7 +6,8 @@ logic): for a CUDA tensor the Triton twin registered in ``_TRITON`` (``kernels/t
 for anything else the plain-PyTorch reference in ``_REFERENCE`` (``kernels.ops``,
 ``kernels.attention``, ``kernels.kv_copy``, ``kernels.moe_permute``), which is also the
 correctness oracle the Triton kernels are tested against. Both have the same signatures,
-return values and in-place effects. One exception: CPU paged decode attention is the batched
+return values and in-place effects. A kernel with no twin (``paged_prefill_attention``, for
+now) runs its reference on CUDA tensors too. One exception: CPU paged decode attention is the batched
 ``kernels.attention.paged_decode_attention`` (one call for the whole batch); its per-sequence
 loop, ``paged_decode_attention_reference``, is the oracle that both are tested against.
 
@@ -39,6 +40,7 @@ _REFERENCE: dict[str, Callable] = {
     "prefill_attention": _attn.prefill_attention,
     "prefill_attention_lse": _attn.prefill_attention_lse,
     "paged_decode_attention": _attn.paged_decode_attention,
+    "paged_prefill_attention": _attn.paged_prefill_attention,   # no Triton twin yet
     "kv_pack": _kv.kv_pack,
     "kv_unpack": _kv.kv_unpack,
     "moe_permute": _moe.moe_permute,
@@ -117,6 +119,11 @@ def paged_decode_attention(q, kv_layer, block_tables, context_lens, scale, max_c
                                               max_context_len)
 
 
+def paged_prefill_attention(q, kv_layer, block_tables, context_lens, cu_seqlens, scale):
+    return _pick("paged_prefill_attention", q)(q, kv_layer, block_tables, context_lens, cu_seqlens,
+                                               scale)
+
+
 def kv_pack(kv_cache, block_table, token_start, token_end, layer_start, layer_end, head_start,
             head_end, out=None):
     return _pick("kv_pack", kv_cache)(kv_cache, block_table, token_start, token_end, layer_start,
@@ -139,5 +146,5 @@ build_rope_cache = _ops.build_rope_cache    # setup helper, not a hot-path kerne
 merge_attention = _attn.merge_attention
 
 __all__ = ["rms_norm", "rotary_embedding", "silu_and_mul", "store_kv", "prefill_attention",
-           "prefill_attention_lse", "paged_decode_attention", "kv_pack", "kv_unpack", "moe_permute",
-           "moe_unpermute", "build_rope_cache", "merge_attention"]
+           "prefill_attention_lse", "paged_decode_attention", "paged_prefill_attention", "kv_pack",
+           "kv_unpack", "moe_permute", "moe_unpermute", "build_rope_cache", "merge_attention"]

@@ -2,7 +2,8 @@
 
 Callers: ``engine.model`` (through ``kernels/__init__.py``) for every attention layer; later the
 ring-attention (context parallel) path uses :func:`prefill_attention_lse` and
-:func:`merge_attention`. A Triton version keeps these signatures; tests compare against them.
+:func:`merge_attention`. A prefill whose leading tokens are already cached (prefix caching,
+later chunked prefill) attends through the paged cache with :func:`paged_prefill_attention`. A Triton version keeps these signatures; tests compare against them.
 
 Shapes (flat batch of ``T`` tokens, ``H`` query heads, ``KVH`` key/value heads, ``D`` head dim;
 GQA: query head ``h`` reads kv head ``h // (H // KVH)``)::
@@ -96,6 +97,53 @@ def prefill_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out[qa:qb] = torch.matmul(p, vs).transpose(0, 1).to(q.dtype)
         lse[qa:qb] = m.transpose(0, 1)
     return out, lse
+
+
+def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                            context_lens: torch.Tensor, cu_seqlens: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """Prefill with context: new tokens attend to their sequence's paged context, causally.
+
+    ``q [T, H, D]``: the flat batch of new tokens, sequence ``i`` being rows
+    ``cu_seqlens[i]:cu_seqlens[i+1]`` (``cu_seqlens [B+1]`` int32, ``Lq`` rows). Its context is
+    its first ``context_lens[i]`` tokens (``Lk``, ``context_lens [B]`` int32) read through
+    ``block_tables[i]`` (``[B, max_blocks]`` int32, padded) from ``kv_layer``
+    ``[2, num_blocks, block_size, KVH, D]``; the new tokens' K/V must already be stored there
+    (``store_kv``), as the last ``Lq`` of those ``Lk`` tokens: a cached prefix of ``Lk - Lq``
+    tokens (a prefix-cache hit, or the earlier chunks of a chunked prefill) then the new ones.
+    New token ``r`` sees context positions ``c <= r + Lk - Lq`` (the causal mask aligned
+    bottom-right; SDPA's ``is_causal`` aligns top-left, wrong for ``Lq < Lk``, so the mask is
+    explicit). Returns ``[T, H, D]`` in q's dtype; ``Lq == Lk`` equals :func:`prefill_attention`
+    within rounding (another SDPA kernel). One SDPA call (``enable_gqa``) per sequence.
+
+    Raises ``ValueError`` when the batch sizes disagree, ``cu_seqlens`` does not end at ``T``,
+    a sequence has more new tokens than context, or a context does not fit its block table.
+    """
+    _check_gqa(q, kv_layer[0, 0])
+    bounds, lens = cu_seqlens.tolist(), context_lens.tolist()
+    if len(bounds) != len(lens) + 1 or block_tables.shape[0] != len(lens) or bounds[-1] != q.shape[0]:
+        raise ValueError(f"q {tuple(q.shape)}, cu_seqlens {tuple(cu_seqlens.shape)} ending at "
+                         f"{bounds[-1] if bounds else None}, block_tables {tuple(block_tables.shape)} "
+                         f"and context_lens {tuple(context_lens.shape)} disagree")
+    block_size = kv_layer.shape[2]
+    cap = block_tables.shape[1] * block_size
+    out = torch.empty_like(q)
+    for i, (start, end, lk) in enumerate(zip(bounds[:-1], bounds[1:], lens)):
+        lq = end - start
+        if not 0 <= lq <= lk <= cap:
+            raise ValueError(f"sequence {i}: {lq} new tokens and context_lens={lk} need "
+                             f"0 <= new <= context <= {cap} (its block table's capacity)")
+        if lq == 0:
+            continue
+        blocks = block_tables[i, : -(-lk // block_size)].long()
+        ctx = kv_layer[:, blocks].flatten(1, 2)[:, :lk]                 # [2, Lk, KVH, D]
+        ks, vs = (ctx[j].transpose(0, 1).unsqueeze(0).to(q.dtype) for j in (0, 1))
+        rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+        mask = torch.arange(lk, device=q.device)[None, :] <= rows       # [Lq, Lk], True: attend
+        o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1).unsqueeze(0), ks, vs,
+                                           attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start:end] = o[0].transpose(0, 1)
+    return out
 
 
 def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,

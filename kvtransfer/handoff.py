@@ -2,17 +2,22 @@
 
 Call order:
 
-1. Decode rank 0 receives ``Reserve``: the decode service allocates blocks and every decode
-   rank's :meth:`KVReceiver.expect` posts one receive per piece of the plan it will get; rank
-   0 returns the :class:`LandingDescriptor` (addresses, block ids, compat hash, deadline).
+1. Decode rank 0 receives ``Reserve``: the decode service allocates blocks (reusing the
+   prompt's leading whole blocks its prefix cache holds: ``num_cached_tokens``) and every
+   decode rank's :meth:`KVReceiver.expect` posts one receive per piece of the plan it will get
+   for the tokens it lacks; rank 0 returns the :class:`LandingDescriptor` (addresses, block
+   ids, compat hash, deadline, ``num_cached_tokens`` and ``cached_prefix_hash``).
 2. Each prefill rank, after running the prompt, calls :meth:`KVSender.push` with the landing
    descriptor: it checks the compatibility hash and the deadline *before any byte moves*,
-   packs each of its pieces contiguous and sends it straight to the decode rank that needs it.
-3. Decode waits with :meth:`KVReceiver.wait` (or polls :meth:`KVReceiver.try_land`), which
-   verifies and scatters every piece into the reserved blocks as soon as it has landed, in
-   whatever order the pieces land; only when all are in is the sequence admitted to the running
-   batch. Nothing is written into the blocks before the decode service asks, and a piece whose
-   checksum fails is never written.
+   packs each of its pieces of tokens ``[num_cached_tokens, num_prompt_tokens)`` contiguous and
+   sends it straight to the decode rank that needs it (nothing when none are left). The prefill
+   service checks first, with :func:`check_cached_prefix`, that the cached tokens are its
+   prompt's. Both sides compute the same plan (:func:`transfer_plan`) from the descriptor.
+3. Decode waits with :meth:`KVReceiver.wait` (or polls :meth:`KVReceiver.try_land`) passing the
+   sequence's block table, and each verifies and scatters every piece into those blocks as soon
+   as it has landed, in whatever order the pieces land; only when all are in is the sequence
+   admitted to the running batch. Nothing is written into the blocks before the decode service
+   asks, and a piece whose checksum fails is never written.
 4. :meth:`KVReceiver.cancel` (abort, deadline, failure) fails outstanding receives; the
    decode service frees the blocks.
 
@@ -42,6 +47,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cleave.v1 import inference_pb2, worker_pb2
+from common.kv_hash import chain_root, prefix_hash
 from common.layout import cp_token_ranges, kv_head_range, layer_range
 from common.model import ModelConfig
 from kernels import kv_unpack
@@ -74,6 +80,29 @@ def compat_hash(model_id: str, model: ModelConfig, block_size: int) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def check_cached_prefix(landing: worker_pb2.LandingDescriptor, prompt: list[int]) -> None:
+    """Raise IncompatiblePeer unless the ``landing.num_cached_tokens`` leading tokens the decode
+    instance holds are whole blocks of ``prompt`` whose chained hash (``common.kv_hash``, rooted
+    at the landing's compat hash and decode layout) is ``landing.cached_prefix_hash``: the push
+    skips those tokens, so they must be this prompt's. Nothing to check when none are cached.
+    The prefill service calls it before computing anything."""
+    k = landing.num_cached_tokens
+    if k == 0:
+        return
+    block_size = landing.block_size
+    if block_size < 1 or k % block_size:
+        raise IncompatiblePeer(f"transfer {landing.transfer_id}: {k} cached tokens is not a whole number "
+                               f"of blocks (block size {block_size})")
+    if k > len(prompt) or k > landing.num_prompt_tokens:
+        raise IncompatiblePeer(f"transfer {landing.transfer_id}: {k} cached tokens exceed the prompt "
+                               f"({len(prompt)} tokens, landing says {landing.num_prompt_tokens})")
+    want = prefix_hash(list(prompt[:k]), block_size, chain_root(landing.compat_hash, landing.layout))
+    if want != landing.cached_prefix_hash:
+        raise IncompatiblePeer(f"transfer {landing.transfer_id}: the decode instance's {k} cached tokens "
+                               f"are not this prompt's prefix (hash {landing.cached_prefix_hash.hex() or '-'}, "
+                               f"this prompt's {want.hex()})")
+
+
 def piece_tag(transfer_id: str, index: int) -> int:
     """64-bit message tag of piece ``index`` of a transfer."""
     digest = hashlib.blake2b(f"{transfer_id}/{index}".encode(), digest_size=8).digest()
@@ -91,20 +120,34 @@ def decode_landing(data: bytes) -> worker_pb2.LandingDescriptor:
 
 
 def transfer_plan(source: inference_pb2.Layout, dest: inference_pb2.Layout, model: ModelConfig,
-                  num_tokens: int) -> list[Piece]:
-    """The plan between a prefill layout (tp x cp) and a decode layout (tp x pp x ep). A layout
-    is anything with ``tp``, ``pp``, ``cp`` and ``ep`` (``inference_pb2.Layout``,
+                  num_tokens: int, first_token: int = 0) -> list[Piece]:
+    """The plan between a prefill layout (tp x cp) and a decode layout (tp x pp x ep) for tokens
+    ``[first_token, num_tokens)`` of a prompt of ``num_tokens`` (the decode instance holds the
+    first ``first_token`` already: ``LandingDescriptor.num_cached_tokens``). A layout is
+    anything with ``tp``, ``pp``, ``cp`` and ``ep`` (``inference_pb2.Layout``,
     ``common.layout.ParallelConfig``).
+
+    Each source rank's token ranges (with CP, its zigzag chunks of the whole prompt) are cut to
+    ``[first_token, num_tokens)``, empty ones dropped; token positions stay absolute. A pure
+    function of its arguments: both sides compute the same pieces in the same order, and a
+    piece's index in the plan is its message tag (:func:`piece_tag`). Empty when
+    ``first_token == num_tokens``. Raises ``ValueError`` unless ``0 <= first_token <= num_tokens``.
 
     Rank numbering follows ``engine.parallel``: a stage has ``max(tp, ep)`` ranks and rank
     ``s`` of a stage holds the KV heads of ``tp_rank = s % tp`` (attention replicas all get KV).
     """
+    if not 0 <= first_token <= num_tokens:
+        raise ValueError(f"first_token must be in [0, {num_tokens}], got {first_token}")
     src_tp, cp = max(source.tp, 1), max(source.cp, 1)
     src_s = max(src_tp, source.ep or 1)
     dst_tp, pp = max(dest.tp, 1), max(dest.pp, 1)
     dst_s = max(dst_tp, dest.ep or 1)
-    sources = [SourceRank(c * src_s + s, kv_head_range(s % src_tp, src_tp, model.num_kv_heads),
-                          cp_token_ranges(c, cp, num_tokens))
+
+    def tokens_of(c: int) -> tuple[tuple[int, int], ...]:
+        cut = ((max(lo, first_token), hi) for lo, hi in cp_token_ranges(c, cp, num_tokens))
+        return tuple((lo, hi) for lo, hi in cut if lo < hi)
+
+    sources = [SourceRank(c * src_s + s, kv_head_range(s % src_tp, src_tp, model.num_kv_heads), tokens_of(c))
                for c in range(cp) for s in range(src_s)]
     dests = [DestRank(p * dst_s + s, layer_range(p, pp, model.num_layers),
                       kv_head_range(s % dst_tp, dst_tp, model.num_kv_heads))
@@ -115,7 +158,7 @@ def transfer_plan(source: inference_pb2.Layout, dest: inference_pb2.Layout, mode
 @dataclass
 class _Expected:
     pieces: list[tuple[Piece, Transfer, torch.Tensor]]  # (piece, Transfer, message buffer)
-    blocks: list[int]
+    num_tokens: int                                # the prompt's length (blocks must cover it)
     deadline: float
     cancelled: bool = False
     error: str | None = None                      # why the transfer failed, raised again on each call
@@ -129,7 +172,11 @@ class _Expected:
 class KVReceiver:
     """Decode-rank side. The decode service calls expect() at Reserve, wait() or try_land() before
     admitting the sequence, and cancel() on abort. ``rank`` and ``layout`` place this rank in its
-    instance."""
+    instance.
+
+    The receiver keeps no block ids: the decode instance's block manager owns them, and each
+    wait() / try_land() passes the sequence's whole block table (tokens land at their absolute
+    positions in it)."""
 
     def __init__(self, transport: KVTransport, kv_cache: torch.Tensor, model: ModelConfig,
                  layout: inference_pb2.Layout, rank: int = 0, layer_offset: int = 0,
@@ -149,10 +196,13 @@ class KVReceiver:
         self.path = MessagePath(transport, kv_cache.device, force_staging, pool_bytes)
         log.info("KV handoff (decode rank %d): %s", rank, self.path.describe())
 
-    def expect(self, transfer_id: str, source: inference_pb2.Layout, blocks: list[int],
-               num_tokens: int, deadline: float) -> int:
-        """Post the receives for every piece this rank gets; returns how many."""
-        plan = transfer_plan(source, self.layout, self.model, num_tokens)
+    def expect(self, transfer_id: str, source: inference_pb2.Layout, num_tokens: int, deadline: float,
+               first_token: int = 0) -> int:
+        """Post the receives for every piece this rank gets of tokens ``[first_token, num_tokens)``
+        of a ``num_tokens`` prompt (``first_token``: the landing descriptor's ``num_cached_tokens``,
+        the leading tokens this instance holds already); returns how many (0 when none are left:
+        the transfer lands at once). Raises ValueError for a ``first_token`` outside the prompt."""
+        plan = transfer_plan(source, self.layout, self.model, num_tokens, first_token)
         posted = []
         for index, piece in enumerate(plan):
             if piece.dst != self.rank:
@@ -161,19 +211,22 @@ class KVReceiver:
             handle = self.transport.post_recv(piece_tag(transfer_id, index), buf, deadline)
             posted.append((piece, handle, buf))
         with self._lock:
-            self._expected[transfer_id] = _Expected(posted, list(blocks), deadline)
+            self._expected[transfer_id] = _Expected(posted, num_tokens, deadline)
         return len(posted)
 
-    def wait(self, transfer_id: str, timeout: float | None = None) -> None:
-        """Block until every piece landed, verifying and scattering each into the blocks as it
-        lands (in any order). ``timeout`` (seconds) bounds the wait below the deadline.
+    def wait(self, transfer_id: str, blocks: list[int], timeout: float | None = None) -> None:
+        """Block until every piece landed, verifying and scattering each into ``blocks`` (the
+        sequence's block table, covering the prompt) as it lands (in any order). ``timeout``
+        (seconds) bounds the wait below the deadline.
 
-        Raises NotLandedYet when ``timeout`` ran out first (the receives stay posted), and
-        HandoffError when a piece failed, is corrupt, or the deadline passed."""
+        Raises NotLandedYet when ``timeout`` ran out first (the receives stay posted),
+        HandoffError when a piece failed, is corrupt, or the deadline passed, and ValueError when
+        ``blocks`` do not cover the prompt."""
         exp = self._get(transfer_id)
+        self._check_blocks(transfer_id, exp, blocks)
         stop = exp.deadline if timeout is None else min(exp.deadline, time.time() + timeout)
         while True:
-            waiting_on = self._land_ready(transfer_id, exp)
+            waiting_on = self._land_ready(transfer_id, exp, blocks)
             if waiting_on is None:
                 return
             left = stop - time.time()
@@ -181,16 +234,25 @@ class KVReceiver:
                 if time.time() < exp.deadline:
                     raise NotLandedYet(f"transfer {transfer_id} has not landed yet (wait timed out; "
                                        f"the transfer stays posted until its deadline)")
-                if self._land_ready(transfer_id, exp) is None:   # the handles see the deadline now
+                if self._land_ready(transfer_id, exp, blocks) is None:   # the handles see the deadline now
                     return
                 raise HandoffError(f"KV piece {exp.pieces[waiting_on][0]} of transfer {transfer_id}: "
                                    f"not landed within its deadline")
             exp.pieces[waiting_on][1].wait(left)
 
-    def try_land(self, transfer_id: str) -> bool:
-        """Non-blocking :meth:`wait`: lands every piece that is in, True once all are; False while
-        some are pending; raises on failure."""
-        return self._land_ready(transfer_id, self._get(transfer_id)) is None
+    def try_land(self, transfer_id: str, blocks: list[int]) -> bool:
+        """Non-blocking :meth:`wait`: lands every piece that is in into ``blocks`` (the sequence's
+        block table), True once all are (at once when nothing was expected); False while some
+        are pending; raises on failure."""
+        exp = self._get(transfer_id)
+        self._check_blocks(transfer_id, exp, blocks)
+        return self._land_ready(transfer_id, exp, blocks) is None
+
+    def _check_blocks(self, transfer_id: str, exp: _Expected, blocks: list[int]) -> None:
+        block_size = self.kv_cache.shape[3]
+        if exp.pieces and len(blocks) * block_size < exp.num_tokens:
+            raise ValueError(f"transfer {transfer_id}: {len(blocks)} blocks of {block_size} tokens cannot "
+                             f"hold the {exp.num_tokens}-token prompt")
 
     def times(self, transfer_id: str) -> HandoffTimes | None:
         """Verify and scatter times of an expected transfer so far (None when unknown)."""
@@ -205,8 +267,8 @@ class KVReceiver:
             raise HandoffError(f"no transfer {transfer_id!r} expected on decode rank {self.rank}")
         return exp
 
-    def _land_ready(self, transfer_id: str, exp: _Expected) -> int | None:
-        """Verify and scatter every piece that has landed and is not in the blocks yet; returns
+    def _land_ready(self, transfer_id: str, exp: _Expected, blocks: list[int]) -> int | None:
+        """Verify and scatter every piece that has landed and is not in ``blocks`` yet; returns
         the index of a piece still pending, or None once all are in. Raises HandoffError."""
         with exp.lock:
             if exp.cancelled:
@@ -227,7 +289,7 @@ class KVReceiver:
                     exp.error = f"KV piece {piece} of transfer {transfer_id}: {reason}"
                     raise HandoffError(exp.error)
                 try:
-                    self._scatter(piece, buf, exp)
+                    self._scatter(piece, buf, exp, blocks)
                 except CorruptMessage as exc:
                     exp.error = f"transfer {transfer_id}: {exc} on piece {piece}"
                     raise HandoffError(exp.error) from None
@@ -236,13 +298,13 @@ class KVReceiver:
                 exp.scattered.add(index)
             return pending
 
-    def _scatter(self, piece: Piece, buf: torch.Tensor, exp: _Expected) -> None:
+    def _scatter(self, piece: Piece, buf: torch.Tensor, exp: _Expected, blocks: list[int]) -> None:
         payload = open_message(buf, exp.times)
         t0 = time.perf_counter()
         data = payload.view(self.kv_cache.dtype).view(piece_shape(piece, self.model.head_dim))
         if data.device != self.kv_cache.device:
             data = self.path.to_device(data)
-        kv_unpack(data, self.kv_cache, exp.blocks, piece.tokens[0],
+        kv_unpack(data, self.kv_cache, blocks, piece.tokens[0],
                   piece.layers[0] - self.layer_offset, piece.heads[0] - self.head_offset)
         exp.times.scatter_s += time.perf_counter() - t0
         exp.times.pieces += 1
@@ -313,7 +375,11 @@ class KVSender:
     def push(self, landing: worker_pb2.LandingDescriptor, kv_cache: torch.Tensor,
              blocks: list[int], cancelled: threading.Event | None = None,
              timeout: float = 0.0, times: HandoffTimes | None = None) -> int:
-        """Send this rank's pieces; returns bytes sent. Raises HandoffError / IncompatiblePeer.
+        """Send this rank's pieces of tokens ``[landing.num_cached_tokens, num_prompt_tokens)``
+        (what the decode instance lacks; ``blocks``: the prompt's whole block table here, tokens
+        are read at their absolute positions); returns bytes sent, 0 when nothing is left to
+        send. Raises HandoffError / IncompatiblePeer (also for a cached count that is not whole
+        blocks of the prompt; :func:`check_cached_prefix` checks the tokens themselves).
 
         Each piece is packed and sent before the next is packed, and all are in flight before
         the first is waited on. The sends must finish by the landing deadline and, when
@@ -325,7 +391,12 @@ class KVSender:
         if time.time() >= deadline:
             raise HandoffError(f"transfer {landing.transfer_id}: deadline passed before sending")
         addresses = {r.rank: r.transport_address for r in landing.ranks}
-        plan = transfer_plan(self.layout, landing.layout, self.model, landing.num_prompt_tokens)
+        cached, block_size = landing.num_cached_tokens, kv_cache.shape[3]
+        if cached > landing.num_prompt_tokens or cached % block_size:
+            raise IncompatiblePeer(f"transfer {landing.transfer_id}: the decode instance holds {cached} "
+                                   f"cached tokens, not a whole number of {block_size}-token blocks within "
+                                   f"the {landing.num_prompt_tokens}-token prompt")
+        plan = transfer_plan(self.layout, landing.layout, self.model, landing.num_prompt_tokens, cached)
         path = self.path(kv_cache.device)
         checksum = landing.checksum and self.checksum
         handles, sent, first_send = [], 0, None

@@ -36,6 +36,8 @@ class WorkerConfig:
                                       "may live at most, whatever deadline the caller asks")
     max_reservations_per_caller: int = option(512, help="decode: reservations not yet decoding that one "
                                               "calling host may hold")
+    kv_watermark: float = option(0.01, help="decode: share of the KV blocks a new reservation must leave "
+                                 "available, so running sequences can grow without preempting at once")
     drain_timeout_s: float = option(60.0, flag="--drain-timeout", help="on SIGTERM, seconds to let running "
                                     "requests finish before exiting")
     # MoE decode: expert load balancing (services.experts)
@@ -65,6 +67,8 @@ class WorkerConfig:
         if not 0 < self.max_reservation_s < float("inf") or self.max_reservations_per_caller < 1:
             raise ValueError(f"need 0 < max_reservation_s < inf and max_reservations_per_caller >= 1, got "
                              f"{self.max_reservation_s} and {self.max_reservations_per_caller}")
+        if not 0 <= self.kv_watermark < 1:
+            raise ValueError(f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
         parallel = self.runtime.parallel
         if self.pool == "prefill" and (parallel.pp > 1 or parallel.ep > 1):
             raise ValueError(f"a prefill instance is laid out tp x cp; got pp={parallel.pp} ep={parallel.ep}")

@@ -2,14 +2,21 @@
 
 Lifecycle of one request on a decode instance (called by the router):
 
-1. ``Reserve``: allocate blocks for prompt + max_tokens (``RESOURCE_EXHAUSTED`` when there
-   is no room), post the KV receives, return the landing descriptor.
+1. ``Reserve``: take blocks for the prompt plus one token of headroom from the instance's
+   block manager (``engine.block_manager``), sharing the leading blocks its prefix cache holds
+   (a conversation's history, a common system prompt), while the blocks left stay above the
+   watermark (``RESOURCE_EXHAUSTED`` otherwise); post the KV receives for the rest of the
+   prompt only, return the landing descriptor (it names the cached prefix, so the prefill side
+   pushes only what is missing).
 2. ``Decode``: wait until every KV piece landed (``UNAVAILABLE`` when the transfer failed or
-   its deadline passed), admit the sequence into the running batch, stream its tokens.
+   its deadline passed), commit the prompt's blocks to the prefix cache, hand the sequence to
+   the scheduler (``engine.scheduler``: blocks on demand, preemption), stream its tokens.
    Cancelling the call (client gone, stop string hit) aborts the sequence.
-3. ``Abort`` (or the reaper, for reservations never started): cancel the receives, free.
+3. ``Abort`` (or the reaper, for reservations never started): cancel the receives, release.
 
-Blocks of a reservation are freed exactly once, by :meth:`DecodeService._release`.
+A reservation's blocks are released exactly once: by :meth:`DecodeService._release` until the
+sequence is handed to the scheduler, by the scheduler from then on (which commits what the
+sequence computed first, so a next turn finds it cached).
 """
 from __future__ import annotations
 
@@ -23,8 +30,10 @@ from dataclasses import dataclass
 import grpc
 
 from cleave.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
-from common.errors import CallerLimit, InvalidRequest, NoKVRoom, NotFound, RequestFault, Unavailable, abort_with
+from common.errors import (CallerLimit, Exhausted, InvalidRequest, NoKVRoom, NotFound, RequestFault, Unavailable,
+                           abort_with)
 from common.grpc_util import add_service, caller_of
+from common.kv_hash import prefix_hash
 from engine.kv_cache import OutOfBlocks
 from engine.sampler import SamplingConfig
 from engine.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, DecodeScheduler, Sequence
@@ -38,15 +47,21 @@ log = logging.getLogger(__name__)
 _FINISH = {FINISH_LENGTH: inference_pb2.FINISH_REASON_LENGTH}
 
 
+_FAULTS = {"request": RequestFault, "capacity": Exhausted}
+
+
 @dataclass
 class Reservation:
+    """A transfer's bookkeeping; its blocks are the block manager's, under the transfer id."""
+
     request_id: str
-    blocks: list[int]
     num_prompt_tokens: int
     max_tokens: int
     deadline: float
     started: bool = False
     caller: str = ""             # who reserved (``common.grpc_util.caller_of``), for the per-caller bound
+    cached_tokens: int = 0       # leading prompt tokens the prefix cache held (not pushed)
+    handed: bool = False         # the scheduler holds the sequence (and releases its blocks)
 
 
 class DecodeService(worker_pb2_grpc.DecodeServicer):
@@ -54,8 +69,12 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         self.host = host
         cfg = host.cfg
         self.instance = host.executor
-        self.scheduler = DecodeScheduler(host.forward, cfg.runtime.block_size, cfg.runtime.max_batch,
-                                         on_step=host.metrics.decode_step)
+        self.watermark = int(cfg.kv_watermark * host.blocks.total)
+        self.scheduler = DecodeScheduler(
+            host.forward, host.blocks, cfg.runtime.max_batch, on_step=host.metrics.decode_step,
+            prefill_fn=lambda tokens, table, cached: self.instance.prefill(tokens, table, num_cached=cached),
+            max_preemptions=cfg.runtime.max_preemptions, watermark=self.watermark,
+            on_preempt=host.metrics.preempted)
         self._reservations: dict[str, Reservation] = {}
         self._lock = threading.Lock()
         self._reaper: asyncio.Task | None = None
@@ -69,6 +88,8 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         host.load_fn = lambda: self._info()
         host.metrics.gauges.add("cleave_batch_size", "Sequences in the running decode batch",
                                 lambda: self.scheduler.num_running)
+        host.metrics.gauges.add("cleave_num_preempted", "Preempted sequences waiting to resume",
+                                lambda: self.scheduler.num_preempted)
 
     async def start(self) -> None:
         if self.experts is not None:         # the pool's placement on every rank before serving
@@ -117,39 +138,46 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
                             f"{pending} reservations that have not started decoding (the per-caller limit "
                             f"is {limit}); retry later")
         model = self.host.model_config
-        total = request.num_prompt_tokens + request.max_tokens
-        if request.num_prompt_tokens < 1 or request.max_tokens < 1:
+        n, prompt = request.num_prompt_tokens, list(request.prompt_token_ids)
+        total = n + request.max_tokens
+        if n < 1 or request.max_tokens < 1:
             raise InvalidRequest(f"reserve needs num_prompt_tokens >= 1 and max_tokens >= 1, got "
-                                 f"{request.num_prompt_tokens} and {request.max_tokens}")
+                                 f"{n} and {request.max_tokens}")
         if total > model.max_position:
-            raise InvalidRequest(f"prompt ({request.num_prompt_tokens}) + max_tokens ({request.max_tokens}) "
+            raise InvalidRequest(f"prompt ({n}) + max_tokens ({request.max_tokens}) "
                                  f"exceeds the context length {model.max_position}")
+        if prompt and len(prompt) != n:
+            raise InvalidRequest(f"prompt_token_ids has {len(prompt)} tokens, num_prompt_tokens says {n}")
+        blocks, bs = self.host.blocks, cfg.runtime.block_size
         transfer_id = f"{request.request_id}:{uuid.uuid4().hex[:12]}"
-        try:
-            blocks = self.host.allocator.allocate(transfer_id, total)
+        try:   # the prompt and the first decode step's slot; later blocks come on demand
+            cached = blocks.allocate(transfer_id, prompt or None, n + 1, max_cached=n, watermark=self.watermark)
         except OutOfBlocks as exc:
             raise NoKVRoom(f"decode worker {self.host.worker_id}: {exc}") from None
+        if prompt:
+            self.host.metrics.prefix_lookup(n, cached)
         # a reservation lives to the request's deadline (0: none), never past max_reservation_s from now
         most = time.time() + cfg.max_reservation_s
         deadline = min(request.deadline_unix, most) if request.deadline_unix else most
         source = request.source_layout if request.HasField("source_layout") else inference_pb2.Layout(tp=1, pp=1, cp=1, ep=1)
         with self._lock:
-            self._reservations[transfer_id] = Reservation(request.request_id, blocks,
-                                                          request.num_prompt_tokens,
-                                                          request.max_tokens, deadline, caller=caller)
+            self._reservations[transfer_id] = Reservation(request.request_id, n, request.max_tokens, deadline,
+                                                          caller=caller, cached_tokens=cached)
         try:
-            self.instance.expect(transfer_id, source, blocks, request.num_prompt_tokens, deadline)
+            self.instance.expect(transfer_id, source, n, deadline, first_token=cached)
         except Exception:
             self._release(transfer_id)
             raise
         return worker_pb2.LandingDescriptor(
             transfer_id=transfer_id, request_id=request.request_id, layout=self.host.layout,
             num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
-            block_size=self.host.cfg.runtime.block_size, dtype=model.dtype, block_ids=blocks,
-            num_prompt_tokens=request.num_prompt_tokens, deadline_unix=deadline,
+            block_size=bs, dtype=model.dtype, block_ids=blocks.table(transfer_id),
+            num_prompt_tokens=n, deadline_unix=deadline,
             compat_hash=self.host.compat, transport=self.host.cfg.runtime.transport,
             incarnation=self.host.incarnation, source_layout=source, checksum=self.host.cfg.runtime.checksum,
-            ranks=[landing_rank_pb(r) for r in self.instance.landing_ranks()])
+            ranks=[landing_rank_pb(r) for r in self.instance.landing_ranks()],
+            num_cached_tokens=cached,
+            cached_prefix_hash=prefix_hash(prompt[:cached], bs, blocks.root) if cached else b"")
 
     async def Decode(self, request: worker_pb2.DecodeRequest, context):
         transfer_id = request.transfer_id
@@ -167,7 +195,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             await abort_with(context, NotFound(f"reservation {transfer_id} {what}"))
             return
         try:
-            sampling = self._check_decode(request)
+            sampling = self._check_decode(request, res)
         except InvalidRequest as exc:
             self._release(transfer_id)
             await abort_with(context, exc)
@@ -186,14 +214,17 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             raise
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
+        prompt = list(request.prompt_token_ids)
+        self.host.blocks.commit(transfer_id, prompt)     # the prompt's full blocks are now shareable
         seq = Sequence(
-            seq_id=transfer_id, blocks=res.blocks, num_cached=res.num_prompt_tokens,
-            last_token=request.first_token_id, generated=request.first_token_index + 1,
+            seq_id=transfer_id, tokens=prompt + [request.first_token_id], num_cached=res.num_prompt_tokens,
+            generated=request.first_token_index + 1,
             max_tokens=request.first_token_index + res.max_tokens,
             sampling=sampling,
             eos_token_ids=frozenset(request.eos_token_ids), ignore_eos=request.sampling.ignore_eos,
             emit=lambda tok, reason, lp: loop.call_soon_threadsafe(queue.put_nowait, (tok, reason, lp)),
             release=lambda: self._release(transfer_id))
+        res.handed = True                                # the scheduler releases the blocks from now on
         self.scheduler.add(seq)
         try:
             while True:
@@ -206,7 +237,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
                 if reason in (FINISH_ABORT, FINISH_ERROR):
                     if tokens:  # made before the failure: the router keeps them and resumes after
                         yield worker_pb2.DecodeChunk(token_ids=tokens, logprobs=logprobs)
-                    kind = RequestFault if seq.fault == "request" else Unavailable
+                    kind = _FAULTS.get(seq.fault, Unavailable)
                     await abort_with(context, kind(f"decode of {transfer_id} on "
                                                    f"{self.host.worker_id} ended: {seq.error or 'aborted'}"))
                     return
@@ -224,12 +255,16 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         a caller presenting its identity (a router) at least one per KV block, so its budget
         scales with the instance. Callers are counted apart (``common.grpc_util.caller_of``)."""
         limit = self.host.cfg.max_reservations_per_caller
-        return limit if caller.startswith("host:") else max(limit, self.host.allocator.total)
+        return limit if caller.startswith("host:") else max(limit, self.host.blocks.total)
 
-    def _check_decode(self, request: worker_pb2.DecodeRequest) -> SamplingConfig:
+    def _check_decode(self, request: worker_pb2.DecodeRequest, res: Reservation) -> SamplingConfig:
         """The request's own inputs, checked before it joins a batch (a bad one would fail the step)."""
         vocab = self.host.model_config.vocab_size
-        bad = [t for t in (request.first_token_id, *request.eos_token_ids) if not 0 <= t < vocab]
+        if len(request.prompt_token_ids) != res.num_prompt_tokens:
+            raise InvalidRequest(f"prompt_token_ids has {len(request.prompt_token_ids)} tokens, the reservation "
+                                 f"holds {res.num_prompt_tokens}")
+        bad = [t for t in (request.first_token_id, *request.eos_token_ids, *request.prompt_token_ids)
+               if not 0 <= t < vocab]
         if bad:
             raise InvalidRequest(f"token ids {bad[:5]} are outside the vocabulary (size {vocab})")
         try:
@@ -282,22 +317,26 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         verifies and scatters whatever pieces have landed since the last one. The router calls
         Decode once the prefill side reports the push done, so the first poll usually lands it
         all; later polls come 1 ms apart, backing off to 5 ms."""
-        delay = 0.001
-        while not await asyncio.to_thread(self.instance.try_land, transfer_id):
+        delay, table = 0.001, self.host.blocks.table(transfer_id)
+        while not await asyncio.to_thread(self.instance.try_land, transfer_id, table):
             if time.time() > deadline + 1.0:
                 raise HandoffError(f"transfer {transfer_id} did not land by its deadline")
             await asyncio.sleep(delay)
             delay = min(0.005, delay * 2)
 
     def _release(self, transfer_id: str) -> None:
-        """Cancel the receives and free the blocks of a reservation; safe to call twice."""
+        """Forget a reservation, cancel its receives and, unless the scheduler holds its sequence
+        (which releases them itself), release its blocks; safe to call twice."""
         with self._lock:
-            self._reservations.pop(transfer_id, None)
+            res = self._reservations.pop(transfer_id, None)
+        if res is None:
+            return
         try:
             self.instance.cancel(transfer_id)
         except Exception as exc:  # a rank's error, as raised there
             log.warning("cancelling %s: %s", transfer_id, exc)
-        self.host.allocator.free(transfer_id)
+        if not res.handed:
+            self.host.blocks.release(transfer_id)
 
     async def _reap(self) -> None:
         """Free reservations whose Decode never came (router gone) well past their deadline."""

@@ -4,12 +4,16 @@ Lifecycle of one ``Prefill`` call (from the router):
 
 1. Queue for the model (one prompt runs at a time: prefill is compute-bound and the
    instance's cores are shared); ``queued_tokens`` is the load the router routes on.
-2. Allocate blocks for the prompt in this instance's cache, run the forward pass, sample
-   token 1 with the request's seed (output index 0).
-3. When a landing descriptor is given, push the KV (``kvtransfer.handoff.KVSender``): the
-   compatibility hash and deadline are checked before any byte moves.
-4. Free the prompt's blocks, always. ``Abort`` or a cancelled call stops a queued prompt
-   and fails an in-flight transfer.
+2. Take the prompt's blocks from the instance's block manager (``engine.block_manager``): the
+   leading blocks its prefix cache holds are shared, so only the rest is computed (all of it
+   when the request asks for prompt logprobs); run the forward pass over that part, commit
+   the prompt's full blocks to the cache, sample token 1 with the request's seed (output
+   index 0). The token event says how many prompt tokens were cached.
+3. When a landing descriptor is given, push the KV (``kvtransfer.handoff.KVSender``) of the
+   tokens the decode instance lacks (the descriptor names its cached prefix): the
+   compatibility hash, the cached prefix's hash and the deadline are checked before any work.
+4. Release the prompt's blocks, always (they stay cached until evicted). ``Abort`` or a
+   cancelled call stops a queued prompt and fails an in-flight transfer.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from engine.batch import ForwardCancelled
 from engine.kv_cache import OutOfBlocks
 from engine.logprobs import logprobs_of
 from engine.sampler import SamplingConfig, SamplingError, sample_one
-from kvtransfer.handoff import HandoffError, IncompatiblePeer
+from kvtransfer.handoff import HandoffError, IncompatiblePeer, check_cached_prefix
 from engine.runtime.executor import InstanceError
 from services.worker import WorkerHost, logprob_pb
 
@@ -75,8 +79,10 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
             self._active[request.request_id] = cancelled
             self._queued_tokens += n
         loop = asyncio.get_running_loop()
+        ran = False
         try:
             event = await loop.run_in_executor(self._compute, self._run, request, owner, cancelled)
+            ran = True
             with self._lock:
                 self._queued_tokens -= n
                 n = 0
@@ -86,7 +92,7 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
                 try:
                     sent = await loop.run_in_executor(
                         self._transfers, self.host.executor.push, request.landing,
-                        self.host.allocator.blocks_of(owner), cancelled, request.transfer_timeout_s)
+                        self.host.blocks.table(owner), cancelled, request.transfer_timeout_s)
                 except Exception:
                     self.host.metrics.transfer_failed()
                     raise
@@ -106,10 +112,24 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
             await abort_with(context, exc)
         finally:
             cancelled.set()  # a transfer still running in its thread stops at its next poll
-            self.host.allocator.free(owner)
+            self._release_after_run(owner, ran)
             with self._lock:
                 self._active.pop(request.request_id, None)
                 self._queued_tokens -= n
+
+    def _release_after_run(self, owner: str, ran: bool) -> None:
+        """Release the prompt's blocks once its run is over: now when it ``ran`` to its end, else
+        queued on the model thread, so it comes after a run still going when the call was
+        cancelled (one thread, in order)."""
+        def release() -> None:
+            if self.host.blocks.holds(owner):
+                self.host.blocks.release(owner)
+        if ran:
+            return release()
+        try:
+            self._compute.submit(release)
+        except RuntimeError:          # shut down: no run can still be going
+            release()
 
     def busy(self) -> int:
         """Prompts queued, running or pushing KV here; the worker drains until this is 0."""
@@ -135,12 +155,13 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
         except ValueError as exc:
             raise InvalidRequest(f"sampling parameters: {exc}") from None
         if request.HasField("landing"):
-            self._check_landing(request.landing)
+            self._check_landing(request.landing, list(request.token_ids))
 
-    def _check_landing(self, landing) -> None:
+    def _check_landing(self, landing, prompt: list[int]) -> None:
         """Refuse a landing this instance can never serve before any work (or byte) is spent."""
         try:
             self.host.executor.check_landing(landing)
+            check_cached_prefix(landing, prompt)
         except IncompatiblePeer as exc:
             raise IncompatibleLanding(f"{self.host.worker_id}: {exc}") from None
         if landing.deadline_unix <= time.time():
@@ -153,19 +174,22 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
         sample; the token event, with the logprobs the sampling asks for."""
         if cancelled.is_set():
             raise Cancelled(f"request {request.request_id} was aborted before its prefill started")
-        tokens = list(request.token_ids)
+        tokens, blocks = list(request.token_ids), self.host.blocks
         cfg = SamplingConfig.from_proto(request.sampling, request.seed)  # checked in _validate
-        try:
-            blocks = self.host.allocator.allocate(owner, len(tokens))
+        k = request.sampling.top_logprobs if request.sampling.prompt_logprobs else -1
+        try:   # at least the last token is computed (its logits); prompt logprobs need every position
+            cached = blocks.allocate(owner, tokens, len(tokens), max_cached=len(tokens) - 1 if k < 0 else 0)
         except OutOfBlocks as exc:
             raise Exhausted(f"prefill worker {self.host.worker_id}: {exc}") from None
+        self.host.metrics.prefix_lookup(len(tokens), cached)
         with self._lock:
             self._running += 1
         try:
             t0 = time.perf_counter()
-            k = request.sampling.top_logprobs if request.sampling.prompt_logprobs else -1
             try:
-                out = self.host.executor.prefill(tokens, blocks, cancelled, prompt_logprobs=k)
+                out = self.host.executor.prefill(tokens, blocks.table(owner), cancelled, prompt_logprobs=k,
+                                                 num_cached=cached)
+                blocks.commit(owner, tokens)
             except ForwardCancelled:
                 raise Cancelled(f"request {request.request_id} was aborted during its prefill") from None
             try:
@@ -173,11 +197,15 @@ class PrefillService(worker_pb2_grpc.PrefillServicer):
             except SamplingError as exc:  # this request's own, and the same on any worker
                 raise RequestFault(f"prefill of request {request.request_id} on {self.host.worker_id}: "
                                    f"{exc}") from None
-            event = worker_pb2.PrefillEvent(token_id=token, prefill_seconds=time.perf_counter() - t0)
+            event = worker_pb2.PrefillEvent(token_id=token, prefill_seconds=time.perf_counter() - t0,
+                                            cached_tokens=cached)
             if cfg.logprobs >= 0:
                 event.token_logprob.CopyFrom(logprob_pb(logprobs_of(out.logits, [token], cfg.logprobs)[0]))
             event.prompt_logprobs.extend(logprob_pb(e) for e in out.prompt_logprobs or ())
             return event
+        except BaseException:
+            blocks.release(owner)       # nothing to push; a partly computed block is never committed
+            raise
         finally:
             with self._lock:
                 self._running -= 1

@@ -4,7 +4,8 @@ Lifecycle of a worker process (``cleave worker prefill|decode``):
 
 1. :class:`WorkerHost` builds the instance's executor (``engine.runtime``: its ranks, their
    model shards, KV caches and transports, on this host or joined from others) and the block
-   allocator shared by all its ranks.
+   manager (``engine.block_manager``: the one owner of the block ids, valid on all its ranks,
+   and its prefix cache).
 2. :func:`serve_worker` starts it (:func:`start_worker`: builds the pool's servicer on the
    host, binds the gRPC server (port 0 = a free port), serves Prometheus ``/metrics`` on
    ``metrics_port`` when set (``common.prom.WorkerMetrics``), starts the Redis heartbeat so
@@ -38,7 +39,8 @@ from cleave.v1 import inference_pb2, worker_pb2
 from common.errors import Unavailable
 from common.prom import WorkerMetrics, layout_label
 from common.registry import Heartbeat, WorkerRecord, connect_redis
-from engine.kv_cache import BlockAllocator
+from common.kv_hash import chain_root
+from engine.block_manager import BlockManager
 from engine.runtime.executor import Executor, make_executor
 from services.config import WorkerConfig
 
@@ -74,8 +76,14 @@ class WorkerHost:
         self.source = self.executor.source
         self.model_id = self.source.model_id
         self.model_config = self.executor.model_config
-        self.allocator = BlockAllocator(self.executor.num_blocks, cfg.runtime.block_size)
         self.compat = self.executor.compat
+        rt = cfg.runtime
+        cache = rt.prefix_cache and rt.parallel.cp == 1
+        if rt.prefix_cache and not cache:
+            log.info("prefix cache off: each rank of a context-parallel instance holds only its chunks of a "
+                     "prompt, so every prompt is prefilled whole")
+        self.blocks = BlockManager(self.executor.num_blocks, rt.block_size,
+                                   chain_root(self.compat, self.executor.layout), prefix_cache=cache)
         self.incarnation = uuid.uuid4().hex
         p = self.executor.layout
         self.layout = inference_pb2.Layout(tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep)   # the wire form
@@ -84,8 +92,11 @@ class WorkerHost:
         self.load_fn: Callable[[], dict] = lambda: {}
         self.draining = False  # set when asked to stop: no new requests are accepted
         self.metrics = WorkerMetrics(cfg.pool, lambda: self.worker_id, layout_label(self.layout))
-        self.metrics.gauges.add("cleave_kv_cache_usage_perc", "Used share of the KV blocks (0..1)",
-                                lambda: 1.0 - self.allocator.free_blocks / max(1, self.allocator.total))
+        self.metrics.gauges.add("cleave_kv_cache_usage_perc", "Share of the KV blocks held by requests (0..1; "
+                                "cached blocks nobody holds are not counted)",
+                                lambda: self.blocks.used_blocks / self.blocks.total)
+        self.metrics.gauges.add("cleave_kv_cached_blocks", "KV blocks kept only for their cached prefix "
+                                "(evicted when room is needed)", lambda: self.blocks.cached_blocks)
 
     def check_accepting(self) -> None:
         """Raise UNAVAILABLE when draining; servicers call it before taking a new request."""
@@ -107,9 +118,10 @@ class WorkerHost:
     def info(self, running: int, waiting: int, queued_tokens: int = 0) -> worker_pb2.WorkerInfo:
         return worker_pb2.WorkerInfo(
             worker_id=self.worker_id, pool=self.cfg.pool, incarnation=self.incarnation,
-            model_id=self.model_id, layout=self.layout, total_blocks=self.allocator.total,
-            free_blocks=self.allocator.free_blocks, block_size=self.cfg.runtime.block_size,
-            running=running, waiting=waiting, queued_tokens=queued_tokens, compat_hash=self.compat)
+            model_id=self.model_id, layout=self.layout, total_blocks=self.blocks.total,
+            free_blocks=self.blocks.available_blocks, block_size=self.cfg.runtime.block_size,
+            running=running, waiting=waiting, queued_tokens=queued_tokens, compat_hash=self.compat,
+            cached_blocks=self.blocks.cached_blocks)
 
     def record(self) -> WorkerRecord:
         info = self.load_fn()
@@ -118,9 +130,9 @@ class WorkerHost:
             incarnation=self.incarnation, model_id=self.model_id, compat_hash=self.compat,
             host=socket.gethostname(), pid=os.getpid(),
             layout={"tp": self.layout.tp, "pp": self.layout.pp, "cp": self.layout.cp, "ep": self.layout.ep},
-            capacity={"total_blocks": self.allocator.total, "block_size": self.cfg.runtime.block_size},
+            capacity={"total_blocks": self.blocks.total, "block_size": self.cfg.runtime.block_size},
             load={"free_blocks": info.free_blocks, "running": info.running, "waiting": info.waiting,
-                  "queued_tokens": info.queued_tokens},
+                  "queued_tokens": info.queued_tokens, "cached_blocks": info.cached_blocks},
             draining=self.draining)
 
 

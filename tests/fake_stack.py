@@ -271,8 +271,9 @@ class FakeStack:
         return [w.host.executor for w in self.prefills + self.decodes]
 
     def free_blocks(self) -> dict[str, tuple[int, int]]:
-        """``{worker_id: (free blocks, total blocks)}`` from each worker's allocator."""
-        return {w.host.worker_id: (w.host.allocator.free_blocks, w.host.allocator.total)
+        """``{worker_id: (available blocks, total blocks)}`` from each worker's block manager
+        (available: free or cached, held by nobody; equal to the total once nothing is held)."""
+        return {w.host.worker_id: (w.host.blocks.available_blocks, w.host.blocks.total)
                 for w in self.prefills + self.decodes}
 
     async def settle(self, timeout: float = 5.0) -> dict[str, tuple[int, int]]:

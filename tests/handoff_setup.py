@@ -64,16 +64,21 @@ def make_cache(seed: int | None, **kw) -> torch.Tensor:
 
 
 def make_landing(transfer_id: str, num_tokens: int, addresses: dict[int, bytes], deadline: float | None = None,
-             compat: str = COMPAT, checksum: bool = True, layout=None, source_layout=None) -> LandingDescriptor:
+             compat: str = COMPAT, checksum: bool = True, layout=None, source_layout=None,
+             num_cached_tokens: int = 0, cached_prefix_hash: bytes = b"") -> LandingDescriptor:
     return LandingDescriptor(
         transfer_id=transfer_id, layout=layout or Layout(tp=1, pp=1),
         source_layout=source_layout or Layout(tp=1, cp=1), num_prompt_tokens=num_tokens,
         deadline_unix=time.time() + 10 if deadline is None else deadline, compat_hash=compat,
-        checksum=checksum, ranks=[LandingRank(rank=r, transport_address=a) for r, a in addresses.items()])
+        checksum=checksum, ranks=[LandingRank(rank=r, transport_address=a) for r, a in addresses.items()],
+        block_size=BLOCK, num_cached_tokens=num_cached_tokens, cached_prefix_hash=cached_prefix_hash)
 
 
-def expected_decode_cache(prefill: torch.Tensor, decode_before: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def expected_decode_cache(prefill: torch.Tensor, decode_before: torch.Tensor, num_tokens: int,
+                          first_token: int = 0) -> torch.Tensor:
+    """``decode_before`` with tokens ``[first_token, num_tokens)`` of the prompt at PREFILL_BLOCKS
+    of ``prefill`` copied to DECODE_BLOCKS."""
     out = decode_before.clone()
-    for p in range(num_tokens):
+    for p in range(first_token, num_tokens):
         out[:, :, DECODE_BLOCKS[p // BLOCK], p % BLOCK] = prefill[:, :, PREFILL_BLOCKS[p // BLOCK], p % BLOCK]
     return out

@@ -79,11 +79,11 @@ def decode_process(conn) -> None:
             cache = allocate_kv_cache(model, CacheConfig(block_size=BLOCK, num_blocks=total), device=device)
             cache.fill_(SENTINEL)
             receiver = KVReceiver(transport, cache, model, Layout(tp=1, pp=1), force_staging=staged)
-            receiver.expect(tid, Layout(tp=1, cp=1), blocks, tokens, deadline)
+            receiver.expect(tid, Layout(tp=1, cp=1), tokens, deadline)
             conn.send((transport.address(), receiver.path.describe()))
             start, error = time.perf_counter(), None
             try:
-                receiver.wait(tid)
+                receiver.wait(tid, blocks)
             except Exception as exc:  # noqa: BLE001  (reported to the parent)
                 error = f"{type(exc).__name__}: {exc}"
             seconds = time.perf_counter() - start

@@ -123,6 +123,11 @@ class RuntimeConfig:
     cuda_graphs: bool = option(True, help="replay decode steps from CUDA graphs captured per batch-size bucket "
                                "(CUDA only)")
     max_batch: int = option(64, help="decode: running sequences per step (sizes the CUDA graph buckets)")
+    prefix_cache: bool = option(True, help="keep the KV of recent prompts and finished sequences and reuse "
+                                "their leading blocks for prompts that start the same way (--no-prefix-cache "
+                                "turns it off; always off on context-parallel instances)")
+    max_preemptions: int = option(8, help="decode: times a sequence may be preempted for lack of KV blocks "
+                                  "(resumed by recompute) before it fails")
     rendezvous: Rendezvous = option(default_factory=Rendezvous, nested=True, build=Rendezvous.from_env,
                                     help="where the instance's ranks meet")
 
@@ -139,6 +144,8 @@ class RuntimeConfig:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_preemptions < 0:
+            raise ValueError(f"max_preemptions must be >= 0, got {self.max_preemptions}")
         local = len(self.rendezvous.local_ranks(self.world_size))
         per_rank = max(1, len(self.cpus) // local)        # ranks share cores when there are fewer
         if self.cpus and self.threads > per_rank:

@@ -153,19 +153,29 @@ class Executor:
         return next(r for r in self._all(RankRunner.forward, batch) if r is not None)
 
     def prefill(self, prompt: list[int], blocks: list[int], cancelled=None,
-                prompt_logprobs: int = -1) -> PrefillResult:
+                prompt_logprobs: int = -1, num_cached: int = 0) -> PrefillResult:
         """The logits ``[1, vocab]`` of the prompt's last position (each rank runs its share) and,
         when ``prompt_logprobs`` >= 0, the prompt tokens' log-probabilities with that many top
         entries (``engine.logprobs``). ``cancelled`` (a ``threading.Event``) stops a one-rank
-        pass between layers (``engine.batch.ForwardCancelled``); a multi-rank pass runs to its end."""
-        parts = self._all(RankRunner.prefill, list(prompt), list(blocks), None, prompt_logprobs)
+        pass between layers (``engine.batch.ForwardCancelled``); a multi-rank pass runs to its end.
+        ``num_cached`` > 0: the K/V of the first ``num_cached`` tokens (whole blocks) is already
+        in ``blocks`` on every rank; only the rest is computed, attending to it
+        (``RankRunner.prefill``: ``ValueError`` with prompt logprobs, with CP, or for a count
+        that is not a multiple of the block size below ``len(prompt)``)."""
+        parts = self._all(RankRunner.prefill, list(prompt), list(blocks), None, prompt_logprobs,
+                          num_cached)
         return merge_prefill(prompt, [p for p in parts if p is not None], prompt_logprobs)
 
-    def expect(self, transfer_id, source, blocks, num_tokens, deadline) -> None:
-        self._all(RankRunner.expect, transfer_id, source, list(blocks), num_tokens, deadline)
+    def expect(self, transfer_id, source, num_tokens, deadline, first_token: int = 0) -> None:
+        """Every rank posts its receives of tokens ``[first_token, num_tokens)`` of the prompt
+        (``first_token``: the leading tokens this instance holds already, whole blocks;
+        ``kvtransfer.handoff.KVReceiver.expect``)."""
+        self._all(RankRunner.expect, transfer_id, source, num_tokens, deadline, first_token)
 
-    def try_land(self, transfer_id: str) -> bool:
-        return all(self._all(RankRunner.try_land, transfer_id))
+    def try_land(self, transfer_id: str, blocks: list[int]) -> bool:
+        """Every rank lands what has arrived into ``blocks`` (the sequence's block table, owned by
+        the caller's block manager); True once all of it is in (at once when nothing was expected)."""
+        return all(self._all(RankRunner.try_land, transfer_id, list(blocks)))
 
     def cancel(self, transfer_id: str) -> None:
         self._all(RankRunner.cancel, transfer_id)
@@ -269,9 +279,11 @@ class InProcessExecutor(Executor):
                 raise InstanceError("the instance is shut down")
             return [fn(self.runner, *args)]
 
-    def prefill(self, prompt, blocks, cancelled=None, prompt_logprobs: int = -1) -> PrefillResult:
+    def prefill(self, prompt, blocks, cancelled=None, prompt_logprobs: int = -1,
+                num_cached: int = 0) -> PrefillResult:
         with self._lock:
-            part = self.runner.prefill(list(prompt), list(blocks), cancelled, prompt_logprobs)
+            part = self.runner.prefill(list(prompt), list(blocks), cancelled, prompt_logprobs,
+                                       num_cached)
         return merge_prefill(prompt, [part], prompt_logprobs)
 
     def push(self, landing, blocks, cancelled=None, timeout: float = 0.0) -> int:

@@ -6,8 +6,9 @@ real prefill/decode workers and real KV transfers but not a model's arithmetic:
 
 The fake model writes each token's id into every K and V element of its slot, and predicts
 ``next = (sum of the ids of the context + position of the last token) % vocab`` as a peaked
-logits row (``PEAK`` at that id, 0 elsewhere). Decode reads the sum back from the KV cache, so a
-handoff that drops or corrupts a block changes the tokens; :meth:`FakeExecutor.expected` gives
+logits row (``PEAK`` at that id, 0 elsewhere). Decode, and a prefill after a cached prefix
+(``num_cached``), read the sum back from the KV cache, so a handoff that drops or corrupts a
+block, or a wrong cached block, changes the tokens; :meth:`FakeExecutor.expected` gives
 the right answer for a prompt in pure Python. ``fault``: set it to an exception and every
 forward raises it (a broken worker) until it is cleared.
 """
@@ -18,7 +19,7 @@ import bisect
 import torch
 
 from common.model import CacheConfig, ModelConfig
-from engine.batch import ForwardBatch, PrefillResult
+from engine.batch import ForwardBatch, PrefillResult, check_num_cached
 from engine.kv_cache import allocate_kv_cache
 from engine.loader import ModelSource
 from engine.runtime.config import RuntimeConfig
@@ -72,20 +73,25 @@ class FakeExecutor(InProcessExecutor):
             flat[:, :, batch.slot_mapping] = batch.input_ids.to(kv.dtype)[None, None, :, None, None]
             targets, starts = [], batch.cu_seqlens.tolist() if batch.is_prefill else []
             for row, idx in enumerate(batch.logits_indices.tolist()):
-                if batch.is_prefill:  # the sequence holding flat token idx starts at the last start <= idx
-                    start = starts[bisect.bisect_right(starts, idx) - 1]
-                    total = int(batch.input_ids[start: idx + 1].sum())
-                else:
-                    n, bs = int(batch.context_lens[row]), self.cfg.block_size
-                    slots = [int(batch.block_tables[row, p // bs]) * bs + p % bs for p in range(n)]
+                # the sequence holding flat token idx (prefill) starts at the last start <= idx
+                seq = bisect.bisect_right(starts, idx) - 1 if batch.is_prefill else row
+                if batch.is_prefill and not batch.has_context:
+                    total = int(batch.input_ids[starts[seq]: idx + 1].sum())
+                else:   # decode, or prefill after a cached prefix: the context from the cache
+                    n, bs = int(batch.positions[idx]) + 1, self.cfg.block_size
+                    slots = [int(batch.block_tables[seq, p // bs]) * bs + p % bs for p in range(n)]
                     total = int(flat[0, 0, slots, 0, 0].sum())
                 targets.append((total + int(batch.positions[idx])) % vocab)
             logits = torch.zeros(len(targets), vocab)
             logits[torch.arange(len(targets)), torch.tensor(targets, dtype=torch.long)] = PEAK
             return logits
 
-    def prefill(self, prompt, blocks, cancelled=None, prompt_logprobs: int = -1) -> PrefillResult:
-        batch = ForwardBatch.prefill([list(prompt)], [list(blocks)], self.cfg.block_size)
+    def prefill(self, prompt, blocks, cancelled=None, prompt_logprobs: int = -1,
+                num_cached: int = 0) -> PrefillResult:
+        bs = self.cfg.block_size
+        check_num_cached(len(prompt), num_cached, bs, prompt_logprobs=prompt_logprobs)
+        batch = ForwardBatch.prefill([list(prompt)], [list(blocks)], bs,
+                                     [num_cached] if num_cached else None)
         if prompt_logprobs < 0:
             return PrefillResult(self.forward(batch))
         logits = self.forward(batch.all_logits())

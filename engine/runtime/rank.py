@@ -27,7 +27,7 @@ import torch
 
 from common.layout import kv_head_range, layer_range
 from common.model import CacheConfig
-from engine.batch import ForwardBatch
+from engine.batch import ForwardBatch, check_num_cached
 from engine.logprobs import prompt_logprobs_of
 from engine.loader import load_model, resolve_model
 from engine.parallel import AsyncSender, ParallelGroups
@@ -172,20 +172,30 @@ class RankRunner:
         sender.flush()
         return torch.cat(outs).cpu() if self.owns_logits else None
 
-    def prefill_batch(self, prompt: list[int], blocks: list[int]) -> ForwardBatch:
-        """This rank's prefill batch: the whole prompt, or its CP chunks (``prefill_cp``)."""
+    def prefill_batch(self, prompt: list[int], blocks: list[int], num_cached: int = 0) -> ForwardBatch:
+        """This rank's prefill batch: the whole prompt, its CP chunks (``prefill_cp``), or, with
+        ``num_cached`` > 0, the tokens after the cached prefix (``ForwardBatch.prefill``'s batch
+        with context). Raises ``ValueError`` for a ``num_cached`` that is not a multiple of the
+        block size in ``0..len(prompt) - 1``, or > 0 with CP (``engine.batch.check_num_cached``)."""
         cp, bs = self.cfg.parallel.cp, self.cfg.block_size
+        check_num_cached(len(prompt), num_cached, bs, cp=cp)
         if cp == 1:
-            return ForwardBatch.prefill([prompt], [blocks], bs)
+            return ForwardBatch.prefill([prompt], [blocks], bs, [num_cached] if num_cached else None)
         return ForwardBatch.prefill_cp(prompt, self.groups.cp_rank, cp, blocks, bs)
 
-    def prefill(self, prompt: list[int], blocks: list[int], cancelled=None, prompt_logprobs: int = -1):
+    def prefill(self, prompt: list[int], blocks: list[int], cancelled=None, prompt_logprobs: int = -1,
+                num_cached: int = 0):
         """``(logits [1, vocab] of the prompt's last position or None, {token index: TokenLogprob})``
         on a rank that owns logits (with CP, each such rank has its own positions), else None.
         ``prompt_logprobs`` >= 0: the log-probabilities of the prompt tokens this rank's rows
         predict, with that many top entries (``engine.logprobs``). ``cancelled`` (a
-        threading.Event; one-rank instances only) stops the pass between layers."""
-        batch = self.prefill_batch(prompt, blocks)
+        threading.Event; one-rank instances only) stops the pass between layers.
+        ``num_cached`` > 0: the first ``num_cached`` tokens' K/V is already in ``blocks`` (whole
+        blocks); only the rest is computed. ``ValueError`` with ``prompt_logprobs`` >= 0 or CP,
+        or for a ``num_cached`` that is not a multiple of the block size below ``len(prompt)``."""
+        check_num_cached(len(prompt), num_cached, self.cfg.block_size,
+                            prompt_logprobs=prompt_logprobs, cp=self.cfg.parallel.cp)
+        batch = self.prefill_batch(prompt, blocks, num_cached)
         batch.cancelled = cancelled
         if prompt_logprobs < 0:
             logits = self.forward(batch)
@@ -195,11 +205,11 @@ class RankRunner:
             return None
         return split_prefill_logits(logits, batch.positions.tolist(), prompt, prompt_logprobs)
 
-    def expect(self, transfer_id, source, blocks, num_tokens, deadline) -> None:
-        self.receiver.expect(transfer_id, source, blocks, num_tokens, deadline)
+    def expect(self, transfer_id, source, num_tokens, deadline, first_token: int = 0) -> None:
+        self.receiver.expect(transfer_id, source, num_tokens, deadline, first_token)
 
-    def try_land(self, transfer_id: str) -> bool:
-        return self.receiver.try_land(transfer_id)
+    def try_land(self, transfer_id: str, blocks: list[int]) -> bool:
+        return self.receiver.try_land(transfer_id, blocks)
 
     def cancel(self, transfer_id: str):
         return self.receiver.cancel(transfer_id)

@@ -107,10 +107,13 @@ def _decode_step_time(model, kv, seqs: int) -> float:
 def _scheduler_step_time(model, kv) -> float:
     """Seconds per decode step of the serving scheduler (``engine.scheduler.DecodeScheduler.step``:
     batch, forward, sampling, bookkeeping) over one sequence on one rank."""
+    from engine.block_manager import BlockManager
     from engine.sampler import SamplingConfig
     from engine.scheduler import DecodeScheduler, Sequence
-    sched = DecodeScheduler(lambda batch: model(batch, kv), block_size=16)
-    sched.add(Sequence("calibrate", blocks=list(range(8)), num_cached=3, last_token=5, generated=1,
+    blocks = BlockManager(kv.shape[2], 16, prefix_cache=False)
+    blocks.allocate("calibrate", None, 4)
+    sched = DecodeScheduler(lambda batch: model(batch, kv), blocks)
+    sched.add(Sequence("calibrate", tokens=[5] * 4, num_cached=3, generated=1,
                        max_tokens=1 << 30, sampling=SamplingConfig(), eos_token_ids=frozenset(), ignore_eos=True,
                        emit=lambda *a: None))
     runs = []

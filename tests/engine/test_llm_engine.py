@@ -4,7 +4,7 @@ Its tokens against ``transformers`` are checked in ``tests/engine/test_parity.py
 ``tests/engine/test_parallel_llama.py`` (TP, PP, TP x PP), ``tests/engine/test_moe.py`` (EP) and
 ``tests/engine/test_quant.py`` (quantized weights); here the API around them: a step prefills every
 waiting request or decodes every running one, each request ends by EOS or length, its blocks
-return to the allocator, and requests added between steps join the running batch.
+return to the block manager (held by nobody, cached), and requests added between steps join the running batch.
 """
 from __future__ import annotations
 
@@ -25,18 +25,18 @@ def engine(tiny_llama_dir):
 
 
 def test_steps_prefill_then_decode_and_free_every_block(engine):
-    free = engine.allocator.free_blocks
+    free = engine.blocks.available_blocks
     a = engine.add_request([5, 6, 7], max_tokens=3, ignore_eos=True)
     first = engine.step()                                   # the prefill: token 1 of each
     assert [(o.request_id, len(o.new_tokens), o.finished) for o in first] == [(a, 1, None)]
-    assert engine.allocator.free_blocks < free
+    assert engine.blocks.available_blocks < free
     b = engine.add_request(list(range(20, 37)), max_tokens=1, ignore_eos=True)
     assert [(o.request_id, o.finished) for o in engine.step()] == [(b, FINISH_LENGTH)]   # prefill only
     outs = []
     while engine.has_unfinished():
         outs += engine.step()
     assert [len(o.new_tokens) for o in outs] == [1, 1] and outs[-1].finished == FINISH_LENGTH
-    assert engine.allocator.free_blocks == free
+    assert engine.blocks.available_blocks == free and engine.blocks.used_blocks == 0
     tokens = first[0].new_tokens + [t for o in outs for t in o.new_tokens]
     assert engine.generate([[5, 6, 7]], 3, ignore_eos=True) == [tokens]   # alone or joined: the same
 

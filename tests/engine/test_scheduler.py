@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.batch import ForwardBatch
+from engine.block_manager import BlockManager
 from engine.sampler import SamplingConfig
 from engine.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, DecodeScheduler, Sequence
 
@@ -61,12 +62,24 @@ class Recorder:
         assert self.done.wait(WAIT), "sequence never finished"
 
 
+_BLOCKS: list[BlockManager] = []    # the current test's block manager (set by the autouse fixture)
+
+
+@pytest.fixture(autouse=True)
+def blocks():
+    """One block manager per test, shared by its schedulers and sequences; its invariants
+    hold at the end and nothing is left held."""
+    _BLOCKS[:] = [BlockManager(256, BLOCK, prefix_cache=False)]
+    yield _BLOCKS[0]
+    _BLOCKS[0].check()
+
+
 def make_seq(seq_id: str, first_token: int, prompt_len: int = 5, max_tokens: int = 4,
-             eos=(), ignore_eos: bool = False, blocks=None) -> tuple[Sequence, Recorder]:
+             eos=(), ignore_eos: bool = False) -> tuple[Sequence, Recorder]:
+    """A sequence whose prompt's KV has landed: it holds prompt + 1 slots in the test's blocks."""
     rec = Recorder()
-    if blocks is None:
-        blocks = list(range(1, (prompt_len + max_tokens) // BLOCK + 2))
-    seq = Sequence(seq_id=seq_id, blocks=blocks, num_cached=prompt_len, last_token=first_token,
+    _BLOCKS[0].allocate(seq_id, None, prompt_len + 1)
+    seq = Sequence(seq_id=seq_id, tokens=[1] * prompt_len + [first_token], num_cached=prompt_len,
                    generated=1, max_tokens=max_tokens, sampling=SamplingConfig(),
                    eos_token_ids=frozenset(eos), ignore_eos=ignore_eos, emit=rec.emit,
                    release=rec.release)
@@ -82,7 +95,7 @@ def make_scheduler():
     made = []
 
     def build(step_fn=next_token_logits, max_batch: int = 64) -> DecodeScheduler:
-        sched = DecodeScheduler(step_fn, block_size=BLOCK, max_batch=max_batch)
+        sched = DecodeScheduler(step_fn, _BLOCKS[0], max_batch=max_batch)
         sched.start()
         made.append(sched)
         return sched
@@ -260,8 +273,7 @@ def test_failing_step_fails_running_sequences_and_scheduler_keeps_serving(make_s
 def test_positions_and_slots_advance_one_per_step(make_scheduler):
     gate = GatedStep()
     sched = make_scheduler(gate)
-    blocks = [7, 3, 9]               # 12 slots; prompt 5 + 5 new tokens fit
-    seq, rec = make_seq("p", first_token=30, prompt_len=5, max_tokens=6, blocks=blocks)
+    seq, rec = make_seq("p", first_token=30, prompt_len=5, max_tokens=6)
     sched.add(seq)
     gate.step(5)
     rec.wait()
@@ -271,15 +283,17 @@ def test_positions_and_slots_advance_one_per_step(make_scheduler):
         assert not batch.is_prefill
         assert batch.input_ids.tolist() == [30 + step]
         assert batch.positions.tolist() == [pos]
-        assert batch.slot_mapping.tolist() == [blocks[pos // BLOCK] * BLOCK + pos % BLOCK]
+        table = batch.block_tables.tolist()[0]
+        assert len(table) == pos // BLOCK + 1        # a block more each time a boundary is crossed
+        assert batch.slot_mapping.tolist() == [table[pos // BLOCK] * BLOCK + pos % BLOCK]
         assert batch.context_lens.tolist() == [pos + 1]
-        assert batch.block_tables.tolist() == [blocks]
+        assert table[:2] == gate.batches[0].block_tables.tolist()[0][:2]   # earlier blocks stay
     assert rec.tokens == expected_stream(30, 5)
 
 
 def test_stop_aborts_running_and_waiting():
     gate = GatedStep()
-    sched = DecodeScheduler(gate, block_size=BLOCK, max_batch=1)
+    sched = DecodeScheduler(gate, _BLOCKS[0], max_batch=1)
     sched.start()
     running, rrun = make_seq("run", first_token=0, max_tokens=50)
     waiting, rwait = make_seq("wait", first_token=0, max_tokens=50)
@@ -297,15 +311,15 @@ def test_stop_aborts_running_and_waiting():
 
 
 def test_bad_max_batch():
-    with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
-        DecodeScheduler(next_token_logits, block_size=BLOCK, max_batch=0)
+    with pytest.raises(ValueError, match="need max_batch >= 1.*got 0,"):
+        DecodeScheduler(next_token_logits, _BLOCKS[0], max_batch=0)
 
 
 # ---- one sequence's failure never touches its batch-mates (issue: per-request faults) -------
 
 def _run_all(step_fn, pairs):
     """Run ``pairs`` of (sequence, recorder) from the same first step (one batch) to the end."""
-    sched = DecodeScheduler(step_fn, block_size=BLOCK)
+    sched = DecodeScheduler(step_fn, _BLOCKS[0])
     for seq, _ in pairs:
         sched.add(seq)  # queued before the loop starts: admitted together
     sched.start()
@@ -369,3 +383,79 @@ def test_a_step_that_fails_for_every_sequence_is_a_worker_fault():
     _run_all(broken, pairs)
     for seq, rec in pairs:
         assert seq.finished == FINISH_ERROR and seq.fault == "worker" and rec.releases == 1
+
+
+# ---- blocks on demand and preemption (issue 21) ------------------------------------------------
+
+class Recompute:
+    """A ``prefill_fn`` that records what a resumed sequence recomputes (the fake model needs
+    no KV: its next token depends on the input token only)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []      # (tokens, of them cached)
+
+    def __call__(self, tokens, table, num_cached) -> None:
+        assert len(table) * BLOCK >= len(tokens) + 1
+        self.calls.append((len(tokens), num_cached))
+
+
+def _run_with(blocks: BlockManager, pairs, recompute=None, max_preemptions: int = 8, max_batch: int = 64):
+    sched = DecodeScheduler(next_token_logits, blocks, max_batch=max_batch, prefill_fn=recompute,
+                            max_preemptions=max_preemptions)
+    for seq, _ in pairs:
+        sched.add(seq)
+    sched.start()
+    try:
+        for _, rec in pairs:
+            rec.wait()
+    finally:
+        sched.stop()
+    return sched
+
+
+def test_sequences_grow_on_demand_and_preempt_without_changing_a_token(blocks):
+    """Three sequences that each need 6 blocks share 12: the latest arrivals are preempted and
+    resumed by recompute, and every stream equals its stream alone; all blocks come back."""
+    _BLOCKS[:] = [BlockManager(13, BLOCK, prefix_cache=True)]
+    pairs = [make_seq(s, first_token=t, prompt_len=3, max_tokens=20, ignore_eos=True)
+             for s, t in (("a", 1), ("b", 11), ("c", 21))]
+    recompute = Recompute()
+    sched = _run_with(_BLOCKS[0], pairs, recompute)
+    for (seq, rec), first in zip(pairs, (1, 11, 21)):
+        assert rec.tokens == expected_stream(first, 19) and rec.finish == FINISH_LENGTH
+        assert rec.releases == 1 and rec.emits_after_finish == 0
+    assert sched.preemptions >= 1 and recompute.calls
+    assert all(n >= 3 and cached % BLOCK == 0 and cached <= n for n, cached in recompute.calls)
+    assert _BLOCKS[0].used_blocks == 0
+    _BLOCKS[0].check()
+
+
+def test_a_sequence_preempted_too_often_fails_as_a_capacity_fault(blocks):
+    """With no preemption allowed, the latest arrival that cannot grow ends with a clear error
+    (fault "capacity"); the earlier one runs to its end."""
+    _BLOCKS[:] = [BlockManager(7, BLOCK, prefix_cache=False)]     # 6 blocks: one 20-token sequence
+    first, rfirst = make_seq("first", first_token=1, prompt_len=3, max_tokens=20, ignore_eos=True)
+    late, rlate = make_seq("late", first_token=30, prompt_len=3, max_tokens=20, ignore_eos=True)
+    _run_with(_BLOCKS[0], [(first, rfirst), (late, rlate)], Recompute(), max_preemptions=0)
+    assert rfirst.tokens == expected_stream(1, 19) and rfirst.finish == FINISH_LENGTH
+    assert late.finished == FINISH_ERROR and late.fault == "capacity"
+    assert "preempted 1 times" in late.error and "oversubscribed" in late.error
+    assert rlate.releases == 1 and _BLOCKS[0].used_blocks == 0
+
+
+def test_without_a_recompute_path_a_sequence_that_cannot_grow_fails_alone(blocks):
+    _BLOCKS[:] = [BlockManager(7, BLOCK, prefix_cache=False)]
+    first, rfirst = make_seq("first", first_token=1, prompt_len=3, max_tokens=20, ignore_eos=True)
+    late, rlate = make_seq("late", first_token=30, prompt_len=3, max_tokens=20, ignore_eos=True)
+    _run_with(_BLOCKS[0], [(first, rfirst), (late, rlate)])
+    assert rfirst.finish == FINISH_LENGTH
+    assert late.finished == FINISH_ERROR and late.fault == "capacity" and "out of KV blocks" in late.error
+
+
+def test_a_finished_sequence_leaves_its_computed_blocks_cached(blocks):
+    _BLOCKS[:] = [BlockManager(32, BLOCK, prefix_cache=True)]
+    seq, rec = make_seq("s", first_token=5, prompt_len=6, max_tokens=7, ignore_eos=True)
+    _run_with(_BLOCKS[0], [(seq, rec)])
+    computed = seq.tokens[:seq.num_cached]                      # prompt + outputs fed back
+    assert len(computed) == 6 + 6
+    assert _BLOCKS[0].match(computed) == 12 and _BLOCKS[0].used_blocks == 0

@@ -41,15 +41,15 @@ def test_push_lands_exactly_the_prompt_kv(pair, num_tokens):
     prefill, decode = make_cache(seed=num_tokens), make_cache(seed=None)
     before = decode.clone()
     receiver = KVReceiver(dst, decode, MODEL, Layout(tp=1, pp=1))
-    assert receiver.expect("t1", Layout(tp=1, cp=1), DECODE_BLOCKS, num_tokens, time.time() + 10) == 1
+    assert receiver.expect("t1", Layout(tp=1, cp=1), num_tokens, time.time() + 10) == 1
     assert receiver.pending() == ["t1"]
     sender = KVSender(src, MODEL, COMPAT, Layout(tp=1, cp=1))
     sent = sender.push(make_landing("t1", num_tokens, {0: dst.address()}), prefill, PREFILL_BLOCKS)
     assert sent == num_tokens * MODEL.kv_bytes_per_token() + 16   # one piece + its trailer
     assert torch.equal(decode, before), "nothing may be written before wait()"
-    receiver.wait("t1")
+    receiver.wait("t1", DECODE_BLOCKS)
     assert torch.equal(decode, expected_decode_cache(prefill, before, num_tokens))
-    receiver.wait("t1")                       # waiting again is a no-op
+    receiver.wait("t1", DECODE_BLOCKS)        # waiting again is a no-op
     assert receiver.cancel("t1") is True      # the service forgets it when the sequence ends
     assert receiver.pending() == []
 
@@ -58,7 +58,7 @@ def test_compat_mismatch_sends_nothing(pair):
     src, dst = pair
     prefill, decode = make_cache(seed=1), make_cache(seed=None)
     receiver = KVReceiver(dst, decode, MODEL, Layout(tp=1, pp=1))
-    receiver.expect("t", Layout(tp=1, cp=1), DECODE_BLOCKS, 6, time.time() + 10)
+    receiver.expect("t", Layout(tp=1, cp=1), 6, time.time() + 10)
     other = compat_hash("tiny", MODEL.replace(dtype="bfloat16"), BLOCK)
     assert other != COMPAT and compat_hash("tiny", MODEL, 2 * BLOCK) != COMPAT
     sender = KVSender(src, MODEL, other, Layout(tp=1, cp=1))
@@ -70,7 +70,7 @@ def test_compat_mismatch_sends_nothing(pair):
     # the reservation is still good for a compatible sender
     KVSender(src, MODEL, COMPAT, Layout(tp=1, cp=1)).push(make_landing("t", 6, {0: dst.address()}),
                                                          prefill, PREFILL_BLOCKS)
-    receiver.wait("t")
+    receiver.wait("t", DECODE_BLOCKS)
     assert torch.equal(decode, expected_decode_cache(prefill, make_cache(seed=None), 6))
 
 
@@ -96,10 +96,10 @@ def test_wait_fails_when_nothing_lands_by_the_deadline(pair):
     _, dst = pair
     decode = make_cache(seed=None)
     receiver = KVReceiver(dst, decode, MODEL, Layout(tp=1, pp=1))
-    receiver.expect("t", Layout(tp=1, cp=1), DECODE_BLOCKS, 5, time.time() + 0.2)
+    receiver.expect("t", Layout(tp=1, cp=1), 5, time.time() + 0.2)
     start = time.monotonic()
     with pytest.raises(HandoffError, match="not landed within its deadline|missed its deadline"):
-        receiver.wait("t")
+        receiver.wait("t", DECODE_BLOCKS)
     assert time.monotonic() - start < 5
     assert torch.equal(decode, make_cache(seed=None))
 
@@ -107,10 +107,10 @@ def test_wait_fails_when_nothing_lands_by_the_deadline(pair):
 def test_wait_timeout_shorter_than_deadline(pair):
     _, dst = pair
     receiver = KVReceiver(dst, make_cache(seed=None), MODEL, Layout(tp=1, pp=1))
-    receiver.expect("t", Layout(tp=1, cp=1), DECODE_BLOCKS, 5, time.time() + 60)
+    receiver.expect("t", Layout(tp=1, cp=1), 5, time.time() + 60)
     start = time.monotonic()
     with pytest.raises(HandoffError):
-        receiver.wait("t", timeout=0.1)
+        receiver.wait("t", DECODE_BLOCKS, timeout=0.1)
     assert time.monotonic() - start < 5
 
 
@@ -118,21 +118,21 @@ def test_cancel_before_wait(pair):
     src, dst = pair
     prefill, decode = make_cache(seed=2), make_cache(seed=None)
     receiver = KVReceiver(dst, decode, MODEL, Layout(tp=1, pp=1))
-    receiver.expect("t", Layout(tp=1, cp=1), DECODE_BLOCKS, 9, time.time() + 10)
+    receiver.expect("t", Layout(tp=1, cp=1), 9, time.time() + 10)
     KVSender(src, MODEL, COMPAT, Layout(tp=1, cp=1)).push(make_landing("t", 9, {0: dst.address()}),
                                                          prefill, PREFILL_BLOCKS)
     assert receiver.cancel("t") is True
     assert receiver.cancel("t") is False
     assert receiver.pending() == []
     with pytest.raises(HandoffError, match="no transfer 't' expected"):
-        receiver.wait("t")
+        receiver.wait("t", DECODE_BLOCKS)
     assert torch.equal(decode, make_cache(seed=None)), "a cancelled transfer must not write the blocks"
 
 
 def test_cancel_fails_pending_receives_so_a_late_push_fails(pair):
     src, dst = pair
     receiver = KVReceiver(dst, make_cache(seed=None), MODEL, Layout(tp=1, pp=1))
-    receiver.expect("t", Layout(tp=1, cp=1), DECODE_BLOCKS, 9, time.time() + 0.5)
+    receiver.expect("t", Layout(tp=1, cp=1), 9, time.time() + 0.5)
     receiver.cancel("t")
     with pytest.raises(HandoffError, match="failed"):
         KVSender(src, MODEL, COMPAT, Layout(tp=1, cp=1)).push(make_landing("t", 9, {0: dst.address()},
@@ -156,11 +156,11 @@ def test_corrupted_message_is_detected(tamper, match):
     dst = make_transport("fake", fabric=fabric)
     decode = make_cache(seed=None)
     receiver = KVReceiver(dst, decode, MODEL, Layout(tp=1, pp=1))
-    receiver.expect("t", Layout(tp=1, cp=1), DECODE_BLOCKS, 7, time.time() + 10)
+    receiver.expect("t", Layout(tp=1, cp=1), 7, time.time() + 10)
     KVSender(src, MODEL, COMPAT, Layout(tp=1, cp=1)).push(make_landing("t", 7, {0: dst.address()}),
                                                          make_cache(seed=3), PREFILL_BLOCKS)
     with pytest.raises(HandoffError, match=match):
-        receiver.wait("t")
+        receiver.wait("t", DECODE_BLOCKS)
     assert torch.equal(decode, make_cache(seed=None))
     src.close()
     dst.close()
@@ -173,10 +173,10 @@ def test_without_checksum_corruption_goes_unnoticed():
     dst = make_transport("fake", fabric=fabric)
     prefill, decode = make_cache(seed=4), make_cache(seed=None)
     receiver = KVReceiver(dst, decode, MODEL, Layout(tp=1, pp=1))
-    receiver.expect("t", Layout(tp=1, cp=1), DECODE_BLOCKS, 7, time.time() + 10)
+    receiver.expect("t", Layout(tp=1, cp=1), 7, time.time() + 10)
     KVSender(src, MODEL, COMPAT, Layout(tp=1, cp=1)).push(make_landing("t", 7, {0: dst.address()}, checksum=False),
                                                          prefill, PREFILL_BLOCKS)
-    receiver.wait("t")
+    receiver.wait("t", DECODE_BLOCKS)
     expected = expected_decode_cache(prefill, make_cache(seed=None), 7)
     assert not torch.equal(decode, expected)
     assert (decode != expected).sum() == 1
@@ -212,7 +212,7 @@ def test_multi_rank_handoff(src_tp, cp, dst_tp, pp, num_tokens):
                                       head_offset=heads[0]), layers, heads)
         caches[rank] = kv
         addresses[rank] = transport.address()
-    posted = sum(r.expect("x", src_layout, DECODE_BLOCKS, num_tokens, time.time() + 10)
+    posted = sum(r.expect("x", src_layout, num_tokens, time.time() + 10)
                  for r, _, _ in receivers.values())
     assert posted == len(transfer_plan(src_layout, dst_layout, MODEL, num_tokens))
 
@@ -230,7 +230,7 @@ def test_multi_rank_handoff(src_tp, cp, dst_tp, pp, num_tokens):
             landing, shard.contiguous(), PREFILL_BLOCKS)
 
     for rank, (receiver, layers, heads) in receivers.items():
-        receiver.wait("x")
+        receiver.wait("x", DECODE_BLOCKS)
         want = expected_decode_cache(full, make_cache(seed=None), num_tokens)[layers[0]:layers[1], :, :, :, heads[0]:heads[1]]
         assert torch.equal(caches[rank], want), f"decode rank {rank}"
     for transport in transports:

@@ -129,10 +129,10 @@ def _handoff(name: str, prefill: torch.Tensor, decode: torch.Tensor, model, stag
     dst = _transport(name, fabric)
     try:
         receiver = KVReceiver(dst, decode, model, Layout(tp=1, pp=1), force_staging=stage_recv)
-        receiver.expect(transfer_id, Layout(tp=1, cp=1), DECODE_BLOCKS, TOKENS, time.time() + 20)
+        receiver.expect(transfer_id, Layout(tp=1, cp=1), TOKENS, time.time() + 20)
         sender = KVSender(src, model, compat, Layout(tp=1, cp=1), force_staging=stage_send)
         sender.push(make_landing(transfer_id, TOKENS, {0: dst.address()}, compat=compat), prefill, PREFILL_BLOCKS)
-        receiver.wait(transfer_id)
+        receiver.wait(transfer_id, DECODE_BLOCKS)
     finally:
         src.close()
         dst.close()

@@ -124,13 +124,13 @@ def test_pieces_are_scattered_as_they_land_in_any_order():
     dst = make_transport("fake", fabric=fabric)
     full, decode = make_cache(seed=21), make_cache(seed=None)
     receiver = KVReceiver(dst, decode, MODEL, Layout(tp=1, pp=1))
-    assert receiver.expect("o", layout, DECODE_BLOCKS, tokens, time.time() + 10) == 4
+    assert receiver.expect("o", layout, tokens, time.time() + 10) == 4
     landing = make_landing("o", tokens, {0: dst.address()}, source_layout=layout)
     want = expected_decode_cache(full, make_cache(seed=None), tokens)
     senders = [KVSender(make_transport("fake", fabric=fabric), MODEL, COMPAT, layout, rank=r) for r in (0, 1)]
 
     senders[1].push(landing, full, PREFILL_BLOCKS)
-    assert receiver.try_land("o") is False
+    assert receiver.try_land("o", DECODE_BLOCKS) is False
     mine = [p for lo, hi in cp_token_ranges(1, 2, tokens) for p in range(lo, hi)]
     for p in range(tokens):
         block, slot = DECODE_BLOCKS[p // 4], p % 4
@@ -141,7 +141,7 @@ def test_pieces_are_scattered_as_they_land_in_any_order():
     assert receiver.times("o").pieces == 2
 
     senders[0].push(landing, full, PREFILL_BLOCKS)
-    assert receiver.try_land("o") is True
+    assert receiver.try_land("o", DECODE_BLOCKS) is True
     assert torch.equal(decode, want)
     for s in senders + [receiver]:
         s.transport.close()
@@ -151,12 +151,12 @@ def test_wait_lands_a_piece_that_arrives_while_it_blocks():
     src, dst = _pair()
     prefill, decode = make_cache(seed=22), make_cache(seed=None)
     receiver = KVReceiver(dst, decode, MODEL, Layout(tp=1, pp=1))
-    receiver.expect("w", Layout(tp=1, cp=1), DECODE_BLOCKS, 10, time.time() + 10)
+    receiver.expect("w", Layout(tp=1, cp=1), 10, time.time() + 10)
     sender = KVSender(src, MODEL, COMPAT, Layout(tp=1, cp=1))
     late = threading.Timer(0.2, sender.push, (make_landing("w", 10, {0: dst.address()}), prefill, PREFILL_BLOCKS))
     late.start()
     start = time.monotonic()
-    receiver.wait("w")
+    receiver.wait("w", DECODE_BLOCKS)
     assert 0.15 < time.monotonic() - start < 5
     late.join()
     assert torch.equal(decode, expected_decode_cache(prefill, make_cache(seed=None), 10))
@@ -170,10 +170,10 @@ def test_checksum_is_on_only_when_both_sides_want_it(sender_on, decode_on):
     src, dst = _pair(tamper=lambda b: wire.append(b.numpy().tobytes()))
     prefill, decode = make_cache(seed=23), make_cache(seed=None)
     receiver = KVReceiver(dst, decode, MODEL, Layout(tp=1, pp=1))
-    receiver.expect("c", Layout(tp=1, cp=1), DECODE_BLOCKS, 6, time.time() + 10)
+    receiver.expect("c", Layout(tp=1, cp=1), 6, time.time() + 10)
     KVSender(src, MODEL, COMPAT, Layout(tp=1, cp=1), checksum=sender_on).push(
         make_landing("c", 6, {0: dst.address()}, checksum=decode_on), prefill, PREFILL_BLOCKS)
-    receiver.wait("c")
+    receiver.wait("c", DECODE_BLOCKS)
     assert torch.equal(decode, expected_decode_cache(prefill, make_cache(seed=None), 6))
     (message,) = wire
     magic, version, crc, has_crc = struct.unpack("<IIII", message[-16:])
@@ -191,10 +191,10 @@ def test_buffers_go_back_to_the_pools_only_when_done_and_times_are_recorded():
     sender = KVSender(src, MODEL, COMPAT, Layout(tp=1, cp=1))
     pools = (sender.path("cpu").pool, receiver.path.pool)
     for i in range(2):
-        receiver.expect(f"b{i}", Layout(tp=1, cp=1), DECODE_BLOCKS, 8, time.time() + 10)
+        receiver.expect(f"b{i}", Layout(tp=1, cp=1), 8, time.time() + 10)
         times = HandoffTimes()
         sent = sender.push(make_landing(f"b{i}", 8, {0: dst.address()}), prefill, PREFILL_BLOCKS, times=times)
-        receiver.wait(f"b{i}")
+        receiver.wait(f"b{i}", DECODE_BLOCKS)
         assert (times.pieces, times.bytes) == (1, sent)
         assert times.pack_s > 0 and times.checksum_s > 0 and times.total_s >= times.send_s >= 0
         got = receiver.times(f"b{i}")
@@ -216,12 +216,12 @@ def test_a_corrupt_piece_fails_every_later_call_and_is_never_written():
     src, dst = _pair(tamper=lambda b: b.__setitem__(3, b[3] ^ 1))
     decode = make_cache(seed=None)
     receiver = KVReceiver(dst, decode, MODEL, Layout(tp=1, pp=1))
-    receiver.expect("x", Layout(tp=1, cp=1), DECODE_BLOCKS, 5, time.time() + 10)
+    receiver.expect("x", Layout(tp=1, cp=1), 5, time.time() + 10)
     KVSender(src, MODEL, COMPAT, Layout(tp=1, cp=1)).push(make_landing("x", 5, {0: dst.address()}),
                                                          make_cache(seed=25), PREFILL_BLOCKS)
     for call in (receiver.try_land, receiver.wait):
         with pytest.raises(HandoffError, match="checksum mismatch on piece"):
-            call("x")
+            call("x", DECODE_BLOCKS)
     assert torch.equal(decode, make_cache(seed=None))
     src.close()
     dst.close()

@@ -217,7 +217,7 @@ def test_reservations_are_bounded_per_caller_and_in_lifetime():
     reserve("host:ipv4:10.0.0.2")                             # another caller is not affected
     for _ in range(5):                                        # nor a router on the same host: its own
         reserve("router-a")                                   # budget scales with the KV (99 blocks)
-    assert service.caller_limit("router-a") == host.allocator.total
+    assert service.caller_limit("router-a") == host.blocks.total
     service._release(first.transfer_id)
     reserve("host:ipv4:10.0.0.1")                             # room again once one is gone
     host.executor.close()
