@@ -44,7 +44,7 @@ import torch
 
 from engine.batch import ForwardBatch
 from engine.block_manager import BlockManager
-from engine.kv_cache import OutOfBlocks
+from engine.kv_cache import OutOfBlocks, blocks_needed
 from engine.logprobs import TokenLogprob, logprobs_of
 from engine.sampler import SamplingConfig, SamplingError, sample_batch
 
@@ -243,6 +243,12 @@ class DecodeScheduler:
         while self._preempted and len(self._running) < self.max_batch:
             seq = self._preempted[0]
             computed = seq.tokens[:seq.num_cached]
+            if blocks_needed(seq.num_cached + 1, self.block_size) > self.blocks.total:
+                self._preempted.popleft()
+                self._finish(seq, FINISH_ERROR, fault="capacity",
+                             error=f"the sequence ({seq.num_cached + 1} tokens) outgrew this instance's whole KV "
+                                   f"cache ({self.blocks.total * self.block_size} token slots)")
+                continue
             try:
                 cached = self.blocks.allocate(seq.seq_id, computed, seq.num_cached + 1, max_cached=seq.num_cached,
                                               watermark=self.watermark if self._running else 0)

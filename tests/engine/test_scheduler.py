@@ -459,3 +459,12 @@ def test_a_finished_sequence_leaves_its_computed_blocks_cached(blocks):
     computed = seq.tokens[:seq.num_cached]                      # prompt + outputs fed back
     assert len(computed) == 6 + 6
     assert _BLOCKS[0].match(computed) == 12 and _BLOCKS[0].used_blocks == 0
+
+
+def test_a_sequence_that_outgrows_the_whole_cache_fails_instead_of_waiting_forever(blocks):
+    _BLOCKS[:] = [BlockManager(4, BLOCK, prefix_cache=True)]     # 3 blocks = 12 slots
+    seq, rec = make_seq("big", first_token=1, prompt_len=3, max_tokens=40, ignore_eos=True)
+    _run_with(_BLOCKS[0], [(seq, rec)], Recompute())
+    assert seq.finished == FINISH_ERROR and seq.fault == "capacity" and "outgrew" in seq.error
+    assert rec.tokens == expected_stream(1, 12 - 3)                # every slot was used first
+    assert _BLOCKS[0].used_blocks == 0
