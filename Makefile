@@ -14,7 +14,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-install
 
-.PHONY: run test test-all bench install proto redis-server promtool clean help
+.PHONY: run test test-all bench bench-kv install proto redis-server promtool clean help
 
 help:
 	@echo "make run   PORT=50051 HTTP_PORT=8000 REDIS_URL= MODEL= ARGS=   # local stack: gRPC on 127.0.0.1:PORT,"
@@ -22,6 +22,7 @@ help:
 	@echo "make test                                       # the test suite (slow tier excluded)"
 	@echo "make test-all                                   # every tier"
 	@echo "make bench                                      # serving benchmark: Cleave vs transformers and llama.cpp"
+	@echo "make bench-kv                                   # KV cache benchmark (issue 21): this tree vs 6c3ac9f"
 	@echo "make gpu-check                                  # the prepared one-GPU check (says so and exits 0 without a GPU)"
 
 $(STAMP): pyproject.toml requirements.txt $(wildcard protos/cleave/v1/*.proto)
@@ -70,6 +71,9 @@ test-all: install promtool
 
 bench: install
 	$(BIN)/python bench/serving.py $(ARGS)
+
+bench-kv: install
+	$(BIN)/python bench/kv_cache.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info protos/cleave/v1/*_pb2*.py protos/cleave/v1/*_pb2*.pyi

@@ -139,8 +139,8 @@ class RouterCore:
                            t_arrival + timeout if timeout is not None else float("inf"),
                            list(self.model.eos_token_ids))
         rec = RequestRecorder(self.store, rid)
-        rec.to(RequestState.QUEUED, prompt_tokens=len(ids), completion_tokens=0, max_tokens=sampling.max_tokens,
-               t_arrival=t_arrival, attempts=0, error="", finish_reason="")
+        rec.to(RequestState.QUEUED, prompt_tokens=len(ids), completion_tokens=0, cached_tokens=0,
+               max_tokens=sampling.max_tokens, t_arrival=t_arrival, attempts=0, error="", finish_reason="")
         text = IncrementalText(self.codec, list(sampling.stop))
         run = RequestRun(self, req, rec)
         state, error, finish, count, t_first = RequestState.FAILED, "", None, 0, 0.0
@@ -152,7 +152,7 @@ class RouterCore:
                     new_ids, reason = step.ids, step.reason
                     if new_ids and count == 0:
                         t_first = now()
-                        rec.note(t_first_token=t_first)
+                        rec.note(t_first_token=t_first, cached_tokens=run.cached_tokens or 0)
                         self.metrics.record("ttft", rid, t_first - t_arrival)
                         self.prom.first_token(t_first - t_arrival)
                     elif new_ids:
@@ -170,6 +170,7 @@ class RouterCore:
                         msg.finish_reason = reason
                         msg.usage.prompt_tokens = len(ids)
                         msg.usage.completion_tokens = count
+                        msg.usage.cached_tokens = run.cached_tokens or 0
                     yield msg
                     if reason is not None:
                         break
@@ -200,7 +201,8 @@ class RouterCore:
             raise CleaveError(error) from None
         finally:
             self.active.discard(rid)
-            fields = dict(completion_tokens=count, t_finish=now(), attempts=run.attempts, error=error)
+            fields = dict(completion_tokens=count, cached_tokens=run.cached_tokens or 0, t_finish=now(),
+                          attempts=run.attempts, error=error)
             if finish is not None:
                 fields["finish_reason"] = inference_pb2.FinishReason.Name(finish).removeprefix("FINISH_REASON_").lower()
             rec.to(state, **fields)

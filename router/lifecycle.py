@@ -9,6 +9,17 @@ and seeded output is unchanged and nothing the client received is repeated.
 
 Whatever ends an attempt, its ``finally`` cancels the worker calls still open and aborts the
 decode reservation, so both sides free their blocks.
+
+KV room: the request waits (bounded) for a decode instance with room for its prompt plus one
+token, what the decode instance reserves (it takes further blocks on demand while decoding and
+reuses cached prefix blocks of the prompt it is sent); a prompt no instance's whole cache could
+hold is refused at once. ``max_tokens`` is a bound, not a reservation: an SDK chat that sends
+none (the rest of the context) takes only the KV it uses. A sequence that outgrows a whole
+instance's cache ends with RESOURCE_EXHAUSTED from the decode instance.
+
+``RequestRun.cached_tokens``: the prompt tokens the prefill instance served from its prefix
+cache, as reported with the request's first token (a retry after tokens were streamed does
+not change it); None until then.
 """
 from __future__ import annotations
 
@@ -74,6 +85,7 @@ class RequestRun:
         self.t_admitted: float | None = None  # unix time the first decode reservation succeeded
         self._excluded: set[tuple[str, str]] = set()  # worker incarnations that failed this request
         self._prompt_scored = False       # the client has the prompt logprobs (or did not ask)
+        self.cached_tokens: int | None = None  # prefix-cached prompt tokens (see the module docstring)
 
     def _sampling(self) -> inference_pb2.SamplingParams:
         """The sampling of the next attempt: a retry after the first delta asks no prompt logprobs."""
@@ -117,13 +129,13 @@ class RequestRun:
                 async for delta in self._prefill_only(prefill, prompt):
                     yield delta
                 return
-            decode, landing, decode_load = await self._reserve(len(prompt), remaining, prefill)
+            decode, landing, decode_load = await self._reserve(prompt, remaining, prefill)
             if self.t_admitted is None:
                 self.t_admitted = time.time()
             prefill_call = decode_call = first = None
             try:
                 rec.to(RequestState.PREFILLING, attempts=self.attempts, prefill_worker=prefill.record.worker_id,
-                       decode_worker=decode.record.worker_id)
+                       decode_worker=decode.record.worker_id, decode_cached_tokens=landing.num_cached_tokens)
                 prefill_call = prefill.stub.Prefill(worker_pb2.PrefillRequest(
                     request_id=req.request_id, token_ids=prompt, sampling=self._sampling(), seed=req.seed,
                     landing=landing, output_index=len(self.generated),
@@ -131,6 +143,8 @@ class RequestRun:
                 async for event in self._rpc(prefill, prefill_call):
                     if event.WhichOneof("event") == "token_id":
                         first = event.token_id
+                        if self.cached_tokens is None:     # the attempt that makes the first token
+                            self.cached_tokens = event.cached_tokens
                         prefill_load.release()     # the prompt is computed; its push may go on
                         done = self._finish_reason(first, remaining)
                         yield Delta([first], done, [event.token_logprob] if event.HasField("token_logprob") else [],
@@ -139,6 +153,7 @@ class RequestRun:
                             return
                         rec.to(RequestState.TRANSFERRING)
                     elif event.WhichOneof("event") == "transferred":
+                        rec.note(kv_transfer_bytes=event.transferred.transfer_bytes)
                         break
                 if first is None:
                     raise RetryableFailure(f"prefill worker {prefill.record.worker_id} ended without a token")
@@ -170,6 +185,8 @@ class RequestRun:
                 timeout=self._time_left())
             async for event in self._rpc(prefill, call):
                 if event.WhichOneof("event") == "token_id":
+                    if self.cached_tokens is None:
+                        self.cached_tokens = event.cached_tokens
                     yield Delta([], LENGTH, [], list(event.prompt_logprobs))
                     return
             raise RetryableFailure(f"prefill worker {prefill.record.worker_id} ended without a token")
@@ -236,30 +253,34 @@ class RequestRun:
         fresh = [w for w in ranked if w.ident not in self._excluded]
         return (fresh or ranked)[0]
 
-    async def _reserve(self, num_tokens: int, max_tokens: int, prefill: WorkerHandle):
-        """``(decode worker, landing descriptor, the claim on it)``: a reservation for prompt +
-        max_tokens, waiting (bounded) for room."""
-        core, total = self.core, num_tokens + max_tokens
+    async def _reserve(self, prompt: list[int], max_tokens: int, prefill: WorkerHandle):
+        """``(decode worker, landing descriptor, the claim on it)``: a reservation for the prompt
+        plus one token (what the decode instance reserves; later blocks come on demand), waiting
+        (bounded) for room. Raises Exhausted at once when no instance could ever hold that, or
+        after the admission wait."""
+        core, num_tokens = self.core, len(prompt)
+        needed = num_tokens + 1
         give_up = time.time() + core.cfg.admission_wait_s
         layout = inference_pb2.Layout(**{k: int(v) for k, v in prefill.record.layout.items()})
         queued, refusal, kv_only = False, "none", True   # kv_only: every refusal was for KV room
         try:
             while True:
                 workers = await self._routable("decode")
-                fits = [w for w in workers if core.policy.can_hold(w, total)]
+                fits = [w for w in workers if core.policy.can_hold(w, needed)]
                 if not fits:
-                    raise Exhausted(f"prompt + max_tokens = {total} tokens is more KV than any decode "
-                                    f"instance holds; lower max_tokens or add larger decode instances")
-                ranked = core.policy.rank_decode(fits, total) or sorted(
+                    raise Exhausted(f"the prompt ({num_tokens} tokens, + 1 to decode into) is more KV than "
+                                    f"any decode instance holds; shorten it or add decode instances with "
+                                    f"larger KV caches")
+                ranked = core.policy.rank_decode(fits, needed) or sorted(
                     fits, key=lambda w: -w.record.load.get("free_blocks", 0))
                 ranked = [w for w in ranked if w.ident not in self._excluded] or ranked
                 for worker in ranked:
                     # claimed while the reservation is in flight, so concurrent requests rank
                     # this worker as busier and spread; given back when it is refused
-                    load = claim(worker, total)
+                    load = claim(worker, needed)
                     landing = None
                     try:
-                        landing, why, room = await self._try_reserve(worker, num_tokens, max_tokens, layout)
+                        landing, why, room = await self._try_reserve(worker, prompt, max_tokens, layout)
                         refusal, kv_only = why or refusal, kv_only and room
                     finally:
                         if landing is None:
@@ -270,21 +291,22 @@ class RequestRun:
                     queued = core.admission.wait()   # raises Exhausted when the queue is full
                 if time.time() >= give_up or time.time() >= self.req.deadline:
                     what = "had KV room for" if kv_only else "took a reservation for"
-                    raise Exhausted(f"no decode instance {what} {total} tokens within "
-                                    f"{core.cfg.admission_wait_s:.0f} s; retry later (the last refusal: "
-                                    f"{refusal})")
+                    raise Exhausted(f"no decode instance {what} the prompt's {num_tokens} tokens (+ 1 to "
+                                    f"decode into) within {core.cfg.admission_wait_s:.0f} s; retry later "
+                                    f"(the last refusal: {refusal})")
                 await asyncio.sleep(0.05)
                 await self._refresh()
         finally:
             if queued:
                 queued.release()
 
-    async def _try_reserve(self, worker: WorkerHandle, num_tokens: int, max_tokens: int, layout):
+    async def _try_reserve(self, worker: WorkerHandle, prompt: list[int], max_tokens: int, layout):
         """``(landing descriptor, None, True)``, or ``(None, why, whether it was for KV room)``
         when the worker refused or failed. Raises InvalidRequest for a request it can never take."""
         try:
             landing = await worker.stub.Reserve(worker_pb2.ReserveRequest(
-                request_id=self.req.request_id, num_prompt_tokens=num_tokens, max_tokens=max_tokens,
+                request_id=self.req.request_id, num_prompt_tokens=len(prompt), max_tokens=max_tokens,
+                prompt_token_ids=prompt,  # the decode instance reuses its cached prefix blocks
                 # the reservation lives as long as the request may; the push itself is bounded by
                 # transfer_timeout_s from when it starts (a long prefill must not eat its budget)
                 deadline_unix=self.req.deadline if self.req.deadline < float("inf") else 0.0,

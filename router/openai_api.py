@@ -276,7 +276,7 @@ async def _events(pump: _Pump, first, shaper: Shaper, include_usage: bool):
             if chunk is not None:
                 yield _sse(chunk)
             if msg.finish_reason and include_usage:
-                yield _sse(shaper.usage_chunk(msg.usage.prompt_tokens, msg.usage.completion_tokens))
+                yield _sse(shaper.usage_chunk(msg))
             msg = await pump.next()
     except Exception as exc:
         status, kind, message = http_status_of(exc)

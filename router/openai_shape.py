@@ -14,6 +14,10 @@
   ``text`` (with ``echo``, the prompt text first), running on across stream chunks.
 
 Token text is ``TextCodec.token_text`` and ``bytes`` its UTF-8 bytes.
+
+``usage`` is OpenAI's: ``prompt_tokens``, ``completion_tokens``, ``total_tokens`` and
+``prompt_tokens_details.cached_tokens`` (prompt tokens served from a prefix cache; always
+present, 0 when none were), from the last message's ``Usage``.
 """
 from __future__ import annotations
 
@@ -24,9 +28,16 @@ from cleave.v1 import inference_pb2
 FINISH = {inference_pb2.FINISH_REASON_STOP: "stop", inference_pb2.FINISH_REASON_LENGTH: "length"}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's ``usage`` object."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def usage_of(u: inference_pb2.Usage) -> dict:
+    """OpenAI's ``usage`` object of a ``cleave.v1.Usage``."""
+    return usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
@@ -64,7 +75,7 @@ class Shaper:
         entries += [e for m in messages[1:] for e in m.logprobs]
         last = messages[-1]
         finish = FINISH.get(last.finish_reason)
-        total = usage(last.usage.prompt_tokens, last.usage.completion_tokens)
+        total = usage_of(last.usage)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "logprobs": self._shape(entries), "finish_reason": finish}
@@ -92,9 +103,11 @@ class Shaper:
         choice = {"index": 0, "text": text or "", "logprobs": self._shape(entries), "finish_reason": finish}
         return self._envelope("text_completion", [choice])
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage_chunk(self, last: inference_pb2.GenerateResponse) -> dict:
+        """The stream's usage chunk (``stream_options.include_usage``): no choices, the ``usage``
+        of ``last``, the request's last message."""
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._envelope(obj, [], usage=usage(prompt_tokens, completion_tokens))
+        return self._envelope(obj, [], usage=usage_of(last.usage))
 
     # ---- logprobs -------------------------------------------------------------------------------
     def _shape(self, entries: list) -> dict | None:

@@ -42,6 +42,11 @@ def test_explicit_null_means_the_default_on_both_endpoints(tiny):
                                                     best_of=None, **nulls))
     assert status == 200, body
     assert body["choices"][0]["logprobs"] is None and body["usage"]["completion_tokens"] <= 3
+    usage = body["usage"]                                   # OpenAI's shape, cached tokens always present
+    assert set(usage) == {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}
+    assert usage["prompt_tokens"] == len(PROMPT_IDS)
+    assert usage["total_tokens"] == len(PROMPT_IDS) + usage["completion_tokens"]
+    assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] < len(PROMPT_IDS)
     status, body = post_json(tiny, "/chat/completions", dict(
         messages=[{"role": "user", "content": "hi", "name": None}], max_tokens=3, max_completion_tokens=None,
         top_logprobs=None, tools=None, response_format=None, **nulls))

@@ -160,26 +160,36 @@ def test_a_request_fault_in_decode_ends_that_request_alone(redis_url):
 # ---- admission ----------------------------------------------------------------------------------
 
 def test_a_request_larger_than_any_decode_cache_is_refused_at_once(redis_url):
+    """A prompt that, with the one token of headroom, no decode cache can hold is refused at
+    once; ``max_tokens`` beyond the cache is only a bound: the tokens that fit are made, and a
+    sequence that outgrows every cache ends RESOURCE_EXHAUSTED with what it made streamed."""
     async def main():
         async with FakeStack(redis_url, decode_blocks=8, admission_wait_s=5.0) as stack:   # 7 blocks = 28 tokens
             t0 = time.monotonic()
-            out = await stack.generate([1, 2, 3, 4], 25, request_id="too-big")
+            out = await stack.generate(list(range(1, 29)), 2, request_id="too-big")
             assert out.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "29 tokens is more KV than any decode instance holds" in str(out.error)
+            assert "the prompt (28 tokens, + 1 to decode into) is more KV than any decode instance holds" \
+                in str(out.error)
             assert time.monotonic() - t0 < 2.5                           # refused, not queued
             assert out.record["state"] == "failed"
             assert all(e.forwards == 0 for e in stack.executors())
             fits = await stack.generate([1, 2, 3, 4], 24, request_id="just-fits")   # 28 tokens
             assert fits.error is None and fits.token_ids == stack.expected([1, 2, 3, 4], 24)
+            grows = await stack.generate([1, 2, 3, 4], 40, request_id="outgrows")
+            assert grows.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert grows.token_ids == stack.expected([1, 2, 3, 4], 25)   # KV for 28 tokens, + the last sampled
+            assert grows.record["state"] == "failed"
+            assert _all_free(await stack.settle())
 
     asyncio.run(main())
 
 
 def test_requests_beyond_the_kv_room_wait_then_complete(redis_url):
     """One decode worker with room for one request at a time: a burst of three queues in the
-    router and every request completes, in turn, with its exact tokens."""
+    router and every request completes, in turn, with its exact tokens. (Each prompt alone, plus
+    the token of headroom the decode instance reserves, takes 6 of its 8 blocks.)"""
     async def main():
-        async with FakeStack(redis_url, decode=1, decode_blocks=8) as stack:   # 4 + 12 tokens = 4 of 7 blocks
+        async with FakeStack(redis_url, decode=1, decode_blocks=9) as stack:   # 20 + 1 tokens = 6 of 8 blocks
             peak = 0
 
             async def watch():
@@ -189,11 +199,11 @@ def test_requests_beyond_the_kv_room_wait_then_complete(redis_url):
                     await asyncio.sleep(0.001)
 
             watcher = asyncio.create_task(watch())
-            prompts = [[i, i + 1, i + 2, i + 3] for i in (10, 20, 30)]
-            outs = await asyncio.gather(*(stack.generate(p, 12, request_id=f"q{k}") for k, p in enumerate(prompts)))
+            prompts = [list(range(i, i + 20)) for i in (100, 200, 300)]
+            outs = await asyncio.gather(*(stack.generate(p, 4, request_id=f"q{k}") for k, p in enumerate(prompts)))
             watcher.cancel()
             for p, out in zip(prompts, outs):
-                assert out.error is None and out.token_ids == stack.expected(p, 12)
+                assert out.error is None and out.token_ids == stack.expected(p, 4)
                 assert (out.record["state"], out.record["attempts"]) == ("finished", "1")
             assert peak >= 1 and stack.core.queued == 0
             assert _all_free(await stack.settle())
@@ -203,15 +213,15 @@ def test_requests_beyond_the_kv_room_wait_then_complete(redis_url):
 
 def test_admission_gives_up_after_its_wait_or_proceeds_when_room_frees(redis_url):
     async def main():
-        async with FakeStack(redis_url, decode=1, decode_blocks=8, admission_wait_s=0.5) as stack:
+        async with FakeStack(redis_url, decode=1, decode_blocks=9, admission_wait_s=0.5) as stack:
             worker = stack.core.directory.pool("decode")[0]
-            hold = await worker.stub.Reserve(worker_pb2.ReserveRequest(      # 6 of the 7 blocks
-                request_id="hold", num_prompt_tokens=4, max_tokens=20, deadline_unix=time.time() + 30))
+            hold = await worker.stub.Reserve(worker_pb2.ReserveRequest(      # a 24-token prompt: 7 of the 8 blocks
+                request_id="hold", num_prompt_tokens=24, max_tokens=4, deadline_unix=time.time() + 30))
             t0 = time.monotonic()
             out = await stack.generate([1, 2, 3, 4], 12, request_id="gave-up")
             waited = time.monotonic() - t0
             assert out.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "no decode instance had KV room for 16 tokens" in str(out.error)
+            assert "no decode instance had KV room for the prompt's 4 tokens (+ 1 to decode into)" in str(out.error)
             assert 0.5 <= waited < 3.0 and out.record["state"] == "failed"
 
             later = asyncio.create_task(stack.generate([1, 2, 3, 4], 12, request_id="waited"))

@@ -6,6 +6,7 @@ the real stack cannot produce on demand) is checked through the real routes.
 """
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -47,8 +48,9 @@ class FakeCore:
     model = _Model()
     codec = None
 
-    def __init__(self, script=("Hel", "lo"), error: Exception | None = None, workers: int = 1) -> None:
-        self.script, self.error, self.seen = script, error, []
+    def __init__(self, script=("Hel", "lo"), error: Exception | None = None, workers: int = 1,
+                 cached: int = 0) -> None:
+        self.script, self.error, self.seen, self.cached = script, error, [], cached
         self.directory = _Directory(workers)
         self.prom = RouterMetrics("fake-model", running=lambda: 0, waiting=lambda: 0)
         self.closed = 0
@@ -67,6 +69,7 @@ class FakeCore:
                     msg.finish_reason = inference_pb2.FINISH_REASON_STOP
                     msg.usage.prompt_tokens = 3
                     msg.usage.completion_tokens = len(self.script)
+                    msg.usage.cached_tokens = self.cached
                 yield msg
         finally:
             self.closed += 1
@@ -183,6 +186,30 @@ def test_stream_frames_and_mid_stream_error():
         assert '"service_unavailable_error"' in events[-2] and events[-1] == "data: [DONE]"
     with TestClient(build_app(FakeCore(workers=0))) as http:
         assert http.get("/health").status_code == 503
+
+
+@pytest.mark.parametrize("cached", [0, 2])
+def test_usage_has_openai_shape_with_cached_prompt_tokens(cached):
+    """``usage`` of chat and completions, whole and as the stream's include_usage chunk:
+    OpenAI's fields, ``prompt_tokens_details.cached_tokens`` always present (0: none cached)."""
+    want = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    text = {"prompt": "hi", "max_tokens": 4}
+    with TestClient(build_app(FakeCore(cached=cached))) as http:
+        for route, body, obj, chunk_obj in (("/v1/chat/completions", chat, "chat.completion", "chat.completion.chunk"),
+                                            ("/v1/completions", text, "text_completion", "text_completion")):
+            whole = http.post(route, json=body).json()
+            assert whole["object"] == obj and whole["usage"] == want
+            events = [e.removeprefix("data: ") for e in
+                      http.post(route, json={**body, "stream": True,
+                                             "stream_options": {"include_usage": True}}).text.split("\n\n") if e]
+            assert events[-1] == "[DONE]"
+            last = json.loads(events[-2])
+            assert (last["object"], last["choices"], last["usage"]) == (chunk_obj, [], want)
+            assert all("usage" not in json.loads(e) for e in events[:-2])
+            plain = http.post(route, json={**body, "stream": True}).text   # no include_usage: no usage chunk
+            assert '"usage"' not in plain
 
 
 def test_router_metrics_exposition():
