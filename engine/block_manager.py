@@ -22,6 +22,11 @@ Blocks and their states. Each id (block 0 excepted: padding in block tables poin
   back (:meth:`allocate`), and :meth:`allocate` / :meth:`grow` evict the least recently
   released ones when the free list runs out.
 
+Every hash that becomes matchable here, and every one that stops being (eviction), is queued as
+a :class:`BlockEvent`; a publisher (``services.kv_events``) drains them off the step path with
+:meth:`~BlockManager.drain_events`, and :meth:`~BlockManager.snapshot` lists every hash held, so
+routers can index what each instance caches (Dynamo's KV events, in this shape).
+
 ``free + cached + referenced == total`` holds after every call (:meth:`check`). Hashes chain
 (``common.kv_hash``): block ``i``'s hash covers every token up to its end, from a root naming
 the model, dtype, block size and layout, so equal hashes mean equal KV. Thread-safe: one lock.
@@ -30,7 +35,7 @@ Same design as vLLM's ``KVCacheManager`` with automatic prefix caching, in fewer
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -48,6 +53,22 @@ class _Table:
 
     blocks: list[int] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BlockEvent:
+    """A block hash that became matchable here (``stored``) or stopped being (``removed``).
+    ``parent``: the previous block's hash (the chain root for a first block); ``num_tokens``:
+    tokens the block holds (the block size: only full blocks have hashes)."""
+
+    kind: str
+    block_hash: bytes
+    parent: bytes
+    num_tokens: int
+
+
+STORED, REMOVED = "stored", "removed"
+MAX_QUEUED_EVENTS = 1 << 16
 
 
 @dataclass
@@ -80,6 +101,9 @@ class BlockManager:
         self._hash_of: dict[int, bytes] = {}                # hashed block -> its hash
         self._by_hash: dict[bytes, int] = {}                # hash -> the block holding it
         self._lru: OrderedDict[int, None] = OrderedDict()   # cached blocks, least recent first
+        self._parent: dict[bytes, bytes] = {}               # matchable hash -> its parent's
+        self._events: deque[BlockEvent] = deque()
+        self.dropped_events = 0                             # events lost while nobody drained them
         self._tables: dict[str, _Table] = {}
         self._lock = threading.Lock()
 
@@ -201,6 +225,9 @@ class BlockManager:
                 if h not in self._by_hash and block not in self._hash_of:
                     self._by_hash[h] = block
                     self._hash_of[block] = h
+                    parent = table.hashes[-1] if table.hashes else self.root
+                    self._parent[h] = parent
+                    self._queue(BlockEvent(STORED, h, parent, self.block_size))
                 table.hashes.append(h)
             return len(table.hashes)
 
@@ -220,6 +247,18 @@ class BlockManager:
                     self._lru[b] = None
                 else:
                     self._free.append(b)
+
+    def drain_events(self, limit: int = 4096) -> list[BlockEvent]:
+        """Up to ``limit`` queued events, oldest first (the publisher's call). At most
+        ``MAX_QUEUED_EVENTS`` wait: past that the oldest are dropped and counted in
+        ``dropped_events`` (a consumer then resyncs from :meth:`snapshot`)."""
+        with self._lock:
+            return [self._events.popleft() for _ in range(min(limit, len(self._events)))]
+
+    def snapshot(self) -> list[tuple[bytes, bytes]]:
+        """``(hash, parent hash)`` of every block matchable here now, parents before children."""
+        with self._lock:
+            return list(self._parent.items())
 
     def reset_cache(self) -> int:
         """Evict every cached (unreferenced) block; returns how many (tests, benches)."""
@@ -245,6 +284,7 @@ class BlockManager:
             assert lru <= set(self._hash_of), "a cached block has no hash"
             assert all(self._by_hash[h] == b for b, h in self._hash_of.items()), "hash maps disagree"
             assert not free & set(self._hash_of), "a free block still has a hash"
+            assert set(self._parent) == set(self._by_hash), "parents and hashes disagree"
 
     # ---- internals (lock held) -----------------------------------------------------------------
     def _get(self, owner: str) -> _Table:
@@ -280,6 +320,14 @@ class BlockManager:
 
     def _evict(self) -> None:
         block, _ = self._lru.popitem(last=False)
-        del self._by_hash[self._hash_of.pop(block)]
+        h = self._hash_of.pop(block)
+        del self._by_hash[h]
+        self._queue(BlockEvent(REMOVED, h, self._parent.pop(h), self.block_size))
         self._free.append(block)
         self.stats.evictions += 1
+
+    def _queue(self, event: BlockEvent) -> None:
+        if len(self._events) >= MAX_QUEUED_EVENTS:
+            self._events.popleft()
+            self.dropped_events += 1
+        self._events.append(event)

@@ -601,3 +601,24 @@ def test_different_roots_never_share():
 def test_too_small_a_cache_is_rejected(num_blocks, block_size):
     with pytest.raises(ValueError, match="num_blocks >= 2 and block_size >= 1"):
         BlockManager(num_blocks, block_size)
+
+
+def test_events_say_which_hashes_became_and_stopped_being_matchable():
+    """Stored when a full block is committed (parent: the chain root, then the previous hash),
+    removed when evicted; a repeated commit stores nothing; the snapshot is what is stored."""
+    from common.kv_hash import block_hashes
+    from engine.block_manager import REMOVED, STORED
+    bm = BlockManager(4, 2, root=b"r" * 16)                   # 3 blocks of 2 tokens
+    tokens = [1, 2, 3, 4, 5]
+    h = block_hashes(tokens, 2, b"r" * 16)
+    bm.allocate("a", tokens, 5)
+    bm.commit("a", tokens)
+    bm.commit("a", tokens)                                     # again: nothing new to store
+    assert [(e.kind, e.block_hash, e.parent, e.num_tokens) for e in bm.drain_events()] == [
+        (STORED, h[0], b"r" * 16, 2), (STORED, h[1], h[0], 2)]
+    assert sorted(bm.snapshot()) == sorted([(h[0], b"r" * 16), (h[1], h[0])])
+    bm.release("a")
+    bm.allocate("c", None, 6)                                  # needs all 3: evicts both cached
+    assert [(e.kind, e.block_hash) for e in bm.drain_events()] == [(REMOVED, h[1]), (REMOVED, h[0])]
+    assert bm.snapshot() == [] and bm.drain_events() == []
+    bm.check()
