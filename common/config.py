@@ -40,6 +40,9 @@ def key_prefix_option():
     return option("cleave:", help="prefix of the deployment's Redis keys (ends with ':')")
 
 
+ROUTING_POLICIES = ("kv-aware", "least-load")   # router.policy.POLICIES implements each
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     """The public front door."""
@@ -66,6 +69,9 @@ class RouterConfig:
                                    "registry (nothing in flight) before its channel is closed; a shorter gap "
                                    "only pauses new requests to it")
     max_queued: int = option(256, help="requests waiting for KV room before RESOURCE_EXHAUSTED")
+    routing_policy: str = option("kv-aware", choices=ROUTING_POLICIES, help="how workers are chosen: kv-aware = "
+                                 "by the work a request costs there (prompt tokens its prefix cache lacks, plus its "
+                                 "load), from the KV events workers publish; least-load = by load alone")
     discovery_s: float = 0.5           # how often the worker registry is re-read
     max_attempts: int = 3              # prefill / decode attempts per request
     internal_token: str = field(default="", repr=False)  # sent to worker APIs (CLEAVE_INTERNAL_TOKEN)
@@ -86,5 +92,7 @@ class RouterConfig:
         if not 0 <= self.admission_wait_s < float("inf") or self.max_queued < 0:
             raise ValueError(f"admission_wait_s and max_queued must be >= 0, got "
                              f"{self.admission_wait_s} and {self.max_queued}")
+        if self.routing_policy not in ROUTING_POLICIES:
+            raise ValueError(f"routing_policy must be one of {ROUTING_POLICIES}, got {self.routing_policy!r}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")

@@ -21,6 +21,8 @@ Router (``RouterMetrics``, label ``model_name``; scraped at ``/metrics`` of its 
 | ``cleave_http_internal_errors_total`` | counter | HTTP requests answered 500 ``internal_error`` (an unexpected exception) |
 | ``cleave_request_migrations_total`` | counter | attempts retried on another worker (attempts - 1 per request) |
 | ``cleave_num_requests_running`` / ``cleave_num_requests_waiting`` | gauge | in flight / waiting for KV room, now |
+| ``cleave_kv_index_mode{pool,mode}`` | gauge | 1 for the KV index's current mode of the pool (``exact``, ``resyncing``, ``approximate``), 0 for the others (``router.kv_index``) |
+| ``cleave_kv_index_blocks{pool}`` | gauge | block hashes the KV index holds for the pool's instances |
 
 Workers (``WorkerMetrics``, labels ``pool``, ``worker_id``, ``layout`` such as ``tp1-pp2-cp1-ep1``;
 served on ``--metrics-port``):
@@ -133,6 +135,21 @@ class _Sampled:
             yield family
 
 
+class _ModeGauge:
+    """``cleave_kv_index_mode{model_name,pool,mode}``: 1 for each pool's current mode, 0 for the others."""
+
+    def __init__(self, model_name: str, modes: Callable[[], dict[str, str]], all_modes: tuple[str, ...]) -> None:
+        self._model, self._modes, self._all = model_name, modes, all_modes
+
+    def collect(self):
+        family = GaugeMetricFamily("cleave_kv_index_mode", "KV index mode per pool (1 = current)",
+                                   labels=["model_name", "pool", "mode"])
+        for pool, current in self._modes().items():
+            for mode in self._all:
+                family.add_metric([self._model, pool, mode], 1.0 if mode == current else 0.0)
+        yield family
+
+
 class RouterMetrics:
     """The router's request metrics (see the module docstring). One per ``RouterCore``."""
 
@@ -163,6 +180,15 @@ class RouterMetrics:
         gauges = _Sampled(lambda: {"model_name": model_name})
         gauges.add("cleave_num_requests_running", "Requests in flight past admission", running)
         gauges.add("cleave_num_requests_waiting", "Requests waiting for KV room", waiting)
+        self.registry.register(gauges)
+
+    def kv_index(self, modes: Callable[[], dict[str, str]], blocks: Callable[[], dict[str, int]],
+                 all_modes: tuple[str, ...]) -> None:
+        """Export the KV index's mode per pool (``modes()``: pool -> one of ``all_modes``) and
+        its block count per pool, read at scrape time."""
+        self.registry.register(_ModeGauge(self._model, modes, all_modes))
+        gauges = _Sampled(lambda: {"model_name": self._model})
+        gauges.add("cleave_kv_index_blocks{pool}", "Block hashes the KV index holds for the pool's instances", blocks)
         self.registry.register(gauges)
 
     def internal_error(self) -> None:
@@ -231,6 +257,16 @@ class WorkerMetrics:
                                 names, registry=self.registry)
         self._hits = Counter("cleave_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache (KV "
                              "reused, not computed or not received)", names, registry=self.registry)
+        self._kv_published = Counter("cleave_kv_events_published", "Block stored/removed events published to the "
+                                     "pool's KV event stream in Redis", names, registry=self.registry)
+        self._kv_dropped = Counter("cleave_kv_events_dropped", "Block events lost before reaching Redis (it was slow "
+                                   "or down too long; routers resync from the next snapshot)", names,
+                                   registry=self.registry)
+        self._local_prefills = Counter("cleave_local_prefills", "Requests a decode instance prefilled itself "
+                                       "(conditional disaggregation)", names, registry=self.registry)
+        self._local_prefill_tokens = Counter("cleave_local_prefill_tokens", "Prompt tokens a decode instance "
+                                             "computed for its local prefills (cached ones excluded)", names,
+                                             registry=self.registry)
         self.gauges = _Sampled(self.labels)
         self.registry.register(self.gauges)
         self._server = None
@@ -260,6 +296,21 @@ class WorkerMetrics:
         self._queried.labels(**lbl).inc(queried_tokens)
         if hit_tokens:
             self._hits.labels(**lbl).inc(hit_tokens)
+
+    def kv_events(self, published: int, dropped: int = 0) -> None:
+        """Block events published to Redis, and lost before reaching it (``services.kv_events``)."""
+        lbl = self.labels()
+        if published:
+            self._kv_published.labels(**lbl).inc(published)
+        if dropped:
+            self._kv_dropped.labels(**lbl).inc(dropped)
+
+    def local_prefill(self, computed_tokens: int) -> None:
+        """One local prefill done on a decode instance and the prompt tokens it computed."""
+        lbl = self.labels()
+        self._local_prefills.labels(**lbl).inc()
+        if computed_tokens:
+            self._local_prefill_tokens.labels(**lbl).inc(computed_tokens)
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on ``host:port`` from a daemon thread; returns the bound port."""

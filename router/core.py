@@ -33,6 +33,7 @@ from common.errors import CleaveError, DeadlineExceeded, InvalidRequest, error_f
 from common.metrics import MetricsWriter
 from common.model import ModelConfig
 from common.prom import RouterMetrics
+from router.kv_index import MODES as KV_INDEX_MODES, KvIndex
 from router.lifecycle import RequestRun, ValidRequest
 from router.policy import make_policy
 from router.request_state import AdmissionQueue, RequestRecorder, RequestState
@@ -61,7 +62,10 @@ class RouterCore:
         self.router_id = f"router-{uuid.uuid4().hex[:12]}"  # presented to workers (per-caller bounds)
         self.directory = WorkerDirectory(client, cfg.key_prefix, cfg.discovery_s, cfg.internal_token,
                                          caller=self.router_id, grace_s=cfg.worker_grace_s)
-        self.policy = make_policy("least-load")
+        # what each worker caches, from their KV events (fed the registry by the directory's refresh)
+        self.kv_index = KvIndex(client, cfg.key_prefix, grace_s=cfg.worker_grace_s)
+        self.directory.on_refresh = self.kv_index.sync_registry
+        self.policy = make_policy(cfg.routing_policy)
         self.store = RequestStore(client, cfg.key_prefix, cfg.request_ttl_s,
                                   live_ttl_s=int(cfg.request_timeout_s) + cfg.request_ttl_s)  # see RouterConfig
         self.metrics = MetricsWriter(client, cfg.key_prefix, self.router_id.removeprefix("router-"))
@@ -69,6 +73,7 @@ class RouterCore:
         self.active: set[str] = set()     # request ids in flight on this router
         self.prom = RouterMetrics(model_id, running=lambda: max(0, len(self.active) - self.queued),
                                   waiting=lambda: self.queued)  # Prometheus, at /metrics of the HTTP port
+        self.prom.kv_index(self.kv_index.modes, self.kv_index.block_counts, KV_INDEX_MODES)
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -83,12 +88,14 @@ class RouterCore:
     async def start(self) -> None:
         """Start discovery and the Redis writer (called once by the process that owns the core)."""
         await self.directory.start()
+        await self.kv_index.start()
         self.background(asyncio.get_running_loop().create_task(self.store.run()))
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.kv_index.stop()
         await self.directory.stop()
         await self.client.aclose()
 
@@ -221,7 +228,9 @@ class RouterCore:
             workers = self.directory.registered(name)
             layout = workers[0].record.layout if workers else {"tp": 1, "pp": 1, "cp": 1, "ep": 1}
             pools.append(inference_pb2.PoolInfo(pool=name, instances=len(workers),
-                                                layout=inference_pb2.Layout(**{k: int(v) for k, v in layout.items()})))
+                                                layout=inference_pb2.Layout(**{k: int(v) for k, v in layout.items()}),
+                                                kv_index_mode=self.kv_index.mode(name),
+                                                kv_index_blocks=self.kv_index.blocks(name)))
         block_size = next((w.record.capacity.get("block_size", 0) for w in self.directory.registered("decode")), 0)
         return inference_pb2.ModelInfo(
             model_id=self.model_id, architecture=m.architecture, vocab_size=m.vocab_size,

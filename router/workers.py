@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 import redis.asyncio as aioredis
@@ -86,6 +87,7 @@ class WorkerDirectory:
         self._warned: dict[str, tuple[float, int]] = {}  # key -> (last line's time, lines held back)
         self._warn_interval_s = warn_interval_s
         self.changed = asyncio.Event()
+        self.on_refresh: Callable[[list[WorkerRecord]], None] | None = None   # each registry read (KV index)
 
     async def start(self) -> None:
         await self.refresh()
@@ -109,6 +111,11 @@ class WorkerDirectory:
 
     async def refresh(self) -> None:
         records = [r for r in await read_workers(self._client, self._prefix) if r.pool in _STUBS]
+        if self.on_refresh is not None:
+            try:
+                self.on_refresh(records)
+            except Exception:   # the index's trouble must not stop discovery
+                log.exception("the KV index's registry update failed")
         now = time.monotonic()
         live = {(r.address, r.incarnation): r for r in records}
         current = {(r.pool, r.worker_id): r.incarnation for r in records}

@@ -52,4 +52,6 @@ def info_cli(args) -> int:
             print(f"cleave info: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     print(info)
+    for pool in info.pools:   # the KV index (issue 22): how this router knows what each pool caches
+        print(f"{pool.pool} KV index: {pool.kv_index_mode or 'unknown'}, {pool.kv_index_blocks} blocks indexed")
     return 0

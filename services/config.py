@@ -31,6 +31,10 @@ class WorkerConfig:
     heartbeat_s: float = 1.0
     ttl_s: float = option(5.0, flag="--registry-ttl", help="seconds the Redis record outlives the last heartbeat: "
                           "routers stop sending to an instance silent this long (must exceed the 1 s heartbeat)")
+    kv_events: bool = option(True, help="publish the prefix cache's block stored/removed events and periodic "
+                             "snapshots to Redis for KV-aware routers (<prefix>kv-events:<pool>; needs --redis-url)")
+    kv_snapshot_interval_s: float = option(5.0, flag="--kv-snapshot-interval", help="seconds between snapshots of "
+                                           "the blocks an instance caches, in Redis (<prefix>kv-snapshot:<pool>:<id>)")
     reservation_grace_s: float = 10.0  # decode: unused reservations freed this long past their deadline
     max_reservation_s: float = option(900.0, flag="--max-reservation", help="decode: seconds a KV reservation "
                                       "may live at most, whatever deadline the caller asks")
@@ -62,6 +66,8 @@ class WorkerConfig:
         if not 0 < self.heartbeat_s < self.ttl_s:
             raise ValueError(f"need 0 < heartbeat_s < ttl_s, got heartbeat_s={self.heartbeat_s} "
                              f"ttl_s={self.ttl_s}")
+        if not 0 < self.kv_snapshot_interval_s < float("inf"):
+            raise ValueError(f"kv_snapshot_interval_s must be > 0, got {self.kv_snapshot_interval_s}")
         if not self.drain_timeout_s >= 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if not 0 < self.max_reservation_s < float("inf") or self.max_reservations_per_caller < 1:

@@ -9,7 +9,8 @@ Lifecycle of a worker process (``cleave worker prefill|decode``):
 2. :func:`serve_worker` starts it (:func:`start_worker`: builds the pool's servicer on the
    host, binds the gRPC server (port 0 = a free port), serves Prometheus ``/metrics`` on
    ``metrics_port`` when set (``common.prom.WorkerMetrics``), starts the Redis heartbeat so
-   routers find it) and waits. In-process test stacks (``tests/fake_stack.py``) call
+   routers find it, and the KV event publisher (``services.kv_events``) so they know what its
+   prefix cache holds) and waits. In-process test stacks (``tests/fake_stack.py``) call
    :func:`start_worker` and :meth:`RunningWorker.stop` themselves.
 3. SIGTERM/SIGINT drains: health turns NOT_SERVING and the record is rewritten as
    ``draining`` at once, so routers send nothing new (a request that raced the flag is
@@ -43,6 +44,7 @@ from common.kv_hash import chain_root
 from engine.block_manager import BlockManager
 from engine.runtime.executor import Executor, make_executor
 from services.config import WorkerConfig
+from services.kv_events import KvEventPublisher
 
 log = logging.getLogger(__name__)
 
@@ -159,17 +161,25 @@ class RunningWorker:
     :meth:`stop` takes them down in order. ``heartbeat`` is None without a Redis URL."""
 
     def __init__(self, host: WorkerHost, servicer, server: grpc.aio.Server, client=None,
-                 heartbeat: Heartbeat | None = None, beat_task: asyncio.Task | None = None) -> None:
+                 heartbeat: Heartbeat | None = None, beat_task: asyncio.Task | None = None,
+                 kv_events: KvEventPublisher | None = None, kv_task: asyncio.Task | None = None) -> None:
         self.host, self.servicer, self.server = host, servicer, server
         self.heartbeat = heartbeat
-        self._client, self._beat_task = client, beat_task
+        self.kv_events = kv_events   # the KV event publisher (services.kv_events), None when off
+        self._client, self._beat_task, self._kv_task = client, beat_task, kv_task
 
     async def stop(self, grace: float | None = 5.0) -> None:
-        """Leave the registry, stop the server (``grace`` seconds for running calls), the
-        servicer, metrics and the instance's ranks."""
+        """Leave the registry (the last KV events published, the KV snapshot deleted), stop the
+        server (``grace`` seconds for running calls), the servicer, metrics and the instance's ranks."""
         if self._beat_task is not None:
             self._beat_task.cancel()
+            if self._kv_task is not None:
+                self._kv_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._kv_task
             await self.heartbeat.deregister()  # leave the routing set first
+            if self.kv_events is not None:
+                await self.kv_events.close()   # last events out, snapshot deleted (never raises)
             await self._client.aclose()
         await self.server.stop(grace=grace)
         await self.servicer.stop()
@@ -194,7 +204,14 @@ async def start_worker(host: WorkerHost, make_servicer: Callable[[WorkerHost], o
     client = connect_redis(cfg.redis_url)
     heartbeat = Heartbeat(client, cfg.key_prefix, host.record, cfg.heartbeat_s, cfg.ttl_s)
     await heartbeat.beat()
-    return RunningWorker(host, servicer, server, client, heartbeat, asyncio.create_task(heartbeat.run()))
+    kv_events = kv_task = None
+    if cfg.kv_events:
+        kv_events = KvEventPublisher(client, cfg.key_prefix, cfg.pool, host.worker_id, host.incarnation,
+                                     host.blocks, host.metrics, snapshot_s=cfg.kv_snapshot_interval_s)
+        await kv_events.start()   # the first snapshot (s = 0), before any event entry
+        kv_task = asyncio.create_task(kv_events.run())
+    return RunningWorker(host, servicer, server, client, heartbeat, asyncio.create_task(heartbeat.run()),
+                         kv_events, kv_task)
 
 
 async def serve_worker(cfg: WorkerConfig, make_servicer: Callable[[WorkerHost], object],

@@ -189,6 +189,9 @@ class FakeStack:
         worker = (self.prefills if pool == "prefill" else self.decodes)[index]
         worker._beat_task.cancel()
         worker._beat_task = None
+        if worker._kv_task is not None:       # nor KV events: its snapshot lives out its TTL
+            worker._kv_task.cancel()
+            worker._kv_task = None
         await worker._client.aclose()
         await worker.server.stop(grace=None)
         await worker.servicer.stop()

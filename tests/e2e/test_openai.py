@@ -133,7 +133,7 @@ BAD = [
     ("/completions", dict(prompt="hi", max_tokens="many"), 400, "max_tokens"),
     ("/chat/completions", dict(messages=[], max_tokens=4), 400, "messages"),
     ("/completions", dict(model="gpt-nope", prompt="hi", max_tokens=4), 404, "gpt-nope"),
-    ("/completions", dict(prompt=[1] * 10, max_tokens=400), 429, "max_tokens"),
+    ("/completions", dict(prompt=[1] * 380, max_tokens=4), 429, "prompt"),   # more KV than the cache holds
 ]
 
 
@@ -164,7 +164,7 @@ def test_openai_client_raises_its_own_error_classes(client, model):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     with pytest.raises(openai.RateLimitError):
-        client.completions.create(model=model, prompt=[1] * 10, max_tokens=400)
+        client.completions.create(model=model, prompt=[1] * 380, max_tokens=4)
 
 
 def test_client_disconnect_mid_stream_cancels_and_frees_blocks(tiny):
@@ -282,10 +282,10 @@ def test_client_leaving_before_the_first_token_cancels_the_waiting_request(tiny)
     big.request("POST", "/v1/completions", json.dumps({"prompt": [4] * 8, "max_tokens": 300, "stream": True,
                                                        "ignore_eos": True}), {"Content-Type": "application/json"})
     resp = big.getresponse()
-    assert resp.readline().startswith(b"data: ")  # decoding, holding most of the KV blocks
+    assert resp.readline().startswith(b"data: ")  # decoding: 2 of the 47 KV blocks, growing to 39
     waiting = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    waiting.request("POST", "/v1/completions", json.dumps({"prompt": [5] * 8, "max_tokens": 150, "ignore_eos": True}),
-                    {"Content-Type": "application/json"})
+    waiting.request("POST", "/v1/completions", json.dumps({"prompt": [5] * 360, "max_tokens": 4, "ignore_eos": True}),
+                    {"Content-Type": "application/json"})   # 46 blocks: waits until big is done
     deadline = time.time() + 10
     while metric_value(scrape_metrics(metrics), "cleave_num_requests_waiting") != 1 and time.time() < deadline:
         time.sleep(0.05)

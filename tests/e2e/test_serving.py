@@ -146,9 +146,10 @@ def test_bad_input_is_invalid_argument_and_server_keeps_serving(tiny, req, needl
 
 def test_request_larger_than_any_decode_instance_is_resource_exhausted(tiny):
     with pytest.raises(grpc.RpcError) as err:
-        tiny.generate(token_ids=[1] * 10, max_tokens=400)  # fits the context, not the KV cache
+        tiny.generate(token_ids=[1] * 380, max_tokens=4)  # fits the context, not the KV cache (376 slots)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "max_tokens" in err.value.details()
+    assert "the prompt (380 tokens, + 1 to decode into) is more KV than any decode instance holds" \
+        in err.value.details()
 
 
 def test_request_waits_for_kv_room_then_succeeds(tiny):

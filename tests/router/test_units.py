@@ -318,3 +318,35 @@ def test_serve_layout_flags_are_validated_against_the_model(tmp_path):
     prefill, decode = pool_layouts(args)
     check_layouts(str(tmp_path), [("prefill", prefill), ("decode", decode)])  # valid: no error
     assert (prefill.world_size, decode.world_size) == (4, 4)
+
+
+def test_kv_aware_prefill_weighs_uncached_tokens_against_the_queue():
+    policy = make_policy("kv-aware")
+    workers = [_handle("cold", pool="prefill", queued=0), _handle("warm", pool="prefill", queued=300),
+               _handle("hot", pool="prefill", queued=600)]
+    # 1000-token prompt: warm computes 200 + 300 queued = 500, cold 1000, hot 100 + 600 = 700
+    assert _ids(policy.rank_prefill(workers, 1000, {"warm": 800, "hot": 900})) == ["warm", "hot", "cold"]
+    assert _ids(policy.rank_prefill(workers, 1000)) == ["cold", "warm", "hot"]      # blind: the queue
+
+
+def test_kv_aware_decode_prefers_the_instance_holding_the_prefix_until_it_is_busy():
+    policy = make_policy("kv-aware")
+    warm = _handle("warm", free=100, running=3)
+    cold = _handle("cold", free=100)
+    # 500-token history on warm: receiving 20 tokens + 3 sequences x 64 beats receiving 520
+    assert _ids(policy.rank_decode([cold, warm], 520, {"warm": 500})) == ["warm", "cold"]
+    busy = _handle("warm", free=100, running=9)       # 20 + 9 x 64 = 596 > 520
+    assert _ids(policy.rank_decode([cold, busy], 520, {"warm": 500})) == ["cold", "warm"]
+    # room counts only the blocks the instance lacks: 2 free blocks hold 32 uncached tokens
+    tight = _handle("tight", free=2)
+    assert _ids(policy.rank_decode([tight], 520, {"tight": 496})) == ["tight"]
+    assert _ids(policy.rank_decode([tight], 520, {"tight": 480})) == []
+    assert _ids(make_policy("least-load").rank_decode([tight], 520, {"tight": 496})) == []
+
+
+def test_every_routing_policy_flag_value_has_a_policy():
+    from common.config import ROUTING_POLICIES, RouterConfig
+    from router.policy import DEFAULT_POLICY, POLICIES
+    assert set(ROUTING_POLICIES) == set(POLICIES) and RouterConfig().routing_policy == DEFAULT_POLICY
+    with pytest.raises(ValueError, match="routing_policy must be one of"):
+        RouterConfig(routing_policy="random")
