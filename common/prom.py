@@ -23,6 +23,7 @@ Router (``RouterMetrics``, label ``model_name``; scraped at ``/metrics`` of its 
 | ``cleave_num_requests_running`` / ``cleave_num_requests_waiting`` | gauge | in flight / waiting for KV room, now |
 | ``cleave_kv_index_mode{pool,mode}`` | gauge | 1 for the KV index's current mode of the pool (``exact``, ``resyncing``, ``approximate``), 0 for the others (``router.kv_index``) |
 | ``cleave_kv_index_blocks{pool}`` | gauge | block hashes the KV index holds for the pool's instances |
+| ``cleave_kv_prediction_error_tokens{pool}`` | histogram | delivered minus predicted cached prompt tokens per routed request |
 
 Workers (``WorkerMetrics``, labels ``pool``, ``worker_id``, ``layout`` such as ``tp1-pp2-cp1-ep1``;
 served on ``--metrics-port``):
@@ -49,6 +50,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 # bucket edges as vLLM publishes them, so the same dashboards and alerts apply
+PREDICTION_BUCKETS = (-4096, -1024, -256, -64, -16, -1, 0, 16, 64, 256, 1024, 4096)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -165,6 +167,10 @@ class RouterMetrics:
         self.itl = hist("cleave_inter_token_latency_seconds", "Inter-token latency (s)", ITL_BUCKETS)
         self.e2e = hist("cleave_e2e_request_latency_seconds", "End-to-end request latency (s)", REQUEST_BUCKETS)
         self.queue = hist("cleave_request_queue_time_seconds", "Time waiting for KV room (s)", REQUEST_BUCKETS)
+        self._miss = Histogram("cleave_kv_prediction_error_tokens", "Delivered minus predicted cached prompt tokens "
+                               "of a routed request (0: the KV index was right; < 0: a routing miss, e.g. a stale "
+                               "index or an eviction)", lbl + ["pool"], buckets=PREDICTION_BUCKETS,
+                               registry=self.registry)
         self.prompt_tokens = hist("cleave_request_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS)
         self.generation_tokens = hist("cleave_request_generation_tokens", "Generated tokens per request",
                                       TOKEN_BUCKETS)
@@ -193,6 +199,11 @@ class RouterMetrics:
 
     def internal_error(self) -> None:
         self.internal_errors.inc()
+
+    def prediction(self, pool: str, predicted: int, delivered: int) -> None:
+        """The KV index predicted ``predicted`` cached prompt tokens on ``pool``'s chosen worker;
+        the worker found ``delivered``."""
+        self._miss.labels(self._model, pool).observe(delivered - predicted)
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

@@ -33,6 +33,8 @@ import grpc
 
 from cleave.v1 import inference_pb2, worker_pb2
 from common.errors import Exhausted, InvalidRequest, NoKVRoom, Unavailable, answered_as, is_request_fault
+from common.kv_hash import chain_root
+from router.kv_index import PromptHashes
 from router.request_state import RequestRecorder, RequestState, claim
 from router.workers import WorkerHandle, unreachable
 
@@ -43,6 +45,13 @@ STOP = inference_pb2.FINISH_REASON_STOP
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
               grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED,
               grpc.StatusCode.CANCELLED}
+
+
+class _Layout:
+    """A registry record's layout dict as the attributes ``common.kv_hash.chain_root`` reads."""
+
+    def __init__(self, layout: dict) -> None:
+        self.tp, self.pp, self.cp, self.ep = (int(layout.get(k, 1) or 1) for k in ("tp", "pp", "cp", "ep"))
 
 
 class RetryableFailure(Exception):
@@ -122,20 +131,23 @@ class RequestRun:
         req, core, rec = self.req, self.core, self.recorder
         prompt = req.prompt_ids + self.generated
         remaining = req.sampling.max_tokens - len(self.generated)
-        prefill = await self._pick_prefill(len(prompt))
+        hashes = PromptHashes(prompt)             # one hash pass per distinct chain root
+        prefill, predicted = await self._pick_prefill(prompt, hashes)
         # claimed before any await, so the requests of a burst see each other and spread
         with claim(prefill, len(prompt)) as prefill_load:
             if remaining == 0:  # max_tokens 0: score the prompt, generate nothing
                 async for delta in self._prefill_only(prefill, prompt):
                     yield delta
                 return
-            decode, landing, decode_load = await self._reserve(prompt, remaining, prefill)
+            decode, landing, decode_load, predicted_decode = await self._reserve(prompt, remaining, prefill, hashes)
+            self._delivered("decode", predicted_decode, landing.num_cached_tokens)
             if self.t_admitted is None:
                 self.t_admitted = time.time()
             prefill_call = decode_call = first = None
             try:
                 rec.to(RequestState.PREFILLING, attempts=self.attempts, prefill_worker=prefill.record.worker_id,
-                       decode_worker=decode.record.worker_id, decode_cached_tokens=landing.num_cached_tokens)
+                       decode_worker=decode.record.worker_id, decode_cached_tokens=landing.num_cached_tokens,
+                       predicted_cached_tokens=predicted, predicted_decode_cached_tokens=predicted_decode)
                 prefill_call = prefill.stub.Prefill(worker_pb2.PrefillRequest(
                     request_id=req.request_id, token_ids=prompt, sampling=self._sampling(), seed=req.seed,
                     landing=landing, output_index=len(self.generated),
@@ -145,6 +157,7 @@ class RequestRun:
                         first = event.token_id
                         if self.cached_tokens is None:     # the attempt that makes the first token
                             self.cached_tokens = event.cached_tokens
+                        self._delivered("prefill", predicted, event.cached_tokens)
                         prefill_load.release()     # the prompt is computed; its push may go on
                         done = self._finish_reason(first, remaining)
                         yield Delta([first], done, [event.token_logprob] if event.HasField("token_logprob") else [],
@@ -248,13 +261,44 @@ class RequestRun:
         left = min(left, cap) if cap is not None else left
         return None if left == float("inf") else left
 
-    async def _pick_prefill(self, num_tokens: int) -> WorkerHandle:
-        ranked = self.core.policy.rank_prefill(await self._routable("prefill"), num_tokens)
+    async def _pick_prefill(self, prompt: list[int], hashes: PromptHashes) -> tuple[WorkerHandle, int]:
+        """The prefill instance for ``prompt`` (the policy over the KV index's view of what each
+        caches) and the cached tokens the index predicts there."""
+        workers = await self._routable("prefill")
+        # a prefill instance computes at least the prompt's last token (its logits)
+        cached = {w.record.worker_id: min(len(prompt) - 1, self._predict("prefill", w, prompt, hashes))
+                  for w in workers}
+        ranked = self.core.policy.rank_prefill(workers, len(prompt), cached)
         fresh = [w for w in ranked if w.ident not in self._excluded]
-        return (fresh or ranked)[0]
+        chosen = (fresh or ranked)[0]
+        self._routed("prefill", chosen, prompt, hashes)
+        return chosen, cached[chosen.record.worker_id] // self._block_size(chosen) * self._block_size(chosen)
 
-    async def _reserve(self, prompt: list[int], max_tokens: int, prefill: WorkerHandle):
-        """``(decode worker, landing descriptor, the claim on it)``: a reservation for the prompt
+    def _predict(self, pool: str, worker: WorkerHandle, prompt: list[int], hashes: PromptHashes) -> int:
+        """Prompt tokens the router's KV index says ``worker`` holds (0 with a blind policy)."""
+        index = self.core.kv_index
+        return index.cached_tokens(pool, worker.record.worker_id, prompt, hashes) if index is not None else 0
+
+    def _routed(self, pool: str, worker: WorkerHandle, prompt: list[int], hashes: PromptHashes) -> None:
+        """Tell the KV index where ``prompt`` went (its prediction while events are missing)."""
+        index = self.core.kv_index
+        if index is None:
+            return
+        known = index.root_of(pool, worker.record.worker_id)
+        root, bs = known or (chain_root(worker.record.compat_hash, _Layout(worker.record.layout)),
+                             self._block_size(worker))
+        index.note_routed(pool, worker.record.worker_id, worker.record.incarnation, root, bs, prompt, hashes)
+
+    def _delivered(self, pool: str, predicted: int, delivered: int) -> None:
+        self.core.prom.prediction(pool, predicted, delivered)
+
+    @staticmethod
+    def _block_size(worker: WorkerHandle) -> int:
+        return max(1, int(worker.record.capacity.get("block_size", 16)))
+
+    async def _reserve(self, prompt: list[int], max_tokens: int, prefill: WorkerHandle, hashes: PromptHashes):
+        """``(decode worker, landing descriptor, the claim on it, the cached tokens the KV index
+        predicted there)``: a reservation for the prompt
         plus one token (what the decode instance reserves; later blocks come on demand), waiting
         (bounded) for room. Raises Exhausted at once when no instance could ever hold that, or
         after the admission wait."""
@@ -271,7 +315,8 @@ class RequestRun:
                     raise Exhausted(f"the prompt ({num_tokens} tokens, + 1 to decode into) is more KV than "
                                     f"any decode instance holds; shorten it or add decode instances with "
                                     f"larger KV caches")
-                ranked = core.policy.rank_decode(fits, needed) or sorted(
+                cached = {w.record.worker_id: self._predict("decode", w, prompt, hashes) for w in fits}
+                ranked = core.policy.rank_decode(fits, needed, cached) or sorted(
                     fits, key=lambda w: -w.record.load.get("free_blocks", 0))
                 ranked = [w for w in ranked if w.ident not in self._excluded] or ranked
                 for worker in ranked:
@@ -286,7 +331,8 @@ class RequestRun:
                         if landing is None:
                             load.release()
                     if landing is not None:
-                        return worker, landing, load
+                        self._routed("decode", worker, prompt, hashes)
+                        return worker, landing, load, cached[worker.record.worker_id]
                 if not queued:
                     queued = core.admission.wait()   # raises Exhausted when the queue is full
                 if time.time() >= give_up or time.time() >= self.req.deadline:
