@@ -22,6 +22,26 @@ it had sampled, so its stream loses, repeats or changes nothing. A sequence pree
 When a sequence ends, for any reason, its computed blocks are committed and released, so the
 next turn of a conversation finds them cached.
 
+Local prefill (conditional disaggregation, issue 22). A sequence may also arrive *prefilling*
+(``Sequence.prefilling``): its prompt's blocks held (the leading ones shared from the prefix
+cache: ``num_cached`` tokens), nothing sampled yet. Each step runs the decode batch first, so
+running streams keep their TPOT, then prefill chunks of the prefilling sequences, oldest
+arrival first, within ``prefill_chunk_tokens`` prompt tokens per step (``--prefill-chunk-tokens``,
+a multiple of the block size): each chunk is one ``prefill_fn(tokens[:end], table, start)``
+with ``start`` block-aligned (the sequence's progress) and ``end`` the prompt's end or a block
+boundary. A long prompt therefore takes several steps, its chunks interleaved with decode steps;
+several short prompts share one step's budget. After the last chunk the scheduler samples
+the first token from that chunk's logits (output number ``Sequence.generated``, with its
+log-probability when asked), emits it, commits the prompt's blocks and the sequence joins the
+running batch (or waits for room in it: ``max_batch`` bounds the running batch only). States:
+prefilling -> running -> finished, and either of the first two -> preempted -> back where it
+was. When a running sequence cannot grow, the victims are the prefilling sequences first
+(latest arrival first: they stream nothing yet), then the running ones; a preempted prefilling
+sequence commits its computed chunks and restarts its prefill from what the prefix cache still
+holds when it resumes. A chunk that raises, or a first token that cannot be sampled, ends that
+sequence alone; aborts, EOS or ``max_tokens`` on the first token and the one ``release`` hold
+as for landed sequences.
+
 One sequence's failure never fails its batch-mates: a row whose sampling fails
 (``engine.sampler.SamplingError``) ends that sequence alone, and a batched forward pass that
 raises is re-run one sequence at a time (writing the same KV slots again is harmless), so only
@@ -46,7 +66,7 @@ from engine.batch import ForwardBatch
 from engine.block_manager import BlockManager
 from engine.kv_cache import OutOfBlocks, blocks_needed
 from engine.logprobs import TokenLogprob, logprobs_of
-from engine.sampler import SamplingConfig, SamplingError, sample_batch
+from engine.sampler import SamplingConfig, SamplingError, sample_batch, sample_one
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +75,26 @@ FINISH_STOP = "stop"
 FINISH_ABORT = "abort"
 FINISH_ERROR = "error"
 
+DEFAULT_PREFILL_CHUNK_TOKENS = 256
+
 
 @dataclass
 class Sequence:
     """One request being decoded; its blocks are the block manager's, under ``seq_id``.
 
-    ``tokens``: the prompt and every output so far; the KV of ``tokens[:num_cached]`` is in the
-    cache and the last token (sampled, not yet fed to the model) is ``tokens[num_cached]``."""
+    A *landed* sequence (the default): ``tokens`` is the prompt and every output so far; the KV
+    of ``tokens[:num_cached]`` is in the cache and the last token (sampled, not yet fed to the
+    model) is ``tokens[num_cached]``.
+
+    A *prefilling* sequence (``prefilling=True``, local prefill): ``tokens`` is the prompt only,
+    the KV of ``tokens[:num_cached]`` is in the cache (what the prefix cache held: a multiple of
+    the block size, below the prompt's length), the scheduler computes the rest in chunks and
+    samples output number ``generated`` (the outputs before it: 0 for a new request) from the
+    last chunk's logits; from then on the sequence is a landed one (``prefilling`` False)."""
 
     seq_id: str
     tokens: list[int]
-    num_cached: int                 # prompt length at admission
+    num_cached: int                 # prompt length at admission (prefilling: the cached prefix)
     generated: int                  # output tokens so far (1 at admission: prefill made token 1)
     max_tokens: int
     sampling: SamplingConfig
@@ -81,8 +110,20 @@ class Sequence:
     fault: str = field(default="worker")
     preemptions: int = 0
     arrival: int = -1                                 # order of arrival (the scheduler sets it)
+    prefilling: bool = False                          # the prompt's KV is still being computed here
+    prompt_len: int = 0                               # prompt tokens (set on construction)
+    prefill_seconds: float = 0.0                      # prefilling: engine time of its chunks and sampling
+    prefill_chunks: int = 0                           # prefilling: chunks run (restarts included)
 
     def __post_init__(self) -> None:
+        if self.prefilling:
+            if not 0 <= self.num_cached < len(self.tokens):
+                raise ValueError(f"prefilling sequence {self.seq_id}: {self.num_cached} cached tokens of a "
+                                 f"{len(self.tokens)}-token prompt (need 0..{len(self.tokens) - 1})")
+            self.prompt_len = len(self.tokens)
+            return
+        if not self.prompt_len:
+            self.prompt_len = self.num_cached
         if len(self.tokens) != self.num_cached + 1:
             raise ValueError(f"sequence {self.seq_id}: {len(self.tokens)} tokens, but {self.num_cached} "
                              f"cached + the one sampled = {self.num_cached + 1}")
@@ -99,18 +140,29 @@ class DecodeScheduler:
                  max_batch: int = 64, on_step: Callable[[float, int], None] | None = None,
                  prefill_fn: Callable[[list[int], list[int], int], object] | None = None,
                  max_preemptions: int = 8, watermark: int = 0,
-                 on_preempt: Callable[[], None] | None = None) -> None:
+                 on_preempt: Callable[[], None] | None = None,
+                 prefill_chunk_tokens: int | None = None) -> None:
         """``step_fn(batch)``: logits ``[num_seqs, vocab]`` of a decode batch. ``blocks``: the
         instance's block manager. ``on_step(seconds, batch_size)`` is called after each step's
         forward and sampling (the engine's share of TPOT; ``services.decode`` feeds it to
         ``/metrics``). ``prefill_fn(tokens, block_table, num_cached)`` computes the KV of
         ``tokens[num_cached:]`` (a resumed sequence's recompute; ``Executor.prefill``); without
-        it a sequence is never preempted (one that cannot grow ends with an error).
+        it a sequence is never preempted (one that cannot grow ends with an error) and prefilling
+        sequences are refused. For a prefilling sequence's chunks it must return an object with
+        ``logits`` ``[1, vocab]`` of the chunk's last position (``engine.batch.PrefillResult``).
         ``watermark``: blocks a resume leaves free while other sequences run.
-        ``on_preempt()`` is called once per preemption (metrics)."""
+        ``on_preempt()`` is called once per preemption (metrics). ``prefill_chunk_tokens``: prompt
+        tokens of prefilling sequences computed per step, after the decode batch (a multiple of
+        the block size; see the module docstring); None: ``DEFAULT_PREFILL_CHUNK_TOKENS`` rounded
+        down to whole blocks (one at least)."""
         if max_batch < 1 or max_preemptions < 0 or watermark < 0:
             raise ValueError(f"need max_batch >= 1, max_preemptions >= 0 and watermark >= 0, got {max_batch}, "
                              f"{max_preemptions} and {watermark}")
+        if prefill_chunk_tokens is None:
+            prefill_chunk_tokens = max(1, DEFAULT_PREFILL_CHUNK_TOKENS // blocks.block_size) * blocks.block_size
+        if prefill_chunk_tokens < blocks.block_size or prefill_chunk_tokens % blocks.block_size:
+            raise ValueError(f"prefill_chunk_tokens must be a positive multiple of the block size "
+                             f"({blocks.block_size}), got {prefill_chunk_tokens}")
         self._step_fn = step_fn
         self._on_step = on_step
         self._prefill_fn = prefill_fn
@@ -120,10 +172,12 @@ class DecodeScheduler:
         self.max_batch = max_batch
         self.max_preemptions = max_preemptions
         self.watermark = watermark
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self._incoming: queue.Queue[Sequence] = queue.Queue()
         self._aborts: queue.Queue[str] = queue.Queue()
         self._running: dict[str, Sequence] = {}
         self._waiting: list[Sequence] = []
+        self._prefilling: dict[str, Sequence] = {}         # holding their blocks, not yet sampled
         self._preempted: deque[Sequence] = deque()      # oldest arrival first
         self._arrivals = itertools.count()
         self._wake = threading.Event()
@@ -131,6 +185,7 @@ class DecodeScheduler:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.preemptions = 0
+        self.prefill_chunks = 0                          # local-prefill chunks run
 
     # ---- called from any thread -------------------------------------------------------
     def start(self) -> None:
@@ -144,8 +199,15 @@ class DecodeScheduler:
             self._thread.join(timeout=30)
 
     def add(self, seq: Sequence) -> None:
-        """Hand over a sequence whose KV has landed (its blocks held under ``seq.seq_id``; the
-        scheduler releases them when it ends); aborted at once if the scheduler stopped."""
+        """Hand over a sequence whose KV has landed, or a prefilling one (its blocks held under
+        ``seq.seq_id``, the whole prompt's; the scheduler releases them when it ends); aborted
+        at once if the scheduler stopped. Raises ``ValueError`` for a prefilling sequence this
+        scheduler cannot prefill (no ``prefill_fn``, a cached prefix not a multiple of the
+        block size)."""
+        if seq.prefilling and (self._prefill_fn is None or seq.num_cached % self.block_size):
+            raise ValueError(f"cannot prefill {seq.seq_id} here: " + (
+                "this scheduler has no prefill function" if self._prefill_fn is None else
+                f"{seq.num_cached} cached tokens is not a multiple of the block size {self.block_size}"))
         self._incoming.put(seq)
         self._wake.set()
         if self._stop.is_set() and (self._thread is None or not self._thread.is_alive()):
@@ -161,7 +223,13 @@ class DecodeScheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting) + self._incoming.qsize()
+        """Sequences handed over and not running: waiting for batch room or prefilling."""
+        return len(self._waiting) + len(self._prefilling) + self._incoming.qsize()
+
+    @property
+    def num_prefilling(self) -> int:
+        """Prefilling sequences admitted (their prompts partly computed, or not yet)."""
+        return len(self._prefilling)
 
     @property
     def num_preempted(self) -> int:
@@ -172,7 +240,8 @@ class DecodeScheduler:
     def step(self) -> bool:
         """Admit what was handed over (and apply aborts), resume preempted sequences there is
         room for, give every running sequence its next slot (preempting when the cache is full),
-        then run one decode step over the running batch; False when nothing was running.
+        run one decode step over the running batch, then prefill chunks of prefilling sequences
+        within the per-step budget; False when nothing ran.
         Synchronous: the scheduler thread (:meth:`start`) calls it in a loop,
         ``engine.llm_engine.LLMEngine.step`` directly (never both on one scheduler)."""
         self._admit()
@@ -182,19 +251,27 @@ class DecodeScheduler:
             log.exception("decode step bookkeeping failed")
             for seq in list(self._running.values()):
                 self._finish(seq, FINISH_ERROR, error=f"decode step failed: {exc}")
-        if not self._running:
-            return bool(self._preempted)
-        try:
-            self._step()
-        except Exception as exc:  # a bug outside the isolated parts: fail the batch, keep serving
-            log.exception("decode step failed")
-            for seq in list(self._running.values()):
-                self._finish(seq, FINISH_ERROR, error=f"decode step failed: {exc}")
-        return True
+        ran = False
+        if self._running:
+            ran = True
+            try:
+                self._step()
+            except Exception as exc:  # a bug outside the isolated parts: fail the batch, keep serving
+                log.exception("decode step failed")
+                for seq in list(self._running.values()):
+                    self._finish(seq, FINISH_ERROR, error=f"decode step failed: {exc}")
+        if self._prefilling:
+            try:
+                ran = self._prefill_chunks() or ran
+            except Exception as exc:  # a bug in the bookkeeping: fail the prefilling ones, keep serving
+                log.exception("local prefill bookkeeping failed")
+                for seq in list(self._prefilling.values()):
+                    self._finish(seq, FINISH_ERROR, error=f"local prefill failed: {exc}")
+        return ran or bool(self._preempted)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if not self.step() or (not self._running and self._preempted):
+            if not self.step() or (not self._running and not self._prefilling and self._preempted):
                 self._wake.wait(0.5 if not self._preempted else 0.01)
                 self._wake.clear()
         self._drain_on_stop()
@@ -202,7 +279,7 @@ class DecodeScheduler:
     def _drain_on_stop(self) -> None:
         """Abort every sequence the scheduler holds or was handed, so all blocks are released."""
         self._take_incoming()
-        for seq in list(self._running.values()) + self._waiting + list(self._preempted):
+        for seq in [*self._running.values(), *self._prefilling.values(), *self._waiting, *self._preempted]:
             self._finish(seq, FINISH_ABORT)
         self._waiting = []
         self._preempted.clear()
@@ -214,7 +291,10 @@ class DecodeScheduler:
             except queue.Empty:
                 return
             seq.arrival = next(self._arrivals)
-            self._waiting.append(seq)
+            if seq.prefilling:
+                self._prefilling[seq.seq_id] = seq
+            else:
+                self._waiting.append(seq)
 
     def _admit(self) -> None:
         self._take_incoming()
@@ -224,7 +304,8 @@ class DecodeScheduler:
                 aborted.add(self._aborts.get_nowait())
             except queue.Empty:
                 break
-        for seq in [s for s in [*self._running.values(), *self._preempted] if s.seq_id in aborted]:
+        for seq in [s for s in [*self._running.values(), *self._prefilling.values(), *self._preempted]
+                    if s.seq_id in aborted]:
             self._finish(seq, FINISH_ABORT)
         self._resume()
         keep = []
@@ -239,9 +320,16 @@ class DecodeScheduler:
 
     def _resume(self) -> None:
         """Bring preempted sequences back, oldest first, while blocks and batch room allow:
-        reuse what the prefix cache still holds, recompute the rest."""
-        while self._preempted and len(self._running) < self.max_batch:
+        reuse what the prefix cache still holds, recompute the rest (a prefilling sequence takes
+        its whole prompt's blocks again and goes back to prefilling from what was cached)."""
+        while self._preempted:
             seq = self._preempted[0]
+            if seq.prefilling:
+                if not self._resume_prefilling(seq):
+                    return
+                continue
+            if len(self._running) >= self.max_batch:
+                return
             computed = seq.tokens[:seq.num_cached]
             if blocks_needed(seq.num_cached + 1, self.block_size) > self.blocks.total:
                 self._preempted.popleft()
@@ -265,23 +353,43 @@ class DecodeScheduler:
                 continue
             self._running[seq.seq_id] = seq
 
+    def _resume_prefilling(self, seq: Sequence) -> bool:
+        """Take a preempted prefilling sequence's prompt blocks again (False: no room yet)."""
+        n = len(seq.tokens)
+        if blocks_needed(n + 1, self.block_size) > self.blocks.total:
+            self._preempted.popleft()
+            self._finish(seq, FINISH_ERROR, fault="capacity",
+                         error=f"the prompt ({n} tokens) outgrew this instance's whole KV cache "
+                               f"({self.blocks.total * self.block_size} token slots)")
+            return True
+        try:   # at least the last prompt token is computed again: its logits make the first token
+            seq.num_cached = self.blocks.allocate(seq.seq_id, seq.tokens, n + 1, max_cached=n - 1,
+                                                  watermark=self.watermark if self._running else 0)
+        except OutOfBlocks:
+            return False
+        self._preempted.popleft()
+        self._prefilling[seq.seq_id] = seq
+        return True
+
     def _grow(self) -> None:
-        """Give every running sequence the slot of its next token, preempting the latest
-        arrivals while the cache cannot (see the module docstring)."""
+        """Give every running sequence the slot of its next token, preempting while the cache
+        cannot: prefilling sequences first, then running ones, the latest arrival first in each
+        (see the module docstring)."""
         for seq in sorted(self._running.values(), key=lambda s: s.arrival):
             while seq.seq_id in self._running:
                 try:
                     self.blocks.grow(seq.seq_id, seq.num_cached + 1)
                     break
                 except OutOfBlocks as exc:
-                    victim = max(self._running.values(), key=lambda s: s.arrival)
+                    victim = max(self._prefilling.values() or self._running.values(), key=lambda s: s.arrival)
                     if self._prefill_fn is None:
                         self._finish(victim, FINISH_ERROR, error=f"out of KV blocks: {exc}", fault="capacity")
                     else:
                         self._preempt(victim)
 
     def _preempt(self, seq: Sequence) -> None:
-        del self._running[seq.seq_id]
+        self._running.pop(seq.seq_id, None)
+        self._prefilling.pop(seq.seq_id, None)
         self.blocks.commit(seq.seq_id, seq.tokens[:seq.num_cached])
         self.blocks.release(seq.seq_id)
         seq.preemptions += 1
@@ -295,6 +403,82 @@ class DecodeScheduler:
         log.info("preempted %s (%d tokens computed, preemption %d)", seq.seq_id, seq.num_cached, seq.preemptions)
         at = next((i for i, s in enumerate(self._preempted) if s.arrival > seq.arrival), len(self._preempted))
         self._preempted.insert(at, seq)
+
+    def _prefill_chunks(self) -> bool:
+        """Run prefill chunks of the prefilling sequences, oldest arrival first, within
+        ``prefill_chunk_tokens`` prompt tokens; True when any chunk ran."""
+        budget, ran = self.prefill_chunk_tokens, False
+        for seq in sorted(self._prefilling.values(), key=lambda s: s.arrival):
+            start, n = seq.num_cached, len(seq.tokens)
+            end = n if n - start <= budget else start + budget // self.block_size * self.block_size
+            if end <= start:           # what is left of the budget is under a block
+                break
+            budget -= end - start
+            ran = True
+            self._prefill_chunk(seq, start, end)
+            if budget < self.block_size:
+                break
+        return ran
+
+    def _prefill_chunk(self, seq: Sequence, start: int, end: int) -> None:
+        """Compute ``seq.tokens[start:end]``; after the prompt's last chunk, sample and emit the
+        first token and move the sequence to the running batch (or the waiting line)."""
+        t0 = time.perf_counter()
+        try:
+            self.blocks.grow(seq.seq_id, end)      # a no-op while it holds its prompt's blocks
+            out = self._prefill_fn(seq.tokens[:end], self.blocks.table(seq.seq_id), start)
+        except Exception as exc:
+            log.warning("prefill chunk [%d, %d) of %s failed: %s", start, end, seq.seq_id, exc)
+            self._finish(seq, FINISH_ERROR, error=f"prefill of tokens {start}..{end} failed: {exc}")
+            return
+        finally:
+            seq.prefill_seconds += time.perf_counter() - t0
+            seq.prefill_chunks += 1
+            self.prefill_chunks += 1
+        seq.num_cached = end
+        if end < len(seq.tokens):
+            return
+        t0 = time.perf_counter()
+        try:
+            logits = out.logits
+            token = sample_one(logits[0], seq.sampling, seq.generated)
+            logprob = logprobs_of(logits[:1], [token], seq.sampling.logprobs)[0] \
+                if seq.sampling.logprobs >= 0 else None
+        except SamplingError as exc:   # the request's own, the same on any worker
+            self._finish(seq, FINISH_ERROR, error=str(exc), fault="request")
+            return
+        except Exception as exc:
+            self._finish(seq, FINISH_ERROR, error=f"sampling the first token failed: {exc}")
+            return
+        finally:
+            seq.prefill_seconds += time.perf_counter() - t0
+        del self._prefilling[seq.seq_id]
+        seq.prefilling = False
+        try:
+            self.blocks.commit(seq.seq_id, seq.tokens)        # the prompt's full blocks are shareable
+        except Exception as exc:
+            self._finish(seq, FINISH_ERROR, error=f"committing the prompt's KV failed: {exc}")
+            return
+        seq.tokens.append(token)
+        seq.generated += 1
+        if token in seq.eos_token_ids and not seq.ignore_eos:
+            reason = FINISH_STOP
+        elif seq.generated >= seq.max_tokens:
+            reason = FINISH_LENGTH
+        else:
+            reason = None
+        try:
+            seq.emit(token, reason, logprob)
+        except Exception as exc:
+            log.exception("emitting the first token of %s failed", seq.seq_id)
+            self._finish(seq, FINISH_ERROR, error=f"emitting a token failed: {exc}")
+            return
+        if reason is not None:
+            self._finish(seq, reason, emitted=True)
+        elif len(self._running) < self.max_batch and not self._waiting:
+            self._running[seq.seq_id] = seq
+        else:
+            self._waiting.append(seq)
 
     def _step(self) -> None:
         seqs = list(self._running.values())
@@ -369,6 +553,7 @@ class DecodeScheduler:
         seq.error = error
         seq.fault = fault
         self._running.pop(seq.seq_id, None)
+        self._prefilling.pop(seq.seq_id, None)
         try:
             if self.blocks.holds(seq.seq_id):   # a preempted sequence holds none
                 try:                            # what it computed stays cached for a next turn

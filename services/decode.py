@@ -14,6 +14,17 @@ Lifecycle of one request on a decode instance (called by the router):
    Cancelling the call (client gone, stop string hit) aborts the sequence.
 3. ``Abort`` (or the reaper, for reservations never started): cancel the receives, release.
 
+Local prefill (conditional disaggregation, issue 22): ``Reserve(local_prefill=True)`` takes the
+same blocks, sharing the cached leading blocks of the prompt except the last token's (its
+logits make the first token, so it is always computed), posts no receive and returns the
+descriptor as usual (``num_cached_tokens``: what the cache held; nothing is pushed to it).
+``Decode(local_prefill=True)`` (``first_token_id`` unset) skips the landing wait and hands the
+sequence to the scheduler *prefilling*: it computes the rest of the prompt in chunks between its
+decode steps (``--prefill-chunk-tokens`` per step) and samples output number
+``first_token_index``. The first ``DecodeChunk`` carries that token (and its logprob when asked),
+``cached_tokens`` and ``prefill_seconds``. Prompt logprobs are a prefill instance's job: a local
+``Decode`` asking for them is refused (``INVALID_ARGUMENT``).
+
 A reservation's blocks are released exactly once: by :meth:`DecodeService._release` until the
 sequence is handed to the scheduler, by the scheduler from then on (which commits what the
 sequence computed first, so a next turn finds it cached).
@@ -62,6 +73,8 @@ class Reservation:
     caller: str = ""             # who reserved (``common.grpc_util.caller_of``), for the per-caller bound
     cached_tokens: int = 0       # leading prompt tokens the prefix cache held (not pushed)
     handed: bool = False         # the scheduler holds the sequence (and releases its blocks)
+    local: bool = False          # local prefill: this instance computes the prompt (no KV pushed)
+    prefill_pending: int = 0     # local prefill: prompt tokens still to compute (queued_tokens)
 
 
 class DecodeService(worker_pb2_grpc.DecodeServicer):
@@ -74,7 +87,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             host.forward, host.blocks, cfg.runtime.max_batch, on_step=host.metrics.decode_step,
             prefill_fn=lambda tokens, table, cached: self.instance.prefill(tokens, table, num_cached=cached),
             max_preemptions=cfg.runtime.max_preemptions, watermark=self.watermark,
-            on_preempt=host.metrics.preempted)
+            on_preempt=host.metrics.preempted, prefill_chunk_tokens=cfg.runtime.prefill_chunk_tokens)
         self._reservations: dict[str, Reservation] = {}
         self._lock = threading.Lock()
         self._reaper: asyncio.Task | None = None
@@ -148,10 +161,14 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
                                  f"exceeds the context length {model.max_position}")
         if prompt and len(prompt) != n:
             raise InvalidRequest(f"prompt_token_ids has {len(prompt)} tokens, num_prompt_tokens says {n}")
+        local = request.local_prefill
+        if local and not prompt:
+            raise InvalidRequest("a local_prefill reservation needs the prompt (prompt_token_ids)")
         blocks, bs = self.host.blocks, cfg.runtime.block_size
         transfer_id = f"{request.request_id}:{uuid.uuid4().hex[:12]}"
         try:   # the prompt and the first decode step's slot; later blocks come on demand
-            cached = blocks.allocate(transfer_id, prompt or None, n + 1, max_cached=n, watermark=self.watermark)
+            cached = blocks.allocate(transfer_id, prompt or None, n + 1, max_cached=n - 1 if local else n,
+                                     watermark=self.watermark)
         except OutOfBlocks as exc:
             raise NoKVRoom(f"decode worker {self.host.worker_id}: {exc}") from None
         if prompt:
@@ -162,12 +179,14 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         source = request.source_layout if request.HasField("source_layout") else inference_pb2.Layout(tp=1, pp=1, cp=1, ep=1)
         with self._lock:
             self._reservations[transfer_id] = Reservation(request.request_id, n, request.max_tokens, deadline,
-                                                          caller=caller, cached_tokens=cached)
-        try:
-            self.instance.expect(transfer_id, source, n, deadline, first_token=cached)
-        except Exception:
-            self._release(transfer_id)
-            raise
+                                                          caller=caller, cached_tokens=cached, local=local,
+                                                          prefill_pending=n - cached if local else 0)
+        if not local:   # a local prefill computes the prompt here: nothing is pushed
+            try:
+                self.instance.expect(transfer_id, source, n, deadline, first_token=cached)
+            except Exception:
+                self._release(transfer_id)
+                raise
         return worker_pb2.LandingDescriptor(
             transfer_id=transfer_id, request_id=request.request_id, layout=self.host.layout,
             num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
@@ -200,32 +219,41 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             self._release(transfer_id)
             await abort_with(context, exc)
             return
-        try:
-            t0 = time.perf_counter()
-            await self._landed(transfer_id, res.deadline)
-            self.host.metrics.transfer(time.perf_counter() - t0)
-        except (HandoffError, InstanceError) as exc:
-            self.host.metrics.transfer_failed()
-            self._release(transfer_id)
-            await abort_with(context, Unavailable(f"KV transfer failed: {exc}"))
-            return
-        except asyncio.CancelledError:
-            self._release(transfer_id)
-            raise
+        if not res.local:
+            try:
+                t0 = time.perf_counter()
+                await self._landed(transfer_id, res.deadline)
+                self.host.metrics.transfer(time.perf_counter() - t0)
+            except (HandoffError, InstanceError) as exc:
+                self.host.metrics.transfer_failed()
+                self._release(transfer_id)
+                await abort_with(context, Unavailable(f"KV transfer failed: {exc}"))
+                return
+            except asyncio.CancelledError:
+                self._release(transfer_id)
+                raise
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         prompt = list(request.prompt_token_ids)
-        self.host.blocks.commit(transfer_id, prompt)     # the prompt's full blocks are now shareable
-        seq = Sequence(
-            seq_id=transfer_id, tokens=prompt + [request.first_token_id], num_cached=res.num_prompt_tokens,
-            generated=request.first_token_index + 1,
-            max_tokens=request.first_token_index + res.max_tokens,
-            sampling=sampling,
-            eos_token_ids=frozenset(request.eos_token_ids), ignore_eos=request.sampling.ignore_eos,
-            emit=lambda tok, reason, lp: loop.call_soon_threadsafe(queue.put_nowait, (tok, reason, lp)),
-            release=lambda: self._release(transfer_id))
+        emit = lambda tok, reason, lp: loop.call_soon_threadsafe(queue.put_nowait, (tok, reason, lp))  # noqa: E731
+        if res.local:   # the scheduler computes the uncached rest of the prompt and samples the first token
+            seq = Sequence(
+                seq_id=transfer_id, tokens=prompt, num_cached=res.cached_tokens, prefilling=True,
+                generated=request.first_token_index, max_tokens=request.first_token_index + res.max_tokens,
+                sampling=sampling, eos_token_ids=frozenset(request.eos_token_ids),
+                ignore_eos=request.sampling.ignore_eos, emit=emit, release=lambda: self._release(transfer_id))
+        else:
+            self.host.blocks.commit(transfer_id, prompt)     # the prompt's full blocks are now shareable
+            seq = Sequence(
+                seq_id=transfer_id, tokens=prompt + [request.first_token_id], num_cached=res.num_prompt_tokens,
+                generated=request.first_token_index + 1,
+                max_tokens=request.first_token_index + res.max_tokens,
+                sampling=sampling,
+                eos_token_ids=frozenset(request.eos_token_ids), ignore_eos=request.sampling.ignore_eos,
+                emit=emit, release=lambda: self._release(transfer_id))
         res.handed = True                                # the scheduler releases the blocks from now on
         self.scheduler.add(seq)
+        first = res.local                                # the first chunk reports the local prefill
         try:
             while True:
                 items = [await queue.get()]
@@ -234,16 +262,21 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
                 tokens = [t for t, _, _ in items if t is not None]
                 logprobs = [logprob_pb(lp) for t, _, lp in items if t is not None and lp is not None]
                 reason = next((r for _, r, _ in items if r is not None), None)
+                extra = {}
+                if first and tokens:
+                    first, res.prefill_pending = False, 0
+                    extra = dict(cached_tokens=res.cached_tokens, prefill_seconds=seq.prefill_seconds)
+                    self.host.metrics.local_prefill(res.num_prompt_tokens - res.cached_tokens)
                 if reason in (FINISH_ABORT, FINISH_ERROR):
                     if tokens:  # made before the failure: the router keeps them and resumes after
-                        yield worker_pb2.DecodeChunk(token_ids=tokens, logprobs=logprobs)
+                        yield worker_pb2.DecodeChunk(token_ids=tokens, logprobs=logprobs, **extra)
                     kind = _FAULTS.get(seq.fault, Unavailable)
                     await abort_with(context, kind(f"decode of {transfer_id} on "
                                                    f"{self.host.worker_id} ended: {seq.error or 'aborted'}"))
                     return
                 yield worker_pb2.DecodeChunk(
                     token_ids=tokens, logprobs=logprobs, finished=reason is not None,
-                    finish_reason=_FINISH.get(reason, inference_pb2.FINISH_REASON_STOP) if reason else 0)
+                    finish_reason=_FINISH.get(reason, inference_pb2.FINISH_REASON_STOP) if reason else 0, **extra)
                 if reason is not None:
                     return
         finally:
@@ -260,6 +293,13 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
     def _check_decode(self, request: worker_pb2.DecodeRequest, res: Reservation) -> SamplingConfig:
         """The request's own inputs, checked before it joins a batch (a bad one would fail the step)."""
         vocab = self.host.model_config.vocab_size
+        if request.local_prefill != res.local:
+            raise InvalidRequest(f"reservation {request.transfer_id} was made " + (
+                "for a local prefill: Decode must set local_prefill" if res.local else
+                "for a pushed prompt: Decode cannot set local_prefill (reserve with local_prefill)"))
+        if res.local and request.sampling.prompt_logprobs:
+            raise InvalidRequest("prompt logprobs are not computed by a local prefill on a decode instance "
+                                 "(send the request through a prefill instance)")
         if len(request.prompt_token_ids) != res.num_prompt_tokens:
             raise InvalidRequest(f"prompt_token_ids has {len(request.prompt_token_ids)} tokens, the reservation "
                                  f"holds {res.num_prompt_tokens}")
@@ -310,7 +350,8 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
     def _info(self) -> worker_pb2.WorkerInfo:
         with self._lock:
             waiting = sum(1 for r in self._reservations.values() if not r.started)
-        return self.host.info(running=self.scheduler.num_running, waiting=waiting)
+            queued = sum(r.prefill_pending for r in self._reservations.values())
+        return self.host.info(running=self.scheduler.num_running, waiting=waiting, queued_tokens=queued)
 
     async def _landed(self, transfer_id: str, deadline: float) -> None:
         """Poll every rank until the KV landed (never blocking the command channel). Each poll
@@ -332,7 +373,8 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         if res is None:
             return
         try:
-            self.instance.cancel(transfer_id)
+            if not res.local:       # a local prefill posted no receives
+                self.instance.cancel(transfer_id)
         except Exception as exc:  # a rank's error, as raised there
             log.warning("cancelling %s: %s", transfer_id, exc)
         if not res.handed:

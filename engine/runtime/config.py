@@ -128,6 +128,10 @@ class RuntimeConfig:
                                 "turns it off; always off on context-parallel instances)")
     max_preemptions: int = option(8, help="decode: times a sequence may be preempted for lack of KV blocks "
                                   "(resumed by recompute) before it fails")
+    prefill_chunk_tokens: int = option(256, help="decode: prompt tokens a decode instance computes per step for "
+                                       "requests it prefills itself (local prefill), in chunks run after each "
+                                       "decode step so running streams keep their TPOT; a multiple of "
+                                       "--block-size")
     rendezvous: Rendezvous = option(default_factory=Rendezvous, nested=True, build=Rendezvous.from_env,
                                     help="where the instance's ranks meet")
 
@@ -146,6 +150,9 @@ class RuntimeConfig:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_preemptions < 0:
             raise ValueError(f"max_preemptions must be >= 0, got {self.max_preemptions}")
+        if self.prefill_chunk_tokens < 1 or (self.block_size > 0 and self.prefill_chunk_tokens % self.block_size):
+            raise ValueError(f"prefill_chunk_tokens must be a positive multiple of block_size ({self.block_size}), "
+                             f"got {self.prefill_chunk_tokens}")
         local = len(self.rendezvous.local_ranks(self.world_size))
         per_rank = max(1, len(self.cpus) // local)        # ranks share cores when there are fewer
         if self.cpus and self.threads > per_rank:
