@@ -41,6 +41,13 @@ def key_prefix_option():
 
 
 ROUTING_POLICIES = ("kv-aware", "least-load")   # router.policy.POLICIES implements each
+# Uncached prompt tokens up to which a request prefills on its decode instance instead of
+# through the prefill pool. 0 (off) until the conditional-disaggregation bench of issue 22
+# measures where local prefill wins on this machine.
+LOCAL_PREFILL_MAX_TOKENS = 0
+# Prompt tokens queued on the least-loaded prefill instance past which the pool counts as
+# saturated and requests prefill on their decode instance instead.
+PREFILL_SATURATED_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,11 @@ class RouterConfig:
     routing_policy: str = option("kv-aware", choices=ROUTING_POLICIES, help="how workers are chosen: kv-aware = "
                                  "by the work a request costs there (prompt tokens its prefix cache lacks, plus its "
                                  "load), from the KV events workers publish; least-load = by load alone")
+    local_prefill_max_tokens: int = option(LOCAL_PREFILL_MAX_TOKENS, help="prefill a request on its decode "
+                                           "instance (no KV handoff) when the prompt tokens that instance's cache "
+                                           "lacks are at most this many; longer prompts go through the prefill pool "
+                                           "unless it is empty or saturated (0 = only then; the default until "
+                                           "measured)")
     discovery_s: float = 0.5           # how often the worker registry is re-read
     max_attempts: int = 3              # prefill / decode attempts per request
     internal_token: str = field(default="", repr=False)  # sent to worker APIs (CLEAVE_INTERNAL_TOKEN)
@@ -92,6 +104,8 @@ class RouterConfig:
         if not 0 <= self.admission_wait_s < float("inf") or self.max_queued < 0:
             raise ValueError(f"admission_wait_s and max_queued must be >= 0, got "
                              f"{self.admission_wait_s} and {self.max_queued}")
+        if self.local_prefill_max_tokens < 0:
+            raise ValueError(f"local_prefill_max_tokens must be >= 0, got {self.local_prefill_max_tokens}")
         if self.routing_policy not in ROUTING_POLICIES:
             raise ValueError(f"routing_policy must be one of {ROUTING_POLICIES}, got {self.routing_policy!r}")
         if self.max_attempts < 1:

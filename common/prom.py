@@ -23,6 +23,7 @@ Router (``RouterMetrics``, label ``model_name``; scraped at ``/metrics`` of its 
 | ``cleave_num_requests_running`` / ``cleave_num_requests_waiting`` | gauge | in flight / waiting for KV room, now |
 | ``cleave_kv_index_mode{pool,mode}`` | gauge | 1 for the KV index's current mode of the pool (``exact``, ``resyncing``, ``approximate``), 0 for the others (``router.kv_index``) |
 | ``cleave_kv_index_blocks{pool}`` | gauge | block hashes the KV index holds for the pool's instances |
+| ``cleave_prefill_route_total{mode,reason}`` | counter | attempts prefilled through the pool or locally on the decode instance, and why |
 | ``cleave_kv_prediction_error_tokens{pool}`` | histogram | delivered minus predicted cached prompt tokens per routed request |
 
 Workers (``WorkerMetrics``, labels ``pool``, ``worker_id``, ``layout`` such as ``tp1-pp2-cp1-ep1``;
@@ -167,6 +168,10 @@ class RouterMetrics:
         self.itl = hist("cleave_inter_token_latency_seconds", "Inter-token latency (s)", ITL_BUCKETS)
         self.e2e = hist("cleave_e2e_request_latency_seconds", "End-to-end request latency (s)", REQUEST_BUCKETS)
         self.queue = hist("cleave_request_queue_time_seconds", "Time waiting for KV room (s)", REQUEST_BUCKETS)
+        self._routes = Counter("cleave_prefill_route", "Attempts by where their prompt was prefilled: mode pool "
+                               "(a prefill instance, then a KV handoff) or local (the decode instance), and why",
+                               lbl + ["mode", "reason"], registry=self.registry)
+        self._routes_seen: set[tuple[str, str]] = set()
         self._miss = Histogram("cleave_kv_prediction_error_tokens", "Delivered minus predicted cached prompt tokens "
                                "of a routed request (0: the KV index was right; < 0: a routing miss, e.g. a stale "
                                "index or an eviction)", lbl + ["pool"], buckets=PREDICTION_BUCKETS,
@@ -199,6 +204,14 @@ class RouterMetrics:
 
     def internal_error(self) -> None:
         self.internal_errors.inc()
+
+    def prefill_route(self, mode: str, reason: str) -> bool:
+        """One attempt prefilled in ``mode`` ("pool" or "local") for ``reason``; True the first
+        time this pair is seen (the caller logs it once)."""
+        self._routes.labels(self._model, mode, reason).inc()
+        first = (mode, reason) not in self._routes_seen
+        self._routes_seen.add((mode, reason))
+        return first
 
     def prediction(self, pool: str, predicted: int, delivered: int) -> None:
         """The KV index predicted ``predicted`` cached prompt tokens on ``pool``'s chosen worker;

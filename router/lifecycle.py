@@ -33,6 +33,7 @@ import grpc
 
 from cleave.v1 import inference_pb2, worker_pb2
 from common.errors import Exhausted, InvalidRequest, NoKVRoom, Unavailable, answered_as, is_request_fault
+from common.config import PREFILL_SATURATED_TOKENS
 from common.kv_hash import chain_root
 from router.kv_index import PromptHashes
 from router.request_state import RequestRecorder, RequestState, claim
@@ -132,6 +133,13 @@ class RequestRun:
         prompt = req.prompt_ids + self.generated
         remaining = req.sampling.max_tokens - len(self.generated)
         hashes = PromptHashes(prompt)             # one hash pass per distinct chain root
+        mode, why = self._prefill_route(prompt, remaining, hashes)
+        if core.prom.prefill_route(mode, why):
+            log.info("prefill route %s (%s), first seen on request %s", mode, why, req.request_id)
+        if mode == "local":
+            async for delta in self._local_attempt(prompt, remaining, hashes, why):
+                yield delta
+            return
         prefill, predicted = await self._pick_prefill(prompt, hashes)
         # claimed before any await, so the requests of a burst see each other and spread
         with claim(prefill, len(prompt)) as prefill_load:
@@ -147,7 +155,8 @@ class RequestRun:
             try:
                 rec.to(RequestState.PREFILLING, attempts=self.attempts, prefill_worker=prefill.record.worker_id,
                        decode_worker=decode.record.worker_id, decode_cached_tokens=landing.num_cached_tokens,
-                       predicted_cached_tokens=predicted, predicted_decode_cached_tokens=predicted_decode)
+                       predicted_cached_tokens=predicted, predicted_decode_cached_tokens=predicted_decode,
+                       prefill_mode="pool", prefill_reason=why)
                 prefill_call = prefill.stub.Prefill(worker_pb2.PrefillRequest(
                     request_id=req.request_id, token_ids=prompt, sampling=self._sampling(), seed=req.seed,
                     landing=landing, output_index=len(self.generated),
@@ -186,6 +195,60 @@ class RequestRun:
                     if call is not None:
                         call.cancel()
                 self._abort_later(decode, landing.transfer_id)
+
+    def _prefill_route(self, prompt: list[int], remaining: int, hashes: PromptHashes) -> tuple[str, str]:
+        """``("local", why)`` when this attempt prefills on its decode instance (conditional
+        disaggregation: the prefill pool is empty or saturated, or the tokens the best decode
+        instance's cache lacks are at most ``--local-prefill-max-tokens``), else ``("pool", why)``.
+        Requests for prompt logprobs or for no new token always use the pool."""
+        core = self.core
+        if remaining == 0 or self.req.sampling.prompt_logprobs:
+            return "pool", "prompt scoring"
+        decodes, prefills = core.directory.pool("decode"), core.directory.pool("prefill")
+        if not prefills:
+            return "local", "no prefill instance"
+        if not decodes:
+            return "pool", "no decode instance yet"
+        short = core.cfg.local_prefill_max_tokens
+        if short and len(prompt) - max(self._predict("decode", w, prompt, hashes) for w in decodes) <= short:
+            return "local", "short"
+        if min(w.record.load.get("queued_tokens", 0) + w.inflight_tokens for w in prefills) >= PREFILL_SATURATED_TOKENS:
+            return "local", "prefill pool saturated"
+        return "pool", "long"
+
+    async def _local_attempt(self, prompt: list[int], remaining: int, hashes: PromptHashes, why: str):
+        """One attempt prefilled by its decode instance: reserve there (``local_prefill``), then
+        one Decode call that streams the first token and the rest."""
+        req, rec = self.req, self.recorder
+        decode, landing, decode_load, predicted = await self._reserve(prompt, remaining, None, hashes, local=True)
+        if self.t_admitted is None:
+            self.t_admitted = time.time()
+        call = None
+        try:
+            rec.to(RequestState.PREFILLING, attempts=self.attempts, prefill_worker=decode.record.worker_id,
+                   decode_worker=decode.record.worker_id, decode_cached_tokens=landing.num_cached_tokens,
+                   predicted_decode_cached_tokens=predicted, prefill_mode="local", prefill_reason=why)
+            call = decode.stub.Decode(worker_pb2.DecodeRequest(
+                transfer_id=landing.transfer_id, prompt_token_ids=prompt, first_token_index=len(self.generated),
+                sampling=self._sampling(), seed=req.seed, eos_token_ids=req.eos_token_ids, local_prefill=True),
+                timeout=self._time_left())
+            first = True
+            async for chunk in self._rpc(decode, call):
+                if first:
+                    first = False
+                    if self.cached_tokens is None:
+                        self.cached_tokens = chunk.cached_tokens
+                    self._delivered("decode", predicted, chunk.cached_tokens)
+                    rec.to(RequestState.DECODING)
+                yield Delta(list(chunk.token_ids), (chunk.finish_reason or STOP) if chunk.finished else None,
+                            list(chunk.logprobs))
+                if chunk.finished:
+                    return
+        finally:
+            decode_load.release()
+            if call is not None:
+                call.cancel()
+            self._abort_later(decode, landing.transfer_id)
 
     async def _prefill_only(self, prefill: WorkerHandle, prompt: list[int]):
         """A prefill with no KV push and no decode; its sampled token is dropped."""
@@ -296,7 +359,8 @@ class RequestRun:
     def _block_size(worker: WorkerHandle) -> int:
         return max(1, int(worker.record.capacity.get("block_size", 16)))
 
-    async def _reserve(self, prompt: list[int], max_tokens: int, prefill: WorkerHandle, hashes: PromptHashes):
+    async def _reserve(self, prompt: list[int], max_tokens: int, prefill: WorkerHandle | None,
+                       hashes: PromptHashes, local: bool = False):
         """``(decode worker, landing descriptor, the claim on it, the cached tokens the KV index
         predicted there)``: a reservation for the prompt
         plus one token (what the decode instance reserves; later blocks come on demand), waiting
@@ -305,7 +369,7 @@ class RequestRun:
         core, num_tokens = self.core, len(prompt)
         needed = num_tokens + 1
         give_up = time.time() + core.cfg.admission_wait_s
-        layout = inference_pb2.Layout(**{k: int(v) for k, v in prefill.record.layout.items()})
+        layout = inference_pb2.Layout(**{k: int(v) for k, v in (prefill.record.layout if prefill else {}).items()})
         queued, refusal, kv_only = False, "none", True   # kv_only: every refusal was for KV room
         try:
             while True:
@@ -325,7 +389,7 @@ class RequestRun:
                     load = claim(worker, needed)
                     landing = None
                     try:
-                        landing, why, room = await self._try_reserve(worker, prompt, max_tokens, layout)
+                        landing, why, room = await self._try_reserve(worker, prompt, max_tokens, layout, local)
                         refusal, kv_only = why or refusal, kv_only and room
                     finally:
                         if landing is None:
@@ -346,13 +410,15 @@ class RequestRun:
             if queued:
                 queued.release()
 
-    async def _try_reserve(self, worker: WorkerHandle, prompt: list[int], max_tokens: int, layout):
+    async def _try_reserve(self, worker: WorkerHandle, prompt: list[int], max_tokens: int, layout,
+                           local: bool = False):
         """``(landing descriptor, None, True)``, or ``(None, why, whether it was for KV room)``
         when the worker refused or failed. Raises InvalidRequest for a request it can never take."""
         try:
             landing = await worker.stub.Reserve(worker_pb2.ReserveRequest(
                 request_id=self.req.request_id, num_prompt_tokens=len(prompt), max_tokens=max_tokens,
                 prompt_token_ids=prompt,  # the decode instance reuses its cached prefix blocks
+                local_prefill=local,      # it computes the prompt itself: nothing is pushed
                 # the reservation lives as long as the request may; the push itself is bounded by
                 # transfer_timeout_s from when it starts (a long prefill must not eat its budget)
                 deadline_unix=self.req.deadline if self.req.deadline < float("inf") else 0.0,

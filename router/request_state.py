@@ -37,7 +37,9 @@ TERMINAL_STATES = frozenset({RequestState.FINISHED, RequestState.FAILED, Request
 _RUNNING = (RequestState.PREFILLING, RequestState.TRANSFERRING, RequestState.DECODING)
 ALLOWED: dict[RequestState, frozenset[RequestState]] = {
     RequestState.QUEUED: frozenset({RequestState.PREFILLING}) | TERMINAL_STATES,
-    RequestState.PREFILLING: frozenset({RequestState.PREFILLING, RequestState.TRANSFERRING}) | TERMINAL_STATES,
+    # PREFILLING -> DECODING: a decode instance prefilled the prompt itself (no transfer)
+    RequestState.PREFILLING: frozenset({RequestState.PREFILLING, RequestState.TRANSFERRING, RequestState.DECODING})
+    | TERMINAL_STATES,
     RequestState.TRANSFERRING: frozenset({RequestState.DECODING, RequestState.PREFILLING}) | TERMINAL_STATES,
     RequestState.DECODING: frozenset({RequestState.PREFILLING}) | TERMINAL_STATES,
     **{s: frozenset() for s in TERMINAL_STATES},

@@ -4,7 +4,7 @@ Lifecycle: :func:`serve_router` loads the tokenizer and model shape (no weights)
 to Redis, starts the worker directory, binds the public server (with ``grpc.health.v1`` and
 server reflection) and the OpenAI-compatible HTTP API with ``/metrics`` on ``http_port``
 (``router.openai_api``, same event loop) and serves until SIGTERM/SIGINT. Health is SERVING while at least one
-prefill and one decode worker are registered.
+decode worker is registered (decode instances prefill themselves when no prefill worker is).
 
 Per ``Generate`` call: :meth:`router.core.RouterCore.generate` (the one request lifecycle,
 shared with the HTTP front door) yields the deltas; its errors become gRPC statuses here
@@ -70,12 +70,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
 
 async def _track_health(core: RouterCore, servicer) -> None:
-    """Health follows the pools (SERVING once each has a worker); the router's queue is
-    published for the planner on the same beat."""
+    """Health follows the decode pool (SERVING once it has a worker: decode instances prefill
+    themselves when the prefill pool is empty, ``--prefill-instances 0``); the router's queue
+    is published for the planner on the same beat."""
     serving = None
     while True:
         await core.metrics.publish(waiting_for_kv=core.queued, active=len(core.active))
-        ok = bool(core.directory.registered("prefill")) and bool(core.directory.registered("decode"))
+        ok = bool(core.directory.registered("decode"))
         if ok != serving:
             serving = ok
             status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -73,7 +73,8 @@ class StackConfig:
     host: str = host_option()
     redis_url: str = option("", help="use this Redis instead of a private one")
     model: str = model_option()
-    prefill_instances: int = option(1, help="prefill instances to start")
+    prefill_instances: int = option(1, help="prefill instances to start (0 = aggregated serving: decode "
+                                    "instances prefill every prompt themselves)")
     decode_instances: int = option(1, help="decode instances to start")
     prefill: WorkerConfig = field(default_factory=_templates("prefill"))
     decode: WorkerConfig = field(default_factory=_templates("decode"))
@@ -101,8 +102,8 @@ class StackConfig:
         if not 0 <= self.http_port <= 65535 or (self.http_port and self.http_port == self.port):
             raise ValueError(f"http_port must be in 0..65535 and differ from port, got {self.http_port} "
                              f"(port {self.port})")
-        if self.prefill_instances < 1 or self.decode_instances < 1:
-            raise ValueError(f"need at least one instance per pool, got prefill={self.prefill_instances} "
+        if self.prefill_instances < 0 or self.decode_instances < 1:
+            raise ValueError(f"need prefill >= 0 and decode >= 1 instances, got prefill={self.prefill_instances} "
                              f"decode={self.decode_instances}")
         if (self.prefill.pool, self.decode.pool) != ("prefill", "decode"):
             raise ValueError(f"the prefill and decode templates are for pools 'prefill' and 'decode', got "

@@ -141,8 +141,8 @@ class FakeStack:
     def __init__(self, redis_url: str, prefill: int = 2, decode: int = 2, *, vocab: int = 512,
                  block_size: int = 4, prefill_blocks: int = 64, decode_blocks: int = 64,
                  checksum: bool = True, heartbeat_s: float = 0.2, worker: dict | None = None, **router) -> None:
-        if prefill < 1 or decode < 1:
-            raise ValueError(f"a stack needs >= 1 prefill and >= 1 decode worker, got {prefill} and {decode}")
+        if prefill < 0 or decode < 1:
+            raise ValueError(f"a stack needs >= 0 prefill and >= 1 decode worker, got {prefill} and {decode}")
         self.redis_url = redis_url
         self.model = tiny_config(vocab=vocab)
         self.router_cfg = RouterConfig(redis_url=redis_url, **{**ROUTER_DEFAULTS, **router})

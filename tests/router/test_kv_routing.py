@@ -81,3 +81,44 @@ def test_with_events_stopped_the_index_turns_approximate_and_requests_still_succ
 
 def _all_free(blocks: dict) -> bool:
     return all(free == total for free, total in blocks.values())
+
+
+def test_short_uncached_prompts_prefill_on_their_decode_instance(redis_url):
+    """Conditional disaggregation: at most ``local_prefill_max_tokens`` uncached tokens prefill
+    on the decode instance (no handoff), longer ones through the pool; tokens are exact either
+    way, and a next turn whose new part is short is local with its history cached."""
+    async def main():
+        async with FakeStack(redis_url, prefill=1, decode=1, local_prefill_max_tokens=24) as stack:
+            short = list(range(30, 50))
+            out = await stack.generate(short, 6, request_id="short")
+            assert out.error is None and out.token_ids == stack.expected(short, 6)
+            assert (out.record["prefill_mode"], out.record["prefill_reason"]) == ("local", "short")
+            assert out.record["prefill_worker"] == out.record["decode_worker"] == "decode-0"
+            assert "kv_transfer_bytes" not in out.record
+            long = list(range(100, 160))
+            out = await stack.generate(long, 6, request_id="long")
+            assert out.error is None and out.token_ids == stack.expected(long, 6)
+            assert (out.record["prefill_mode"], out.record["prefill_worker"]) == ("pool", "prefill-0")
+            await asyncio.sleep(0.3)                   # the events of the finished turn reach the index
+            turn2 = long + out.token_ids + [7, 8, 9]
+            out = await stack.generate(turn2, 6, request_id="turn-2")
+            assert out.error is None and out.token_ids == stack.expected(turn2, 6)
+            assert out.record["prefill_mode"] == "local"
+            assert int(out.record["cached_tokens"]) == (len(long) + 6 - 1) // BLOCK * BLOCK
+            assert _all_free(await stack.settle())
+
+    asyncio.run(main())
+
+
+def test_without_prefill_instances_every_request_prefills_on_decode(redis_url):
+    """``--prefill-instances 0``: aggregated serving from the same binaries."""
+    async def main():
+        async with FakeStack(redis_url, prefill=0, decode=2) as stack:
+            prompts = [list(range(i, i + 40)) for i in (1, 50, 99)]
+            outs = await asyncio.gather(*(stack.generate(p, 8, request_id=f"agg-{i}") for i, p in enumerate(prompts)))
+            for p, out in zip(prompts, outs):
+                assert out.error is None and out.token_ids == stack.expected(p, 8)
+                assert (out.record["prefill_mode"], out.record["prefill_reason"]) == ("local", "no prefill instance")
+            assert _all_free(await stack.settle())
+
+    asyncio.run(main())

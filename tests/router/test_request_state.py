@@ -42,7 +42,7 @@ def test_the_lifecycles_of_design_4_are_recorded_in_order(path):
 
 @pytest.mark.parametrize("before, after", [
     (S.FINISHED, S.DECODING), (S.CANCELLED, S.FINISHED), (S.QUEUED, S.DECODING), (S.QUEUED, S.TRANSFERRING),
-    (S.PREFILLING, S.DECODING), (S.DECODING, S.TRANSFERRING), (S.FAILED, S.FAILED),
+    (S.DECODING, S.TRANSFERRING), (S.FAILED, S.FAILED),   # PREFILLING -> DECODING: a local prefill
 ])
 def test_an_illegal_transition_raises(before, after):
     rec = RequestRecorder(Store(), "r1")
