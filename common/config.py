@@ -42,8 +42,10 @@ def key_prefix_option():
 
 ROUTING_POLICIES = ("kv-aware", "least-load")   # router.policy.POLICIES implements each
 # Uncached prompt tokens up to which a request prefills on its decode instance instead of
-# through the prefill pool. 0 (off) until the conditional-disaggregation bench of issue 22
-# measures where local prefill wins on this machine.
+# through the prefill pool. 0: measured with bench/routing.py (README "Routing and conditional
+# disaggregation", 2-core Xeon, SmolLM2 fp32), disaggregation had the best goodput and TPOT on
+# both workloads; local prefill (128 or 512) only cut short prompts' TTFT in a mixed load, at
+# about 40 % more TPOT. A TTFT-bound deployment with mixed prompt lengths may set 128.
 LOCAL_PREFILL_MAX_TOKENS = 0
 # Prompt tokens queued on the least-loaded prefill instance past which the pool counts as
 # saturated and requests prefill on their decode instance instead.
@@ -82,8 +84,8 @@ class RouterConfig:
     local_prefill_max_tokens: int = option(LOCAL_PREFILL_MAX_TOKENS, help="prefill a request on its decode "
                                            "instance (no KV handoff) when the prompt tokens that instance's cache "
                                            "lacks are at most this many; longer prompts go through the prefill pool "
-                                           "unless it is empty or saturated (0 = only then; the default until "
-                                           "measured)")
+                                           "unless it is empty or saturated (0 = only then: the default, "
+                                           "measured best for goodput on CPU; see README)")
     discovery_s: float = 0.5           # how often the worker registry is re-read
     max_attempts: int = 3              # prefill / decode attempts per request
     internal_token: str = field(default="", repr=False)  # sent to worker APIs (CLEAVE_INTERNAL_TOKEN)
