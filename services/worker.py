@@ -162,11 +162,13 @@ class RunningWorker:
 
     def __init__(self, host: WorkerHost, servicer, server: grpc.aio.Server, client=None,
                  heartbeat: Heartbeat | None = None, beat_task: asyncio.Task | None = None,
-                 kv_events: KvEventPublisher | None = None, kv_task: asyncio.Task | None = None) -> None:
+                 kv_events: KvEventPublisher | None = None, kv_task: asyncio.Task | None = None,
+                 events_client=None) -> None:
         self.host, self.servicer, self.server = host, servicer, server
         self.heartbeat = heartbeat
         self.kv_events = kv_events   # the KV event publisher (services.kv_events), None when off
         self._client, self._beat_task, self._kv_task = client, beat_task, kv_task
+        self._events_client = events_client   # the publisher's own: its timeouts never touch the heartbeat
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Leave the registry (the last KV events published, the KV snapshot deleted), stop the
@@ -180,6 +182,7 @@ class RunningWorker:
             await self.heartbeat.deregister()  # leave the routing set first
             if self.kv_events is not None:
                 await self.kv_events.close()   # last events out, snapshot deleted (never raises)
+                await self._events_client.aclose()
             await self._client.aclose()
         await self.server.stop(grace=grace)
         await self.servicer.stop()
@@ -204,14 +207,15 @@ async def start_worker(host: WorkerHost, make_servicer: Callable[[WorkerHost], o
     client = connect_redis(cfg.redis_url)
     heartbeat = Heartbeat(client, cfg.key_prefix, host.record, cfg.heartbeat_s, cfg.ttl_s)
     await heartbeat.beat()
-    kv_events = kv_task = None
-    if cfg.kv_events:
-        kv_events = KvEventPublisher(client, cfg.key_prefix, cfg.pool, host.worker_id, host.incarnation,
+    kv_events = kv_task = events_client = None
+    if cfg.kv_events:   # a client of its own: a publisher call cut by its timeout never stalls the heartbeat
+        events_client = connect_redis(cfg.redis_url)
+        kv_events = KvEventPublisher(events_client, cfg.key_prefix, cfg.pool, host.worker_id, host.incarnation,
                                      host.blocks, host.metrics, snapshot_s=cfg.kv_snapshot_interval_s)
         await kv_events.start()   # the first snapshot (s = 0), before any event entry
         kv_task = asyncio.create_task(kv_events.run())
     return RunningWorker(host, servicer, server, client, heartbeat, asyncio.create_task(heartbeat.run()),
-                         kv_events, kv_task)
+                         kv_events, kv_task, events_client)
 
 
 async def serve_worker(cfg: WorkerConfig, make_servicer: Callable[[WorkerHost], object],

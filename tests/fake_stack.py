@@ -192,6 +192,7 @@ class FakeStack:
         if worker._kv_task is not None:       # nor KV events: its snapshot lives out its TTL
             worker._kv_task.cancel()
             worker._kv_task = None
+            await worker._events_client.aclose()
         await worker._client.aclose()
         await worker.server.stop(grace=None)
         await worker.servicer.stop()
