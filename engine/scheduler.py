@@ -459,23 +459,10 @@ class DecodeScheduler:
         except Exception as exc:
             self._finish(seq, FINISH_ERROR, error=f"committing the prompt's KV failed: {exc}")
             return
-        seq.tokens.append(token)
-        seq.generated += 1
-        if token in seq.eos_token_ids and not seq.ignore_eos:
-            reason = FINISH_STOP
-        elif seq.generated >= seq.max_tokens:
-            reason = FINISH_LENGTH
-        else:
-            reason = None
-        try:
-            seq.emit(token, reason, logprob)
-        except Exception as exc:
-            log.exception("emitting the first token of %s failed", seq.seq_id)
-            self._finish(seq, FINISH_ERROR, error=f"emitting a token failed: {exc}")
+        self._deliver(seq, token, logprob)
+        if seq.finished is not None:                        # EOS, length, or its emit failed
             return
-        if reason is not None:
-            self._finish(seq, reason, emitted=True)
-        elif len(self._running) < self.max_batch and not self._waiting:
+        if len(self._running) < self.max_batch and not self._waiting:
             self._running[seq.seq_id] = seq
         else:
             self._waiting.append(seq)
@@ -514,22 +501,28 @@ class DecodeScheduler:
                 self._finish(seq, FINISH_ERROR, error=str(token), fault="request")
                 continue
             seq.num_cached += 1
-            seq.generated += 1
-            seq.tokens.append(token)
-            if token in seq.eos_token_ids and not seq.ignore_eos:
-                reason = FINISH_STOP
-            elif seq.generated >= seq.max_tokens:
-                reason = FINISH_LENGTH
-            else:
-                reason = None
-            try:
-                seq.emit(token, reason, logprob)
-            except Exception as exc:
-                log.exception("emitting a token of %s failed", seq.seq_id)
-                self._finish(seq, FINISH_ERROR, error=f"emitting a token failed: {exc}")
-                continue
-            if reason is not None:
-                self._finish(seq, reason, emitted=True)
+            self._deliver(seq, token, logprob)
+
+    def _deliver(self, seq: Sequence, token: int, logprob) -> None:
+        """Append a sampled ``token`` to ``seq``, emit it with the finish reason it brings (EOS
+        unless ignored, or ``max_tokens`` reached) and end the sequence then; a raising emit
+        callback ends it with an error. Decode steps and a local prefill's first token share it."""
+        seq.tokens.append(token)
+        seq.generated += 1
+        if token in seq.eos_token_ids and not seq.ignore_eos:
+            reason = FINISH_STOP
+        elif seq.generated >= seq.max_tokens:
+            reason = FINISH_LENGTH
+        else:
+            reason = None
+        try:
+            seq.emit(token, reason, logprob)
+        except Exception as exc:
+            log.exception("emitting a token of %s failed", seq.seq_id)
+            self._finish(seq, FINISH_ERROR, error=f"emitting a token failed: {exc}")
+            return
+        if reason is not None:
+            self._finish(seq, reason, emitted=True)
 
     def _forward_and_sample(self, seqs: list[Sequence]) -> tuple[list, list]:
         """One forward pass over ``seqs``: a token (or the row's SamplingError) for each, and its
