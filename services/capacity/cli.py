@@ -3,7 +3,7 @@
     cleave plan --model NAME_OR_DIR --hardware NAME --gpus N [--gpus-per-node N]
                 --prompt TOKENS --output TOKENS (--batch B | --rate R) [--ttft SECONDS]
                 [--tpot SECONDS] [--weight-dtype bf16|fp8|int8|int4] [--kv-dtype ...]
-                [--format table|json] [--helm-values FILE]
+                [--format table|json] [--helm-values FILE] [--prefill-chunk-tokens 256] [--no-aggregated]
     cleave plan sweep --model M (--hardware NAME | --hardware-file FILE.yaml) --vary tp|pp|link-bw|batch|prompt
                 [--values 1,2,4,8] [--tp N --pp N --ep N] [--batch B] [--threshold 0.5] ...
     cleave plan --calibrate [--profile FILE]        # measure this machine -> --hardware local
@@ -47,6 +47,10 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="table", choices=["table", "json"], help="output format")
     p.add_argument("--helm-values", default="", metavar="FILE", help="write Helm chart values deploying the recommendation")
     p.add_argument("--top", type=int, default=12, help="table rows per pool")
+    p.add_argument("--prefill-chunk-tokens", type=int, default=256, help="aggregated serving: prompt tokens a "
+                   "decode instance prefills per step (the workers' --prefill-chunk-tokens)")
+    p.add_argument("--no-aggregated", dest="compare_aggregated", action="store_false", help="leave out the "
+                   "aggregated-vs-disaggregated comparison")
     p.add_argument("--micro-batches", type=int, default=0, help="PP micro-batches (0 = min(pp, batch))")
     p.add_argument("--expert-imbalance", type=float, default=0.0, help="busiest EP rank's expert load over "
                    "the mean (0 = from --redis-url expert counts, else 1.2)")
@@ -115,7 +119,8 @@ def build_request(args):
     hw = build_hardware(args)
     return PlanRequest(model=model, hardware=hw, gpus=args.gpus, prompt=args.prompt, output=args.output,
                        batch=args.batch, rate=args.rate, ttft_s=args.ttft, tpot_s=args.tpot,
-                       options=_options(args, model, hw))
+                       options=_options(args, model, hw), prefill_chunk_tokens=args.prefill_chunk_tokens,
+                       compare_aggregated=args.compare_aggregated)
 
 
 def build_sweep(args):

@@ -345,6 +345,16 @@ def prefill_time(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, 
     return _prefill_pass(model, hw, lay, opt, _Step(tokens, keys, tokens, batch, ring), _micro(opt, lay, batch))
 
 
+def chunk_prefill_time(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, tokens: int,
+                       context: int) -> Breakdown:
+    """One forward of a prompt chunk on a decode instance (chunked prefill): ``tokens`` new rows
+    attending to ``context`` earlier tokens of the prompt (read from the KV cache) and, causally,
+    to each other: ``context + (tokens + 1) / 2`` keys per row, ``context + tokens`` KV rows read
+    or written; one micro-batch (``services.capacity.aggregated``; Sarathi-Serve, OSDI 2024)."""
+    step = _Step(tokens, context + (tokens + 1) / 2, context + tokens, 1)
+    return _prefill_pass(model, hw, lay, opt, step, 1)
+
+
 def decode_step_time(model: ModelSpec, hw: Hardware, lay: Layout, opt: CostOptions, batch: float,
                      context: float) -> Breakdown:
     """One decode step of ``batch`` sequences (one micro-batch) attending to ``context`` tokens

@@ -26,7 +26,9 @@ GPU (tokens/s of SLO-meeting work per GPU), then latency. The recommendation is,
 mode, the deployable candidate needing the fewest GPUs (ties go to the smaller instance —
 replicas scale and fail independently — then to goodput per GPU), in batch
 mode the top-ranked deployable one; the runner-up is the next distinct candidate, with the
-reason it ranked lower.
+reason it ranked lower. ``services.capacity.aggregated`` then compares that disaggregated
+recommendation with aggregated serving (decode instances prefilling their own prompts) on the
+same GPU budget: the ``aggregated_vs_disaggregated`` section.
 """
 from __future__ import annotations
 
@@ -56,9 +58,11 @@ class PlanRequest:
     ttft_s: float | None = None
     tpot_s: float | None = None
     options: CostOptions = field(default_factory=CostOptions)
+    prefill_chunk_tokens: int = 256     # aggregated: prompt tokens a decode instance prefills per step
+    compare_aggregated: bool = True     # add the "aggregated_vs_disaggregated" section
 
     def __post_init__(self) -> None:
-        for name in ("gpus", "prompt", "output"):
+        for name in ("gpus", "prompt", "output", "prefill_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if (self.batch > 0) == (self.rate > 0):
@@ -240,7 +244,11 @@ def plan(req: PlanRequest) -> dict:
             rec["kv_handoff_s"] = kv_handoff_time(req.model, req.hardware, req.options, req.prompt,
                                                   Layout(p["tp"], p["pp"], p["cp"], p["ep"]),
                                                   Layout(d["tp"], d["pp"], d["cp"], d["ep"]))
-    return {"candidates": out, "recommendation": rec, "inputs": _inputs(req)}
+    result = {"candidates": out, "recommendation": rec, "inputs": _inputs(req)}
+    if req.compare_aggregated:
+        from services.capacity.aggregated import compare     # imports this module
+        result["aggregated_vs_disaggregated"] = compare(req, result)
+    return result
 
 
 def _inputs(req: PlanRequest) -> dict:
