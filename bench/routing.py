@@ -12,8 +12,9 @@ Redis hash (``cleave:req:<id>``) is read after the run. Default model SmolLM2-13
 1. **Routing**: ``--conversations`` chats running at once, ``--turns`` turns each; a turn's user
    message is about ``--turn-tokens`` tokens of ``bench/data`` text, the reply
    ``--reply-tokens`` tokens goes into the history, ``--think`` s between a reply and the next
-   turn. Through TWO prefill and TWO decode instances (on this machine's cores, shared), once with
-   ``--routing-policy least-load`` and once with ``kv-aware``: TTFT p50/p90, TPOT p90,
+   turn (run by ``services.loadgen.conversations``, the driver of ``cleave bench
+   --conversations``). Through TWO prefill and TWO decode instances (on this machine's cores,
+   shared), once with ``--routing-policy least-load`` and once with ``kv-aware``: TTFT p50/p90, TPOT p90,
    throughput (output tokens / wall), hit rate (sum of ``usage...cached_tokens`` / prompt tokens),
    and the router's prediction error: mean |predicted_cached_tokens - cached_tokens| over the
    requests prefilled by the pool, mean |predicted_decode_cached_tokens - decode_cached_tokens|
@@ -47,7 +48,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from common.config import RouterConfig  # noqa: E402
 from services.launcher import LocalStack, StackConfig, workers  # noqa: E402
-from services.loadgen.backends import Timing  # noqa: E402
+from services.loadgen.backends import OpenAIBackend, Timing  # noqa: E402
+from services.loadgen.conversations import Conversation, run_conversations  # noqa: E402
+from services.loadgen.report import hit_rate  # noqa: E402
+from services.loadgen.runner import LoadConfig  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -90,10 +94,6 @@ async def send(s, url: str, body: dict, rid: str) -> tuple[Timing, dict, str]:
     return t, usage, "".join(text)
 
 
-def cached_of(usage: dict) -> int:
-    return ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-
-
 def hashes(stack, rids: list[str]) -> list[dict]:
     import redis
     r = redis.Redis.from_url(stack.redis_url, password=stack.redis_password or None, decode_responses=True)
@@ -127,23 +127,18 @@ def start_stack(prefill: int, decode: int, router: dict | None = None, **cfg) ->
 
 # ---- 1. routing on multi-turn conversations ------------------------------------------------------
 async def _conversations(stack, texts: list[list[str]], reply_tokens: int, think: float, tag: str):
-    url = stack.http_url + "/chat/completions"
-    rows = []   # (conversation, turn, rid, Timing, usage)
-
-    async def conv(c: int, s) -> None:
-        history = []
-        for t, text in enumerate(texts[c], 1):
-            history.append({"role": "user", "content": f"Part {t} of the story:\n\n{text}\n\nWhat happens in it?"})
-            rid = f"{tag}-c{c}-t{t}"
-            timing, usage, reply = await send(s, url, {"model": "", "max_tokens": reply_tokens,
-                                                       "messages": history}, rid)
-            rows.append((c, t, rid, timing, usage))
-            history.append({"role": "assistant", "content": reply})
-            await asyncio.sleep(think)
-
-    async with session() as s:
-        await asyncio.gather(*(conv(c, s) for c in range(len(texts))))
-    return rows
+    """All conversations at once through the router's chat API (``cleave bench``'s conversation
+    driver): rows of (turn, request id, Timing) and the measured seconds."""
+    convs = [Conversation(tuple(f"Part {t} of the story:\n\n{text}\n\nWhat happens in it?"
+                                for t, text in enumerate(parts, 1)),
+                          (reply_tokens,) * len(parts), (think,) * (len(parts) - 1)) for parts in texts]
+    backend = OpenAIBackend(stack.http_url, chat=True, timeout_s=900)
+    try:
+        run = await run_conversations(backend, convs, LoadConfig(concurrency=len(convs)), request_id=tag)
+    finally:
+        await backend.close()
+    rows = [(t, f"{tag}-c{c}-t{t}", timing) for c, t, timing in zip(run.conversation, run.turns, run.timings)]
+    return rows, run.seconds
 
 
 def routing_part(args, tokenizer) -> list[dict]:
@@ -157,19 +152,16 @@ def routing_part(args, tokenizer) -> list[dict]:
         try:
             asyncio.run(_conversations(stack, [texts[-2:-1], texts[-1:]], 4, 0.0, f"warm-{policy}"))
             time.sleep(0.5)
-            w0 = time.perf_counter()
-            rows = asyncio.run(_conversations(stack, convs, args.reply_tokens, args.think, policy))
-            wall = time.perf_counter() - w0
-            hs = hashes(stack, [r[2] for r in rows])
+            rows, wall = asyncio.run(_conversations(stack, convs, args.reply_tokens, args.think, policy))
+            hs = hashes(stack, [r[1] for r in rows])
         finally:
             stack.stop()
-        f = figures([r[3] for r in rows], wall)
-        prompt = sum(r[4].get("prompt_tokens", 0) for r in rows)
-        cached = sum(cached_of(r[4]) for r in rows)
-        later = [r for r in rows if r[1] > 1]
-        f.update(policy=policy, prompt=prompt, cached=cached, hit=cached / max(1, prompt),
-                 hit_later=sum(cached_of(r[4]) for r in later) / max(1, sum(r[4].get("prompt_tokens", 0) for r in later)),
-                 ttft_later_p50=pct([r[3].ttft for r in later if r[3].ok], 50))
+        timings = [r[2] for r in rows]
+        later = [r[2] for r in rows if r[0] > 1]
+        f = figures(timings, wall)
+        f.update(policy=policy, prompt=sum(t.prompt_tokens for t in timings if t.ok),
+                 cached=sum(t.cached_tokens for t in timings if t.ok), hit=hit_rate(timings) or 0.0,
+                 hit_later=hit_rate(later) or 0.0, ttft_later_p50=pct([t.ttft for t in later if t.ok], 50))
         pool = [h for h in hs if h.get("prefill_mode") == "pool" and "predicted_cached_tokens" in h]
         f["mae_prefill"] = statistics.mean(abs(int(h["predicted_cached_tokens"]) - int(h.get("cached_tokens", 0)))
                                            for h in pool) if pool else float("nan")

@@ -3,7 +3,10 @@
 A backend's :meth:`send` runs one request to the end and returns a :class:`Timing`: when it
 was sent, when each piece of output arrived (monotonic seconds) and how many tokens came.
 Output is requested with ``ignore_eos`` so every request makes exactly ``max_tokens`` tokens
-(the load is the one asked for, as in ``vllm bench serve``'s random dataset).
+(the load is the one asked for, as in ``vllm bench serve``'s random dataset). The timing also
+keeps the reply (token ids over gRPC, text over the OpenAI API), which a multi-turn
+conversation puts into its history, and the prompt tokens the server's prefix cache served
+(``Usage.cached_tokens``; OpenAI's ``usage.prompt_tokens_details.cached_tokens``).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from cleave.v1 import inference_pb2, inference_pb2_grpc
-from services.loadgen.datasets import BenchRequest
+from services.loadgen.datasets import BenchRequest, render
 
 BACKENDS = ("grpc", "openai", "openai-chat")
 
@@ -27,6 +30,9 @@ class Timing:
     chunks: list[float] = field(default_factory=list)   # arrival of each piece of output
     prompt_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0            # prompt tokens served from the server's prefix cache
+    output_ids: list[int] = field(default_factory=list)   # the reply's token ids (gRPC)
+    output_text: str = ""             # the reply's text (OpenAI API)
     error: str = ""
 
     @property
@@ -52,6 +58,11 @@ class Timing:
     def itls(self) -> list[float]:
         return [b - a for a, b in zip(self.chunks, self.chunks[1:])]
 
+    @property
+    def reply(self) -> tuple[int, ...] | str:
+        """The reply as a conversation's history holds it: token ids (gRPC) or text (OpenAI)."""
+        return tuple(self.output_ids) if self.output_ids else self.output_text
+
 
 class GrpcBackend:
     """``cleave.v1.Inference/Generate`` with the prompt as token ids."""
@@ -62,7 +73,9 @@ class GrpcBackend:
         self._timeout = timeout_s
 
     async def send(self, req: BenchRequest) -> Timing:
-        msg = inference_pb2.GenerateRequest(sampling=inference_pb2.SamplingParams(
+        if req.has_text:
+            raise ValueError("the gRPC backend sends token ids; this conversation holds text")
+        msg = inference_pb2.GenerateRequest(request_id=req.request_id, sampling=inference_pb2.SamplingParams(
             max_tokens=req.max_tokens, ignore_eos=True))
         msg.token_ids.ids.extend(req.prompt_ids)
         t = Timing(time.perf_counter(), prompt_tokens=len(req.prompt_ids))
@@ -71,8 +84,10 @@ class GrpcBackend:
                 if resp.token_ids:
                     t.chunks.append(time.perf_counter())
                     t.output_tokens += len(resp.token_ids)
+                    t.output_ids.extend(resp.token_ids)
                 if resp.HasField("usage") and resp.usage.prompt_tokens:
                     t.prompt_tokens = resp.usage.prompt_tokens
+                    t.cached_tokens = resp.usage.cached_tokens
         except grpc.aio.AioRpcError as exc:
             t.error = f"{exc.code().name}: {exc.details()}"
         return t
@@ -83,8 +98,10 @@ class GrpcBackend:
 
 class OpenAIBackend:
     """Streaming ``/v1/completions`` (prompt as token ids) or ``/v1/chat/completions`` (the
-    prompt ids written as space-separated numbers in one user message) over aiohttp.
-    Output tokens come from the final ``usage`` (``stream_options.include_usage``)."""
+    prompt ids written as space-separated numbers in one user message) over aiohttp; a
+    request with a ``history`` as :class:`~services.loadgen.datasets.BenchRequest` says.
+    Output, prompt and cached tokens come from the final ``usage``
+    (``stream_options.include_usage``)."""
 
     def __init__(self, base_url: str, model: str = "", chat: bool = False, timeout_s: float = 600.0) -> None:
         import aiohttp
@@ -99,15 +116,19 @@ class OpenAIBackend:
         body = {"model": self._model, "max_tokens": req.max_tokens, "stream": True, "ignore_eos": True,
                 "stream_options": {"include_usage": True}, "temperature": 0}
         if self._chat:
-            body["messages"] = [{"role": "user", "content": " ".join(map(str, req.prompt_ids))}]
+            turns = req.history or (("user", req.prompt_ids),)
+            body["messages"] = [{"role": role, "content": render(content)} for role, content in turns]
+        elif req.history:   # text from the first turn on, so every turn starts with the last one's prompt
+            body["prompt"] = "\n".join(render(content) for _, content in req.history)
         else:
             body["prompt"] = list(req.prompt_ids)
         return body
 
     async def send(self, req: BenchRequest) -> Timing:
         t = Timing(time.perf_counter(), prompt_tokens=len(req.prompt_ids))
+        headers = {"X-Request-Id": req.request_id} if req.request_id else None
         try:
-            async with self._session.post(self._url, json=self._body(req)) as resp:
+            async with self._session.post(self._url, json=self._body(req), headers=headers) as resp:
                 if resp.status != 200:
                     t.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
                     return t
@@ -122,11 +143,15 @@ class OpenAIBackend:
                     if "error" in event:
                         t.error = event["error"].get("message", str(event["error"]))
                         break
-                    if any(_has_output(c) for c in event.get("choices") or ()):
+                    choices = event.get("choices") or ()
+                    if any(_has_output(c) for c in choices):
                         t.chunks.append(time.perf_counter())
+                        t.output_text += "".join(_text(c) or "" for c in choices)
                     if event.get("usage"):
-                        t.prompt_tokens = event["usage"]["prompt_tokens"]
-                        t.output_tokens = event["usage"]["completion_tokens"]
+                        usage = event["usage"]
+                        t.prompt_tokens = usage["prompt_tokens"]
+                        t.output_tokens = usage["completion_tokens"]
+                        t.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         except Exception as exc:  # connection refused, reset, timeout: the request failed
             t.error = f"{type(exc).__name__}: {exc}"
         return t
@@ -135,10 +160,13 @@ class OpenAIBackend:
         await self._session.close()
 
 
-def _has_output(choice: dict) -> bool:
+def _text(choice: dict) -> str | None:
     delta = choice.get("delta")
-    text = delta.get("content") if delta is not None else choice.get("text")
-    return bool(text) or choice.get("finish_reason") is not None
+    return delta.get("content") if delta is not None else choice.get("text")
+
+
+def _has_output(choice: dict) -> bool:
+    return bool(_text(choice)) or choice.get("finish_reason") is not None
 
 
 def make_backend(kind: str, target: str, model: str = ""):

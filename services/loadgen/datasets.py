@@ -42,8 +42,40 @@ class LengthDist:
 
 @dataclass(frozen=True)
 class BenchRequest:
+    """One request: the prompt as token ids and how many tokens to make.
+
+    ``history`` (multi-turn, ``services.loadgen.conversations``): the conversation so far as
+    ``(role, content)`` pairs, role ``"user"`` or ``"assistant"``, content token ids (a tuple)
+    or text (a str: what the OpenAI API returned as a reply). When set it is the prompt:
+    ``/v1/chat/completions`` sends one message per pair, ``/v1/completions`` one text, the
+    contents joined by newlines (ids written as space-separated numbers: replies come back as
+    text, so every turn goes as text, the first one too), and gRPC ``prompt_ids``, the
+    contents' ids joined (every content must be ids). Build it with :meth:`of_history`.
+    ``request_id``: sent as the request id (``""``: the server makes one)."""
+
     prompt_ids: tuple[int, ...]
     max_tokens: int
+    history: tuple[tuple[str, tuple[int, ...] | str], ...] = ()
+    request_id: str = ""
+
+    @classmethod
+    def of_history(cls, history, max_tokens: int, request_id: str = "") -> "BenchRequest":
+        """A request whose prompt is ``history`` (``prompt_ids`` = its ids joined, or ``()``
+        when some content is text)."""
+        history = tuple((role, content if isinstance(content, str) else tuple(content)) for role, content in history)
+        text = any(isinstance(content, str) for _, content in history)
+        ids = () if text else tuple(i for _, content in history for i in content)
+        return cls(ids, max_tokens, history, request_id)
+
+    @property
+    def has_text(self) -> bool:
+        """Whether some content of ``history`` is text (then there are no ``prompt_ids``)."""
+        return any(isinstance(content, str) for _, content in self.history)
+
+
+def render(content: tuple[int, ...] | str) -> str:
+    """A history content as text: token ids as space-separated numbers, text as it is."""
+    return content if isinstance(content, str) else " ".join(map(str, content))
 
 
 @dataclass(frozen=True)

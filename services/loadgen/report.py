@@ -11,6 +11,11 @@ Definitions (as ``vllm bench serve`` and the DistServe paper use them):
   and met every target given, as a share of the requests sent (0..1) and as a rate (req/s).
   A single-token request has no TPOT and is judged on TTFT alone.
 
+* Multi-turn conversations (``services.loadgen.conversations``) add, under ``multi_turn``:
+  the prompt cache hit rate, sum of ``cached_tokens`` / sum of prompt tokens over the
+  completed requests (0..1), over all turns and over turns 2 and later, and TTFT p50 per turn
+  index (turn 1 first).
+
 Percentiles are linear-interpolated (numpy's default), in milliseconds in the report.
 """
 from __future__ import annotations
@@ -68,8 +73,32 @@ def _stats_ms(values: list[float]) -> dict[str, float | None]:
             "p90": float(np.percentile(arr, 90)), "p99": float(np.percentile(arr, 99))}
 
 
-def summarize(timings: list[Timing], duration_s: float, slo: Slo | None = None, label: str = "") -> dict:
-    """The figures of one run as a JSON-ready dict (times in ms, rates per second)."""
+def hit_rate(timings: list[Timing]) -> float | None:
+    """Sum of ``cached_tokens`` / sum of ``prompt_tokens`` over the completed requests (0..1;
+    None without a prompt token)."""
+    done = [t for t in timings if t.ok]
+    prompt = sum(t.prompt_tokens for t in done)
+    return sum(t.cached_tokens for t in done) / prompt if prompt else None
+
+
+def multi_turn(timings: list[Timing], turns: list[int]) -> dict:
+    """The multi-turn figures of one run; ``turns[i]``: the 1-based turn index of ``timings[i]``."""
+    if len(turns) != len(timings):
+        raise ValueError(f"need one turn index per timing, got {len(turns)} for {len(timings)}")
+    done = [t for t in timings if t.ok]
+    last = max(turns, default=0)
+    by_turn = [[t for t, k in zip(timings, turns) if k == n] for n in range(1, last + 1)]
+    p50 = [_stats_ms([t.ttft for t in ts if t.ok])["p50"] for ts in by_turn]
+    return {"conversations": turns.count(1), "turns": last,
+            "prompt_tokens": sum(t.prompt_tokens for t in done), "cached_tokens": sum(t.cached_tokens for t in done),
+            "hit_rate": hit_rate(timings), "hit_rate_turns_2plus": hit_rate([t for ts in by_turn[1:] for t in ts]),
+            "ttft_p50_ms_by_turn": p50}
+
+
+def summarize(timings: list[Timing], duration_s: float, slo: Slo | None = None, label: str = "",
+              turns: list[int] | None = None) -> dict:
+    """The figures of one run as a JSON-ready dict (times in ms, rates per second). With
+    ``turns`` (a multi-turn run: each timing's 1-based turn index) also ``multi_turn``."""
     done = [t for t in timings if t.ok]
     out_tokens = sum(t.output_tokens for t in done)
     in_tokens = sum(t.prompt_tokens for t in done)
@@ -91,11 +120,35 @@ def summarize(timings: list[Timing], duration_s: float, slo: Slo | None = None, 
                              "slo_tpot_ms": None if slo.tpot_s is None else slo.tpot_s * 1000,
                              "good_requests": good, "share": good / len(timings) if timings else 0.0,
                              "rate": good / duration_s}
+    if turns is not None:
+        report["multi_turn"] = multi_turn(timings, turns)
     return report
 
 
+def _grid(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    return ["  ".join(h.rjust(w) for h, w in zip(head, widths))] + [
+        "  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+
+
+def _multi_turn_table(reports: list[dict]) -> list[str]:
+    turns = max(r["multi_turn"]["turns"] for r in reports if "multi_turn" in r)
+    head = ["load", "cached/prompt tok", "hit rate", "hit t>=2"] + [f"ttft p50 t{k}" for k in range(1, turns + 1)]
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+    rows = []
+    for r in reports:
+        m = r.get("multi_turn")
+        if m is None:
+            continue
+        p50 = m["ttft_p50_ms_by_turn"] + [None] * (turns - m["turns"])
+        rows.append([r["load"], f"{m['cached_tokens']}/{m['prompt_tokens']}", fmt(m["hit_rate"], ".2f"),
+                     fmt(m["hit_rate_turns_2plus"], ".2f")] + [fmt(v, ".1f") for v in p50])
+    return _grid(head, rows)
+
+
 def table(reports: list[dict]) -> str:
-    """A plain-text table, one row per load level."""
+    """A plain-text table, one row per load level (and one more table of the multi-turn
+    figures when the run had them)."""
     head = ["load", "ok/sent", "req/s", "out tok/s"]
     for metric in ("ttft", "tpot", "itl"):
         head += [f"{metric} {s}" for s in _STATS]
@@ -112,9 +165,12 @@ def table(reports: list[dict]) -> str:
             g = r.get("goodput")
             row += [f"{g['share']:.2f}", f"{g['rate']:.2f}"] if g else ["-", "-"]
         rows.append(row)
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    lines = _grid(head, rows)
+    if any("multi_turn" in r for r in reports):
+        m = next(r["multi_turn"] for r in reports if "multi_turn" in r)
+        lines += ["", f"multi-turn: {m['conversations']} conversations x {m['turns']} turns; hit rate = cached "
+                      "prompt tokens / prompt tokens (all turns, turns >= 2); TTFT p50 of each turn"]
+        lines += _multi_turn_table(reports)
     return "\n".join(lines) + "\n(times in ms)"
 
 

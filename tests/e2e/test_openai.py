@@ -273,6 +273,31 @@ def test_cleave_bench_command_prints_table_and_json(tiny, tmp_path):
     assert all(r["goodput"]["share"] == 1.0 for r in reports)
 
 
+def test_cleave_bench_multi_turn_grows_the_history_and_hits_the_prefix_cache(tiny):
+    """2 conversations x 2 turns: over gRPC, turn 2's prompt is turn 1's 16 tokens, its 4-token
+    reply and 16 new tokens, and the prefill instance's prefix cache serves part of it; the
+    command over the chat API prints the multi-turn figures."""
+    from services.loadgen.cli import bench
+    from services.loadgen.conversations import ConversationConfig
+    from services.loadgen.datasets import LengthDist
+    from services.loadgen.runner import LoadConfig
+
+    data = ConversationConfig(conversations=2, turns=2, user=LengthDist(16), output=LengthDist(4),
+                              token_range=(1, 250), seed=11)
+    (r,) = asyncio.run(bench("grpc", tiny.address, data, [LoadConfig(concurrency=2, warmup=1)]))
+    assert r["requests_completed"] == 4, r["errors"]
+    m = r["multi_turn"]
+    assert m["prompt_tokens"] == 2 * 16 + 2 * (16 + 4 + 16) and r["output_tokens"] == 16
+    assert m["hit_rate_turns_2plus"] > 0 and all(v > 0 for v in m["ttft_p50_ms_by_turn"])
+    proc = subprocess.run([sys.executable, "-m", "services.cli", "bench", "--backend", "openai-chat", "--target",
+                           tiny.http_url, "--conversations", "2", "--turns", "2", "--turn-tokens", "8",
+                           "--output-len", "4", "--token-range", "1:250", "--warmup", "0", "--no-progress",
+                           "--json", "-"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (r,) = json.loads(proc.stdout)
+    assert r["requests_completed"] == 4 and r["multi_turn"]["turns"] == 2, r["errors"]
+
+
 def test_client_leaving_before_the_first_token_cancels_the_waiting_request(tiny):
     """A request queued for KV room (nothing sent yet) is cancelled when its client hangs up."""
     url = urllib.parse.urlsplit(tiny.http_url)
