@@ -103,9 +103,12 @@ def sample_batch(logits: torch.Tensor, cfgs: list[SamplingConfig], indices: list
     A row that cannot be sampled yields its SamplingError in place of a token, so one
     request's failure never touches its batch-mates' tokens.
     """
-    out: list[int | SamplingError] = [int(t) for t in torch.argmax(logits, dim=-1).tolist()]
-    unsound = ((torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1)
-               | ~torch.isfinite(logits).any(dim=-1)).tolist()  # NaN/+inf, or every logit -inf
+    # one pass: a row's max is NaN when it holds a NaN (max propagates NaN), +inf when it holds
+    # +inf, -inf when every logit is -inf; a finite max means a sound row, and its index is the
+    # argmax (first of ties, as torch.argmax)
+    best, argmax = logits.max(dim=-1)
+    out: list[int | SamplingError] = argmax.tolist()
+    unsound = (~torch.isfinite(best)).tolist()
     for row, (cfg, index) in enumerate(zip(cfgs, indices)):
         if unsound[row] or not cfg.greedy:
             try:
