@@ -111,7 +111,7 @@ class StackConfig:
 
 
 # the worker fields ``cleave serve`` offers as its own flags: for every instance, and for decode ones
-SERVE_WORKER_FIELDS = ("transport", "kv_cache_bytes", "threads", "weights_dtype")
+SERVE_WORKER_FIELDS = ("transport", "kv_cache_bytes", "threads", "weights_dtype", "max_batch", "fake_engine")
 SERVE_DECODE_FIELDS = ("redundant_experts", "expert_stats_interval_s", "expert_window_s",
                        "rebalance_interval_s", "rebalance_threshold")
 

@@ -43,6 +43,7 @@ from common.registry import Heartbeat, WorkerRecord, connect_redis
 from common.kv_hash import chain_root
 from engine.block_manager import BlockManager
 from engine.runtime.executor import Executor, make_executor
+from engine.runtime.fake import fake_engine_executor
 from services.config import WorkerConfig
 from services.kv_events import KvEventPublisher
 
@@ -67,11 +68,14 @@ def landing_rank_pb(rank) -> worker_pb2.LandingRank:
 
 class WorkerHost:
     """The engine state of one instance (an ``engine.runtime`` executor), shared by its
-    servicer and heartbeat. ``make_executor``: how to build it from a ``RuntimeConfig``
-    (tests pass ``engine.runtime.fake.FakeExecutor``)."""
+    servicer and heartbeat. ``make``: how to build it from a ``RuntimeConfig`` (tests pass
+    ``engine.runtime.fake.FakeExecutor``; default ``make_executor``, or the fake engine with
+    ``--fake-engine``)."""
 
-    def __init__(self, cfg: WorkerConfig, make: Callable[..., Executor] = make_executor) -> None:
+    def __init__(self, cfg: WorkerConfig, make: Callable[..., Executor] | None = None) -> None:
         self.cfg = cfg
+        if make is None:
+            make = fake_engine_executor if cfg.runtime.fake_engine else make_executor
         self.failed: str | None = None            # set when a rank died: the service stops
         self.on_failure: Callable[[str], None] = lambda msg: None
         self.executor = make(cfg.runtime, on_failure=self._rank_failed)

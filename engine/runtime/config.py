@@ -132,6 +132,10 @@ class RuntimeConfig:
                                        "requests it prefills itself (local prefill), in chunks run after each "
                                        "decode step so running streams keep their TPOT; a multiple of "
                                        "--block-size")
+    fake_engine: bool = option(False, help="benchmark tool, not for serving: run the deterministic fake model "
+                               "(engine.runtime.fake: no weights, a real KV cache and handoff, the served "
+                               "model's shape and tokenizer) so a load test measures the router and workers "
+                               "alone (bench/serving_path.py); one rank only")
     rendezvous: Rendezvous = option(default_factory=Rendezvous, nested=True, build=Rendezvous.from_env,
                                     help="where the instance's ranks meet")
 
@@ -153,6 +157,8 @@ class RuntimeConfig:
         if self.prefill_chunk_tokens < 1 or (self.block_size > 0 and self.prefill_chunk_tokens % self.block_size):
             raise ValueError(f"prefill_chunk_tokens must be a positive multiple of block_size ({self.block_size}), "
                              f"got {self.prefill_chunk_tokens}")
+        if self.fake_engine and self.world_size != 1:
+            raise ValueError(f"--fake-engine runs one rank, got layout {self.parallel}: drop the TP/PP/CP/EP flags")
         local = len(self.rendezvous.local_ranks(self.world_size))
         per_rank = max(1, len(self.cpus) // local)        # ranks share cores when there are fewer
         if self.cpus and self.threads > per_rank:
@@ -171,6 +177,6 @@ class RuntimeConfig:
 
     def mismatch(self, other: "RuntimeConfig") -> list[str]:
         """Instance-wide fields where ``other`` (a rank's own flags) differs from this (rank 0's)."""
-        keys = ("model", "parallel", "dtype", "weights_dtype", "block_size", "transport")
+        keys = ("model", "parallel", "dtype", "weights_dtype", "block_size", "transport", "fake_engine")
         return [f"{k}: rank 0 has {getattr(self, k)!r}, this rank {getattr(other, k)!r}"
                 for k in keys if getattr(self, k) != getattr(other, k)]

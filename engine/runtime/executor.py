@@ -448,7 +448,8 @@ class ExternalExecutor(_RankGroupExecutor):
 
 def make_executor(cfg: RuntimeConfig, on_failure: Callable[[str], None] | None = None) -> Executor:
     """The executor for ``cfg``: in-process for one rank, local when every rank runs on this
-    host (``--nproc-per-node`` unset or = the world size), external otherwise."""
+    host (``--nproc-per-node`` unset or = the world size), external otherwise (``--fake-engine``:
+    ``engine.runtime.fake.fake_engine_executor``, which ``services.worker`` picks)."""
     world = cfg.world_size
     if world == 1:
         return InProcessExecutor(cfg, on_failure)

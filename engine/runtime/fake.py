@@ -14,14 +14,12 @@ forward raises it (a broken worker) until it is cleared.
 """
 from __future__ import annotations
 
-import bisect
-
 import torch
 
 from common.model import CacheConfig, ModelConfig
 from engine.batch import ForwardBatch, PrefillResult, check_num_cached
 from engine.kv_cache import allocate_kv_cache
-from engine.loader import ModelSource
+from engine.loader import ModelSource, load_model_config, resolve_model
 from engine.runtime.config import RuntimeConfig
 from engine.runtime.executor import InProcessExecutor, merge_prefill
 from engine.runtime.rank import split_prefill_logits
@@ -68,22 +66,28 @@ class FakeExecutor(InProcessExecutor):
             if self.fault is not None:
                 raise self.fault
             self.forwards += 1
-            kv, vocab = self.runner.kv_cache, self.model_config.vocab_size
+            kv, vocab, bs = self.runner.kv_cache, self.model_config.vocab_size, self.cfg.block_size
             flat = kv.view(kv.shape[0], 2, -1, *kv.shape[4:])        # [L, 2, slots, KVH, D]
             flat[:, :, batch.slot_mapping] = batch.input_ids.to(kv.dtype)[None, None, :, None, None]
-            targets, starts = [], batch.cu_seqlens.tolist() if batch.is_prefill else []
-            for row, idx in enumerate(batch.logits_indices.tolist()):
-                # the sequence holding flat token idx (prefill) starts at the last start <= idx
-                seq = bisect.bisect_right(starts, idx) - 1 if batch.is_prefill else row
-                if batch.is_prefill and not batch.has_context:
-                    total = int(batch.input_ids[starts[seq]: idx + 1].sum())
-                else:   # decode, or prefill after a cached prefix: the context from the cache
-                    n, bs = int(batch.positions[idx]) + 1, self.cfg.block_size
-                    slots = [int(batch.block_tables[seq, p // bs]) * bs + p % bs for p in range(n)]
-                    total = int(flat[0, 0, slots, 0, 0].sum())
-                targets.append((total + int(batch.positions[idx])) % vocab)
+            idx = batch.logits_indices.long()                         # [R] flat token of each logits row
+            pos = batch.positions[idx].long()
+            if batch.is_prefill:   # the sequence holding flat token idx starts at the last start <= idx
+                starts = batch.cu_seqlens[:-1].long()
+                seq = torch.searchsorted(starts, idx, right=True) - 1
+            else:
+                seq = torch.arange(len(idx))
+            if batch.is_prefill and not batch.has_context:
+                c0 = torch.cat([torch.zeros(1, dtype=torch.long), batch.input_ids.long().cumsum(0)])
+                total = c0[idx + 1] - c0[starts[seq]]
+            else:   # decode, or prefill after a cached prefix: the context read back from the cache
+                p = torch.arange(int(pos.max()) + 1)                  # [P] positions
+                tables = batch.block_tables[seq].long()               # [R, blocks]
+                slots = tables[:, p // bs].clamp(min=0) * bs + p % bs  # [R, P]
+                ids = flat[0, 0][slots.flatten(), 0, 0].view(slots.shape).long()   # ids < 2**24: exact
+                total = (ids * (p[None, :] <= pos[:, None])).sum(1)
+            targets = (total + pos) % vocab
             logits = torch.zeros(len(targets), vocab)
-            logits[torch.arange(len(targets)), torch.tensor(targets, dtype=torch.long)] = PEAK
+            logits[torch.arange(len(targets)), targets] = PEAK
             return logits
 
     def prefill(self, prompt, blocks, cancelled=None, prompt_logprobs: int = -1,
@@ -106,6 +110,14 @@ class FakeExecutor(InProcessExecutor):
             out.append((sum(ids) + len(ids) - 1) % vocab)
             ids.append(out[-1])
         return out
+
+
+def fake_engine_executor(cfg: RuntimeConfig, on_failure=None) -> FakeExecutor:
+    """``--fake-engine``: the fake model in the shape of ``cfg.model`` (its vocabulary, layers,
+    KV heads and EOS ids, read from its config; no weights loaded), under that model's id, so the
+    router's tokenizer and checks hold. A benchmark of the serving path, not a model."""
+    source = resolve_model(cfg.model)
+    return FakeExecutor(cfg, on_failure, model_config=load_model_config(source), model_id=source.model_id)
 
 
 def tiny_config(vocab: int = 512, layers: int = 2, eos: tuple[int, ...] = ()) -> ModelConfig:
