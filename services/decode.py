@@ -51,6 +51,7 @@ from engine.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, DecodeSc
 from kvtransfer.handoff import HandoffError
 from engine.runtime.executor import InstanceError
 from services.experts.instance import InstanceExperts
+from services.token_relay import TokenRelay
 from services.worker import WorkerHost, landing_rank_pb, logprob_pb
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         self._lock = threading.Lock()
         self._reaper: asyncio.Task | None = None
         self._stats_task: asyncio.Task | None = None
+        self._relay: TokenRelay | None = None      # made on the serving loop by start()
         self.experts = InstanceExperts(host.executor, host.cfg, host.model_id, host.model_config) \
             if host.model_config.num_experts else None
         if self.experts is not None:
@@ -107,6 +109,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
     async def start(self) -> None:
         if self.experts is not None:         # the pool's placement on every rank before serving
             await asyncio.to_thread(self.experts.start)
+        self._relay = TokenRelay(asyncio.get_running_loop())
         self.scheduler.start()
         self._reaper = asyncio.create_task(self._reap())
         if self.experts is not None:
@@ -233,9 +236,8 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
                 self._release(transfer_id)
                 raise
         queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
         prompt = list(request.prompt_token_ids)
-        emit = lambda tok, reason, lp: loop.call_soon_threadsafe(queue.put_nowait, (tok, reason, lp))  # noqa: E731
+        emit = self._relay.emitter(queue)
         if res.local:   # the scheduler computes the uncached rest of the prompt and samples the first token
             seq = Sequence(
                 seq_id=transfer_id, tokens=prompt, num_cached=res.cached_tokens, prefilling=True,
