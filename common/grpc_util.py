@@ -99,35 +99,46 @@ def add_service(server: grpc.aio.Server, servicer, service: ServiceDescriptor, t
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
-def _with_metadata(details: grpc.aio.ClientCallDetails, pairs: tuple) -> grpc.aio.ClientCallDetails:
-    metadata = grpc.aio.Metadata(*(details.metadata or ()), *pairs)
-    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata,
-                                      details.credentials, details.wait_for_ready)
+class _MetadataCall:
+    """A multi-callable whose calls carry ``pairs`` besides the caller's own metadata."""
+
+    def __init__(self, inner, pairs: tuple) -> None:
+        self._inner, self._pairs = inner, pairs
+
+    def __call__(self, request, *, metadata=None, **kwargs):
+        return self._inner(request, metadata=(*(metadata or ()), *self._pairs), **kwargs)
 
 
-# one class per call kind: grpc.aio files an interceptor under the first kind it matches
-class _UnaryMetadata(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, pairs: tuple) -> None:
-        self._pairs = pairs
+class _MetadataChannel:
+    """An asyncio channel whose unary-request calls all carry ``pairs``; every other attribute is
+    the wrapped channel's. Not a grpc.aio client interceptor: a stream interceptor runs an extra
+    task and async generator per response message, a cost on every token a router relays."""
 
-    async def intercept_unary_unary(self, continuation, details, request):
-        return await continuation(_with_metadata(details, self._pairs), request)
+    def __init__(self, channel: grpc.aio.Channel, pairs: tuple) -> None:
+        self._channel, self._pairs = channel, pairs
 
+    def unary_unary(self, *args, **kwargs):
+        return _MetadataCall(self._channel.unary_unary(*args, **kwargs), self._pairs)
 
-class _StreamMetadata(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, pairs: tuple) -> None:
-        self._pairs = pairs
+    def unary_stream(self, *args, **kwargs):
+        return _MetadataCall(self._channel.unary_stream(*args, **kwargs), self._pairs)
 
-    async def intercept_unary_stream(self, continuation, details, request):
-        return await continuation(_with_metadata(details, self._pairs), request)
+    def __getattr__(self, name):
+        return getattr(self._channel, name)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self._channel.close()
 
 
 def internal_channel(address: str, token: str | None, options=(), caller: str = "") -> grpc.aio.Channel:
     """An asyncio channel to a worker API that sends ``token`` (none: no token) and the
     ``caller`` identity (``CALLER_KEY``; workers count reservations per caller) with every call."""
     pairs = token_metadata(token) + (((CALLER_KEY, caller),) if caller else ())
-    interceptors = [_UnaryMetadata(pairs), _StreamMetadata(pairs)] if pairs else None
-    return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
+    channel = grpc.aio.insecure_channel(address, options=list(options))
+    return _MetadataChannel(channel, pairs) if pairs else channel
 
 
 def caller_of(context) -> str:
