@@ -202,6 +202,7 @@ class KvIndex:
         self._modes: dict[str, str] = {}
         self._registered: dict[str, dict[str, str]] = {}   # pool -> {worker_id: incarnation} (last sync)
         self._tasks: list[asyncio.Task] = []
+        self._stopping = False          # set by stop(): the follow and tick loops end
         self._warned: dict[str, tuple[float, int]] = {}
         self._warn_interval_s = warn_interval_s
 
@@ -211,13 +212,21 @@ class KvIndex:
         if self._r is None:
             self._r = _binary_client(self._client)
         loop = asyncio.get_running_loop()
+        self._stopping = False
         self._tasks = [loop.create_task(self._follow(p), name=f"kv-index-{p}") for p in self.pools]
         self._tasks.append(loop.create_task(self._tick(), name="kv-index-tick"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Stop the tasks. A cancel can be lost inside redis-py (its socket-timeout context
+        turns a cancel that races a timeout into a TimeoutError, which its retry absorbs), so
+        the follow loops also check :attr:`_stopping`, and a task still running is cancelled
+        again every half second."""
+        self._stopping = True
+        pending = set(self._tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
         self._tasks = []
         if self._r is not None:
             r, self._r = self._r, None
@@ -494,7 +503,7 @@ class KvIndex:
         last_id = None
         first, most = self.backoff_s
         delay = first
-        while True:
+        while not self._stopping:
             try:
                 last_id = await self._catch_up(pool, last_id)
                 if not self._stream_ok[pool] and self._attempted[pool]:
@@ -502,7 +511,7 @@ class KvIndex:
                 self._stream_ok[pool], self._attempted[pool] = True, True
                 delay = first
                 self._update_modes()
-                while True:
+                while not self._stopping:
                     resp = await self._r.xread({key: last_id}, count=self.read_count, block=self.block_ms)
                     now = time.monotonic()
                     for _, entries in _streams(resp):
@@ -587,7 +596,7 @@ class KvIndex:
                                "%s/%s: %s", pool, w.worker_id, exc)
 
     async def _tick(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.tick_s)
             try:
                 self._sweep_history(time.monotonic())
