@@ -86,6 +86,9 @@ class RouterConfig:
                                            "lacks are at most this many; longer prompts go through the prefill pool "
                                            "unless it is empty or saturated (0 = only then: the default, "
                                            "measured best for goodput on CPU; see README)")
+    stream_buffer: int = option(1024, help="responses a request may have waiting for a client that reads slower "
+                                "than tokens are made; one more ends that request with RESOURCE_EXHAUSTED (its KV "
+                                "freed, other requests untouched)")
     discovery_s: float = 0.5           # how often the worker registry is re-read
     max_attempts: int = 3              # prefill / decode attempts per request
     internal_token: str = field(default="", repr=False)  # sent to worker APIs (CLEAVE_INTERNAL_TOKEN)
@@ -96,6 +99,8 @@ class RouterConfig:
         if self.http_port and self.http_port == self.port:
             raise ValueError(f"http_port and port must differ, both are {self.port}")
         check_prefix(self.key_prefix)
+        if self.stream_buffer < 1:
+            raise ValueError(f"stream_buffer must be >= 1 response, got {self.stream_buffer}")
         if not self.redis_url:
             raise ValueError("the router needs a Redis URL (e.g. redis://127.0.0.1:6379/0)")
         for name in ("transfer_timeout_s", "discovery_s", "pool_wait_s", "worker_grace_s"):

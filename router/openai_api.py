@@ -44,6 +44,7 @@ from common.errors import CleaveError, InvalidRequest, NotFound, http_status_of
 from common.prom import CONTENT_TYPE
 from router.openai_protocol import ChatRequest, CompletionRequest, chat_request, completion_request
 from router.openai_shape import Shaper, error_body
+from router.readahead import Readahead
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def build_app(core) -> FastAPI:
         except CleaveError as exc:  # refused before the core: counted here, once
             core.refused(exc)
             return _error_response(exc)
-        pump = _Pump(core.generate(req, timeout, fill_max_tokens=chat))
+        pump = Readahead(core.generate(req, timeout, fill_max_tokens=chat), core.cfg.stream_buffer)
         try:
             first = await _until_disconnect(request, pump.next())
             if first is None:
@@ -224,47 +225,14 @@ def build_app(core) -> FastAPI:
     return app
 
 
-class _Pump:
-    """Runs one request's ``core.generate`` to its end in a task of its own and hands the
-    deltas over through a queue. The core's deadline (``asyncio.timeout``) and its cancellation
-    belong to that one task, whichever tasks of the web server read the deltas;
-    :meth:`close` before the end cancels the request (recorded ``cancelled``, KV freed)."""
-
-    def __init__(self, stream) -> None:
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._task = asyncio.get_running_loop().create_task(self._run(stream))
-
-    async def _run(self, stream) -> None:
-        try:
-            async with contextlib.aclosing(stream):
-                async for msg in stream:
-                    self._queue.put_nowait(msg)
-            self._queue.put_nowait(None)
-        except Exception as exc:
-            self._queue.put_nowait(exc)
-
-    async def next(self):
-        """The next delta, None after the last; raises the core's error."""
-        item = await self._queue.get()
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    async def close(self) -> None:
-        if not self._task.done():
-            self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-
-async def _whole(pump: _Pump, first, shaper: Shaper) -> dict:
+async def _whole(pump: Readahead, first, shaper: Shaper) -> dict:
     messages = [first]
     while (msg := await pump.next()) is not None:
         messages.append(msg)
     return shaper.whole(messages)
 
 
-async def _events(pump: _Pump, first, shaper: Shaper, include_usage: bool):
+async def _events(pump: Readahead, first, shaper: Shaper, include_usage: bool):
     """SSE bytes of one streamed request. Cancellation (client gone) closes the pump."""
     try:
         if shaper.chat:

@@ -19,7 +19,6 @@ plan (``services.router_views``). The router itself imports nothing from ``servi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from typing import Awaitable, Callable, Sequence
@@ -36,6 +35,7 @@ from common.registry import connect_redis
 from engine.source import load_model_config, load_tokenizer, resolve_model
 from router.core import RouterCore
 from router.openai_api import start_http
+from router.readahead import Readahead
 from router.text import TextCodec
 
 log = logging.getLogger(__name__)
@@ -46,21 +46,24 @@ InfoView = Callable[[inference_pb2.ModelInfo, RouterCore], Awaitable[None]]
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    """The gRPC front door: a thin adapter over :meth:`RouterCore.generate`."""
+    """The gRPC front door: a thin adapter over :meth:`RouterCore.generate`, run through a
+    bounded :class:`~router.readahead.Readahead` (a client that stops reading fails alone)."""
 
     def __init__(self, core: RouterCore, views: Sequence[InfoView] = ()) -> None:
         self.core = core
         self.views = tuple(views)
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context):
+        pump = Readahead(self.core.generate(request, context.time_remaining()), self.core.cfg.stream_buffer)
         try:
-            async with contextlib.aclosing(self.core.generate(request, context.time_remaining())) as stream:
-                async for msg in stream:
-                    yield msg
+            while (msg := await pump.next()) is not None:
+                yield msg
         except CleaveError as exc:
             if context.cancelled():  # the client left first; nobody reads the status
                 raise asyncio.CancelledError() from exc
             await abort_with(context, exc)
+        finally:
+            await pump.close()       # the client left (or the call ended): the request is cancelled
 
     async def GetModelInfo(self, request, context) -> inference_pb2.ModelInfo:
         info = self.core.model_info()

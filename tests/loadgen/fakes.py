@@ -67,6 +67,7 @@ class FakeCore:
     model_id = "fake-model"
     model = SimpleNamespace(max_position=1 << 20)
     codec = None
+    cfg = SimpleNamespace(stream_buffer=1024)   # the front doors' readahead bound
 
     def __init__(self) -> None:
         from common.prom import RouterMetrics

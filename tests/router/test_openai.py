@@ -7,6 +7,7 @@ the real stack cannot produce on demand) is checked through the real routes.
 from __future__ import annotations
 
 import json
+import types
 import random
 
 import pytest
@@ -47,6 +48,7 @@ class FakeCore:
     model_id = "fake-model"
     model = _Model()
     codec = None
+    cfg = types.SimpleNamespace(stream_buffer=1024)   # the front doors' readahead bound
 
     def __init__(self, script=("Hel", "lo"), error: Exception | None = None, workers: int = 1,
                  cached: int = 0) -> None:
