@@ -14,7 +14,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-install
 
-.PHONY: run test test-all bench bench-kv bench-routing install proto redis-server promtool clean help
+.PHONY: run test test-all bench bench-kv bench-routing bench-serving-path install proto redis-server promtool clean help
 
 help:
 	@echo "make run   PORT=50051 HTTP_PORT=8000 REDIS_URL= MODEL= ARGS=   # local stack: gRPC on 127.0.0.1:PORT,"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench                                      # serving benchmark: Cleave vs transformers and llama.cpp"
 	@echo "make bench-kv                                   # KV cache benchmark (issue 21): this tree vs 6c3ac9f"
 	@echo "make bench-routing                              # KV-aware routing, disaggregated vs conditional vs aggregated (issue 22)"
+	@echo "make bench-serving-path                         # the serving path alone, on the fake engine (issue 25)"
 	@echo "make gpu-check                                  # the prepared one-GPU check (says so and exits 0 without a GPU)"
 
 $(STAMP): pyproject.toml requirements.txt $(wildcard protos/cleave/v1/*.proto)
@@ -78,6 +79,9 @@ bench-kv: install
 
 bench-routing: install
 	$(BIN)/python bench/routing.py $(ARGS)
+
+bench-serving-path: install
+	$(BIN)/python bench/serving_path.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info protos/cleave/v1/*_pb2*.py protos/cleave/v1/*_pb2*.pyi
