@@ -325,6 +325,10 @@ def parse_args():
     args = ap.parse_args()
     args.local_max_list = [int(x) for x in args.local_max.split(",") if x]
     args.aggregated_weights_list = [x for x in args.aggregated_weights.split(",") if x]
+    from common.model import WEIGHTS_DTYPES
+    bad = [x for x in args.aggregated_weights_list if x not in WEIGHTS_DTYPES]
+    if bad:
+        ap.error(f"--aggregated-weights: {bad} not among {list(WEIGHTS_DTYPES)}")
     args.tpot_x_list = [float(x) for x in args.tpot_x.split(",") if x]
     args.skip_set = {x.strip() for x in args.skip.split(",") if x.strip()}
     return args

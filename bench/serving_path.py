@@ -10,7 +10,8 @@ KV cache), so what is left is the router, the workers' services and the KV hando
 the serving path when the model is free, the figure to keep ahead of a GPU's decode step (a few
 milliseconds for a 16-sequence step of a model this size). Each level runs ``--rounds`` x streams
 requests of ``--tokens`` new tokens (``ignore_eos``), ``streams`` in flight, through ``cleave
-bench``'s load generator (``services.loadgen``) in this process, after a warm-up. Printed per level:
+bench``'s load generator (``services.loadgen``) in this process, after a warm-up of ``streams``
+short requests (not measured); the KV cache holds every stream at once. Printed per level:
 
 * output tokens/s (all requests' tokens over the wall time);
 * TPOT mean (client-side gap between a stream's tokens after the first) and the engine's decode
@@ -71,10 +72,12 @@ def run_level(stack: LocalStack, args, streams: int) -> dict:
     target = stack.http_url if args.backend == "openai" else f"{stack.cfg.host}:{stack.router_port}"
     data = DatasetConfig(num_requests=args.rounds * streams, prompt=LengthDist(args.prompt_tokens),
                          output=LengthDist(args.tokens), token_range=(100, 10_000), seed=streams)
+    warm = DatasetConfig(num_requests=streams, prompt=LengthDist(args.prompt_tokens), output=LengthDist(4),
+                         token_range=(100, 10_000), seed=streams + 1)
+    asyncio.run(bench(args.backend, target, warm, [LoadConfig(concurrency=streams)], Slo(None, None)))
     procs = stack_processes(stack)
     c0, (s0, n0), t0 = cpu_seconds(procs), serving_extras.decode_step_totals(stack), time.perf_counter()
-    (r,) = asyncio.run(bench(args.backend, target, data, [LoadConfig(concurrency=streams, warmup=1)],
-                             Slo(None, None)))
+    (r,) = asyncio.run(bench(args.backend, target, data, [LoadConfig(concurrency=streams)], Slo(None, None)))
     wall = time.perf_counter() - t0
     c1, (s1, n1) = cpu_seconds(procs), serving_extras.decode_step_totals(stack)
     if r["requests_failed"]:
@@ -108,16 +111,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json", default="", metavar="FILE", help="also write the rows as JSON")
     args = p.parse_args()
     args.levels = [int(x) for x in args.levels.split(",") if x]
-    if not args.levels or min(args.levels) < 1 or min(args.tokens, args.prompt_tokens, args.rounds) < 1:
-        p.error("--levels, --tokens, --prompt-tokens and --rounds must be positive")
+    if not args.levels or min(args.levels) < 1 or min(args.prompt_tokens, args.rounds) < 1 or args.tokens < 2:
+        p.error("--levels, --prompt-tokens and --rounds must be positive, --tokens at least 2 (TPOT)")
     return args
 
 
 def main() -> int:
     args = parse_args()
     print(machine.describe())
+    # KV for every stream at once, with room to spare (no preemption or admission wait measured):
+    # the fake engine keeps fp32 KV, 45 KiB per token in SmolLM2's shape
+    blocks = 2 * max(args.levels) * -(-(args.prompt_tokens + args.tokens) // 16) + 64
     cfg = StackConfig(port=0, http_port=0, log_level="WARNING", decode_instances=args.decode_instances,
-                      **workers(transport="tcp", fake_engine=True, max_batch=max(args.levels)))
+                      **workers(transport="tcp", fake_engine=True, max_batch=max(args.levels), num_blocks=blocks))
     stack = LocalStack(cfg)
     rows = []
     try:

@@ -110,8 +110,9 @@ class _MetadataCall:
 
 
 class _MetadataChannel:
-    """An asyncio channel whose unary-request calls all carry ``pairs``; every other attribute is
-    the wrapped channel's. Not a grpc.aio client interceptor: a stream interceptor runs an extra
+    """An asyncio channel whose calls all carry ``pairs`` (unary-request calls: the only kind the
+    internal APIs have; client-streaming ones are refused); every other attribute is the
+    wrapped channel's. Not a grpc.aio client interceptor: a stream interceptor runs an extra
     task and async generator per response message, a cost on every token a router relays."""
 
     def __init__(self, channel: grpc.aio.Channel, pairs: tuple) -> None:
@@ -122,6 +123,11 @@ class _MetadataChannel:
 
     def unary_stream(self, *args, **kwargs):
         return _MetadataCall(self._channel.unary_stream(*args, **kwargs), self._pairs)
+
+    def stream_unary(self, *args, **kwargs):
+        raise NotImplementedError("internal APIs have no client-streaming methods (the token would not be sent)")
+
+    stream_stream = stream_unary
 
     def __getattr__(self, name):
         return getattr(self._channel, name)

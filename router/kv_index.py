@@ -217,23 +217,28 @@ class KvIndex:
         self._tasks.append(loop.create_task(self._tick(), name="kv-index-tick"))
 
     async def stop(self) -> None:
-        """Stop the tasks. A cancel can be lost inside redis-py (its socket-timeout context
-        turns a cancel that races a timeout into a TimeoutError, which its retry absorbs), so
-        the follow loops also check :attr:`_stopping`, and a task still running is cancelled
-        again every half second."""
+        """Stop the tasks and close the index's Redis client. A cancel can be lost inside
+        redis-py (its socket-timeout context turns a cancel that races a timeout into a
+        TimeoutError, which its retry absorbs), so the loops also check ``_stopping``, and a task
+        still running is cancelled again every half second, for up to 5 s (then it is left,
+        with a warning)."""
         self._stopping = True
-        pending = set(self._tasks)
-        while pending:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.5)
-        self._tasks = []
-        if self._r is not None:
-            r, self._r = self._r, None
-            try:
-                await r.aclose()
-            except Exception:  # closing a client of a Redis that is gone
-                pass
+        pending, deadline = set(self._tasks), time.monotonic() + 5.0
+        try:
+            while pending and time.monotonic() < deadline:
+                for task in pending:
+                    task.cancel()
+                _, pending = await asyncio.wait(pending, timeout=0.5)
+            if pending:
+                log.warning("kv index: %s did not stop", ", ".join(t.get_name() for t in pending))
+        finally:
+            self._tasks = []
+            if self._r is not None:
+                r, self._r = self._r, None
+                try:
+                    await r.aclose()
+                except Exception:  # closing a client of a Redis that is gone
+                    pass
 
     # ---- queries (pure, synchronous) -----------------------------------------------------------------
     def cached_tokens(self, pool: str, worker_id: str, prompt: Sequence[int],

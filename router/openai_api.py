@@ -178,12 +178,16 @@ def build_app(core) -> FastAPI:
         except asyncio.CancelledError:
             await pump.close()
             return Response(status_code=499)
-        echo = ""
-        if not chat and body.echo:
-            echo = body.prompt if req.WhichOneof("input") == "prompt" else \
-                await asyncio.to_thread(core.codec.decode, list(req.token_ids.ids))
-        shaper = Shaper(chat, core.model_id, first.request_id, core.codec,
-                        logprobs=req.sampling.logprobs or req.sampling.prompt_logprobs, echo=echo)
+        try:
+            echo = ""
+            if not chat and body.echo:
+                echo = body.prompt if req.WhichOneof("input") == "prompt" else \
+                    await asyncio.to_thread(core.codec.decode, list(req.token_ids.ids))
+            shaper = Shaper(chat, core.model_id, first.request_id, core.codec,
+                            logprobs=req.sampling.logprobs or req.sampling.prompt_logprobs, echo=echo)
+        except BaseException:   # the request must not outlive its response
+            await pump.close()
+            raise
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_events(pump, first, shaper, include_usage), media_type="text/event-stream",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from common.errors import Exhausted
+from common.errors import Cancelled, Exhausted
 
 
 class SlowClient(Exhausted):
@@ -31,10 +31,10 @@ class Readahead:
     ``limit``: responses that may wait unread before the request is ended (>= 1). :meth:`close`
     before the end cancels the request (recorded ``cancelled``, KV freed); call it always."""
 
-    def __init__(self, stream, limit: int, request_id: str = "") -> None:
+    def __init__(self, stream, limit: int) -> None:
         if limit < 1:
             raise ValueError(f"a stream buffer holds at least 1 response, got {limit}")
-        self._limit, self._request_id = limit, request_id
+        self._limit = limit
         self._queue: asyncio.Queue = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._run(stream))
 
@@ -42,8 +42,10 @@ class Readahead:
         try:
             async with contextlib.aclosing(stream):
                 async for msg in stream:
-                    if self._queue.qsize() >= self._limit:
-                        rid = getattr(msg, "request_id", "") or self._request_id
+                    # the last response (it carries the finish reason) always fits: a request that
+                    # finished is never failed for its final message
+                    if self._queue.qsize() >= self._limit and not getattr(msg, "finish_reason", 0):
+                        rid = getattr(msg, "request_id", "") or "?"
                         # raised where the core waits for its reader: it records the failure and frees the KV
                         await stream.athrow(SlowClient(
                             f"request {rid} stopped: its client left {self._limit} responses unread (the router's "
@@ -52,11 +54,9 @@ class Readahead:
             self._queue.put_nowait(None)
         except Exception as exc:
             self._queue.put_nowait(exc)
-
-    @property
-    def backlog(self) -> int:
-        """Responses made and not yet handed over."""
-        return self._queue.qsize()
+        except BaseException:   # cancelled (close(), cancel(), the loop ending): a waiting next() ends too
+            self._queue.put_nowait(Cancelled("the request was cancelled"))
+            raise
 
     async def next(self):
         """The next response, None after the last; raises the core's error (after the responses
@@ -66,8 +66,13 @@ class Readahead:
             raise item
         return item
 
+    def cancel(self) -> None:
+        """Cancel the request now, from a callback (the gRPC call ended: the client left while
+        its handler waited to send); :meth:`close` still waits for the cleanup."""
+        self._task.cancel()
+
     async def close(self) -> None:
-        if not self._task.done():
-            self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        """Cancel the request unless it ended, and wait until its cleanup (state recorded, KV
+        freed) is done. A cancellation of the caller itself still propagates."""
+        self._task.cancel()
+        await asyncio.wait({self._task})

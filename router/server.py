@@ -55,6 +55,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context):
         pump = Readahead(self.core.generate(request, context.time_remaining()), self.core.cfg.stream_buffer)
+        # the call's end (the client left, or its deadline) ends the request at once, whatever
+        # this handler is waiting on (tests/router/test_stream_semantics.py)
+        context.add_done_callback(lambda _: pump.cancel())
         try:
             while (msg := await pump.next()) is not None:
                 yield msg

@@ -93,7 +93,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         self._lock = threading.Lock()
         self._reaper: asyncio.Task | None = None
         self._stats_task: asyncio.Task | None = None
-        self._relay: TokenRelay | None = None      # made on the serving loop by start()
+        self._relay: TokenRelay | None = None      # made on the serving loop (start(), or the first Decode)
         self.experts = InstanceExperts(host.executor, host.cfg, host.model_id, host.model_config) \
             if host.model_config.num_experts else None
         if self.experts is not None:
@@ -107,9 +107,9 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
                                 lambda: self.scheduler.num_preempted)
 
     async def start(self) -> None:
+        self._relay = self._relay or TokenRelay(asyncio.get_running_loop())
         if self.experts is not None:         # the pool's placement on every rank before serving
             await asyncio.to_thread(self.experts.start)
-        self._relay = TokenRelay(asyncio.get_running_loop())
         self.scheduler.start()
         self._reaper = asyncio.create_task(self._reap())
         if self.experts is not None:
@@ -237,6 +237,8 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
                 raise
         queue: asyncio.Queue = asyncio.Queue()
         prompt = list(request.prompt_token_ids)
+        if self._relay is None:      # a Decode that came in before start() finished
+            self._relay = TokenRelay(asyncio.get_running_loop())
         emit = self._relay.emitter(queue)
         if res.local:   # the scheduler computes the uncached rest of the prompt and samples the first token
             seq = Sequence(

@@ -117,7 +117,11 @@ def fake_engine_executor(cfg: RuntimeConfig, on_failure=None) -> FakeExecutor:
     KV heads and EOS ids, read from its config; no weights loaded), under that model's id, so the
     router's tokenizer and checks hold. A benchmark of the serving path, not a model."""
     source = resolve_model(cfg.model)
-    return FakeExecutor(cfg, on_failure, model_config=load_model_config(source), model_id=source.model_id)
+    model = load_model_config(source)
+    if model.num_experts:
+        raise ValueError(f"--fake-engine has no experts: {source.model_id} is a mixture of experts; "
+                         f"benchmark the serving path on a dense model")
+    return FakeExecutor(cfg, on_failure, model_config=model, model_id=source.model_id)
 
 
 def tiny_config(vocab: int = 512, layers: int = 2, eos: tuple[int, ...] = ()) -> ModelConfig:

@@ -5,9 +5,8 @@ import random
 import pytest
 
 from common.flags import replace
-from engine.batch import ForwardBatch
 from engine.runtime.config import RuntimeConfig
-from engine.runtime.fake import FakeExecutor, fake_engine_executor, tiny_config
+from engine.runtime.fake import FakeExecutor, tiny_config
 from engine.scheduler import DecodeScheduler, Sequence
 from engine.block_manager import BlockManager
 from engine.sampler import SamplingConfig

@@ -109,3 +109,59 @@ def test_a_client_that_stops_reading_fails_alone_with_a_clear_error(redis_url):
                 assert 8 < len(ids) < n and ids == stack.expected(slow_prompt, n)[:len(ids)]
 
     asyncio.run(main())
+
+
+def test_a_client_that_leaves_while_its_stream_is_stalled_cancels_at_once(redis_url):
+    """The handler is blocked sending to a client that stopped reading; the client cancels. The
+    request ends ``cancelled`` and frees its KV now, not after the buffer fills or the tokens run out."""
+    async def main():
+        async with FakeStack(redis_url, prefill=1, decode=1, decode_blocks=1200, stream_buffer=1024) as stack:
+            async with front_door(stack, client_options=[("grpc.http2.lookahead_bytes", 1024),
+                                                         ("grpc.http2.bdp_probe", 0)]) as stub:
+                call = stub.Generate(request("gone", [5, 6, 7], 1800))
+                await call.read()
+                await asyncio.sleep(0.5)              # the window fills; the handler blocks in a send
+                call.cancel()
+                rec = await stack.record("gone")
+                assert rec["state"] == "cancelled", rec
+                assert int(rec["completion_tokens"]) < 1800
+                assert all(free == total for free, total in (await stack.settle()).values())
+
+    asyncio.run(main())
+
+
+class _Msg:
+    def __init__(self, i: int, final: bool = False) -> None:
+        self.request_id, self.token_ids, self.finish_reason = "r", [i], 1 if final else 0
+
+
+def test_the_readahead_never_fails_a_request_for_its_final_response():
+    from router.readahead import Readahead, SlowClient
+
+    async def stream(n, final=True):
+        try:
+            for i in range(n):
+                yield _Msg(i, final and i == n - 1)
+        except SlowClient:
+            raise
+
+    async def drain(pump):
+        out = []
+        try:
+            while (m := await pump.next()) is not None:
+                out.append(m.token_ids[0])
+        except SlowClient as exc:
+            out.append(str(exc))
+        await pump.close()
+        return out
+
+    async def main():
+        full = Readahead(stream(4), limit=3)          # 3 wait unread, the 4th is the last: it fits
+        await asyncio.sleep(0.05)
+        assert await drain(full) == [0, 1, 2, 3]
+        over = Readahead(stream(5, final=False), limit=3)
+        await asyncio.sleep(0.05)
+        got = await drain(over)
+        assert got[:3] == [0, 1, 2] and "left 3 responses unread" in got[3]
+
+    asyncio.run(main())
