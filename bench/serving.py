@@ -50,12 +50,22 @@ WEIGHTS_DTYPES = ("fp32", "bf16", "int8", "int4")
 MiB = 1 << 20
 
 
+def warm_up(stack, backend, vocab, prompt_tokens) -> None:
+    """One short request, before a level's measured window (its batch-1 steps would otherwise
+    dilute the window's mean decode step)."""
+    target = stack.http_url if backend == "openai" else f"{stack.cfg.host}:{stack.router_port}"
+    data = DatasetConfig(num_requests=1, prompt=LengthDist(prompt_tokens), output=LengthDist(4),
+                         token_range=(100, min(10_000, vocab)), seed=99)
+    asyncio.run(bench(backend, target, data, [LoadConfig(concurrency=1)], None))
+
+
 def bench_stack(stack, backend, vocab, concurrency, tokens, prompt_tokens, slo) -> dict:
-    """One load level through the load generator, as a row (see ``bench.baselines``)."""
+    """One load level through the load generator, as a row (see ``bench.baselines``); call
+    :func:`warm_up` first."""
     target = stack.http_url if backend == "openai" else f"{stack.cfg.host}:{stack.router_port}"
     data = DatasetConfig(num_requests=concurrency, prompt=LengthDist(prompt_tokens), output=LengthDist(tokens),
                          token_range=(100, min(10_000, vocab)), seed=concurrency)
-    (r,) = asyncio.run(bench(backend, target, data, [LoadConfig(concurrency=concurrency, warmup=1)], slo))
+    (r,) = asyncio.run(bench(backend, target, data, [LoadConfig(concurrency=concurrency)], slo))
     if r["requests_failed"]:
         raise RuntimeError(f"{r['requests_failed']} request(s) failed: {r['errors']}")
     return dict(ttft_p50=r["ttft_ms"]["p50"] / 1e3, ttft_p90=r["ttft_ms"]["p90"] / 1e3,
@@ -86,6 +96,7 @@ def run_cleave(args, source, vocab, weights_dtype, flag, slo, out) -> None:
         router = stack.start()
         out["cores"] = {name: list(cores) for name, cores in getattr(stack, "cores", {}).items()}
         for c in args.levels:
+            warm_up(stack, args.backend, vocab, args.prompt_tokens)
             s0, n0 = serving_extras.decode_step_totals(stack)
             row = bench_stack(stack, args.backend, vocab, c, args.tokens, args.prompt_tokens, slo)
             s1, n1 = serving_extras.decode_step_totals(stack)
