@@ -163,6 +163,11 @@ def helm_values(result: dict) -> dict:
     if kv_tok:
         tokens = d.get("sequences", d["batch"]) * (inputs["prompt"] + inputs["output"])
         values["decode"]["kvCacheMb"] = int(math.ceil(tokens * kv_tok / MIB))
+    return _with_targets(values, inputs)
+
+
+def _with_targets(values: dict, inputs: dict) -> dict:
+    """``values`` with the planner's TTFT/TPOT targets (seconds) from the plan's SLOs, when given."""
     if inputs["ttft_s"]:
         values["planner"]["ttftTarget"] = inputs["ttft_s"]
     if inputs["tpot_s"]:
@@ -190,11 +195,7 @@ def _aggregated_values(result: dict) -> dict:
     if kv_tok:       # the streams' KV and one prompt being prefilled
         tokens = a["sequences"] * (inputs["prompt"] + inputs["output"]) + inputs["prompt"]
         values["decode"]["kvCacheMb"] = int(math.ceil(tokens * kv_tok / MIB))
-    if inputs["ttft_s"]:
-        values["planner"]["ttftTarget"] = inputs["ttft_s"]
-    if inputs["tpot_s"]:
-        values["planner"]["tpotTarget"] = inputs["tpot_s"]
-    return values
+    return _with_targets(values, inputs)
 
 
 def write_helm_values(result: dict, path: str) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from services.loadgen.backends import Timing
 from services.loadgen.datasets import BenchRequest, LengthDist
-from services.loadgen.runner import LoadConfig, _closed_loop
+from services.loadgen.runner import LoadConfig, _closed_loop, poisson_starts
 
 THINK_DISTRIBUTIONS = ("exponential", "fixed")
 SKIPPED = "not sent: an earlier turn of its conversation failed"
@@ -173,27 +173,7 @@ async def run_conversations(backend, conversations: list[Conversation], load: Lo
 
         await asyncio.gather(*(client() for _ in range(min(load.concurrency, len(conversations)))))
     else:
-        await _poisson(converse, len(conversations), load)
+        await poisson_starts(converse, len(conversations), load)
     seconds = time.perf_counter() - t0
     flat = [(c, k + 1, t) for c, row in enumerate(rows) for k, t in enumerate(row)]
     return ConversationRun([t for _, _, t in flat], [k for _, k, _ in flat], [c for c, _, _ in flat], seconds)
-
-
-async def _poisson(converse, n: int, load: LoadConfig) -> None:
-    rng = random.Random(load.seed)
-    gate = asyncio.Semaphore(load.max_concurrency) if load.max_concurrency else None
-
-    async def one(c: int) -> None:
-        if gate is None:
-            return await converse(c)
-        async with gate:
-            await converse(c)
-
-    tasks, start, at = [], time.perf_counter(), 0.0
-    for c in range(n):
-        delay = start + at - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(c)))
-        at += rng.expovariate(load.rate)
-    await asyncio.gather(*tasks)

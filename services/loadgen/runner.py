@@ -79,28 +79,36 @@ async def _closed_loop(backend, requests, width: int, progress) -> list[Timing]:
     return out
 
 
-async def _poisson(backend, requests, load: LoadConfig, progress) -> list[Timing]:
+async def poisson_starts(run, n: int, load: LoadConfig) -> None:
+    """Start ``run(i)`` for i in 0..n-1 at Poisson arrivals of ``load.rate`` per second (seeded
+    by ``load.seed``), at most ``load.max_concurrency`` running (0 = no cap); returns when all
+    ended. Used for requests here and for conversations (``services.loadgen.conversations``)."""
     rng = random.Random(load.seed)
     gate = asyncio.Semaphore(load.max_concurrency) if load.max_concurrency else None
-    out: list[Timing | None] = [None] * len(requests)
 
     async def one(i: int) -> None:
-        if gate is not None:
-            async with gate:
-                out[i] = await backend.send(requests[i])
-        else:
-            out[i] = await backend.send(requests[i])
-        if progress is not None:
-            progress.update(1)
+        if gate is None:
+            return await run(i)
+        async with gate:
+            await run(i)
 
-    tasks = []
-    start = time.perf_counter()
-    at = 0.0
-    for i in range(len(requests)):
+    tasks, start, at = [], time.perf_counter(), 0.0
+    for i in range(n):
         delay = start + at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(i)))
         at += rng.expovariate(load.rate)
     await asyncio.gather(*tasks)
+
+
+async def _poisson(backend, requests, load: LoadConfig, progress) -> list[Timing]:
+    out: list[Timing | None] = [None] * len(requests)
+
+    async def one(i: int) -> None:
+        out[i] = await backend.send(requests[i])
+        if progress is not None:
+            progress.update(1)
+
+    await poisson_starts(one, len(requests), load)
     return out
