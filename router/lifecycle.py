@@ -427,6 +427,9 @@ class RequestRun:
             return landing, None, True
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():
+                # the request is cancelled with its Reserve in flight: the worker may hold a
+                # reservation nobody knows the transfer id of; free it by request id now
+                self._abort_later(worker, request_id=self.req.request_id)
                 raise
             self._excluded.add(worker.ident)  # its channel closed under the call
             return None, f"{worker.key}: the call was cancelled (its channel closed)", False
@@ -445,10 +448,12 @@ class RequestRun:
             self._excluded.add(worker.ident)
             return None, why, False
 
-    def _abort_later(self, decode: WorkerHandle, transfer_id: str) -> None:
-        """Abort the reservation in the background (idempotent on the worker)."""
+    def _abort_later(self, decode: WorkerHandle, transfer_id: str = "", request_id: str = "") -> None:
+        """Abort the reservation ``transfer_id``, or every one of ``request_id``, in the
+        background (idempotent on the worker)."""
         async def abort() -> None:
             with contextlib.suppress(Exception):
-                await decode.stub.Abort(worker_pb2.AbortRequest(transfer_id=transfer_id), timeout=5)
+                await decode.stub.Abort(worker_pb2.AbortRequest(transfer_id=transfer_id, request_id=request_id),
+                                        timeout=5)
         self.core.background(asyncio.get_running_loop().create_task(abort()))
 

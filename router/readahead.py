@@ -35,6 +35,7 @@ class Readahead:
         if limit < 1:
             raise ValueError(f"a stream buffer holds at least 1 response, got {limit}")
         self._limit = limit
+        self._cancelled = False
         self._queue: asyncio.Queue = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._run(stream))
 
@@ -67,12 +68,15 @@ class Readahead:
         return item
 
     def cancel(self) -> None:
-        """Cancel the request now, from a callback (the gRPC call ended: the client left while
-        its handler waited to send); :meth:`close` still waits for the cleanup."""
-        self._task.cancel()
+        """Cancel the request now (once: a second cancel would cut its cleanup short, leaving
+        a decode reservation to the reaper), e.g. from the gRPC call's done callback; :meth:`close`
+        still waits for the cleanup."""
+        if not self._cancelled and not self._task.done():
+            self._cancelled = True
+            self._task.cancel()
 
     async def close(self) -> None:
         """Cancel the request unless it ended, and wait until its cleanup (state recorded, KV
         freed) is done. A cancellation of the caller itself still propagates."""
-        self._task.cancel()
+        self.cancel()
         await asyncio.wait({self._task})

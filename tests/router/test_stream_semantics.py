@@ -165,3 +165,31 @@ def test_the_readahead_never_fails_a_request_for_its_final_response():
         assert got[:3] == [0, 1, 2] and "left 3 responses unread" in got[3]
 
     asyncio.run(main())
+
+
+def test_a_cancel_while_the_reserve_is_in_flight_frees_that_reservation_at_once(redis_url, monkeypatch):
+    """The decode worker makes the reservation after the router stopped waiting for it: the
+    router aborts the request's reservations by request id, so the blocks come back now, not
+    when the reaper finds the reservation past its deadline."""
+    from services import decode
+    real = decode.DecodeService.Reserve
+    made = asyncio.Event()
+
+    async def slow_reserve(self, request, context):   # reserves, then answers late
+        out = await real(self, request, context)
+        made.set()
+        await asyncio.sleep(0.3)
+        return out
+    monkeypatch.setattr(decode.DecodeService, "Reserve", slow_reserve)
+
+    async def main():
+        async with FakeStack(redis_url, prefill=1, decode=1, request_timeout_s=300.0) as stack:
+            task = asyncio.ensure_future(stack.generate([1, 2, 3, 4, 5], 8, request_id="mid-reserve"))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.wait_for(made.wait(), 5)
+            assert all(free == total for free, total in (await stack.settle(timeout=5.0)).values())
+
+    asyncio.run(main())
