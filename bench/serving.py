@@ -50,19 +50,23 @@ WEIGHTS_DTYPES = ("fp32", "bf16", "int8", "int4")
 MiB = 1 << 20
 
 
-def warm_up(stack, backend, vocab, prompt_tokens) -> None:
-    """One short request, before a level's measured window (its batch-1 steps would otherwise
-    dilute the window's mean decode step)."""
-    target = stack.http_url if backend == "openai" else f"{stack.cfg.host}:{stack.router_port}"
-    data = DatasetConfig(num_requests=1, prompt=LengthDist(prompt_tokens), output=LengthDist(4),
-                         token_range=(100, min(10_000, vocab)), seed=99)
-    asyncio.run(bench(backend, target, data, [LoadConfig(concurrency=1)], None))
+def target_of(stack, backend: str) -> str:
+    """Where the load generator sends: the router's OpenAI base URL or its gRPC address."""
+    return stack.http_url if backend == "openai" else f"{stack.cfg.host}:{stack.router_port}"
+
+
+def warm_up(stack, backend, vocab, prompt_tokens, requests: int = 1) -> None:
+    """``requests`` short requests at once, before a level's measured window (their steps would
+    otherwise dilute the window's mean decode step)."""
+    data = DatasetConfig(num_requests=requests, prompt=LengthDist(prompt_tokens), output=LengthDist(4),
+                         token_range=(100, min(10_000, vocab)), seed=99 + requests)
+    asyncio.run(bench(backend, target_of(stack, backend), data, [LoadConfig(concurrency=requests)], None))
 
 
 def bench_stack(stack, backend, vocab, concurrency, tokens, prompt_tokens, slo) -> dict:
     """One load level through the load generator, as a row (see ``bench.baselines``); call
     :func:`warm_up` first."""
-    target = stack.http_url if backend == "openai" else f"{stack.cfg.host}:{stack.router_port}"
+    target = target_of(stack, backend)
     data = DatasetConfig(num_requests=concurrency, prompt=LengthDist(prompt_tokens), output=LengthDist(tokens),
                          token_range=(100, min(10_000, vocab)), seed=concurrency)
     (r,) = asyncio.run(bench(backend, target, data, [LoadConfig(concurrency=concurrency)], slo))

@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import psutil  # noqa: E402
 
 from bench import machine, serving_extras  # noqa: E402
+from bench.serving import target_of, warm_up  # noqa: E402
 from services.launcher import LocalStack, StackConfig, workers  # noqa: E402
 from services.loadgen.cli import bench  # noqa: E402
 from services.loadgen.datasets import DatasetConfig, LengthDist  # noqa: E402
@@ -69,12 +70,10 @@ def stack_processes(stack: LocalStack) -> dict[str, psutil.Process]:
 
 def run_level(stack: LocalStack, args, streams: int) -> dict:
     """One load level: ``args.rounds * streams`` requests, ``streams`` in flight."""
-    target = stack.http_url if args.backend == "openai" else f"{stack.cfg.host}:{stack.router_port}"
+    target = target_of(stack, args.backend)
     data = DatasetConfig(num_requests=args.rounds * streams, prompt=LengthDist(args.prompt_tokens),
                          output=LengthDist(args.tokens), token_range=(100, 10_000), seed=streams)
-    warm = DatasetConfig(num_requests=streams, prompt=LengthDist(args.prompt_tokens), output=LengthDist(4),
-                         token_range=(100, 10_000), seed=streams + 1)
-    asyncio.run(bench(args.backend, target, warm, [LoadConfig(concurrency=streams)], Slo(None, None)))
+    warm_up(stack, args.backend, 10_000, args.prompt_tokens, requests=streams)
     procs = stack_processes(stack)
     c0, (s0, n0), t0 = cpu_seconds(procs), serving_extras.decode_step_totals(stack), time.perf_counter()
     (r,) = asyncio.run(bench(args.backend, target, data, [LoadConfig(concurrency=streams)], Slo(None, None)))
@@ -82,7 +81,7 @@ def run_level(stack: LocalStack, args, streams: int) -> dict:
     c1, (s1, n1) = cpu_seconds(procs), serving_extras.decode_step_totals(stack)
     if r["requests_failed"]:
         raise RuntimeError(f"{r['requests_failed']} request(s) failed at {streams} streams: {r['errors']}")
-    tokens = r["output_tokens"] if "output_tokens" in r else args.rounds * streams * args.tokens
+    tokens = r["output_tokens"]
     step = (s1 - s0) / max(1, n1 - n0)
     tpot = r["tpot_ms"]["mean"] / 1e3
     return dict(streams=streams, tok_s=r["output_token_throughput"], tpot_ms=tpot * 1e3, step_ms=step * 1e3,
