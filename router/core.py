@@ -39,6 +39,7 @@ from router.policy import make_policy
 from router.request_state import AdmissionQueue, RequestRecorder, RequestState
 from router.state import RequestStore, now
 from router.text import IncrementalText, TextCodec
+from router.token_streams import TokenStreams
 from router.validate import check_input_size, check_sampling, prompt_ids_of, request_id_of, seed_of
 from router.workers import WorkerDirectory
 
@@ -74,6 +75,7 @@ class RouterCore:
         self.prom = RouterMetrics(model_id, running=lambda: max(0, len(self.active) - self.queued),
                                   waiting=lambda: self.queued)  # Prometheus, at /metrics of the HTTP port
         self.prom.kv_index(self.kv_index.modes, self.kv_index.block_counts, KV_INDEX_MODES)
+        self.token_streams = TokenStreams()   # one Tokens stream per decode worker (router.token_streams)
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -95,6 +97,7 @@ class RouterCore:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.token_streams.close()
         await self.kv_index.stop()
         await self.directory.stop()
         await self.client.aclose()

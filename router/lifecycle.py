@@ -151,7 +151,7 @@ class RequestRun:
             self._delivered("decode", predicted_decode, landing.num_cached_tokens)
             if self.t_admitted is None:
                 self.t_admitted = time.time()
-            prefill_call = decode_call = first = None
+            prefill_call = first = None
             try:
                 rec.to(RequestState.PREFILLING, attempts=self.attempts, prefill_worker=prefill.record.worker_id,
                        decode_worker=decode.record.worker_id, decode_cached_tokens=landing.num_cached_tokens,
@@ -180,20 +180,19 @@ class RequestRun:
                 if first is None:
                     raise RetryableFailure(f"prefill worker {prefill.record.worker_id} ended without a token")
                 rec.to(RequestState.DECODING)
-                decode_call = decode.stub.Decode(worker_pb2.DecodeRequest(
-                    transfer_id=landing.transfer_id, prompt_token_ids=prompt, first_token_id=first,
-                    first_token_index=len(self.generated), sampling=req.sampling, seed=req.seed,
-                    eos_token_ids=req.eos_token_ids), timeout=self._time_left())
-                async for chunk in self._rpc(decode, decode_call):
-                    yield Delta(list(chunk.token_ids), (chunk.finish_reason or STOP) if chunk.finished else None,
-                                list(chunk.logprobs))
-                    if chunk.finished:
-                        return
+                async with contextlib.aclosing(self._decode(decode, worker_pb2.DecodeRequest(
+                        transfer_id=landing.transfer_id, prompt_token_ids=prompt, first_token_id=first,
+                        first_token_index=len(self.generated), sampling=req.sampling, seed=req.seed,
+                        eos_token_ids=req.eos_token_ids))) as chunks:
+                    async for chunk in chunks:
+                        yield Delta(list(chunk.token_ids), (chunk.finish_reason or STOP) if chunk.finished else None,
+                                    list(chunk.logprobs))
+                        if chunk.finished:
+                            return
             finally:
                 decode_load.release()
-                for call in (prefill_call, decode_call):
-                    if call is not None:
-                        call.cancel()
+                if prefill_call is not None:
+                    prefill_call.cancel()
                 self._abort_later(decode, landing.transfer_id)
 
     def _prefill_route(self, prompt: list[int], remaining: int, hashes: PromptHashes) -> tuple[str, str]:
@@ -223,31 +222,28 @@ class RequestRun:
         decode, landing, decode_load, predicted = await self._reserve(prompt, remaining, None, hashes, local=True)
         if self.t_admitted is None:
             self.t_admitted = time.time()
-        call = None
         try:
             rec.to(RequestState.PREFILLING, attempts=self.attempts, prefill_worker=decode.record.worker_id,
                    decode_worker=decode.record.worker_id, decode_cached_tokens=landing.num_cached_tokens,
                    predicted_decode_cached_tokens=predicted, prefill_mode="local", prefill_reason=why)
-            call = decode.stub.Decode(worker_pb2.DecodeRequest(
-                transfer_id=landing.transfer_id, prompt_token_ids=prompt, first_token_index=len(self.generated),
-                sampling=self._sampling(), seed=req.seed, eos_token_ids=req.eos_token_ids, local_prefill=True),
-                timeout=self._time_left())
             first = True
-            async for chunk in self._rpc(decode, call):
-                if first:
-                    first = False
-                    if self.cached_tokens is None:
-                        self.cached_tokens = chunk.cached_tokens
-                    self._delivered("decode", predicted, chunk.cached_tokens)
-                    rec.to(RequestState.DECODING)
-                yield Delta(list(chunk.token_ids), (chunk.finish_reason or STOP) if chunk.finished else None,
-                            list(chunk.logprobs))
-                if chunk.finished:
-                    return
+            async with contextlib.aclosing(self._decode(decode, worker_pb2.DecodeRequest(
+                    transfer_id=landing.transfer_id, prompt_token_ids=prompt, first_token_index=len(self.generated),
+                    sampling=self._sampling(), seed=req.seed, eos_token_ids=req.eos_token_ids,
+                    local_prefill=True))) as chunks:
+                async for chunk in chunks:
+                    if first:
+                        first = False
+                        if self.cached_tokens is None:
+                            self.cached_tokens = chunk.cached_tokens
+                        self._delivered("decode", predicted, chunk.cached_tokens)
+                        rec.to(RequestState.DECODING)
+                    yield Delta(list(chunk.token_ids), (chunk.finish_reason or STOP) if chunk.finished else None,
+                                list(chunk.logprobs))
+                    if chunk.finished:
+                        return
         finally:
             decode_load.release()
-            if call is not None:
-                call.cancel()
             self._abort_later(decode, landing.transfer_id)
 
     async def _prefill_only(self, prefill: WorkerHandle, prompt: list[int]):
@@ -275,14 +271,41 @@ class RequestRun:
             return STOP
         return LENGTH if remaining <= 1 else None
 
+    async def _decode(self, decode: WorkerHandle, request: worker_pb2.DecodeRequest):
+        """The ``DecodeChunk``s of one Decode call, whose tokens come on this router's token
+        stream from ``decode`` (``router.token_streams``); failures as :meth:`_rpc` raises them.
+        Closing it cancels the call (the worker aborts the sequence)."""
+        async with contextlib.aclosing(self._rpc(decode, self._stream_chunks(decode, request))) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _stream_chunks(self, decode: WorkerHandle, request: worker_pb2.DecodeRequest):
+        stream = await self.core.token_streams.of(decode, timeout=self._time_left(cap=10.0))
+        queue = stream.register(request.transfer_id)  # before the call: chunks may come before its reply
+        request.stream_id = stream.id
+        call = watcher = None
+        try:
+            call = decode.stub.Decode(request, timeout=self._time_left())
+            watcher = stream.watch(request.transfer_id, call)
+            async for chunk in stream.chunks(queue):
+                yield chunk
+        finally:
+            stream.unregister(request.transfer_id)
+            if call is not None:
+                call.cancel()
+            if watcher is not None:
+                watcher.cancel()
+
     async def _rpc(self, worker: WorkerHandle, call):
-        """Iterate a worker stream, turning worker failures into RetryableFailure. A call that
-        grpc cancels under us (its channel closed) is the worker's failure, not the client's:
-        only a cancel of this task itself is the client leaving."""
+        """Iterate a worker stream (a call, or an async generator: closed with this one), turning
+        worker failures into RetryableFailure. A call that grpc cancels under us (its channel
+        closed) is the worker's failure, not the client's: only a cancel of this task itself is
+        the client leaving."""
         worker.calls += 1
         try:
-            async for msg in call:
-                yield msg
+            async with contextlib.aclosing(call) if hasattr(call, "aclose") else contextlib.nullcontext():
+                async for msg in call:
+                    yield msg
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():
                 raise

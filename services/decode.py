@@ -41,26 +41,21 @@ from dataclasses import dataclass
 import grpc
 
 from cleave.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
-from common.errors import (CallerLimit, Exhausted, InvalidRequest, NoKVRoom, NotFound, RequestFault, Unavailable,
+from common.errors import (CallerLimit, InvalidRequest, NoKVRoom, NotFound, Unavailable,
                            abort_with)
 from common.grpc_util import add_service, caller_of
 from common.kv_hash import prefix_hash
 from engine.kv_cache import OutOfBlocks
 from engine.sampler import SamplingConfig
-from engine.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, DecodeScheduler, Sequence
+from engine.scheduler import DecodeScheduler, Sequence
 from kvtransfer.handoff import HandoffError
 from engine.runtime.executor import InstanceError
 from services.experts.instance import InstanceExperts
+from services.decode_stream import SequenceOutput, TokenStreams
 from services.token_relay import TokenRelay
-from services.worker import WorkerHost, landing_rank_pb, logprob_pb
+from services.worker import WorkerHost, landing_rank_pb
 
 log = logging.getLogger(__name__)
-
-_FINISH = {FINISH_LENGTH: inference_pb2.FINISH_REASON_LENGTH}
-
-
-_FAULTS = {"request": RequestFault, "capacity": Exhausted}
-
 
 @dataclass
 class Reservation:
@@ -94,6 +89,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         self._reaper: asyncio.Task | None = None
         self._stats_task: asyncio.Task | None = None
         self._relay: TokenRelay | None = None      # made on the serving loop (start(), or the first Decode)
+        self.streams = TokenStreams()              # callers' Tokens streams (event loop only)
         self.experts = InstanceExperts(host.executor, host.cfg, host.model_id, host.model_config) \
             if host.model_config.num_experts else None
         if self.experts is not None:
@@ -235,57 +231,79 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             except asyncio.CancelledError:
                 self._release(transfer_id)
                 raise
-        queue: asyncio.Queue = asyncio.Queue()
         prompt = list(request.prompt_token_ids)
         if self._relay is None:      # a Decode that came in before start() finished
             self._relay = TokenRelay(asyncio.get_running_loop())
-        emit = self._relay.emitter(queue)
-        if res.local:   # the scheduler computes the uncached rest of the prompt and samples the first token
-            seq = Sequence(
-                seq_id=transfer_id, tokens=prompt, num_cached=res.cached_tokens, prefilling=True,
-                generated=request.first_token_index, max_tokens=request.first_token_index + res.max_tokens,
-                sampling=sampling, eos_token_ids=frozenset(request.eos_token_ids),
-                ignore_eos=request.sampling.ignore_eos, emit=emit, release=lambda: self._release(transfer_id))
+        seq = self._sequence(request, res, prompt, sampling)
+        where = f"{transfer_id} on {self.host.worker_id}"
+        output = SequenceOutput(seq, where, self._first_local(res, seq) if res.local else None)
+        if request.stream_id:
+            try:
+                sink, ended = self.streams.bind(request.stream_id, transfer_id, output)
+            except Unavailable as exc:
+                self._release(transfer_id)
+                await abort_with(context, exc)
+                return
         else:
+            queue: asyncio.Queue = asyncio.Queue()
+            sink = queue.put_nowait
+        seq.emit = self._relay.emitter(sink)
+        if not res.local:
             self.host.blocks.commit(transfer_id, prompt)     # the prompt's full blocks are now shareable
-            seq = Sequence(
-                seq_id=transfer_id, tokens=prompt + [request.first_token_id], num_cached=res.num_prompt_tokens,
-                generated=request.first_token_index + 1,
-                max_tokens=request.first_token_index + res.max_tokens,
-                sampling=sampling,
-                eos_token_ids=frozenset(request.eos_token_ids), ignore_eos=request.sampling.ignore_eos,
-                emit=emit, release=lambda: self._release(transfer_id))
         res.handed = True                                # the scheduler releases the blocks from now on
         self.scheduler.add(seq)
-        first = res.local                                # the first chunk reports the local prefill
         try:
+            if request.stream_id:     # the tokens go out on the stream; this call ends with the sequence
+                error = await ended
+                if error is not None:
+                    await abort_with(context, error)
+                return
             while True:
                 items = [await queue.get()]
                 while not queue.empty():
                     items.append(queue.get_nowait())
-                tokens = [t for t, _, _ in items if t is not None]
-                logprobs = [logprob_pb(lp) for t, _, lp in items if t is not None and lp is not None]
-                reason = next((r for _, r, _ in items if r is not None), None)
-                extra = {}
-                if first and tokens:
-                    first, res.prefill_pending = False, 0
-                    extra = dict(cached_tokens=res.cached_tokens, prefill_seconds=seq.prefill_seconds)
-                    self.host.metrics.local_prefill(res.num_prompt_tokens - res.cached_tokens)
-                if reason in (FINISH_ABORT, FINISH_ERROR):
-                    if tokens:  # made before the failure: the router keeps them and resumes after
-                        yield worker_pb2.DecodeChunk(token_ids=tokens, logprobs=logprobs, **extra)
-                    kind = _FAULTS.get(seq.fault, Unavailable)
-                    await abort_with(context, kind(f"decode of {transfer_id} on "
-                                                   f"{self.host.worker_id} ended: {seq.error or 'aborted'}"))
-                    return
-                yield worker_pb2.DecodeChunk(
-                    token_ids=tokens, logprobs=logprobs, finished=reason is not None,
-                    finish_reason=_FINISH.get(reason, inference_pb2.FINISH_REASON_STOP) if reason else 0, **extra)
-                if reason is not None:
+                chunk, error, done = output.chunk(items)
+                if chunk is not None:
+                    yield chunk
+                if error is not None:
+                    await abort_with(context, error)
+                if done:
                     return
         finally:
             if seq.finished is None:
                 self.scheduler.abort(transfer_id)
+            if request.stream_id:
+                self.streams.unbind(request.stream_id, transfer_id)
+
+    async def Tokens(self, request: worker_pb2.TokensRequest, context):
+        """One caller's token stream (``services.decode_stream``): an empty message once open,
+        then one ``TokenBatch`` per burst of its sequences' tokens."""
+        try:
+            async for batch in self.streams.serve(request.stream_id):
+                yield batch
+        except Unavailable as exc:
+            await abort_with(context, exc)
+
+    def _sequence(self, request: worker_pb2.DecodeRequest, res: Reservation, prompt: list[int],
+                  sampling: SamplingConfig) -> Sequence:
+        """The scheduler's sequence for a checked Decode (its ``emit`` is set by the caller)."""
+        release = lambda: self._release(request.transfer_id)   # noqa: E731
+        common = dict(seq_id=request.transfer_id, sampling=sampling, eos_token_ids=frozenset(request.eos_token_ids),
+                      ignore_eos=request.sampling.ignore_eos, emit=None, release=release,
+                      max_tokens=request.first_token_index + res.max_tokens)
+        if res.local:   # the scheduler computes the uncached rest of the prompt and samples the first token
+            return Sequence(tokens=prompt, num_cached=res.cached_tokens, prefilling=True,
+                            generated=request.first_token_index, **common)
+        return Sequence(tokens=prompt + [request.first_token_id], num_cached=res.num_prompt_tokens,
+                        generated=request.first_token_index + 1, **common)
+
+    def _first_local(self, res: Reservation, seq: Sequence):
+        """The first chunk of a local prefill reports it (and the prompt is no longer queued)."""
+        def first() -> dict:
+            res.prefill_pending = 0
+            self.host.metrics.local_prefill(res.num_prompt_tokens - res.cached_tokens)
+            return dict(cached_tokens=res.cached_tokens, prefill_seconds=seq.prefill_seconds)
+        return first
 
     def caller_limit(self, caller: str) -> int:
         """Reservations not yet decoding that one caller may hold: ``max_reservations_per_caller``;

@@ -188,6 +188,9 @@ class RunningWorker:
                 await self.kv_events.close()   # last events out, snapshot deleted (never raises)
                 await self._events_client.aclose()
             await self._client.aclose()
+        streams = getattr(self.servicer, "streams", None)   # long-lived Tokens streams (DecodeService)
+        if streams is not None:
+            streams.close()         # they would hold the server's stop for its whole grace
         await self.server.stop(grace=grace)
         await self.servicer.stop()
         self.host.metrics.close()

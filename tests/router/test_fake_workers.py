@@ -116,6 +116,33 @@ def test_a_channel_closed_under_a_call_is_a_worker_failure_not_a_cancel(redis_ur
     asyncio.run(main())
 
 
+def test_a_token_stream_ending_mid_request_continues_on_the_other_decode_worker(redis_url):
+    """The router reads every sequence of a decode worker on one Tokens stream; that stream
+    ending under the requests running there fails them over to the other worker, exactly."""
+    async def main():
+        async with FakeStack(redis_url, prefill=1, decode=2, max_attempts=3) as stack:
+            for e in stack.executors():
+                e.stall = 0.02
+            prompts, n = [[5, 6, 7 + i] for i in range(3)], 30
+            reached = [asyncio.Event() for _ in prompts]
+            tasks = [asyncio.create_task(stack.generate(p, n, request_id=f"streamed-{i}",
+                                                        on_tokens=lambda ids, i=i: len(ids) >= 6 and reached[i].set()))
+                     for i, p in enumerate(prompts)]
+            await asyncio.wait_for(asyncio.gather(*(r.wait() for r in reached)), 30)
+            busy = [w for w in stack.decodes if w.servicer.scheduler.num_running]
+            assert len(stack.core.token_streams._streams) == len(busy)   # one stream per decode worker
+            moved = busy[0].servicer.scheduler.num_running
+            busy[0].servicer.streams.close()     # ends its stream; new ones are refused there
+            outs = await asyncio.gather(*tasks)
+            assert sum(int(out.record["attempts"]) == 2 for out in outs) == moved
+            for p, out in zip(prompts, outs):
+                assert out.error is None and out.token_ids == stack.expected(p, n)
+                assert out.record["state"] == "finished" and out.record["decode_worker"] != busy[0].host.worker_id
+            assert _all_free(await stack.settle())
+
+    asyncio.run(main())
+
+
 # ---- a request's own fault: not retried ------------------------------------------------------
 
 POISON = 100   # rows whose last input token is this get NaN logits, on every worker

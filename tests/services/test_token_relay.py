@@ -11,7 +11,7 @@ def test_a_burst_from_another_thread_arrives_in_order_with_few_wakeups():
         loop = asyncio.get_running_loop()
         relay = TokenRelay(loop)
         queues = [asyncio.Queue() for _ in range(8)]
-        emits = [relay.emitter(q) for q in queues]
+        emits = [relay.emitter(q.put_nowait) for q in queues]
         wakeups = 0
         drain = relay._drain
 
@@ -50,7 +50,7 @@ def test_an_emit_after_the_loop_closed_raises_and_leaves_no_drain_pending():
     loop.close()
     q = asyncio.Queue()
     try:
-        relay.put(q, (1, None, None))
+        relay.put(q.put_nowait, (1, None, None))
     except RuntimeError:
         pass
     else:
@@ -65,7 +65,7 @@ def test_emits_made_before_the_loop_runs_cost_exactly_one_wakeup():
         drains = []
         drain = relay._drain
         relay._drain = lambda: (drains.append(1), drain())
-        t = threading.Thread(target=lambda: [relay.put(q, (i, None, None)) for i, q in enumerate(queues)])
+        t = threading.Thread(target=lambda: [relay.put(q.put_nowait, (i, None, None)) for i, q in enumerate(queues)])
         t.start()
         t.join()                       # the loop has not run since: one drain is queued, for all 16
         assert [(await q.get())[0] for q in queues] == list(range(16))
