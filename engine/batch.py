@@ -68,6 +68,10 @@ class ForwardBatch:
     # the model stops between layers and raises ForwardCancelled. One-process passes only: every
     # rank of a multi-rank pass would have to agree on the layer to stop at.
     cancelled: Any = None
+    # decode only: when set, the step returns an ``engine.sampler.StepLogits`` (every row's max
+    # and argmax, the whole logits of these rows only: non-greedy sampling, logprobs) instead of
+    # [B, vocab]; reduced on the device, so greedy rows never copy a vocabulary-wide row back
+    full_rows: tuple[int, ...] | None = None
 
     @property
     def num_seqs(self) -> int:

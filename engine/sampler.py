@@ -97,22 +97,67 @@ def sample_one(logits: torch.Tensor, cfg: SamplingConfig, index: int) -> int:
     return int(torch.multinomial(probs, 1, generator=gen).item())
 
 
-def sample_batch(logits: torch.Tensor, cfgs: list[SamplingConfig], indices: list[int]) -> list[int | SamplingError]:
-    """One token per row of ``logits`` [B, vocab]; greedy rows share one argmax.
+@dataclass
+class StepLogits:
+    """A decode step's logits reduced where they were made (on the device, before the copy to
+    the host): every row's max ``best`` [B] (fp32) and ``argmax`` [B] (int64, first of ties as
+    ``torch.argmax``), and the whole rows ``rows`` only, ``logits`` [len(rows), vocab] fp32.
+    Greedy rows need nothing more, so a step of B greedy sequences moves 2·B numbers, not
+    B·vocab (vLLM samples on the GPU for the same reason). Picklable (it crosses the ranks'
+    control channel). Made by :meth:`of` (``engine.runtime.rank``) or an executor directly."""
+
+    best: torch.Tensor
+    argmax: torch.Tensor
+    rows: list[int]
+    logits: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, rows) -> "StepLogits":
+        """``logits`` [B, vocab] reduced, keeping the whole rows ``rows`` (CPU tensors)."""
+        best, argmax = logits.max(dim=-1)
+        rows = list(rows)
+        kept = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)] if rows else logits[:0]
+        return cls(best.float().cpu(), argmax.cpu(), rows, kept.float().cpu())
+
+    def row(self, i: int) -> torch.Tensor | None:
+        """The whole logits row ``i`` [vocab], None when it was not kept."""
+        try:
+            return self.logits[self.rows.index(i)]
+        except ValueError:
+            return None
+
+
+def full_rows(cfgs: list[SamplingConfig]) -> tuple[int, ...]:
+    """The rows whose whole logits a step must keep: those not sampled greedily or asking logprobs."""
+    return tuple(i for i, c in enumerate(cfgs) if not c.greedy or c.logprobs >= 0)
+
+
+def sample_batch(logits: "torch.Tensor | StepLogits", cfgs: list[SamplingConfig],
+                 indices: list[int]) -> list[int | SamplingError]:
+    """One token per row of ``logits`` ([B, vocab], or a :class:`StepLogits` keeping at least
+    the :func:`full_rows` of ``cfgs``); greedy rows share one argmax.
 
     A row that cannot be sampled yields its SamplingError in place of a token, so one
-    request's failure never touches its batch-mates' tokens.
+    request's failure never touches its batch-mates' tokens. Raises ValueError for a
+    StepLogits missing a row that a non-greedy config needs.
     """
     # one pass: a row's max is NaN when it holds a NaN (max propagates NaN), +inf when it holds
     # +inf, -inf when every logit is -inf; a finite max means a sound row, and its index is the
     # argmax (first of ties, as torch.argmax)
-    best, argmax = logits.max(dim=-1)
+    step = logits if isinstance(logits, StepLogits) else None
+    best, argmax = (step.best, step.argmax) if step is not None else logits.max(dim=-1)
     out: list[int | SamplingError] = argmax.tolist()
     unsound = (~torch.isfinite(best)).tolist()
     for row, (cfg, index) in enumerate(zip(cfgs, indices)):
         if unsound[row] or not cfg.greedy:
+            whole = logits[row] if step is None else step.row(row)
             try:
-                out[row] = sample_one(logits[row], cfg, index)
+                if whole is None:
+                    if not unsound[row]:
+                        raise ValueError(f"row {row} samples with temperature {cfg.temperature} but its "
+                                         f"logits were not kept (StepLogits.rows)")
+                    check_row(best[row:row + 1])     # its max tells what is wrong with it
+                out[row] = sample_one(whole, cfg, index)
             except SamplingError as exc:
                 out[row] = exc
             except RuntimeError as exc:  # torch refusing the distribution

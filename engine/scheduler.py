@@ -66,7 +66,7 @@ from engine.batch import ForwardBatch
 from engine.block_manager import BlockManager
 from engine.kv_cache import OutOfBlocks, blocks_needed
 from engine.logprobs import TokenLogprob, logprobs_of
-from engine.sampler import SamplingConfig, SamplingError, sample_batch, sample_one
+from engine.sampler import SamplingConfig, SamplingError, StepLogits, full_rows, sample_batch, sample_one
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ class DecodeScheduler:
                  max_preemptions: int = 8, watermark: int = 0,
                  on_preempt: Callable[[], None] | None = None,
                  prefill_chunk_tokens: int | None = None) -> None:
-        """``step_fn(batch)``: logits ``[num_seqs, vocab]`` of a decode batch. ``blocks``: the
+        """``step_fn(batch)``: logits ``[num_seqs, vocab]`` of a decode batch, or the
+        ``engine.sampler.StepLogits`` keeping ``batch.full_rows`` (set here). ``blocks``: the
         instance's block manager. ``on_step(seconds, batch_size)`` is called after each step's
         forward and sampling (the engine's share of TPOT; ``services.decode`` feeds it to
         ``/metrics``). ``prefill_fn(tokens, block_table, num_cached)`` computes the KV of
@@ -529,12 +530,15 @@ class DecodeScheduler:
         ``TokenLogprob`` for the sequences that ask (None for the others)."""
         batch = ForwardBatch.decode([s.last_token for s in seqs], [s.num_cached for s in seqs],
                                     self.blocks.tables([s.seq_id for s in seqs]), self.block_size)
+        cfgs = [s.sampling for s in seqs]
+        batch.full_rows = full_rows(cfgs)    # greedy rows come back reduced (StepLogits)
         logits = self._step_fn(batch)
-        tokens = sample_batch(logits, [s.sampling for s in seqs], [s.generated for s in seqs])
+        tokens = sample_batch(logits, cfgs, [s.generated for s in seqs])
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         for k in {s.sampling.logprobs for s in seqs} - {-1}:  # one call per top-k count asked for
             rows = [i for i, s in enumerate(seqs) if s.sampling.logprobs == k and isinstance(tokens[i], int)]
-            for i, entry in zip(rows, logprobs_of(logits[rows], [tokens[i] for i in rows], k)):
+            whole = torch.stack([logits.row(i) for i in rows]) if isinstance(logits, StepLogits) else logits[rows]
+            for i, entry in zip(rows, logprobs_of(whole, [tokens[i] for i in rows], k)):
                 logprobs[i] = entry
         return tokens, logprobs
 

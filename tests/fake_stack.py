@@ -38,6 +38,7 @@ from common.errors import CleaveError
 from common.flags import replace
 from common.registry import connect_redis
 from engine.runtime.fake import FakeExecutor, tiny_config
+from engine.sampler import StepLogits
 from kvtransfer.message import TRAILER
 from kvtransfer.transport import KVTransport, make_transport
 from router.core import RouterCore
@@ -114,7 +115,12 @@ class ScriptedExecutor(FakeExecutor):
             self.fault, self._fail_at = exc, None
         logits = super().forward(batch)
         if self.poison is not None:
-            logits[batch.input_ids[batch.logits_indices] == self.poison] = float("nan")
+            bad = batch.input_ids[batch.logits_indices] == self.poison
+            if isinstance(logits, StepLogits):     # a reduced decode step: its rows' max is NaN
+                logits.best[bad] = float("nan")
+                logits.logits[bad[logits.rows]] = float("nan")
+            else:
+                logits[bad] = float("nan")
         return logits
 
 

@@ -141,7 +141,8 @@ class Executor:
         return self._all(fn, *args)
 
     def forward(self, batch) -> torch.Tensor:
-        """Logits ``[num_seqs, vocab]`` fp32 on the CPU of ``batch`` (from the rank that owns them).
+        """Logits ``[num_seqs, vocab]`` fp32 on the CPU of ``batch`` (from the rank that owns them),
+        or an ``engine.sampler.StepLogits`` when ``batch.full_rows`` is set.
 
         With pipeline stages, a decode batch runs as ``min(pp, num_seqs)`` micro-batches in one
         call (:meth:`RankRunner.forward_micro`): while a later stage works on micro-batch ``i``,
@@ -149,7 +150,7 @@ class Executor:
         pp = self.cfg.parallel.pp
         if pp > 1 and not batch.is_prefill and batch.num_seqs > 1:
             parts = batch.split(min(pp, batch.num_seqs))
-            return next(r for r in self._all(RankRunner.forward_micro, parts) if r is not None)
+            return next(r for r in self._all(RankRunner.forward_micro, parts, batch.full_rows) if r is not None)
         return next(r for r in self._all(RankRunner.forward, batch) if r is not None)
 
     def prefill(self, prompt: list[int], blocks: list[int], cancelled=None,

@@ -23,6 +23,7 @@ from engine.loader import ModelSource, load_model_config, resolve_model
 from engine.runtime.config import RuntimeConfig
 from engine.runtime.executor import InProcessExecutor, merge_prefill
 from engine.runtime.rank import split_prefill_logits
+from engine.sampler import StepLogits
 from kvtransfer.handoff import KVReceiver, KVSender, compat_hash
 from kvtransfer.transport import make_transport
 
@@ -86,6 +87,11 @@ class FakeExecutor(InProcessExecutor):
                 ids = flat[0, 0][slots.flatten(), 0, 0].view(slots.shape).long()   # ids < 2**24: exact
                 total = (ids * (p[None, :] <= pos[:, None])).sum(1)
             targets = (total + pos) % vocab
+            if batch.full_rows is not None:   # reduced as a rank reduces it: no vocabulary-wide row
+                rows = list(batch.full_rows)
+                kept = torch.zeros(len(rows), vocab)
+                kept[torch.arange(len(rows)), targets[rows]] = PEAK
+                return StepLogits(torch.full((len(targets),), PEAK), targets, rows, kept)
             logits = torch.zeros(len(targets), vocab)
             logits[torch.arange(len(targets)), targets] = PEAK
             return logits

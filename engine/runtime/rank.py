@@ -31,6 +31,7 @@ from engine.batch import ForwardBatch, check_num_cached
 from engine.logprobs import prompt_logprobs_of
 from engine.loader import load_model, resolve_model
 from engine.parallel import AsyncSender, ParallelGroups
+from engine.sampler import StepLogits
 from engine.runtime import cores
 from engine.runtime.config import RuntimeConfig
 from engine.runtime.cuda_graphs import DecodeGraphs
@@ -74,6 +75,12 @@ def stage_step(model, groups: ParallelGroups, kv_cache: torch.Tensor, batch: For
         send(out[0], groups.pp_rank + 1)
         send(out[1], groups.pp_rank + 1)
     return out
+
+
+def _host_logits(logits: torch.Tensor, full_rows: tuple[int, ...] | None):
+    """A step's logits for rank 0: [B, vocab] on the CPU, or reduced on the device first to a
+    ``StepLogits`` keeping ``full_rows`` (``ForwardBatch.full_rows``)."""
+    return logits.cpu() if full_rows is None else StepLogits.of(logits, full_rows)
 
 
 def split_prefill_logits(logits: torch.Tensor, positions: list[int], prompt: list[int], k: int):
@@ -156,21 +163,22 @@ class RankRunner:
         """This stage's part of one step. Returns the logits (CPU, fp32) on the rank that owns
         them (last stage, first TP and EP rank), else None."""
         out = stage_step(self.model, self.groups, self.kv_cache, batch.to(self.device), graphs=self.graphs)
-        return out.cpu() if self.owns_logits and out.shape[0] else None
+        return _host_logits(out, batch.full_rows) if self.owns_logits and out.shape[0] else None
 
     @torch.inference_mode()
-    def forward_micro(self, batches: list[ForwardBatch]):
+    def forward_micro(self, batches: list[ForwardBatch], full_rows: tuple[int, ...] | None = None):
         """One step over consecutive micro-batches of a decode batch: each is received, computed
         and sent on without waiting for the next stage (non-blocking sends), so the stages work
-        on different micro-batches at once. Returns the concatenated logits (CPU) on the rank
-        that owns them, else None. ``self.micro_batches`` counts the micro-batches run."""
+        on different micro-batches at once. Returns the concatenated logits (CPU; reduced to an
+        ``engine.sampler.StepLogits`` keeping ``full_rows`` when that is set) on the rank that
+        owns them, else None. ``self.micro_batches`` counts the micro-batches run."""
         g, sender, outs = self.groups, AsyncSender(self.groups.pp), []
         for b in batches:
             outs.append(stage_step(self.model, g, self.kv_cache, b.to(self.device), send=sender.send,
                                    graphs=self.graphs, probe=self.probe))
             self.micro_batches += 1
         sender.flush()
-        return torch.cat(outs).cpu() if self.owns_logits else None
+        return _host_logits(torch.cat(outs), full_rows) if self.owns_logits else None
 
     def prefill_batch(self, prompt: list[int], blocks: list[int], num_cached: int = 0) -> ForwardBatch:
         """This rank's prefill batch: the whole prompt, its CP chunks (``prefill_cp``), or, with

@@ -180,23 +180,32 @@ def test_pipeline_decode_runs_micro_batches_that_overlap(tiny_llama_dir):
     tables = [[4 * i, 4 * i + 1] for i in range(len(prompts))]
 
     def run(ex, steps=4):
-        """Prefill, then ``steps`` greedy decode steps; the last step's logits."""
+        """Prefill, then ``steps`` greedy decode steps: the last step's logits, and the same
+        step again reduced on the ranks (``full_rows``: StepLogits; it rewrites the same KV)."""
         toks = ex.forward(ForwardBatch.prefill(prompts, tables, 8)).argmax(-1).tolist()
         pos = [len(p) for p in prompts]
         for k in range(steps):
-            logits = ex.forward(ForwardBatch.decode(toks, [p + k for p in pos], tables, 8))
+            last = (toks, [p + k for p in pos], tables, 8)
+            logits = ex.forward(ForwardBatch.decode(*last))
             toks = logits.argmax(-1).tolist()
-        return logits
+        again = ForwardBatch.decode(*last)
+        again.full_rows = (1, 3)
+        return logits, ex.forward(again)
 
     with InProcessExecutor(base) as one:
-        want = run(one)
+        want, want_reduced = run(one)
     with LocalExecutor(RuntimeConfig(**{**base.__dict__, "parallel": ParallelConfig(pp=2)})) as ex:
         ex.run_on_ranks(_probe_on)
-        got = run(ex)
+        got, reduced = run(ex)
         counts = ex.run_on_ranks(_probe_counts)
+    k = logits_k(tiny_llama_dir, max(map(len, prompts)) + 4)
     for g, w in zip(got, want):
-        assert_close(g, w, k=logits_k(tiny_llama_dir, max(map(len, prompts)) + 4))
-    assert [c["micro"] for c in counts] == [8, 8]            # each of 4 decode steps ran as 2 micro-batches
+        assert_close(g, w, k=k)
+    for step, full in ((want_reduced, want), (reduced, got)):   # reduced where made, the same numbers
+        assert step.rows == [1, 3] and torch.equal(step.argmax, full.argmax(-1))
+        assert_close(step.best, full.max(-1).values, k=k)
+        assert_close(step.logits, full[[1, 3]], k=k)
+    assert [c["micro"] for c in counts] == [10, 10]          # each of 5 decode steps ran as 2 micro-batches
     # stage 1 computed a micro-batch while stage 0 already computed the next one: by construction
     # (non-blocking sends) in every step; asked of at least one step, as a loaded machine can
     # deschedule stage 0 between its send and its next micro-batch

@@ -207,3 +207,38 @@ def test_seeded_sampling_stays_reproducible_at_any_temperature():
     for t in (1e-20, 0.5, 2.0, 1e20):
         cfg = SamplingConfig(temperature=t, seed=77)
         assert [sample_one(logits, cfg, i) for i in range(5)] == [sample_one(logits, cfg, i) for i in range(5)]
+
+
+# ---- reduced steps (StepLogits): greedy rows never carry their whole logits (issue 25) -------
+
+def _reduced_case():
+    rows = torch.stack([_wide_logits(vocab=64, seed=s) for s in range(6)])
+    rows[2, 9] = float("nan")                       # a greedy row that cannot be sampled
+    rows[4] = float("-inf")                         # a greedy row with nothing to sample
+    rows[5, 3] = float("inf")                       # a sampled row that cannot be sampled
+    cfgs = [SamplingConfig(), SamplingConfig(temperature=0.9, seed=4), SamplingConfig(),
+            SamplingConfig(logprobs=2), SamplingConfig(), SamplingConfig(temperature=1.1, top_k=5, seed=8)]
+    return rows, cfgs, [0, 5, 1, 2, 3, 4]
+
+
+def test_a_reduced_step_samples_exactly_what_the_whole_logits_sample():
+    from engine.sampler import SamplingError, StepLogits, full_rows
+    rows, cfgs, indices = _reduced_case()
+    keep = full_rows(cfgs)
+    assert keep == (1, 3, 5)                        # sampled or asking logprobs; greedy rows are not kept
+    step = StepLogits.of(rows, keep)
+    assert step.logits.shape == (3, 64) and torch.equal(step.row(3), rows[3]) and step.row(0) is None
+    whole, reduced = sample_batch(rows, cfgs, indices), sample_batch(step, cfgs, indices)
+    assert [type(t) for t in whole] == [type(t) for t in reduced]
+    assert [t if isinstance(t, int) else str(t) for t in whole] == [t if isinstance(t, int) else str(t) for t in reduced]
+    assert isinstance(reduced[2], SamplingError) and "NaN or +inf" in str(reduced[2])
+    assert isinstance(reduced[4], SamplingError) and "-inf" in str(reduced[4])
+    assert isinstance(reduced[5], SamplingError)
+    assert reduced[0] == int(torch.argmax(rows[0])) and reduced[1] == sample_one(rows[1], cfgs[1], 5)
+
+
+def test_a_reduced_step_missing_a_sampled_row_is_refused():
+    from engine.sampler import StepLogits
+    rows, cfgs, indices = _reduced_case()
+    with pytest.raises(ValueError, match="row 1 samples with temperature"):
+        sample_batch(StepLogits.of(rows, (3,)), cfgs, indices)
