@@ -184,9 +184,7 @@ class ForwardBatch:
         """One new token per sequence at ``positions[i]`` (its KV is written there)."""
         b = len(tokens)
         width = max(len(t) for t in block_tables)
-        table = torch.zeros((b, width), dtype=torch.int32)
-        for i, t in enumerate(block_tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        table = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
         slots = [block_tables[i][p // block_size] * block_size + p % block_size
                  for i, p in enumerate(positions)]
         return ForwardBatch(

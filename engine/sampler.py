@@ -60,12 +60,17 @@ class SamplingError(ValueError):
     parameters leave no token to draw. Deterministic: another worker would fail the same way."""
 
 
-def check_row(logits: torch.Tensor) -> None:
-    """Raise SamplingError when a logits row [vocab] cannot be sampled from."""
-    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
+def check_row(logits: torch.Tensor) -> int:
+    """The argmax of a logits row [vocab] (first of ties); raises SamplingError when the row
+    cannot be sampled from. One pass: the max is NaN when the row holds a NaN (max propagates
+    NaN), +inf when it holds +inf, -inf when every logit is -inf."""
+    best, index = logits.max(dim=-1)
+    best = float(best)
+    if best != best or best == float("inf"):
         raise SamplingError("the model produced NaN or +inf logits for this request")
-    if not bool(torch.isfinite(logits).any()):
+    if best == float("-inf"):
         raise SamplingError("every logit of this request is -inf: there is no token to sample")
+    return int(index)
 
 
 def sample_one(logits: torch.Tensor, cfg: SamplingConfig, index: int) -> int:
@@ -77,9 +82,9 @@ def sample_one(logits: torch.Tensor, cfg: SamplingConfig, index: int) -> int:
     top-k above the vocabulary size keeps every token; top-p always keeps the most likely token.
     Raises SamplingError (see :func:`check_row`).
     """
-    check_row(logits)
+    argmax = check_row(logits)
     if cfg.greedy:
-        return int(torch.argmax(logits).item())
+        return argmax
     row = logits.double()
     scores = (row - row.max()) / cfg.temperature
     if cfg.top_k and cfg.top_k < scores.numel():

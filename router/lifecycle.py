@@ -8,7 +8,8 @@ those tokens are prefilled again and sampling resumes at the same output index, 
 and seeded output is unchanged and nothing the client received is repeated.
 
 Whatever ends an attempt, its ``finally`` cancels the worker calls still open and aborts the
-decode reservation, so both sides free their blocks.
+decode reservation (unless its sequence finished there: the worker released it), so both sides
+free their blocks.
 
 KV room: the request waits (bounded) for a decode instance with room for its prompt plus one
 token, what the decode instance reserves (it takes further blocks on demand while decoding and
@@ -152,6 +153,7 @@ class RequestRun:
             if self.t_admitted is None:
                 self.t_admitted = time.time()
             prefill_call = first = None
+            decoded = False
             try:
                 rec.to(RequestState.PREFILLING, attempts=self.attempts, prefill_worker=prefill.record.worker_id,
                        decode_worker=decode.record.worker_id, decode_cached_tokens=landing.num_cached_tokens,
@@ -185,6 +187,7 @@ class RequestRun:
                         first_token_index=len(self.generated), sampling=req.sampling, seed=req.seed,
                         eos_token_ids=req.eos_token_ids))) as chunks:
                     async for chunk in chunks:
+                        decoded = chunk.finished   # the worker released the sequence itself
                         yield Delta(list(chunk.token_ids), (chunk.finish_reason or STOP) if chunk.finished else None,
                                     list(chunk.logprobs))
                         if chunk.finished:
@@ -193,7 +196,8 @@ class RequestRun:
                 decode_load.release()
                 if prefill_call is not None:
                     prefill_call.cancel()
-                self._abort_later(decode, landing.transfer_id)
+                if not decoded:
+                    self._abort_later(decode, landing.transfer_id)
 
     def _prefill_route(self, prompt: list[int], remaining: int, hashes: PromptHashes) -> tuple[str, str]:
         """``("local", why)`` when this attempt prefills on its decode instance (conditional
@@ -222,6 +226,7 @@ class RequestRun:
         decode, landing, decode_load, predicted = await self._reserve(prompt, remaining, None, hashes, local=True)
         if self.t_admitted is None:
             self.t_admitted = time.time()
+        decoded = False
         try:
             rec.to(RequestState.PREFILLING, attempts=self.attempts, prefill_worker=decode.record.worker_id,
                    decode_worker=decode.record.worker_id, decode_cached_tokens=landing.num_cached_tokens,
@@ -238,13 +243,15 @@ class RequestRun:
                             self.cached_tokens = chunk.cached_tokens
                         self._delivered("decode", predicted, chunk.cached_tokens)
                         rec.to(RequestState.DECODING)
+                    decoded = chunk.finished     # the worker released the sequence itself
                     yield Delta(list(chunk.token_ids), (chunk.finish_reason or STOP) if chunk.finished else None,
                                 list(chunk.logprobs))
                     if chunk.finished:
                         return
         finally:
             decode_load.release()
-            self._abort_later(decode, landing.transfer_id)
+            if not decoded:
+                self._abort_later(decode, landing.transfer_id)
 
     async def _prefill_only(self, prefill: WorkerHandle, prompt: list[int]):
         """A prefill with no KV push and no decode; its sampled token is dropped."""
