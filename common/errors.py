@@ -100,11 +100,24 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
+def status_marks(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata a Cleave servicer sends with the status for ``exc``."""
+    return ((ANSWERED_KEY, type(exc).__name__),) + (((FAULT_KEY, "request"),) if isinstance(exc, RequestFault) else ())
+
+
+def answered_error(code: grpc.StatusCode, message: str, error_type: str,
+                   request_fault: bool = False) -> grpc.aio.AioRpcError:
+    """The ``AioRpcError`` a call raises for a status a Cleave servicer sent (``status_marks``),
+    for a status that reached the caller another way (in a stream's message, or made by the
+    caller for a worker that answered): ``answered_as`` and ``is_request_fault`` read it alike."""
+    marks = ((ANSWERED_KEY, error_type),) + (((FAULT_KEY, "request"),) if request_fault else ())
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*marks), message)
+
+
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """Abort the RPC behind ``context`` with the status for ``exc`` (raises, as grpc does)."""
     code, message = status_of(exc)
-    marks = ((ANSWERED_KEY, type(exc).__name__),) + (((FAULT_KEY, "request"),) if isinstance(exc, RequestFault) else ())
-    await context.abort(code, message, trailing_metadata=marks)
+    await context.abort(code, message, trailing_metadata=status_marks(exc))
 
 
 # the same classes as HTTP statuses and OpenAI error types (router.openai_api); 499 is the

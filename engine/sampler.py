@@ -7,7 +7,7 @@ worker ran it or which other requests shared the batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -115,6 +115,7 @@ class StepLogits:
     argmax: torch.Tensor
     rows: list[int]
     logits: torch.Tensor
+    _where: dict | None = field(default=None, repr=False, compare=False)   # row -> index in logits
 
     @classmethod
     def of(cls, logits: torch.Tensor, rows) -> "StepLogits":
@@ -126,10 +127,10 @@ class StepLogits:
 
     def row(self, i: int) -> torch.Tensor | None:
         """The whole logits row ``i`` [vocab], None when it was not kept."""
-        try:
-            return self.logits[self.rows.index(i)]
-        except ValueError:
-            return None
+        if self._where is None:
+            self._where = {r: k for k, r in enumerate(self.rows)}
+        k = self._where.get(i)
+        return None if k is None else self.logits[k]
 
 
 def full_rows(cfgs: list[SamplingConfig]) -> tuple[int, ...]:

@@ -136,7 +136,7 @@ class Sequence:
 class DecodeScheduler:
     """The decode step loop of one instance (rank 0 drives it)."""
 
-    def __init__(self, step_fn: Callable[[ForwardBatch], torch.Tensor], blocks: BlockManager,
+    def __init__(self, step_fn: Callable[[ForwardBatch], "torch.Tensor | StepLogits"], blocks: BlockManager,
                  max_batch: int = 64, on_step: Callable[[float, int], None] | None = None,
                  prefill_fn: Callable[[list[int], list[int], int], object] | None = None,
                  max_preemptions: int = 8, watermark: int = 0,
@@ -537,6 +537,8 @@ class DecodeScheduler:
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         for k in {s.sampling.logprobs for s in seqs} - {-1}:  # one call per top-k count asked for
             rows = [i for i, s in enumerate(seqs) if s.sampling.logprobs == k and isinstance(tokens[i], int)]
+            if not rows:      # every row asking for k failed to sample
+                continue
             whole = torch.stack([logits.row(i) for i in rows]) if isinstance(logits, StepLogits) else logits[rows]
             for i, entry in zip(rows, logprobs_of(whole, [tokens[i] for i in rows], k)):
                 logprobs[i] = entry

@@ -7,6 +7,11 @@ attempt on other workers that continues from the tokens already streamed: the pr
 those tokens are prefilled again and sampling resumes at the same output index, so greedy
 and seeded output is unchanged and nothing the client received is repeated.
 
+Decode tokens come on one ``Tokens`` stream per decode worker shared by this router's requests
+(``router.token_streams``: one message per decode step for all of them); each request keeps its
+own ``Decode`` call, whose cancellation aborts its sequence. That stream ending fails over every
+request reading it.
+
 Whatever ends an attempt, its ``finally`` cancels the worker calls still open and aborts the
 decode reservation (unless its sequence finished there: the worker released it), so both sides
 free their blocks.
@@ -287,7 +292,9 @@ class RequestRun:
                 yield chunk
 
     async def _stream_chunks(self, decode: WorkerHandle, request: worker_pb2.DecodeRequest):
-        stream = await self.core.token_streams.of(decode, timeout=self._time_left(cap=10.0))
+        """Registers on ``decode``'s token stream (opening it when needed), makes the Decode
+        call naming it, yields the chunks; a failure comes out of the queue as an exception."""
+        stream = await self.core.token_streams.of(decode)
         queue = stream.register(request.transfer_id)  # before the call: chunks may come before its reply
         request.stream_id = stream.id
         call = watcher = None

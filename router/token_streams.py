@@ -12,9 +12,11 @@ and hands the call to :meth:`TokenStream.watch`, which puts the call's error sta
 same queue: the request sees chunks and failures in one place, as ``_rpc`` expects of a call.
 The ``Decode`` call stays the request's own: cancelling it aborts the sequence on the worker.
 
-A stream that ends or breaks fails every request reading it with its status (``UNAVAILABLE``
-when it ended cleanly), so they retry on other workers like a broken call; the next request
-opens a new stream.
+A sequence's failure comes on the stream too, after its last tokens (``SequenceFailure``), and
+is raised as the ``grpc.aio.AioRpcError`` its own call would have raised (same code, message
+and trailers), so the router treats it as before. A stream that ends or breaks fails every
+request reading it with its status (``UNAVAILABLE``, marked answered, when it ended cleanly),
+so they retry on other workers like a broken call; the next request opens a new stream.
 """
 from __future__ import annotations
 
@@ -26,13 +28,32 @@ import uuid
 import grpc
 
 from cleave.v1 import worker_pb2
+from common.errors import answered_error
 
 log = logging.getLogger(__name__)
 
 
+OPEN_TIMEOUT_S = 10.0   # a stream not open by then is retried elsewhere (shared by every request waiting)
+
+
 def _ended(details: str) -> grpc.aio.AioRpcError:
-    """The status a request sees when its stream ended without an error of its own."""
-    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+    """The status a request sees when its stream ended (or would not open) without a status
+    of its own: retryable, and marked as answered (the worker is not unreachable for it)."""
+    return answered_error(grpc.StatusCode.UNAVAILABLE, details, "TokenStreamEnded")
+
+
+def _failure(failure: worker_pb2.SequenceFailure) -> grpc.aio.AioRpcError:
+    """A sequence's failure sent on the stream, as its own Decode call would have raised it."""
+    code = next((c for c in grpc.StatusCode if c.value[0] == failure.code), grpc.StatusCode.UNKNOWN)
+    return answered_error(code, failure.message, failure.error_type, failure.request_fault)
+
+
+def _copy(error: BaseException) -> BaseException:
+    """One exception object per request (raised in each request's own task)."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        return grpc.aio.AioRpcError(error.code(), error.initial_metadata(), error.trailing_metadata(),
+                                    error.details(), error.debug_error_string())
+    return type(error)(*error.args)
 
 
 class TokenStream:
@@ -72,20 +93,27 @@ class TokenStream:
             async for batch in messages:
                 for item in batch.chunks:
                     queue = queues.get(item.transfer_id)
-                    if queue is not None:
+                    if queue is None:
+                        continue
+                    if item.HasField("chunk"):
                         queue.put_nowait(item.chunk)
+                    if item.HasField("failure"):
+                        queue.put_nowait(_failure(item.failure))
         except grpc.aio.AioRpcError as exc:
             error = exc
         except asyncio.CancelledError:    # the router closing, or the channel closed under the call
             error = asyncio.CancelledError()
             raise
+        except Exception as exc:          # a defect here: fail the requests, say why
+            log.exception("reading the token stream from %s failed", self.key)
+            error = _ended(f"{self.key}: reading its token stream failed: {exc}")
         finally:
             self.closed = True
             call.cancel()
             if self._on_close is not None:
                 self._on_close(self)
             for queue in queues.values():
-                queue.put_nowait(error)
+                queue.put_nowait(_copy(error))
             if not isinstance(error, asyncio.CancelledError) and queues:
                 log.warning("token stream from %s ended with %d requests reading it: %s", self.key, len(queues),
                             error.details() if isinstance(error, grpc.aio.AioRpcError) else error)
@@ -102,7 +130,8 @@ class TokenStream:
 
     def watch(self, transfer_id: str, call) -> asyncio.Task:
         """A task that waits for ``call`` (the request's ``Decode``, which sends no message) to
-        end and puts its failure, if any, into the request's queue. Cancel it when done."""
+        end and puts its failure, if any, into the request's queue (a failure before the
+        sequence ran, or the stream ending). Cancel it when done."""
         queue = self._queues[transfer_id]
 
         async def wait() -> None:
@@ -135,9 +164,10 @@ class TokenStreams:
         self._streams: dict[tuple[str, str], TokenStream] = {}
         self._opening: dict[tuple[str, str], asyncio.Future] = {}
 
-    async def of(self, worker, timeout: float) -> TokenStream:
+    async def of(self, worker, timeout: float = OPEN_TIMEOUT_S) -> TokenStream:
         """The open stream from ``worker`` (a ``router.workers.WorkerHandle``), opening one when
-        there is none (concurrent callers share one opening). Raises the opening's error."""
+        there is none (concurrent callers share one opening, bounded by ``timeout``; each caller's
+        own deadline bounds its wait). Raises the opening's error."""
         key = worker.ident
         stream = self._streams.get(key)
         if stream is not None and not stream.closed:
@@ -163,8 +193,10 @@ class TokenStreams:
         self._streams = {k: s for k, s in self._streams.items() if s is not stream}
 
     async def close(self) -> None:
-        for opening in list(self._opening.values()):
+        openings = list(self._opening.values())
+        for opening in openings:
             opening.cancel()
+        await asyncio.gather(*openings, return_exceptions=True)
         for stream in list(self._streams.values()):
             with contextlib.suppress(Exception):
                 await stream.close()

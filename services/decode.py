@@ -10,7 +10,9 @@ Lifecycle of one request on a decode instance (called by the router):
    pushes only what is missing).
 2. ``Decode``: wait until every KV piece landed (``UNAVAILABLE`` when the transfer failed or
    its deadline passed), commit the prompt's blocks to the prefix cache, hand the sequence to
-   the scheduler (``engine.scheduler``: blocks on demand, preemption), stream its tokens.
+   the scheduler (``engine.scheduler``: blocks on demand, preemption), stream its tokens: on
+   the call, or, with ``stream_id`` (what the router sends), on the caller's ``Tokens`` stream
+   with every other sequence of that caller, one message per step (``services.decode_stream``).
    Cancelling the call (client gone, stop string hit) aborts the sequence.
 3. ``Abort`` (or the reaper, for reservations never started): cancel the receives, release.
 
@@ -32,6 +34,7 @@ sequence computed first, so a next turn finds it cached).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -248,13 +251,17 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             queue: asyncio.Queue = asyncio.Queue()
             sink = queue.put_nowait
         seq.emit = self._relay.emitter(sink)
-        if not res.local:
-            self.host.blocks.commit(transfer_id, prompt)     # the prompt's full blocks are now shareable
-        res.handed = True                                # the scheduler releases the blocks from now on
-        self.scheduler.add(seq)
         try:
-            if request.stream_id:     # the tokens go out on the stream; this call ends with the sequence
-                error = await ended
+            if not res.local:
+                self.host.blocks.commit(transfer_id, prompt)     # the prompt's full blocks are now shareable
+            res.handed = True                                # the scheduler releases the blocks from now on
+            try:
+                self.scheduler.add(seq)
+            except BaseException:
+                res.handed = False
+                raise
+            if request.stream_id:     # tokens and failure go out on the stream; this call ends with the sequence
+                error = await ended   # None once its last message was sent; an error when the stream ended
                 if error is not None:
                     await abort_with(context, error)
                 return
@@ -272,6 +279,8 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         finally:
             if seq.finished is None:
                 self.scheduler.abort(transfer_id)
+            if not res.handed:       # the scheduler never took it
+                self._release(transfer_id)
             if request.stream_id:
                 self.streams.unbind(request.stream_id, transfer_id)
 
@@ -279,8 +288,9 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         """One caller's token stream (``services.decode_stream``): an empty message once open,
         then one ``TokenBatch`` per burst of its sequences' tokens."""
         try:
-            async for batch in self.streams.serve(request.stream_id):
-                yield batch
+            async with contextlib.aclosing(self.streams.serve(request.stream_id)) as batches:
+                async for batch in batches:
+                    yield batch
         except Unavailable as exc:
             await abort_with(context, exc)
 

@@ -9,24 +9,25 @@ The scheduler thread emits ``(token, reason, logprob)`` per sequence per step; t
 * :class:`TokenStreams` holds the open ``Tokens`` streams (``DecodeService.Tokens``). A
   ``Decode`` naming a stream binds its sequence to it; every chunk made since the stream's last
   message goes out in one ``TokenBatch``, so a step over B sequences of one router costs one
-  gRPC message instead of B. The ``Decode`` call itself stays open without messages (its
-  cancellation still aborts the sequence) and ends with the sequence: OK, or its error status.
-  A stream that ends (the router left, or its call broke) ends every sequence bound to it with
-  ``Unavailable``, so none decodes for nobody.
-
-Ordering: one sequence's chunks keep their order within a stream. A ``Decode`` call's error
-status may reach the router before the last chunks sent on the stream; the router then retries
-from the tokens it had, which is exact (same seed, same output index), only repeated work.
+  gRPC message instead of B. A sequence's failure travels the same way (``SequenceFailure``,
+  in the message with its last tokens), so nothing it made before failing is lost or
+  overtaken. The ``Decode`` call itself stays open without messages (its cancellation still
+  aborts the sequence) and ends OK once the sequence's last message was sent. A stream that
+  ends (the router left, or its call broke) ends every sequence bound to it, so none decodes
+  for nobody.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Callable
 
 from cleave.v1 import inference_pb2, worker_pb2
-from common.errors import CleaveError, Exhausted, RequestFault, Unavailable
+from common.errors import CleaveError, Exhausted, RequestFault, Unavailable, status_of
 from engine.scheduler import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, Sequence
 from services.worker import logprob_pb
+
+log = logging.getLogger(__name__)
 
 _FINISH = {FINISH_LENGTH: inference_pb2.FINISH_REASON_LENGTH}
 _FAULTS = {"request": RequestFault, "capacity": Exhausted}
@@ -63,6 +64,13 @@ class SequenceOutput:
         return chunk, None, reason is not None
 
 
+def failure_pb(error: CleaveError) -> worker_pb2.SequenceFailure:
+    """A sequence's error as the stream carries it (the status its own Decode call would end with)."""
+    code, message = status_of(error)
+    return worker_pb2.SequenceFailure(code=code.value[0], message=message, error_type=type(error).__name__,
+                                      request_fault=isinstance(error, RequestFault))
+
+
 class _Stream:
     """One open ``Tokens`` stream: the items its sequences emitted since its last message."""
 
@@ -77,20 +85,31 @@ class _Stream:
             self.wake.set()
         return put
 
-    def batch(self) -> worker_pb2.TokenBatch:
-        """The message for everything pending; resolves the ``ended`` future of sequences that ended."""
+    def batch(self) -> tuple[worker_pb2.TokenBatch, list[asyncio.Future]]:
+        """The message for everything pending, and the ``ended`` futures of the sequences it
+        ends (resolve them once it is sent). A sequence whose items cannot be turned into a
+        chunk fails alone, in the message."""
         pending, self.pending = self.pending, {}
-        batch = worker_pb2.TokenBatch()
+        batch, ended = worker_pb2.TokenBatch(), []
         for transfer_id, items in pending.items():
-            output, ended = self.bound.get(transfer_id, (None, None))
+            output, done_future = self.bound.get(transfer_id, (None, None))
             if output is None:
                 continue             # unbound (its Decode call ended): nobody reads it
-            chunk, error, done = output.chunk(items)
+            try:
+                chunk, error, done = output.chunk(items)
+            except Exception as exc:  # this sequence's output alone
+                log.exception("building the chunk of %s failed", transfer_id)
+                chunk, error, done = None, Unavailable(f"decode of {output.where}: its output failed: {exc}"), True
+            if chunk is None and error is None:
+                continue
+            item = batch.chunks.add(transfer_id=transfer_id)
             if chunk is not None:
-                batch.chunks.add(transfer_id=transfer_id).chunk.CopyFrom(chunk)
-            if done and not ended.done():
-                ended.set_result(error)
-        return batch
+                item.chunk.CopyFrom(chunk)
+            if error is not None:
+                item.failure.CopyFrom(failure_pb(error))
+            if done:
+                ended.append(done_future)
+        return batch, ended
 
 
 class TokenStreams:
@@ -109,9 +128,9 @@ class TokenStreams:
 
     def bind(self, stream_id: str, transfer_id: str, output: SequenceOutput) -> tuple[Callable[[tuple], None],
                                                                                      asyncio.Future]:
-        """``(deliver, ended)``: the relay's sink for the sequence's items, and a future that
-        resolves to the error it ended with (None: finished) once its last chunk is queued.
-        Raises Unavailable when no stream ``stream_id`` is open."""
+        """``(deliver, ended)``: the relay's sink for the sequence's items, and a future resolved
+        once its last message (its last tokens, its failure if any) was sent. Raises Unavailable
+        when no stream ``stream_id`` is open."""
         stream = self._streams.get(stream_id)
         if stream is None:
             raise Unavailable(f"token stream {stream_id!r} is not open on this instance (it ended); "
@@ -128,7 +147,7 @@ class TokenStreams:
 
     async def serve(self, stream_id: str):
         """The messages of stream ``stream_id``: an empty one at once, then one per burst of
-        tokens. Raises Unavailable when the id is empty or already open."""
+        tokens. Raises Unavailable when the id is empty or already open, or the instance is stopping."""
         if not stream_id:
             raise Unavailable("a Tokens stream needs a stream_id")
         if stream_id in self._streams:
@@ -138,16 +157,17 @@ class TokenStreams:
         stream = self._streams[stream_id] = _Stream()
         try:
             yield worker_pb2.TokenBatch()
-            while True:
+            while not (self._closing and not stream.pending):
                 await stream.wake.wait()
                 stream.wake.clear()
-                batch = stream.batch()
+                batch, ended = stream.batch()
                 if batch.chunks:
                     yield batch
-                if self._closing:
-                    return
+                for future in ended:        # after the message went out: its Decode call may end
+                    if not future.done():
+                        future.set_result(None)
         finally:
             del self._streams[stream_id]
-            for _, ended in stream.bound.values():
-                if not ended.done():
-                    ended.set_result(Unavailable(f"token stream {stream_id!r} ended"))
+            for _, future in stream.bound.values():
+                if not future.done():
+                    future.set_result(Unavailable(f"token stream {stream_id!r} ended"))

@@ -33,7 +33,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
@@ -49,6 +49,9 @@ from engine.runtime.rank import RankRunner
 from engine.runtime.rendezvous import CONFIG_KEY, Liveness, connect_store, fetch, join, publish, serve_store
 from engine.runtime.spawn import start_rank, stop_processes
 from kvtransfer.handoff import HandoffError, encode_landing
+
+if TYPE_CHECKING:
+    from engine.sampler import StepLogits
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +143,7 @@ class Executor:
         """``fn(runner, *args)`` on every rank (a module-level function); the results by rank."""
         return self._all(fn, *args)
 
-    def forward(self, batch) -> torch.Tensor:
+    def forward(self, batch) -> torch.Tensor | StepLogits:
         """Logits ``[num_seqs, vocab]`` fp32 on the CPU of ``batch`` (from the rank that owns them),
         or an ``engine.sampler.StepLogits`` when ``batch.full_rows`` is set.
 

@@ -144,24 +144,49 @@ def test_cancelling_one_decode_call_ends_only_that_sequence():
     asyncio.run(main())
 
 
-def test_a_sequence_failure_ends_its_decode_call_with_the_status_and_tokens_before_it_on_the_stream():
+def test_a_sequence_failure_comes_on_the_stream_after_its_tokens_and_the_call_ends_ok():
     async def main():
         async with decode_worker(num_blocks=128) as (worker, stub):
             stream_id, call, messages = await open_stream(stub)
             prompt = [21, 22, 23, 24]
             worker.host.executor.fail_after(6, RuntimeError("device lost"))
             transfer_id, decode_call = await start(stub, stream_id, prompt, 30, "r")
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                [m async for m in decode_call]
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "device lost" in err.value.details()
-            got = []
-            while True:
-                try:
-                    batch = await asyncio.wait_for(anext(messages), 1.0)
-                except TimeoutError:
-                    break
-                got += [t for c in batch.chunks if c.transfer_id == transfer_id for t in c.chunk.token_ids]
-            assert got == expected(prompt, 30)[:len(got)]      # a prefix of the right tokens, never more
+            got, failure = [], None
+            while failure is None:
+                for item in (await anext(messages)).chunks:
+                    assert item.transfer_id == transfer_id
+                    got += item.chunk.token_ids
+                    if item.HasField("failure"):
+                        failure = item.failure
+            assert got == expected(prompt, 30)[:len(got)] and len(got) >= 5   # every token made before it
+            assert failure.code == grpc.StatusCode.UNAVAILABLE.value[0] and "device lost" in failure.message
+            assert (failure.error_type, failure.request_fault) == ("Unavailable", False)
+            assert [m async for m in decode_call] == [] and await decode_call.code() == grpc.StatusCode.OK
+            call.cancel()
+            assert await idle(worker)
+    asyncio.run(main())
+
+
+def test_a_request_fault_comes_on_the_stream_marked_as_the_requests_own():
+    async def main():
+        async with decode_worker(num_blocks=128) as (worker, stub):
+            stream_id, call, messages = await open_stream(stub)
+            prompt = [41, 42, 43]
+            poison = expected(prompt, 4)[3]     # the 4th token's row is NaN: its own fault alone
+            worker.host.executor.poison = poison
+            landing = await reserve(stub, prompt, 10, "poisoned")
+            request = decode_request(landing, prompt, logprobs=True, top_logprobs=2)
+            request.stream_id = stream_id
+            decode_call = stub.Decode(request)
+            got, failure = [], None
+            while failure is None:
+                for item in (await anext(messages)).chunks:
+                    got += item.chunk.token_ids
+                    if item.HasField("failure"):
+                        failure = item.failure
+            assert got == expected(prompt, 4)              # up to the poisoned token, then the failure
+            assert failure.request_fault and failure.error_type == "RequestFault" and "NaN" in failure.message
+            assert [m async for m in decode_call] == []
             call.cancel()
             assert await idle(worker)
     asyncio.run(main())
