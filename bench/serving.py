@@ -101,10 +101,10 @@ def run_cleave(args, source, vocab, weights_dtype, flag, slo, out) -> None:
         out["cores"] = {name: list(cores) for name, cores in getattr(stack, "cores", {}).items()}
         for c in args.levels:
             warm_up(stack, args.backend, vocab, args.prompt_tokens)
-            s0, n0 = serving_extras.decode_step_totals(stack)
+            before = serving_extras.decode_step_totals(stack)
             row = bench_stack(stack, args.backend, vocab, c, args.tokens, args.prompt_tokens, slo)
-            s1, n1 = serving_extras.decode_step_totals(stack)
-            row["step"] = (s1 - s0) / max(1, n1 - n0)          # the engine's share of TPOT at this load
+            # the engine's share of TPOT at this load: the step as the mean stream waits for it
+            row["step"] = serving_extras.decode_step_totals(stack).step_since(before)
             out["rows"][(f"Cleave {weights_dtype}", c)] = row
         if args.handoff_tokens and "handoff" not in out:
             out["handoff"] = serving_extras.handoff(stack, router, args.handoff_tokens)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -82,19 +83,41 @@ def worker_memory(stack, kv_bytes_per_token: int, weights: int | None) -> list[d
     return rows
 
 
-def decode_step_totals(stack) -> tuple[float, int]:
-    """``(seconds, steps)`` of engine decode steps so far, summed over the stack's decode workers
-    (their ``cleave_decode_step_seconds`` histogram on ``/metrics``)."""
+@dataclass(frozen=True)
+class StepTotals:
+    """Decode-step counters of a stack's decode workers at one moment (``decode_step_totals``)."""
+
+    seconds: float = 0.0          # sum of step times
+    steps: int = 0
+    tokens: int = 0               # sum of batch sizes
+    token_seconds: float = 0.0    # sum of step time x batch size
+
+    def step_since(self, before: "StepTotals") -> float:
+        """The mean step (s) a stream waited for since ``before``: steps weighted by the tokens
+        they made, which is what a stream's TPOT is made of when batch sizes vary (a 16-sequence
+        step is felt by 16 streams, a 1-sequence step by one)."""
+        tokens = self.tokens - before.tokens
+        if tokens > 0:
+            return (self.token_seconds - before.token_seconds) / tokens
+        return (self.seconds - before.seconds) / max(1, self.steps - before.steps)
+
+
+_STEP_SERIES = {"cleave_decode_step_seconds_sum": "seconds", "cleave_decode_step_seconds_count": "steps",
+                "cleave_decode_step_tokens_total": "tokens", "cleave_decode_step_token_seconds_total": "token_seconds"}
+
+
+def decode_step_totals(stack) -> StepTotals:
+    """The decode-step counters so far, summed over the stack's decode workers (their
+    ``/metrics``: ``cleave_decode_step_seconds`` and the token-weighted counters)."""
     import urllib.request
 
-    total, count = 0.0, 0
+    sums = dict.fromkeys(_STEP_SERIES.values(), 0.0)
     for name, port in stack.metrics_ports.items():
         if not name.startswith("decode"):
             continue
         text = urllib.request.urlopen(f"http://{stack.cfg.host}:{port}/metrics", timeout=5).read().decode()
         for line in text.splitlines():
-            if line.startswith("cleave_decode_step_seconds_sum"):
-                total += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("cleave_decode_step_seconds_count"):
-                count += int(float(line.rsplit(" ", 1)[1]))
-    return total, count
+            series = line.split("{", 1)[0].split(" ", 1)[0]
+            if series in _STEP_SERIES:
+                sums[_STEP_SERIES[series]] += float(line.rsplit(" ", 1)[1])
+    return StepTotals(sums["seconds"], int(sums["steps"]), int(sums["tokens"]), sums["token_seconds"])

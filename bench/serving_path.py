@@ -15,7 +15,8 @@ short requests (not measured); the KV cache holds every stream at once. Printed 
 
 * output tokens/s (all requests' tokens over the wall time);
 * TPOT mean (client-side gap between a stream's tokens after the first) and the engine's decode
-  step over the same window (``cleave_decode_step_seconds`` on the decode worker's ``/metrics``);
+  step over the same window, weighted by the tokens each step made (the step the mean stream
+  waits for: ``serving_extras.StepTotals``, from the decode worker's ``/metrics``);
   **added per token** = TPOT - step: what the serving path puts on every token;
 * CPU time per output token of each process (router, decode, prefill, the load generator):
   user + system seconds from ``psutil`` over the level, divided by the tokens.
@@ -75,14 +76,14 @@ def run_level(stack: LocalStack, args, streams: int) -> dict:
                          output=LengthDist(args.tokens), token_range=(100, 10_000), seed=streams)
     warm_up(stack, args.backend, 10_000, args.prompt_tokens, requests=streams)
     procs = stack_processes(stack)
-    c0, (s0, n0), t0 = cpu_seconds(procs), serving_extras.decode_step_totals(stack), time.perf_counter()
+    c0, steps0, t0 = cpu_seconds(procs), serving_extras.decode_step_totals(stack), time.perf_counter()
     (r,) = asyncio.run(bench(args.backend, target, data, [LoadConfig(concurrency=streams)], Slo(None, None)))
     wall = time.perf_counter() - t0
-    c1, (s1, n1) = cpu_seconds(procs), serving_extras.decode_step_totals(stack)
+    c1, steps1 = cpu_seconds(procs), serving_extras.decode_step_totals(stack)
     if r["requests_failed"]:
         raise RuntimeError(f"{r['requests_failed']} request(s) failed at {streams} streams: {r['errors']}")
     tokens = r["output_tokens"]
-    step = (s1 - s0) / max(1, n1 - n0)
+    step = steps1.step_since(steps0)
     tpot = r["tpot_ms"]["mean"] / 1e3
     return dict(streams=streams, tok_s=r["output_token_throughput"], tpot_ms=tpot * 1e3, step_ms=step * 1e3,
                 added_ms=(tpot - step) * 1e3, ttft_p50_ms=r["ttft_ms"]["p50"],

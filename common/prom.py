@@ -38,6 +38,8 @@ served on ``--metrics-port``):
 | ``cleave_prefill_queue_tokens`` | gauge | prompt tokens queued or running on a prefill instance |
 | ``cleave_batch_size`` | gauge | sequences in the running decode batch |
 | ``cleave_decode_step_seconds`` | histogram | decode: engine time of one step (forward over the running batch and sampling) |
+| ``cleave_decode_step_tokens_total`` | counter | decode: tokens made by decode steps (the sum of their batch sizes) |
+| ``cleave_decode_step_token_seconds_total`` | counter | decode: the sum over steps of step seconds x tokens made; / ``cleave_decode_step_tokens_total`` = the step as the mean stream sees it |
 | ``cleave_expert_hotspot_ratio{layer}`` | gauge | MoE decode: the hottest EP rank's routed tokens / the mean over EP ranks (1 = balanced) |
 
 No metric carries a request id (unbounded label values would grow the registry forever).
@@ -275,6 +277,13 @@ class WorkerMetrics:
         self._step_s = Histogram("cleave_decode_step_seconds",
                                  "Engine time of one decode step: forward over the running batch and sampling (s)",
                                  names, buckets=STEP_BUCKETS, registry=self.registry)
+        # a step of B sequences is felt by B streams: weighted by its tokens, the mean step a
+        # stream waits for (what its TPOT is made of when batch sizes vary over the window)
+        self._step_tokens = Counter("cleave_decode_step_tokens", "Tokens made by decode steps (the sum of "
+                                    "their batch sizes)", names, registry=self.registry)
+        self._step_token_s = Counter("cleave_decode_step_token_seconds", "Sum over decode steps of step seconds x "
+                                     "tokens made; divided by cleave_decode_step_tokens_total: the step the mean "
+                                     "stream waits for", names, registry=self.registry)
         self._preemptions = Counter("cleave_kv_preemptions", "Decode sequences preempted for lack of KV blocks "
                                     "(resumed later by recompute)", names, registry=self.registry)
         self._queried = Counter("cleave_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache",
@@ -306,7 +315,10 @@ class WorkerMetrics:
 
     def decode_step(self, seconds: float, batch_size: int) -> None:
         """One decode step's engine time (served TPOT minus this is what the hops add)."""
-        self._step_s.labels(**self.labels()).observe(seconds)
+        lbl = self.labels()
+        self._step_s.labels(**lbl).observe(seconds)
+        self._step_tokens.labels(**lbl).inc(batch_size)
+        self._step_token_s.labels(**lbl).inc(seconds * batch_size)
 
     def transfer_failed(self) -> None:
         self._transfer_failures.labels(**self.labels()).inc()

@@ -140,3 +140,17 @@ def test_promtool_accepts_a_real_router_and_real_workers_after_requests(tiny_sta
         assert counts.get(histogram, 0) >= 2, (name, histogram, counts)
         assert promtool_check(text) == (0, ""), (name, text)
     assert tiny_stack.wait_free_blocks(before) == before, "KV blocks leaked"
+
+
+@pytest.mark.unit
+def test_decode_steps_are_counted_by_the_tokens_they_make():
+    m = WorkerMetrics("decode", lambda: "decode-a", layout_label({"tp": 1, "pp": 1, "cp": 1, "ep": 1}))
+    m.decode_step(0.010, 1)
+    m.decode_step(0.040, 16)
+    value = lambda name: m.registry.get_sample_value(name, m.labels())   # noqa: E731
+    assert value("cleave_decode_step_seconds_count") == 2
+    assert value("cleave_decode_step_tokens_total") == 17
+    assert value("cleave_decode_step_token_seconds_total") == pytest.approx(0.010 + 0.64)
+    # the step the mean stream waits for: 16 of the 17 tokens came from the 40 ms step
+    assert value("cleave_decode_step_token_seconds_total") / value("cleave_decode_step_tokens_total") == \
+        pytest.approx(0.65 / 17)
