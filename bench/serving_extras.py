@@ -95,7 +95,9 @@ class StepTotals:
     def step_since(self, before: "StepTotals") -> float:
         """The mean step (s) a stream waited for since ``before``: steps weighted by the tokens
         they made, which is what a stream's TPOT is made of when batch sizes vary (a 16-sequence
-        step is felt by 16 streams, a 1-sequence step by one)."""
+        step is felt by 16 streams, a 1-sequence step by one). A mean per token: it equals the
+        step behind the load generator's TPOT (a mean per request) when every request makes
+        the same number of tokens (``ignore_eos``), as the benches run them."""
         tokens = self.tokens - before.tokens
         if tokens > 0:
             return (self.token_seconds - before.token_seconds) / tokens

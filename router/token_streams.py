@@ -166,8 +166,9 @@ class TokenStreams:
 
     async def of(self, worker, timeout: float = OPEN_TIMEOUT_S) -> TokenStream:
         """The open stream from ``worker`` (a ``router.workers.WorkerHandle``), opening one when
-        there is none (concurrent callers share one opening, bounded by ``timeout``; each caller's
-        own deadline bounds its wait). Raises the opening's error."""
+        there is none (concurrent callers share one opening, bounded by ``timeout``; a request's
+        own deadline bounds its wait through ``RouterCore.generate``'s timeout). Raises the
+        opening's error (a copy per caller)."""
         key = worker.ident
         stream = self._streams.get(key)
         if stream is not None and not stream.closed:
@@ -176,7 +177,10 @@ class TokenStreams:
         if opening is None:
             opening = self._opening[key] = asyncio.get_running_loop().create_task(self._open(worker, timeout))
             opening.add_done_callback(self._opened)
-        return await asyncio.shield(opening)
+        try:
+            return await asyncio.shield(opening)
+        except grpc.aio.AioRpcError as exc:     # one object per waiting request
+            raise _copy(exc) from None
 
     async def _open(self, worker, timeout: float) -> TokenStream:
         stream = TokenStream(worker.stub, worker.key, on_close=self._forget)

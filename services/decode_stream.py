@@ -129,8 +129,9 @@ class TokenStreams:
     def bind(self, stream_id: str, transfer_id: str, output: SequenceOutput) -> tuple[Callable[[tuple], None],
                                                                                      asyncio.Future]:
         """``(deliver, ended)``: the relay's sink for the sequence's items, and a future resolved
-        once its last message (its last tokens, its failure if any) was sent. Raises Unavailable
-        when no stream ``stream_id`` is open."""
+        to None once its last message (its last tokens, its failure if any) was sent, or to
+        Unavailable when the stream ended first. Raises Unavailable when no stream
+        ``stream_id`` is open."""
         stream = self._streams.get(stream_id)
         if stream is None:
             raise Unavailable(f"token stream {stream_id!r} is not open on this instance (it ended); "
@@ -157,15 +158,18 @@ class TokenStreams:
         stream = self._streams[stream_id] = _Stream()
         try:
             yield worker_pb2.TokenBatch()
-            while not (self._closing and not stream.pending):
+            while True:
                 await stream.wake.wait()
                 stream.wake.clear()
+                closing = self._closing     # seen before the batch: what is pending now goes out
                 batch, ended = stream.batch()
                 if batch.chunks:
                     yield batch
                 for future in ended:        # after the message went out: its Decode call may end
                     if not future.done():
                         future.set_result(None)
+                if closing:                 # sequences still bound end below (the server is stopping)
+                    return
         finally:
             del self._streams[stream_id]
             for _, future in stream.bound.values():
