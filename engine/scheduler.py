@@ -553,13 +553,13 @@ class DecodeScheduler:
         seq.fault = fault
         self._running.pop(seq.seq_id, None)
         self._prefilling.pop(seq.seq_id, None)
-        try:
+        try:   # the end is emitted before the release: a worker that sees nothing busy has sent it
+            if not emitted:
+                seq.emit(None, reason, None)
+        finally:
             if self.blocks.holds(seq.seq_id):   # a preempted sequence holds none
                 try:                            # what it computed stays cached for a next turn
                     self.blocks.commit(seq.seq_id, seq.tokens[:seq.num_cached])
                 finally:
                     self.blocks.release(seq.seq_id)
             seq.release()
-        finally:
-            if not emitted:
-                seq.emit(None, reason, None)
