@@ -138,9 +138,38 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
     # ---- RPCs --------------------------------------------------------------------------
     async def Reserve(self, request: worker_pb2.ReserveRequest, context) -> worker_pb2.LandingDescriptor:
         try:
-            return self._reserve(request, caller_of(context))
+            landing = self._reserve(request, caller_of(context))
+            if not request.local_prefill:   # a local prefill computes the prompt here: nothing is pushed
+                await self._post_receives(landing)
+            return landing
         except Exception as exc:
             await abort_with(context, exc)
+
+    async def _post_receives(self, landing: worker_pb2.LandingDescriptor) -> None:
+        """Every rank posts the receives of the uncached part of the prompt. Off the event loop:
+        the executor's channel waits for the decode step in progress, and the loop must keep
+        relaying tokens meanwhile. A reservation released while they were being posted (an
+        Abort, the call cancelled) has them cancelled again by the same thread."""
+        transfer_id = landing.transfer_id
+
+        def post() -> bool:
+            self.instance.expect(transfer_id, landing.source_layout, landing.num_prompt_tokens,
+                                 landing.deadline_unix, first_token=landing.num_cached_tokens)
+            with self._lock:
+                gone = transfer_id not in self._reservations
+            if gone:
+                self.instance.cancel(transfer_id)
+            return gone
+
+        posting = asyncio.ensure_future(asyncio.to_thread(post))
+        posting.add_done_callback(lambda f: f.cancelled() or f.exception())   # retrieved even if we left
+        try:
+            gone = await asyncio.shield(posting)    # a cancel here leaves the thread to finish (and clean up)
+        except BaseException:
+            self._release(transfer_id)
+            raise
+        if gone:
+            raise NotFound(f"reservation {transfer_id} was aborted while it was being made")
 
     def _reserve(self, request: worker_pb2.ReserveRequest, caller: str = "") -> worker_pb2.LandingDescriptor:
         self.host.check_accepting()
@@ -183,12 +212,6 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             self._reservations[transfer_id] = Reservation(request.request_id, n, request.max_tokens, deadline,
                                                           caller=caller, cached_tokens=cached, local=local,
                                                           prefill_pending=n - cached if local else 0)
-        if not local:   # a local prefill computes the prompt here: nothing is pushed
-            try:
-                self.instance.expect(transfer_id, source, n, deadline, first_token=cached)
-            except Exception:
-                self._release(transfer_id)
-                raise
         return worker_pb2.LandingDescriptor(
             transfer_id=transfer_id, request_id=request.request_id, layout=self.host.layout,
             num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,

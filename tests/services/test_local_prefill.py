@@ -288,3 +288,34 @@ def test_reserve_keeps_the_watermark_and_the_whole_prompt_fits():
             assert await idle(worker)
 
     asyncio.run(main())
+
+
+def test_a_reserve_never_blocks_the_event_loop_on_the_step_in_progress():
+    """Posting a pushed prompt's receives waits for the executor's channel, which a decode step
+    holds: that wait runs off the event loop, so the instance keeps serving (and relaying
+    tokens) meanwhile. The channel is held here by the test, as a long step would hold it."""
+    import threading
+
+    async def main():
+        async with decode_worker() as (worker, stub):
+            channel = worker.host.executor._lock
+            channel.acquire()
+            safety = threading.Timer(10.0, channel.release)     # a blocked loop fails, not hangs
+            safety.start()
+            try:
+                reserving = asyncio.create_task(reserve(stub, [3, 4, 5, 6, 7], 4, "pushed", local=False))
+                deadline = time.monotonic() + 5
+                while not worker.servicer._reservations and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                assert worker.servicer._reservations               # Reserve is posting its receives
+                await asyncio.wait_for(stub.Info(worker_pb2.InfoRequest()), 5)   # served meanwhile
+                assert not reserving.done()
+            finally:
+                if safety.is_alive():
+                    safety.cancel()
+                    channel.release()
+            landing = await reserving
+            assert landing.transfer_id
+            await stub.Abort(worker_pb2.AbortRequest(transfer_id=landing.transfer_id))
+            assert await idle(worker)
+    asyncio.run(main())
