@@ -372,15 +372,17 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
             t for t, r in list(self._reservations.items()) if r.request_id == request.request_id]
         found = False
         for transfer_id in ids:
-            with self._lock:
+            with self._lock:   # forgotten here, at once: a Decode arriving next finds nothing to start
                 res = self._reservations.get(transfer_id)
+                if res is not None and not res.started:
+                    del self._reservations[transfer_id]
             if res is None:
                 continue
             found = True
             if res.started:
                 self.scheduler.abort(transfer_id)
-            else:
-                self._release(transfer_id)
+            else:   # its receives and blocks: off the loop (the channel waits for the step in progress)
+                await asyncio.to_thread(self._free, transfer_id, res)
         return worker_pb2.AbortResponse(found=found)
 
     async def Info(self, request, context) -> worker_pb2.WorkerInfo:
@@ -425,8 +427,12 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         (which releases them itself), release its blocks; safe to call twice."""
         with self._lock:
             res = self._reservations.pop(transfer_id, None)
-        if res is None:
-            return
+        if res is not None:
+            self._free(transfer_id, res)
+
+    def _free(self, transfer_id: str, res: Reservation) -> None:
+        """What :meth:`_release` does once the reservation is forgotten; it waits for the
+        executor's channel (a decode step in progress): run it off the event loop."""
         try:
             if not res.local:       # a local prefill posted no receives
                 self.instance.cancel(transfer_id)
@@ -440,12 +446,14 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         while True:
             await asyncio.sleep(1.0)
             now = time.time()
-            with self._lock:
-                stale = [t for t, r in self._reservations.items()
+            with self._lock:   # forgotten at once: a Decode arriving next finds nothing to start
+                stale = [(t, r) for t, r in self._reservations.items()
                          if not r.started and now > r.deadline + self.host.cfg.reservation_grace_s]
-            for transfer_id in stale:
+                for transfer_id, _ in stale:
+                    del self._reservations[transfer_id]
+            for transfer_id, res in stale:
                 log.warning("freeing reservation %s: never decoded", transfer_id)
-                self._release(transfer_id)
+                await asyncio.to_thread(self._free, transfer_id, res)
 
 
 def add_to_server(servicer: DecodeService, server: grpc.aio.Server) -> None:

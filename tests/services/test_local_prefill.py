@@ -290,10 +290,10 @@ def test_reserve_keeps_the_watermark_and_the_whole_prompt_fits():
     asyncio.run(main())
 
 
-def test_a_reserve_never_blocks_the_event_loop_on_the_step_in_progress():
-    """Posting a pushed prompt's receives waits for the executor's channel, which a decode step
-    holds: that wait runs off the event loop, so the instance keeps serving (and relaying
-    tokens) meanwhile. The channel is held here by the test, as a long step would hold it."""
+def test_reserve_and_abort_never_block_the_event_loop_on_the_step_in_progress():
+    """Posting a pushed prompt's receives, and cancelling them, wait for the executor's channel,
+    which a decode step holds: those waits run off the event loop, so the instance keeps serving
+    (and relaying tokens) meanwhile. The channel is held here by the test, as a long step would."""
     import threading
 
     async def main():
@@ -316,6 +316,21 @@ def test_a_reserve_never_blocks_the_event_loop_on_the_step_in_progress():
                     channel.release()
             landing = await reserving
             assert landing.transfer_id
-            await stub.Abort(worker_pb2.AbortRequest(transfer_id=landing.transfer_id))
+            channel.acquire()                   # the same for an Abort of a reservation not decoding
+            safety = threading.Timer(10.0, channel.release)
+            safety.start()
+            try:
+                aborting = asyncio.ensure_future(stub.Abort(worker_pb2.AbortRequest(transfer_id=landing.transfer_id)))
+                deadline = time.monotonic() + 5
+                while worker.servicer._reservations and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                assert not worker.servicer._reservations         # forgotten at once
+                await asyncio.wait_for(stub.Info(worker_pb2.InfoRequest()), 5)
+                assert not aborting.done()                       # its receives wait for the channel
+            finally:
+                if safety.is_alive():
+                    safety.cancel()
+                    channel.release()
+            assert (await aborting).found
             assert await idle(worker)
     asyncio.run(main())
