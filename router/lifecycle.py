@@ -193,8 +193,7 @@ class RequestRun:
                         eos_token_ids=req.eos_token_ids))) as chunks:
                     async for chunk in chunks:
                         decoded = chunk.finished   # the worker released the sequence itself
-                        yield Delta(list(chunk.token_ids), (chunk.finish_reason or STOP) if chunk.finished else None,
-                                    list(chunk.logprobs))
+                        yield self._delta(chunk)
                         if chunk.finished:
                             return
             finally:
@@ -249,8 +248,7 @@ class RequestRun:
                         self._delivered("decode", predicted, chunk.cached_tokens)
                         rec.to(RequestState.DECODING)
                     decoded = chunk.finished     # the worker released the sequence itself
-                    yield Delta(list(chunk.token_ids), (chunk.finish_reason or STOP) if chunk.finished else None,
-                                list(chunk.logprobs))
+                    yield self._delta(chunk)
                     if chunk.finished:
                         return
         finally:
@@ -283,13 +281,17 @@ class RequestRun:
             return STOP
         return LENGTH if remaining <= 1 else None
 
-    async def _decode(self, decode: WorkerHandle, request: worker_pb2.DecodeRequest):
+    def _decode(self, decode: WorkerHandle, request: worker_pb2.DecodeRequest):
         """The ``DecodeChunk``s of one Decode call, whose tokens come on this router's token
         stream from ``decode`` (``router.token_streams``); failures as :meth:`_rpc` raises them.
         Closing it cancels the call (the worker aborts the sequence)."""
-        async with contextlib.aclosing(self._rpc(decode, self._stream_chunks(decode, request))) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        return self._rpc(decode, self._stream_chunks(decode, request))
+
+    @staticmethod
+    def _delta(chunk: worker_pb2.DecodeChunk) -> Delta:
+        """A decode chunk as the request's step (its finish reason only on the last)."""
+        return Delta(list(chunk.token_ids), (chunk.finish_reason or STOP) if chunk.finished else None,
+                     list(chunk.logprobs))
 
     async def _stream_chunks(self, decode: WorkerHandle, request: worker_pb2.DecodeRequest):
         """Registers on ``decode``'s token stream (opening it when needed), makes the Decode
